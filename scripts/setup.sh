@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install what nephoscope needs on a Debian 12 host (idempotent): system packages, then a virtualenv.
+set -euo pipefail
+venv=${1:-.venv}
+apt_packages=(qemu-system-x86 qemu-utils busybox-static cpio gcc libc6-dev bpftool python3 python3-venv
+              python3-dev binutils)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ] || [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -mmin -1440 2>/dev/null | head -1)" ]; then
+  echo "setup: apt-get update" >&2
+  apt-get update -q
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+python=$(command -v python3.11 || command -v python3)
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv"
+fi
+"$venv/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
+"$venv/bin/pip" install -q -e '.[dev]'
+echo "setup: ready ($("$venv/bin/python" --version), $(qemu-system-x86_64 --version | head -1))" >&2

@@ -1,0 +1,3 @@
+"""nephoscope: see what runs inside virtual machines from the outside."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Command-line face: typer commands that call into nephoscope's core and render with rich."""

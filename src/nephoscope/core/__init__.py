@@ -1,0 +1,1 @@
+"""Core types shared by every layer; imports nothing else from nephoscope."""

@@ -1,0 +1,1 @@
+"""Hypervisor connectors: QMP control, guest agent, shared RAM, dump files."""

@@ -1,0 +1,294 @@
+"""Start, stop and list lab guests: QEMU with shared RAM, QMP, guest agent, gdbstub and a serial log."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from nephoscope.core.errors import LabError
+from nephoscope.lab.build import Image
+from nephoscope.lab.manifest import parse_report
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+READY_MARK = "NPH-READY"
+Progress = Callable[[str], None]
+
+
+def run_root() -> Path:
+    """Return where running guests keep sockets and state (NEPHOSCOPE_RUN, default /run/nephoscope)."""
+    default = "/run/nephoscope" if os.geteuid() == 0 else f"/tmp/nephoscope-{os.geteuid()}"
+    return Path(os.environ.get("NEPHOSCOPE_RUN", default))
+
+
+def parse_size(text: str) -> int:
+    """Parse a memory size such as 512M or 1G into MiB."""
+    m = re.fullmatch(r"\s*(\d+)\s*([MmGg]?)i?[Bb]?\s*", text)
+    if not m:
+        raise LabError(f"cannot read memory size {text!r}; use e.g. 512M or 1G")
+    value = int(m.group(1)) * (1024 if m.group(2).lower() == "g" else 1)
+    if not 128 <= value <= 3072:
+        raise LabError(f"memory {text} is outside 128M..3G (the lab keeps all RAM below the PCI hole)")
+    return value
+
+
+@dataclass(slots=True)
+class Guest:
+    """A lab guest's runtime description (state.json in its run directory)."""
+
+    name: str
+    profile: str
+    pid: int
+    mem_mib: int
+    smp: int
+    kaslr: bool
+    accel: str
+    cpu: str
+    gdb_port: int
+    http_port: int
+    ssh_port: int
+    image: str
+    started: float
+
+    @property
+    def directory(self) -> Path:
+        return run_root() / self.name
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.directory / "qmp.sock"
+
+    @property
+    def qga_socket(self) -> Path:
+        return self.directory / "qga.sock"
+
+    @property
+    def console_socket(self) -> Path:
+        return self.directory / "console.sock"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.directory / "serial.log"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / "manifest.json"
+
+    @property
+    def ram_path(self) -> Path:
+        return Path("/dev/shm") / f"nephoscope-{self.name}.ram"
+
+    def alive(self) -> bool:
+        """Return whether this guest's QEMU process still runs."""
+        return _qemu_alive(self.pid, self.name)
+
+    def manifest(self) -> dict:
+        """Return the ground-truth manifest (for tests and evaluations only)."""
+        return json.loads(self.manifest_path.read_text())
+
+
+def _qemu_alive(pid: int, name: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"qemu-system" in cmdline and f"nephoscope-{name}".encode() in cmdline
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _check_port(port: int, what: str) -> int:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise LabError(f"{what} port {port} on 127.0.0.1 is busy ({exc.strerror}); "
+                           "choose another or leave it out to pick a free one") from exc
+    return port
+
+
+def load_guest(name: str) -> Guest | None:
+    """Return the recorded state of guest `name`, or None."""
+    state = run_root() / name / "state.json"
+    try:
+        return Guest(**json.loads(state.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def get_guest(name: str) -> Guest:
+    """Return running guest `name` or raise LabError naming the running ones."""
+    guest = load_guest(name)
+    if guest is None or not guest.alive():
+        running = ", ".join(g.name for g in list_guests() if g.alive()) or "none"
+        raise LabError(f"no running lab guest {name!r} (running: {running}); start one with `nephoscope lab up {name}`")
+    return guest
+
+
+def list_guests() -> list[Guest]:
+    """Return every guest with a run directory (running or stale)."""
+    root = run_root()
+    if not root.is_dir():
+        return []
+    return [g for d in sorted(root.iterdir()) if (g := load_guest(d.name)) is not None]
+
+
+def _cleanup(name: str) -> None:
+    shutil.rmtree(run_root() / name, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        (Path("/dev/shm") / f"nephoscope-{name}.ram").unlink()
+
+
+def cleanup_stale() -> list[str]:
+    """Remove sockets, state and shared RAM of guests whose QEMU is gone; return their names."""
+    stale = []
+    root = run_root()
+    if root.is_dir():
+        for d in root.iterdir():
+            guest = load_guest(d.name)
+            if guest is None or not guest.alive():
+                # a directory without state may be a start in progress; leave young ones alone
+                if guest is None and time.time() - d.stat().st_mtime < 300:
+                    continue
+                _cleanup(d.name)
+                stale.append(d.name)
+    for ram in Path("/dev/shm").glob("nephoscope-*.ram"):
+        name = ram.name.removeprefix("nephoscope-").removesuffix(".ram")
+        if not (root / name).exists():
+            ram.unlink(missing_ok=True)
+            stale.append(name)
+    return sorted(set(stale))
+
+
+def qemu_command(guest: Guest, image: Image) -> list[str]:
+    """Return the QEMU argv for `guest` booting `image`."""
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        raise LabError("qemu-system-x86_64 is missing; run `make setup`")
+    d = guest.directory
+    append = "console=ttyS0,115200 panic=-1 loglevel=4 " + ("kaslr" if guest.kaslr else "nokaslr")
+    return [
+        qemu, "-name", f"nephoscope-{guest.name}",
+        "-machine", "pc,memory-backend=ram0", "-accel", guest.accel, "-cpu", guest.cpu,
+        "-m", f"{guest.mem_mib}M", "-smp", str(guest.smp),
+        "-object", f"memory-backend-file,id=ram0,size={guest.mem_mib}M,mem-path={guest.ram_path},share=on",
+        "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", append,
+        "-display", "none", "-monitor", "none", "-nodefaults", "-no-reboot",
+        "-chardev", f"socket,id=ser0,path={guest.console_socket},server=on,wait=off,logfile={guest.serial_log}",
+        "-serial", "chardev:ser0",
+        "-qmp", f"unix:{guest.qmp_socket},server=on,wait=off",
+        "-chardev", f"socket,id=qga0,path={guest.qga_socket},server=on,wait=off",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
+        "-gdb", f"tcp:127.0.0.1:{guest.gdb_port}",
+        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{guest.http_port}-:80,"
+                   f"hostfwd=tcp:127.0.0.1:{guest.ssh_port}-:22",
+        "-device", "e1000,netdev=net0",
+        "-pidfile", str(d / "qemu.pid"),
+    ]
+
+
+def start(name: str, image: Image, *, mem: str = "512M", smp: int = 1, kaslr: bool = True,
+          accel: str = "tcg", cpu: str = "qemu64", http_port: int | None = None, gdb_port: int | None = None,
+          timeout: float = 180.0, progress: Progress = lambda _m: None) -> Guest:
+    """Boot `image` as guest `name`, wait until its init reports ready, and write its manifest."""
+    if not NAME_RE.match(name):
+        raise LabError(f"guest name {name!r} must be 1-32 letters, digits, '.', '_' or '-'")
+    if smp < 1 or smp > 8:
+        raise LabError("--smp must be between 1 and 8")
+    cleanup_stale()
+    existing = load_guest(name)
+    if existing is not None and existing.alive():
+        raise LabError(f"guest {name!r} is already running (pid {existing.pid}); "
+                       f"use `nephoscope lab down {name}` first or pick another name")
+    mem_mib = parse_size(mem)
+    gdb = _check_port(gdb_port, "gdbstub") if gdb_port else _free_port()
+    http = _check_port(http_port, "web") if http_port else _free_port()
+    ssh = _free_port()
+    guest = Guest(name=name, profile=image.meta["profile"], pid=0, mem_mib=mem_mib, smp=smp, kaslr=kaslr,
+                  accel=accel, cpu=cpu, gdb_port=gdb, http_port=http, ssh_port=ssh,
+                  image=str(image.directory), started=time.time())
+    try:
+        guest.directory.mkdir(parents=True, exist_ok=False)
+    except FileExistsError as exc:
+        raise LabError(f"guest {name!r} is being started by another command (or {guest.directory} "
+                       "is left over; `nephoscope lab down` removes it)") from exc
+    try:
+        argv = qemu_command(guest, image)
+        (guest.directory / "qemu.argv").write_text(json.dumps(argv))
+        with (guest.directory / "qemu.log").open("wb") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        guest.pid = proc.pid
+        (guest.directory / "state.json").write_text(json.dumps(asdict(guest), indent=1))
+        progress(f"qemu pid {proc.pid} booting {image.meta['kernel']['release']}")
+        report = _wait_ready(guest, proc, timeout, progress)
+        manifest = parse_report(report, guest, image)
+        guest.manifest_path.write_text(json.dumps(manifest, indent=1))
+        return guest
+    except BaseException:
+        stop(name, quiet=True)
+        raise
+
+
+def _wait_ready(guest: Guest, proc: subprocess.Popen, timeout: float, progress: Progress) -> str:
+    deadline = time.monotonic() + timeout
+    stage = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log = (guest.directory / "qemu.log").read_text(errors="replace")[-800:]
+            raise LabError(f"QEMU exited with status {proc.returncode} before the guest was ready: {log.strip()}")
+        text = guest.serial_log.read_text(errors="replace") if guest.serial_log.exists() else ""
+        if READY_MARK in text:
+            return text
+        stages = re.findall(r"NPH-STAGE (\w+)", text)
+        if stages and stages[-1] != stage:
+            stage = stages[-1]
+            progress(f"guest init: {stage}")
+        if "Kernel panic" in text:
+            raise LabError("guest kernel panicked: " + text[text.index("Kernel panic"):][:400])
+        time.sleep(0.1)
+    raise LabError(f"guest {guest.name} was not ready after {timeout:.0f}s; see {guest.serial_log}")
+
+
+def stop(name: str, quiet: bool = False) -> bool:
+    """Stop guest `name` (QMP quit, then signals) and remove everything it left; return if it ran."""
+    guest = load_guest(name)
+    ran = False
+    if guest is not None and guest.pid and guest.alive():
+        ran = True
+        with contextlib.suppress(Exception):
+            from nephoscope.hypervisor.qmp import Qmp
+
+            with Qmp(guest.qmp_socket, timeout=3) as qmp:
+                qmp.command("quit")
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(guest.pid, sig)
+            for _ in range(50):
+                if not guest.alive():
+                    break
+                time.sleep(0.05)
+            if not guest.alive():
+                break
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(guest.pid, os.WNOHANG)
+    elif guest is None and not (run_root() / name).exists() and not quiet:
+        raise LabError(f"no lab guest {name!r}; `nephoscope lab list` shows the known ones")
+    _cleanup(name)
+    return ran
