@@ -1,0 +1,1 @@
+"""nephoscope analysis layer."""

@@ -1,0 +1,1 @@
+"""Knowledge: code-page database from Debian packages and ELF files, vulnerabilities, rules."""

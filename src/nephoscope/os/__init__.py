@@ -1,0 +1,1 @@
+"""nephoscope os layer."""
