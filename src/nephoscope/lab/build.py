@@ -341,6 +341,25 @@ def _base_files(tree: Tree, profile: Profile) -> None:
     tree.add("etc/hosts", b"127.0.0.1 localhost\n")
 
 
+def dpkg_status(packages: dict[str, str]) -> bytes:
+    """Return a dpkg status database listing `packages` as installed (what the guest's dpkg would hold)."""
+    stanzas = []
+    for name, version in sorted(packages.items()):
+        record = apt.package_record(name, version)
+        fields = [f"Package: {name}", "Status: install ok installed"]
+        for key in ("Priority", "Section", "Installed-Size", "Maintainer", "Architecture", "Multi-Arch", "Source"):
+            if key in record:
+                fields.append(f"{key}: {record[key]}")
+        fields.append(f"Version: {version}")
+        for key in ("Pre-Depends", "Depends"):
+            if key in record:
+                fields.append(f"{key}: {record[key]}")
+        summary = (record.get("Description") or name).splitlines()[0]
+        fields.append(f"Description: {summary}")
+        stanzas.append("\n".join(fields) + "\n")
+    return "\n".join(stanzas).encode()
+
+
 def _is_compound(command: str) -> bool:
     """Return whether a shell command has operators (outside quotes), so it cannot just be exec'd."""
     lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
@@ -414,6 +433,7 @@ def build_image(profile: Profile, kernel_spec: str | None = None, progress: Prog
                 original = tree.read(_normalise(artifact.source))
                 tree.add(artifact.output, patch_text_padding(original), 0o755)
 
+    tree.add("var/lib/dpkg/status", dpkg_status(packages))
     for path, content in profile.files.items():
         tree.add(path, content.lstrip("\n").encode(), 0o644)
     for i, line in enumerate(profile.setup):

@@ -1,0 +1,269 @@
+"""x86-64 paging as data: address spaces (one cr3) over guest-physical memory, 4- and 5-level.
+
+Addresses named `gva` are guest-virtual in this address space; `gpa` are guest-physical. Nothing here
+pauses the VM: on a live guest, page tables can change between two reads (call `flush()` to forget
+cached tables and translations; pause the VM for a consistent view).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from nephoscope.core.errors import MemoryAccessError, TranslationError
+from nephoscope.memory.physical import MAX_READ, PhysicalMemory
+
+PAGE = 4096
+ENTRIES = 512
+P, RW, US, PS, NX = 1, 1 << 1, 1 << 2, 1 << 7, 1 << 63
+ADDR_MASK = ((1 << 52) - 1) & ~(PAGE - 1)  # bits 12..51
+_TABLE = struct.Struct("<512Q")
+_U64 = struct.Struct("<Q")
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One paging level: its name, the gva bit its index starts at, and whether PS makes a leaf here."""
+
+    name: str
+    shift: int
+    large: bool  # PS=1 maps a 2 MiB (PD) or 1 GiB (PDPT) page; at PML4/PML5 PS is reserved
+
+    @property
+    def page_size(self) -> int:
+        return 1 << self.shift
+
+
+PML5 = Level("PML5", 48, False)
+PML4 = Level("PML4", 39, False)
+PDPT = Level("PDPT", 30, True)
+PD = Level("PD", 21, True)
+PT = Level("PT", 12, False)
+PAGING = {4: (PML4, PDPT, PD, PT), 5: (PML5, PML4, PDPT, PD, PT)}
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """One present leaf page: gva (canonical) → gpa, its size and effective permissions."""
+
+    gva: int
+    gpa: int
+    size: int
+    writable: bool
+    user: bool
+    nx: bool
+
+    @property
+    def executable(self) -> bool:
+        return not self.nx
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Work caps that keep walks of hostile page tables bounded."""
+
+    max_tables: int = 1 << 15  # distinct table visits per iter_mappings call (128 MiB of tables)
+    max_leaves: int = 1 << 22  # leaf entries yielded per iter_mappings call
+    cache_tables: int = 4096  # table pages kept decoded
+    cache_translations: int = 1 << 16
+
+
+def _leaf_reserved(level: Level, phys_bits: int) -> int:
+    """Return the mask of must-be-zero bits of a leaf or table entry at `level`."""
+    mask = ((1 << 52) - 1) & ~((1 << phys_bits) - 1)
+    if level.shift >= 39:
+        mask |= PS
+    return mask
+
+
+def _large_reserved(level: Level) -> int:
+    """Return the must-be-zero address bits of a PS=1 entry (bit 12 is PAT, the rest below the frame)."""
+    return ((1 << level.shift) - 1) & ~((1 << 13) - 1)
+
+
+class AddressSpace:
+    """One guest-virtual address space: a cr3 over guest-physical memory, with cached table pages."""
+
+    def __init__(self, phys: PhysicalMemory, cr3: int, levels: int = 4, *, phys_bits: int = 52,
+                 limits: Limits | None = None) -> None:
+        """Walk tables rooted at guest-physical `cr3` (low 12 bits / PCID ignored, bit 63 too)."""
+        if levels not in PAGING:
+            raise ValueError(f"levels must be 4 or 5, not {levels}")
+        self.phys = phys
+        self.cr3 = cr3 & ADDR_MASK
+        self.levels = levels
+        self.phys_bits = phys_bits
+        self.limits = limits or Limits()
+        self.anomalies: Counter[str] = Counter()
+        self._levels = PAGING[levels]
+        self._va_bits = self._levels[0].shift + 9
+        self._reserved = [_leaf_reserved(lvl, phys_bits) for lvl in self._levels]
+        self._tables: dict[int, tuple[int, ...]] = {}
+        self._translations: dict[int, tuple[int, int]] = {}  # gva page → (gpa page, flags)
+
+    # --- translation ---------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Forget cached table pages and translations (after the guest ran)."""
+        self._tables.clear()
+        self._translations.clear()
+
+    def canonical(self, gva: int) -> int:
+        """Return `gva` sign-extended from this paging mode's top bit (48 or 57 bits)."""
+        gva &= (1 << self._va_bits) - 1
+        if gva >> (self._va_bits - 1):
+            gva |= _MASK64 & ~((1 << self._va_bits) - 1)
+        return gva
+
+    def _table(self, gpa: int) -> tuple[int, ...]:
+        table = self._tables.get(gpa)
+        if table is None:
+            try:
+                table = _TABLE.unpack(self.phys.read(gpa, PAGE))
+            except MemoryAccessError:
+                raise TranslationError(f"page table at guest-physical 0x{gpa:x} is outside RAM "
+                                       f"(cr3 0x{self.cr3:x}); the tables are corrupt or cr3 is wrong") from None
+            if len(self._tables) >= self.limits.cache_tables:
+                self._tables.clear()
+            self._tables[gpa] = table
+        return table
+
+    def _walk(self, gva: int) -> tuple[int, int]:
+        """Return (gpa of the page containing gva, effective flags) or raise TranslationError."""
+        gva &= _MASK64
+        if self.canonical(gva) != gva:
+            raise TranslationError(f"guest-virtual 0x{gva:x} is not canonical for {self.levels}-level paging")
+        vpn = gva >> 12
+        hit = self._translations.get(vpn)
+        if hit is not None:
+            return hit
+        table, flags = self.cr3, RW | US
+        for lvl, reserved in zip(self._levels, self._reserved, strict=True):
+            entry = self._table(table)[(gva >> lvl.shift) & 511]
+            if not entry & P:
+                raise TranslationError(f"guest-virtual 0x{gva:x} is not mapped ({lvl.name} entry not present, "
+                                       f"cr3 0x{self.cr3:x})")
+            if entry & reserved or (lvl.large and entry & PS and entry & _large_reserved(lvl)):
+                raise TranslationError(f"guest-virtual 0x{gva:x}: {lvl.name} entry 0x{entry:x} has reserved "
+                                       f"bits set (cr3 0x{self.cr3:x})")
+            flags = (flags & entry & (RW | US)) | ((flags | entry) & NX)
+            if lvl is PT or (lvl.large and entry & PS):
+                frame = entry & ADDR_MASK & ~(lvl.page_size - 1)
+                result = (frame | (gva & (lvl.page_size - 1) & ~(PAGE - 1)), flags)
+                if len(self._translations) >= self.limits.cache_translations:
+                    self._translations.clear()
+                self._translations[vpn] = result
+                return result
+            table = entry & ADDR_MASK
+        raise AssertionError("unreachable: the last level is always a leaf")
+
+    def translate(self, gva: int) -> int:
+        """Return the guest-physical address of guest-virtual `gva`; TranslationError if not present."""
+        return self._walk(gva)[0] | (gva & (PAGE - 1))
+
+    def find_translation(self, gva: int) -> int | None:
+        """Return the guest-physical address of `gva`, or None if it is not mapped."""
+        try:
+            return self.translate(gva)
+        except TranslationError:
+            return None
+
+    def read(self, gva: int, size: int) -> bytes:
+        """Return `size` bytes at guest-virtual `gva`, across pages; TranslationError names the first gap."""
+        if not 0 <= size <= MAX_READ:
+            raise MemoryAccessError(f"refusing a {size}-byte virtual read at 0x{gva:x} (limit {MAX_READ})")
+        parts = []
+        while size > 0:
+            n = min(size, PAGE - (gva & (PAGE - 1)))
+            gpa = self.translate(gva)
+            parts.append(self.phys.read(gpa, n))
+            gva = (gva + n) & _MASK64
+            size -= n
+        return b"".join(parts)
+
+    def unpack(self, gva: int, fmt: str | struct.Struct) -> tuple:
+        """Read and unpack a little-endian struct at guest-virtual `gva` (fmt without '<' is made '<')."""
+        st = fmt if isinstance(fmt, struct.Struct) else struct.Struct(fmt if fmt[:1] in "<>!=@" else "<" + fmt)
+        return st.unpack(self.read(gva, st.size))
+
+    def read_u64(self, gva: int) -> int:
+        """Return the little-endian 64-bit value (e.g. a pointer) at guest-virtual `gva`."""
+        return _U64.unpack(self.read(gva, 8))[0]
+
+    # --- enumeration ---------------------------------------------------------------------------
+
+    def iter_mappings(self, *, user_only: bool = False, exec_only: bool = False, start: int = 0,
+                      end: int | None = None) -> Iterator[Mapping]:
+        """Yield present leaf pages with gva in [start, end) (canonical gvas, ascending); never raises.
+
+        Entries with reserved bits or pointing outside RAM are skipped and counted in `anomalies`;
+        the walk stops (counted as "work-cap") after `limits.max_tables` tables or `max_leaves` leaves.
+        """
+        end = _MASK64 + 1 if end is None else end
+        budget = [self.limits.max_tables, self.limits.max_leaves]
+        yield from self._iter_level(0, self.cr3, 0, RW | US, user_only, exec_only, start, end, budget)
+
+    def _iter_level(self, depth: int, table_gpa: int, base: int, flags: int, user_only: bool,
+                    exec_only: bool, start: int, end: int, budget: list[int]) -> Iterator[Mapping]:
+        if budget[0] <= 0:
+            self.anomalies["work-cap"] += 1
+            return
+        budget[0] -= 1
+        lvl, reserved = self._levels[depth], self._reserved[depth]
+        try:
+            table = self._table(table_gpa)
+        except TranslationError:
+            self.anomalies["table-outside-ram"] += 1
+            return
+        size = lvl.page_size
+        for idx, entry in enumerate(table):
+            if not entry & P:
+                continue
+            gva = self.canonical(base | (idx << lvl.shift))
+            if gva + size <= start or gva >= end:
+                continue
+            eff = (flags & entry & (RW | US)) | ((flags | entry) & NX)
+            if (user_only and not eff & US) or (exec_only and eff & NX):
+                continue
+            if entry & reserved or (lvl.large and entry & PS and entry & _large_reserved(lvl)):
+                self.anomalies["reserved-bits"] += 1
+                continue
+            target = entry & ADDR_MASK
+            if lvl is PT or (lvl.large and entry & PS):
+                target &= ~(size - 1)
+                if not _in_ram(self.phys, target):
+                    self.anomalies["page-outside-ram"] += 1
+                    continue
+                if budget[1] <= 0:
+                    self.anomalies["work-cap"] += 1
+                    return
+                budget[1] -= 1
+                yield Mapping(gva, target, size, bool(eff & RW), bool(eff & US), bool(eff & NX))
+            else:
+                yield from self._iter_level(depth + 1, target, base | (idx << lvl.shift), eff, user_only,
+                                            exec_only, start, end, budget)
+                if budget[0] <= 0 or budget[1] <= 0:
+                    return
+
+
+def _in_ram(phys: PhysicalMemory, gpa: int) -> bool:
+    contains = getattr(phys, "contains", None)
+    if contains is not None:
+        return bool(contains(gpa, 1))
+    return any(s <= gpa < e for s, e in phys.ranges)
+
+
+def iter_runs(mappings: Iterator[Mapping]) -> Iterator[tuple[int, int, list[Mapping]]]:
+    """Group gva-contiguous mappings with equal permissions into (gva_start, gva_end, mappings) runs."""
+    run: list[Mapping] = []
+    for m in mappings:
+        if run and (m.gva != run[-1].gva + run[-1].size or
+                    (m.writable, m.user, m.nx) != (run[-1].writable, run[-1].user, run[-1].nx)):
+            yield run[0].gva, run[-1].gva + run[-1].size, run
+            run = []
+        run.append(m)
+    if run:
+        yield run[0].gva, run[-1].gva + run[-1].size, run
