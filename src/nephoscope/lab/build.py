@@ -20,6 +20,7 @@ from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 
 from nephoscope.core.errors import LabError
+from nephoscope.core.paths import cache_root
 from nephoscope.lab import apt
 from nephoscope.lab.cpio import Entry, write_cpio
 from nephoscope.lab.profile import Artifact, Profile
@@ -32,11 +33,6 @@ INIT_TEMPLATE = Path(__file__).parent / "init.sh"
 MERGED_DIRS = ("bin", "sbin", "lib", "lib64")
 LIB_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib", "usr/lib64", "usr/local/lib")
 Progress = Callable[[str], None]
-
-
-def cache_root() -> Path:
-    """Return the cache directory (NEPHOSCOPE_CACHE, default ~/.cache/nephoscope)."""
-    return Path(os.environ.get("NEPHOSCOPE_CACHE", Path.home() / ".cache" / "nephoscope"))
 
 
 @dataclass(slots=True)

@@ -1,0 +1,166 @@
+"""Merge every method's observations into one view per process and per binary, and derive findings.
+
+Disagreement between methods is the signal: a process the hardware-level methods see but the guest's
+own tools do not is hidden; a process whose name differs from the binary it executes is masquerading;
+executable code in no package is unknown; pages differing from every known version are modified.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from nephoscope.core.records import Finding, Observation, Verdict
+
+# binaries whose processes legitimately carry another program's name (multi-call binaries)
+MULTI_CALL = ("busybox",)
+INTERPRETER_PREFIXES = ("python", "perl", "ruby", "php", "node", "java")
+TRUST_ORDER = {"arch": 0, "inspect": 1, "checkpoint": 1, "trap": 2, "agent": 3}
+
+
+@dataclass(slots=True)
+class ProcessView:
+    """One process as all methods together see it."""
+
+    pid: int
+    comm: str = ""
+    exe: str = ""
+    cmdline: list[str] = field(default_factory=list)
+    ppid: int | None = None
+    seen_by: dict[str, str] = field(default_factory=dict)  # method -> verdict
+    binaries: list[dict[str, Any]] = field(default_factory=list)  # identified executable images (arch)
+    verdict: str = Verdict.UNVERIFIABLE.value
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class BinaryView:
+    """One binary (path + package version) and who runs it."""
+
+    path: str
+    package: str | None
+    versions: list[str]
+    seen_by: set[str] = field(default_factory=set)
+    pids: set[int] = field(default_factory=set)
+    status: str = "identified"  # identified | modified | unknown
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        d = asdict(self)
+        d["seen_by"], d["pids"] = sorted(self.seen_by), sorted(self.pids)
+        return d
+
+
+@dataclass(slots=True)
+class ScanView:
+    """The merged result of one scan."""
+
+    processes: dict[int, ProcessView]
+    binaries: dict[str, BinaryView]
+    findings: list[Finding]
+    unverifiable: list[dict[str, str]]
+    methods: list[str]
+
+    def summary(self) -> dict[str, Any]:
+        """Return counts for history listings."""
+        by_verdict: dict[str, int] = defaultdict(int)
+        for p in self.processes.values():
+            by_verdict[p.verdict] += 1
+        return {"processes": len(self.processes), "binaries": len(self.binaries), "findings": len(self.findings),
+                "by_verdict": dict(by_verdict), "unverifiable": len(self.unverifiable), "methods": self.methods}
+
+
+def _is_user_process(data: dict[str, Any]) -> bool:
+    return not data.get("kernel_thread") and not data.get("agent_own") and bool(data.get("exe") or data.get("cmdline"))
+
+
+def _masquerading(comm: str, exe: str, cmdline: list[str]) -> bool:
+    """Return whether a process's names point at a different program than the binary it executes."""
+    base = os.path.basename(exe.removesuffix(" (deleted)"))
+    if not comm or not base or exe.startswith("/memfd:") or base in MULTI_CALL:
+        return False
+    arg0 = os.path.basename(cmdline[0].split(" ")[0]) if cmdline else ""
+    names_fit = base.startswith(comm[:15]) or comm.startswith(base[:15])
+    arg_fits = not arg0 or base.startswith(arg0) or arg0.startswith(base) or arg0.startswith(comm)
+    if base.startswith(INTERPRETER_PREFIXES) and names_fit:
+        return False
+    return not (names_fit and arg_fits)
+
+
+def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanView:
+    """Merge observations of one VM into process and binary views with findings."""
+    processes: dict[int, ProcessView] = {}
+    binaries: dict[str, BinaryView] = {}
+    unverifiable: list[dict[str, str]] = []
+    findings: list[Finding] = []
+    agent_credible = "agent" in methods
+    by_cr3: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    pid_cr3: dict[int, int] = {}
+
+    for o in sorted(observations, key=lambda o: TRUST_ORDER.get(o.provenance.method, 9)):
+        method = o.provenance.method
+        if o.verdict == Verdict.UNVERIFIABLE:
+            unverifiable.append({"method": method, "what": o.key, "reason": o.reason})
+            if method == "agent" and o.key == "processes":
+                agent_credible = False
+            continue
+        if o.kind == "process" and _is_user_process(o.data):
+            pid = int(o.data["pid"])
+            view = processes.setdefault(pid, ProcessView(pid))
+            view.seen_by[method] = str(o.verdict)
+            for key in ("comm", "exe", "cmdline", "ppid"):
+                if not getattr(view, key) and o.data.get(key):
+                    setattr(view, key, o.data[key])
+            if o.data.get("cr3") is not None:
+                pid_cr3[pid] = int(o.data["cr3"])
+        elif o.kind == "address-space-binary":
+            by_cr3[int(o.data["cr3"])].append(o.data)
+            key = f"{o.data.get('path')}|{o.data.get('package')}|{','.join(o.data.get('versions', []))}"
+            bv = binaries.setdefault(key, BinaryView(o.data.get("path", "?"), o.data.get("package"),
+                                                     list(o.data.get("versions", [])),
+                                                     status=o.data.get("status", "identified")))
+            bv.seen_by.add(method)
+        elif o.kind == "unknown-code":
+            by_cr3[int(o.data.get("cr3", -1))].append({**o.data, "status": "unknown"})
+            findings.append(Finding("unknown-code", "high", f"executable code in no known binary at "
+                                    f"{o.data.get('start', 0):#x}-{o.data.get('end', 0):#x}", vm, [o.to_dict()]))
+        elif o.kind == "modified-binary":
+            findings.append(Finding("modified-binary", "high",
+                                    f"{o.data.get('path')} differs from every known version of its package", vm,
+                                    [o.to_dict()]))
+
+    for pid, cr3 in pid_cr3.items():
+        images = by_cr3.get(cr3, [])
+        processes[pid].binaries = images
+        for img in images:
+            for bv in binaries.values():
+                if bv.path == img.get("path") and bv.package == img.get("package"):
+                    bv.pids.add(pid)
+
+    for view in processes.values():
+        hw = [m for m in ("arch", "inspect", "checkpoint", "trap") if m in view.seen_by]
+        if view.binaries or any(view.seen_by[m] == Verdict.VERIFIED for m in hw):
+            view.verdict = Verdict.VERIFIED.value
+        elif view.seen_by:
+            view.verdict = Verdict.REPORTED.value
+        if hw and agent_credible and "agent" not in view.seen_by:
+            findings.append(Finding("hidden-process", "high",
+                                    f"pid {view.pid} ({view.comm}) runs but the guest's own tools do not list it",
+                                    vm, [{"pid": view.pid, "seen_by": view.seen_by}]))
+        if view.exe.endswith(" (deleted)") and not view.exe.startswith("/memfd:"):
+            findings.append(Finding("deleted-binary", "medium", f"pid {view.pid} runs from a deleted file {view.exe}",
+                                    vm, [{"pid": view.pid, "exe": view.exe}]))
+        if view.exe.startswith("/memfd:"):
+            findings.append(Finding("fileless", "high", f"pid {view.pid} runs from memory only ({view.exe})", vm,
+                                    [{"pid": view.pid, "exe": view.exe}]))
+        if _masquerading(view.comm, view.exe, view.cmdline):
+            findings.append(Finding("masquerading", "medium",
+                                    f"pid {view.pid} calls itself {view.comm!r} but executes {view.exe}", vm,
+                                    [{"pid": view.pid, "comm": view.comm, "cmdline": view.cmdline,
+                                      "exe": view.exe}]))
+    return ScanView(processes, binaries, findings, unverifiable, methods)

@@ -1,0 +1,100 @@
+"""`nephoscope scan`, `diff` and `history`: run methods side by side and compare scans over time."""
+
+from __future__ import annotations
+
+import datetime
+
+import typer
+
+from nephoscope.cli.render import console, emit_json, fail, progress, table
+from nephoscope.core.errors import NephoscopeError
+from nephoscope.service.methods import available_methods
+from nephoscope.service.scan import ScanResult, diff_scans, run_scan
+from nephoscope.service.targets import resolve_target
+from nephoscope.store.sqlite import Store
+
+
+def render_scan(result: ScanResult) -> None:
+    """Print a scan for people: processes with who saw them, findings, and what is unverifiable."""
+    rows = []
+    for p in sorted(result.view.processes.values(), key=lambda p: p.pid):
+        seen = " ".join(f"{m}:{v[0]}" for m, v in sorted(p.seen_by.items()))
+        images = sorted({f"{b.get('package') or '?'} {','.join(b.get('versions', []))}".strip()
+                         for b in p.binaries if b.get("status") != "unknown"})
+        rows.append([p.pid, p.comm, p.exe, seen, "; ".join(images[:4]) + (" …" if len(images) > 4 else ""),
+                     p.verdict])
+    table(f"{result.vm.name}: processes (methods: {', '.join(result.view.methods)}; v=verified r=reported)",
+          ["pid", "comm", "exe", "seen by", "identified code", "verdict"], rows)
+    if result.view.binaries:
+        table("binaries", ["path", "package", "versions", "status", "methods", "pids"],
+              [[b.path, b.package, ",".join(b.versions), b.status, ",".join(sorted(b.seen_by)),
+                ",".join(map(str, sorted(b.pids)))] for b in result.view.binaries.values()])
+    severity = {"critical": 0, "high": 1, "medium": 2, "low": 3}
+    ranked = sorted(result.view.findings, key=lambda f: severity.get(f.severity, 9))
+    table("findings", ["severity", "kind", "what"], [[f.severity, f.kind, f.title] for f in ranked])
+    if result.view.unverifiable:
+        table("unverifiable (could not be obtained)", ["method", "what", "why"],
+              [[u["method"], u["what"], u["reason"]] for u in result.view.unverifiable])
+    console.print("timings: " + ", ".join(f"{m} {t['wall_s']:.2f}s" for m, t in result.timings.items())
+                  + (f"; stored as scan {result.scan_id}" if result.scan_id else ""))
+
+
+def scan(
+    vm: str = typer.Argument(..., help="lab guest name, QMP socket path, or RAM/dump file"),
+    methods: str = typer.Option("", "--methods", "-m",
+                                help=f"comma-separated subset of: {','.join(available_methods())}"),
+    json_out: bool = typer.Option(False, "--json", help="print the merged result as JSON"),
+    no_store: bool = typer.Option(False, "--no-store", help="do not record the scan in the store"),
+) -> None:
+    """Run introspection methods on a VM, merge per process and binary, report findings and verdicts."""
+    try:
+        target = resolve_target(vm)
+        chosen = [m.strip() for m in methods.split(",") if m.strip()] or None
+        with progress(f"scan {target.name}", quiet=json_out) as log:
+            result = run_scan(target, chosen, store=None if no_store else Store(), progress=log)
+    except NephoscopeError as exc:
+        fail(exc)
+    if json_out:
+        emit_json(result.to_dict())
+    else:
+        render_scan(result)
+
+
+def history(vm: str = typer.Argument(None, help="only this VM"),
+            json_out: bool = typer.Option(False, "--json")) -> None:
+    """List stored scans, newest first."""
+    scans = Store().scans(vm)
+    if json_out:
+        emit_json([{"id": s.id, "vm": s.vm, "started": s.started, "finished": s.finished, "methods": s.methods,
+                    "summary": s.summary} for s in scans])
+        return
+    table("scans", ["id", "vm", "when", "methods", "processes", "findings"],
+          [[s.id, s.vm, datetime.datetime.fromtimestamp(s.started).isoformat(timespec="seconds"),
+            ",".join(s.methods), s.summary.get("processes"), s.summary.get("findings")] for s in scans])
+
+
+def diff(vm: str = typer.Argument(..., help="VM name as stored"),
+         old: int = typer.Option(None, "--old", help="older scan id (default: the one before --new)"),
+         new: int = typer.Option(None, "--new", help="newer scan id (default: the latest)"),
+         json_out: bool = typer.Option(False, "--json")) -> None:
+    """Show what changed between two scans of a VM (default: the last two)."""
+    store = Store()
+    try:
+        scans = store.scans(vm, limit=1000)
+        ids = [s.id for s in scans]
+        new_id = new or (ids[0] if ids else None)
+        if new_id is None or (old is None and len([i for i in ids if i < new_id]) == 0):
+            raise NephoscopeError(f"need two scans of {vm!r} to diff; run `nephoscope scan {vm}` again")
+        old_id = old or max(i for i in ids if i < new_id)
+        result = diff_scans(store, old_id, new_id)
+    except NephoscopeError as exc:
+        fail(exc)
+    if json_out:
+        emit_json(result)
+        return
+    rows = [["+ process", f"{p.get('pid')} {p.get('comm')} {p.get('exe')}"] for p in result["processes_started"]]
+    rows += [["- process", f"{p.get('pid')} {p.get('comm')} {p.get('exe')}"] for p in result["processes_gone"]]
+    rows += [["+ binary", b] for b in result["binaries_new"]] + [["- binary", b] for b in result["binaries_gone"]]
+    rows += [["+ finding", f] for f in result["findings_new"]]
+    rows += [["- finding", f] for f in result["findings_resolved"]]
+    table(f"{vm}: scan {old_id} → {new_id}", ["change", "what"], rows)

@@ -1,0 +1,184 @@
+"""The `agent` method: ask the in-guest qemu-guest-agent what runs, the way the guest's own tools see it.
+
+The listing runs the guest's own shell over /proc, so anything that fools the guest's userland (an
+/etc/ld.so.preload rootkit, a trojaned shell) fools this method too: every observation is `reported`.
+An agent that is missing, dead, slow or inconsistent yields `unverifiable`, never an empty all-clear.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterator
+from typing import Any
+
+from debian import deb822
+
+from nephoscope.core.errors import ConnectorError
+from nephoscope.core.records import Observation, Verdict
+from nephoscope.hypervisor.qga import GuestAgent
+from nephoscope.hypervisor.target import VmTarget
+from nephoscope.introspect.base import observe, unverifiable
+
+NAME = "agent"
+SHELLS = ("/usr/bin/bash", "/bin/bash", "/bin/sh")
+# Lists /proc with the guest's shell (its readdir is what userland rootkits hook), one line a process
+# ("P pid ppid comm exe cmdline", base64 fields) and one per executable mapping ("M pid range perms
+# offset path").
+LIST_SCRIPT = r"""
+b64() { base64 | tr -d '\n'; }
+for d in /proc/[0-9]*; do
+  p=${d#/proc/}
+  [ -r "$d/status" ] || continue
+  ppid=
+  while read -r k v; do [ "$k" = PPid: ] && ppid=$v && break; done < "$d/status"
+  exe=$(readlink "$d/exe" 2>/dev/null)
+  printf 'P %s %s %s %s %s\n' "$p" "$ppid" "$(b64 < "$d/comm")" "$(printf %s "$exe" | b64)" "$(b64 < "$d/cmdline")"
+  while read -r range perms off dev inode path; do
+    case $perms in *x*) printf 'M %s %s %s %s %s\n' "$p" "$range" "$perms" "$off" "$(printf %s "$path" | b64)";; esac
+  done < "$d/maps"
+done
+"""
+MAX_LINES = 200_000
+
+
+def _b64(text: str) -> str:
+    try:
+        return base64.b64decode(text, validate=True).decode("utf-8", "replace")
+    except (binascii.Error, ValueError):
+        return "\ufffd"
+
+
+def parse_listing(text: str) -> tuple[dict[int, dict[str, Any]], list[str]]:
+    """Parse the listing script's output into processes (with exec mappings) and a list of anomalies."""
+    procs: dict[int, dict[str, Any]] = {}
+    anomalies: list[str] = []
+    for n, line in enumerate(text.splitlines()):
+        if n >= MAX_LINES:
+            anomalies.append(f"listing truncated at {MAX_LINES} lines")
+            break
+        fields = line.split(" ")
+        if fields[0] == "P" and len(fields) >= 5 and fields[1].isdigit():
+            cmdline = _b64(fields[5]) if len(fields) > 5 else ""
+            procs[int(fields[1])] = {
+                "pid": int(fields[1]), "ppid": int(fields[2]) if fields[2].isdigit() else None,
+                "comm": _b64(fields[3]).rstrip("\n"), "exe": _b64(fields[4]),
+                "cmdline": [a for a in cmdline.split("\0") if a], "maps": []}
+        elif fields[0] == "M" and len(fields) >= 5 and fields[1].isdigit() and int(fields[1]) in procs:
+            start, _, end = fields[2].partition("-")
+            try:
+                procs[int(fields[1])]["maps"].append({
+                    "start": int(start, 16), "end": int(end, 16), "perms": fields[3],
+                    "offset": int(fields[4], 16), "path": _b64(fields[5]) if len(fields) > 5 else ""})
+            except ValueError:
+                anomalies.append(f"bad map line: {line[:80]!r}")
+        elif line.strip():
+            anomalies.append(f"unexpected line: {line[:80]!r}")
+    _mark_agent_own(procs)
+    return procs, anomalies
+
+
+def _mark_agent_own(procs: dict[int, dict[str, Any]]) -> None:
+    """Flag the agent's own helper processes (the listing itself) and kernel threads."""
+    agents = {pid for pid, p in procs.items() if p["exe"].endswith("/qemu-ga")}
+    for p in procs.values():
+        p["kernel_thread"] = not p["exe"] and not p["cmdline"]
+        node, depth, own = p, 0, False
+        while node is not None and depth < 64:
+            if node["ppid"] in agents:
+                own = True
+                break
+            node, depth = procs.get(node["ppid"] or -1), depth + 1
+        p["agent_own"] = own
+
+
+def installed_packages(status_text: str) -> dict[str, dict[str, str]]:
+    """Parse a dpkg status database into package -> {version, source, arch} for installed packages."""
+    out = {}
+    for para in deb822.Deb822.iter_paragraphs(status_text):
+        if "installed" not in para.get("Status", "").split() or "Package" not in para:
+            continue
+        source = para.get("Source", para["Package"]).split(" ")[0]
+        out[para["Package"]] = {"version": para.get("Version", ""), "source": source,
+                                "arch": para.get("Architecture", "")}
+    return out
+
+
+class AgentMethod:
+    """The in-guest agent method (qemu-guest-agent over its virtio-serial socket)."""
+
+    name = NAME
+
+    def __init__(self, timeout: float = 60.0) -> None:
+        self.timeout = timeout
+
+    def collect(self, vm: VmTarget) -> Iterator[Observation]:
+        """Yield processes, executable mappings, modules and installed packages as the guest reports them."""
+        if vm.qga_socket is None or not vm.live:
+            yield unverifiable(NAME, vm, "processes", "no guest agent channel for this VM")
+            return
+        try:
+            agent = GuestAgent(vm.qga_socket, timeout=self.timeout)
+        except ConnectorError as exc:
+            yield unverifiable(NAME, vm, "processes", f"guest agent unreachable: {exc}")
+            return
+        with agent:
+            yield from self._collect(agent, vm)
+
+    def _collect(self, agent: GuestAgent, vm: VmTarget) -> Iterator[Observation]:
+        try:
+            info = agent.call("guest-info")
+            shell = self._shell(agent)
+            code, out, err = agent.exec([shell, "-c", LIST_SCRIPT], timeout=self.timeout)
+        except ConnectorError as exc:
+            yield unverifiable(NAME, vm, "processes", f"guest agent failed: {exc}")
+            return
+        procs, anomalies = parse_listing(out.decode("utf-8", "replace"))
+        agent_seen = any(p["exe"].endswith("/qemu-ga") for p in procs.values())
+        if code != 0 or not procs or not agent_seen:
+            why = (f"listing exit {code}, {len(procs)} processes, the agent itself "
+                   f"{'listed' if agent_seen else 'missing'}; stderr: {err[:200]!r}")
+            yield unverifiable(NAME, vm, "processes", f"the guest's process listing is not credible ({why})")
+        yield observe(NAME, vm, "agent", "qemu-ga", {"version": info.get("version"), "shell": shell,
+                                                     "anomalies": anomalies[:20]}, Verdict.REPORTED)
+        for pid, p in sorted(procs.items()):
+            maps = p.pop("maps")
+            yield observe(NAME, vm, "process", f"pid:{pid}", p, Verdict.REPORTED)
+            for m in maps:
+                yield observe(NAME, vm, "mapping", f"pid:{pid}:{m['start']:x}", {"pid": pid, **m}, Verdict.REPORTED)
+        yield from self._modules(agent, vm)
+        yield from self._packages(agent, vm)
+
+    @staticmethod
+    def _shell(agent: GuestAgent) -> str:
+        for shell in SHELLS:
+            try:
+                code, _, _ = agent.exec([shell, "-c", "exit 0"], timeout=15)
+            except ConnectorError:
+                continue
+            if code == 0:
+                return shell
+        raise ConnectorError("no usable shell in the guest")
+
+    @staticmethod
+    def _modules(agent: GuestAgent, vm: VmTarget) -> Iterator[Observation]:
+        try:
+            text = agent.read_file("/proc/modules").decode("utf-8", "replace")
+        except ConnectorError as exc:
+            yield unverifiable(NAME, vm, "modules", f"cannot read /proc/modules: {exc}")
+            return
+        for line in text.splitlines():
+            f = line.split()
+            if len(f) >= 2 and f[1].isdigit():
+                yield observe(NAME, vm, "module", f"module:{f[0]}", {"name": f[0], "size": int(f[1])},
+                              Verdict.REPORTED)
+
+    @staticmethod
+    def _packages(agent: GuestAgent, vm: VmTarget) -> Iterator[Observation]:
+        try:
+            text = agent.read_file("/var/lib/dpkg/status", limit=64 * 2**20).decode("utf-8", "replace")
+        except ConnectorError as exc:
+            yield unverifiable(NAME, vm, "packages", f"no dpkg status database readable: {exc}")
+            return
+        for name, pkg in sorted(installed_packages(text).items()):
+            yield observe(NAME, vm, "package", f"package:{name}", {"name": name, **pkg}, Verdict.REPORTED)

@@ -1,0 +1,34 @@
+"""The one interface every introspection method implements."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from nephoscope.core.records import Observation, Provenance, Verdict
+from nephoscope.hypervisor.target import VmTarget
+
+METHOD_NAMES = ("agent", "inspect", "checkpoint", "arch", "trap")
+
+
+class Method(Protocol):
+    """An introspection method: `collect` yields observations with provenance and a verdict."""
+
+    name: str
+
+    def collect(self, vm: VmTarget) -> Iterator[Observation]:
+        """Yield what this method sees of `vm`; failures become `unverifiable` observations."""
+        ...
+
+
+def observe(method: str, vm: VmTarget, kind: str, key: str, data: dict[str, Any],
+            verdict: Verdict, reason: str = "") -> Observation:
+    """Build an observation stamped with provenance (method, VM, now)."""
+    return Observation(kind=kind, key=key, data=data, provenance=Provenance(method, vm.name, time.time()),
+                       verdict=verdict, reason=reason)
+
+
+def unverifiable(method: str, vm: VmTarget, what: str, reason: str) -> Observation:
+    """Build the observation that says `what` could not be obtained, and why."""
+    return observe(method, vm, "unverifiable", what, {"what": what}, Verdict.UNVERIFIABLE, reason)

@@ -1,0 +1,94 @@
+"""The scan use case: run methods on a VM, merge what they saw, store it, and diff scans."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nephoscope.analysis.merge import ScanView, merge
+from nephoscope.core.errors import NephoscopeError
+from nephoscope.core.records import Observation
+from nephoscope.hypervisor.target import VmTarget
+from nephoscope.introspect.base import unverifiable
+from nephoscope.service.methods import default_methods, get_method
+from nephoscope.store.sqlite import Store
+
+Progress = Callable[[str], None]
+
+
+@dataclass(slots=True)
+class ScanResult:
+    """A finished scan: the merged view, raw observations, per-method timings and the stored id."""
+
+    vm: VmTarget
+    view: ScanView
+    observations: list[Observation]
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    scan_id: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return {
+            "scan_id": self.scan_id, "vm": self.vm.name, "methods": self.view.methods, "timings": self.timings,
+            "summary": self.view.summary(),
+            "processes": [p.to_dict() for p in sorted(self.view.processes.values(), key=lambda p: p.pid)],
+            "binaries": [b.to_dict() for b in self.view.binaries.values()],
+            "findings": [f.to_dict() for f in self.view.findings],
+            "unverifiable": self.view.unverifiable,
+        }
+
+
+def run_scan(vm: VmTarget, methods: list[str] | None = None, *, store: Store | None = None,
+             progress: Progress = lambda _m: None) -> ScanResult:
+    """Run `methods` (default: all available but trap) on `vm`, merge, and store the result."""
+    names = methods or default_methods()
+    observations: list[Observation] = []
+    timings: dict[str, dict[str, float]] = {}
+    started = time.time()
+    for name in names:
+        method = get_method(name)
+        progress(f"running {name}")
+        wall, cpu = time.monotonic(), time.process_time()
+        try:
+            got = list(method.collect(vm))
+        except NephoscopeError as exc:
+            got = [unverifiable(name, vm, "everything", f"{name} failed: {exc}")]
+        observations.extend(got)
+        timings[name] = {"wall_s": round(time.monotonic() - wall, 3), "cpu_s": round(time.process_time() - cpu, 3),
+                         "observations": len(got)}
+        extra = getattr(method, "last_stats", None)
+        if isinstance(extra, dict):
+            timings[name].update(extra)
+    view = merge(observations, names, vm.name)
+    result = ScanResult(vm, view, observations, timings)
+    if store is not None:
+        result.scan_id = store.save_scan(vm.name, names, observations, view.findings,
+                                         {**view.summary(), "timings": timings}, started)
+    return result
+
+
+def diff_scans(store: Store, old_id: int, new_id: int) -> dict[str, Any]:
+    """Return what changed between two stored scans: processes, binaries and findings added or gone."""
+    def keyed(scan_id: int) -> tuple[dict[str, dict[str, Any]], set[str], set[str]]:
+        procs = {}
+        for o in store.observations(scan_id, "process"):
+            d = o["data"]
+            if d.get("kernel_thread") or d.get("agent_own"):
+                continue
+            procs[f"{d.get('pid')}:{d.get('comm')}:{d.get('exe')}"] = d
+        bins = {f"{o['data'].get('path')} {o['data'].get('package')} {','.join(o['data'].get('versions', []))}"
+                for o in store.observations(scan_id, "address-space-binary")}
+        finds = {f"{f['kind']}: {f['title']}" for f in store.findings(scan_id)}
+        return procs, bins, finds
+
+    old_p, old_b, old_f = keyed(old_id)
+    new_p, new_b, new_f = keyed(new_id)
+    return {
+        "old": old_id, "new": new_id,
+        "processes_started": [new_p[k] for k in sorted(new_p.keys() - old_p.keys())],
+        "processes_gone": [old_p[k] for k in sorted(old_p.keys() - new_p.keys())],
+        "binaries_new": sorted(new_b - old_b), "binaries_gone": sorted(old_b - new_b),
+        "findings_new": sorted(new_f - old_f), "findings_resolved": sorted(old_f - new_f),
+    }
