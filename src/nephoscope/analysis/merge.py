@@ -92,6 +92,15 @@ def _masquerading(comm: str, exe: str, cmdline: list[str]) -> bool:
     return not (names_fit and arg_fits)
 
 
+def image_identity(data: dict[str, Any]) -> dict[str, Any]:
+    """Return path, package and versions of an arch image observation (versions of its first package)."""
+    pairs = [tuple(v) for v in data.get("versions", []) if isinstance(v, (list, tuple)) and len(v) == 2]
+    package = pairs[0][0] if pairs else (data.get("candidates") or [{}])[0].get("package")
+    versions = sorted({v for p, v in pairs if p == package})
+    return {"path": data.get("path", "?"), "package": package, "versions": versions,
+            "gva_start": data.get("gva_start"), "gva_end": data.get("gva_end")}
+
+
 def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanView:
     """Merge observations of one VM into process and binary views with findings."""
     processes: dict[int, ProcessView] = {}
@@ -118,20 +127,24 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
                     setattr(view, key, o.data[key])
             if o.data.get("cr3") is not None:
                 pid_cr3[pid] = int(o.data["cr3"])
-        elif o.kind == "address-space-binary":
-            by_cr3[int(o.data["cr3"])].append(o.data)
-            key = f"{o.data.get('path')}|{o.data.get('package')}|{','.join(o.data.get('versions', []))}"
-            bv = binaries.setdefault(key, BinaryView(o.data.get("path", "?"), o.data.get("package"),
-                                                     list(o.data.get("versions", [])),
-                                                     status=o.data.get("status", "identified")))
+        elif o.kind in ("binary", "modified-binary"):
+            image = image_identity(o.data)
+            image["status"] = "modified" if o.kind == "modified-binary" else "identified"
+            by_cr3[int(o.data.get("cr3", -1))].append(image)
+            key = f"{image['path']}|{image['package']}|{','.join(image['versions'])}|{image['status']}"
+            bv = binaries.setdefault(key, BinaryView(image["path"], image["package"], image["versions"],
+                                                     status=image["status"]))
             bv.seen_by.add(method)
+            if o.kind == "modified-binary":
+                findings.append(Finding("modified-binary", "high",
+                                        f"{image['path']} ({image['package']}) is mapped with pages that differ "
+                                        "from every known version", vm, [o.to_dict()]))
         elif o.kind == "unknown-code":
-            by_cr3[int(o.data.get("cr3", -1))].append({**o.data, "status": "unknown"})
+            start, end = int(o.data.get("gva_start", 0)), int(o.data.get("gva_end", 0))
+            by_cr3[int(o.data.get("cr3", -1))].append({"path": "", "package": None, "versions": [],
+                                                       "status": "unknown", "gva_start": start, "gva_end": end})
             findings.append(Finding("unknown-code", "high", f"executable code in no known binary at "
-                                    f"{o.data.get('start', 0):#x}-{o.data.get('end', 0):#x}", vm, [o.to_dict()]))
-        elif o.kind == "modified-binary":
-            findings.append(Finding("modified-binary", "high",
-                                    f"{o.data.get('path')} differs from every known version of its package", vm,
+                                    f"{start:#x}-{end:#x} (address space {o.key.split(':0x')[0]})", vm,
                                     [o.to_dict()]))
 
     for pid, cr3 in pid_cr3.items():

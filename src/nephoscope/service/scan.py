@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nephoscope.analysis.merge import ScanView, merge
+from nephoscope.analysis.merge import ScanView, image_identity, merge
 from nephoscope.core.errors import NephoscopeError
 from nephoscope.core.records import Observation
 from nephoscope.hypervisor.target import VmTarget
@@ -78,8 +78,12 @@ def diff_scans(store: Store, old_id: int, new_id: int) -> dict[str, Any]:
             if d.get("kernel_thread") or d.get("agent_own"):
                 continue
             procs[f"{d.get('pid')}:{d.get('comm')}:{d.get('exe')}"] = d
-        bins = {f"{o['data'].get('path')} {o['data'].get('package')} {','.join(o['data'].get('versions', []))}"
-                for o in store.observations(scan_id, "address-space-binary")}
+        bins = set()
+        for kind in ("binary", "modified-binary"):
+            for o in store.observations(scan_id, kind):
+                image = image_identity(o["data"])
+                bins.add(f"{image['path']} {image['package']} {','.join(image['versions'])}"
+                         + (" (modified)" if kind == "modified-binary" else ""))
         finds = {f"{f['kind']}: {f['title']}" for f in store.findings(scan_id)}
         return procs, bins, finds
 

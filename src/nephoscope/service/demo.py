@@ -1,0 +1,53 @@
+"""The demo use case behind `make demo`: a lab guest, the knowledge it needs, every method, one report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from nephoscope.core.errors import NephoscopeError
+from nephoscope.lab import runner
+from nephoscope.lab.build import build_image
+from nephoscope.lab.profile import load_profile
+from nephoscope.service.methods import default_methods
+from nephoscope.service.scan import ScanResult, run_scan
+from nephoscope.service.targets import resolve_target
+from nephoscope.store.sqlite import Store
+
+Progress = Callable[[str], None]
+
+
+def ensure_knowledge(profile: str, progress: Progress) -> list[str]:
+    """Make sure the code-page DB holds the lab's packages (all offered versions); return problems."""
+    problems: list[str] = []
+    try:
+        from nephoscope.knowledge.binaries import CodePageDB
+        from nephoscope.knowledge.ingest import ingest_apt, lab_package_specs
+    except ImportError:
+        return ["code-page knowledge base not available in this build"]
+    db = CodePageDB.open()
+    try:
+        specs = lab_package_specs(profile, progress)
+        has = getattr(db, "has_package", None)
+        todo = [s for s in specs if not (has and has(*s.split("=", 1)))]
+        for i, spec in enumerate(todo, 1):
+            progress(f"knowledge base: ingesting {spec} ({i}/{len(todo)})")
+            try:
+                ingest_apt(db, spec, progress)
+            except NephoscopeError as exc:
+                problems.append(f"{spec}: {exc}")
+    finally:
+        db.close()
+    return problems
+
+
+def run_demo(name: str = "demo", profile: str = "tampered", progress: Progress = lambda _m: None) -> ScanResult:
+    """Boot (or reuse) lab guest `name`, prepare knowledge, run every available method, store the scan."""
+    problems = ensure_knowledge(profile, progress)
+    for p in problems:
+        progress(f"warning: {p}")
+    guest = runner.load_guest(name)
+    if guest is None or not guest.alive():
+        progress(f"booting lab guest {name} ({profile})")
+        image = build_image(load_profile(profile), None, progress)
+        runner.start(name, image, progress=progress)
+    return run_scan(resolve_target(name), default_methods(), store=Store(), progress=progress)
