@@ -1,0 +1,271 @@
+"""The evaluation the seed only argued: every method on the clean and tampered lab guests, measured.
+
+Power: share of the ground truth's executing binaries each method sees, and identifies with the exact
+package version. Robustness: per tampering technique, whether each method detects it, misses it, or
+says it cannot tell. Unintrusiveness: guest-visible pause, slowdown of a CPU-bound loop inside the guest
+while the method runs repeatedly, and host CPU time.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from nephoscope.core.errors import ConnectorError
+from nephoscope.core.records import Verdict
+from nephoscope.hypervisor.qga import GuestAgent
+from nephoscope.lab import runner
+from nephoscope.lab.build import build_image
+from nephoscope.lab.profile import load_profile
+from nephoscope.service.methods import get_method
+from nephoscope.service.scan import ScanResult, run_scan
+from nephoscope.service.targets import resolve_target
+from nephoscope.store.sqlite import Store
+
+Progress = Callable[[str], None]
+BENCH_LOOP = 60000
+BENCH_SCRIPT = ("read s x < /proc/uptime; i=0; while [ $i -lt {n} ]; do i=$((i+1)); done; "
+                "read e x < /proc/uptime; echo $s $e")
+DETECTED, MISSED, UNVERIFIABLE = "detected", "missed", "unverifiable"
+
+
+@dataclass(slots=True)
+class MethodScore:
+    """One method's measured numbers on one profile."""
+
+    method: str
+    profile: str
+    truth_processes: int = 0
+    seen: int = 0
+    identified: int = 0  # with the exact package version
+    techniques: dict[str, str] = field(default_factory=dict)
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    pause_s: float = 0.0
+    guest_slowdown: float | None = None  # in-guest time of the CPU loop, ratio to undisturbed
+    wall_slowdown: float | None = None  # host-observed time of the same loop (includes pauses)
+    findings: list[str] = field(default_factory=list)
+    unverifiable: list[str] = field(default_factory=list)
+
+    @property
+    def power_seen(self) -> float:
+        return self.seen / self.truth_processes if self.truth_processes else 0.0
+
+    @property
+    def power_identified(self) -> float:
+        return self.identified / self.truth_processes if self.truth_processes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return {**asdict(self), "power_seen": round(self.power_seen, 3),
+                "power_identified": round(self.power_identified, 3)}
+
+
+def truth_processes(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the long-lived user processes of a manifest (the ground truth every method should see)."""
+    return [p for p in manifest["processes"]
+            if p["exe"] and not (p["comm"] == "sleep" and p["cmdline"][-1:] == ["3600"])]
+
+
+def _basename(path: str) -> str:
+    return os.path.basename(path.removesuffix(" (deleted)"))
+
+
+def score_power(result: ScanResult, truth: list[dict[str, Any]]) -> tuple[int, int]:
+    """Return (seen, identified with exact version) for the truth processes in a scan."""
+    seen = identified = 0
+    views = result.view.processes
+    for t in truth:
+        view = views.get(t["pid"])
+        if view is None:
+            continue
+        seen += 1
+        if t["package"] and any(b.get("package") == t["package"] and t["version"] in b.get("versions", [])
+                                and _basename(b.get("path", "")) == _basename(t["binary"]) for b in view.binaries):
+            identified += 1
+    return seen, identified
+
+
+def _finding_pids(result: ScanResult, kind: str) -> set[int]:
+    pids: set[int] = set()
+    for f in result.view.findings:
+        if f.kind != kind:
+            continue
+        for ev in f.evidence:
+            if "pid" in ev:
+                pids.add(int(ev["pid"]))
+            cr3 = (ev.get("data") or {}).get("cr3") if isinstance(ev.get("data"), dict) else None
+            if cr3 is not None:
+                pids |= {pid for pid, v in result.view.processes.items()
+                         if any(b.get("cr3") == cr3 for b in v.binaries)}
+    return pids
+
+
+def _pids_with_status(result: ScanResult, status: str) -> set[int]:
+    return {pid for pid, v in result.view.processes.items() if any(b.get("status") == status for b in v.binaries)}
+
+
+def score_techniques(result: ScanResult, manifest: dict[str, Any]) -> dict[str, str]:
+    """Return technique id -> detected / missed / unverifiable for one single-method scan."""
+    procs = result.view.processes
+    children = {p["pid"]: p["ppid"] for p in manifest["processes"]}
+
+    def family(pid: int) -> set[int]:
+        return {pid} | {c for c in children if children.get(c) == pid}
+
+    unknown = _pids_with_status(result, "unknown")
+    modified = _pids_with_status(result, "modified") | _finding_pids(result, "modified-binary")
+    rules: dict[str, Callable[[set[int]], bool]] = {
+        "masquerade": lambda f: bool(f & (_finding_pids(result, "masquerading") | identified_as(result, "python3"))),
+        "deleted-binary": lambda f: bool(f & _finding_pids(result, "deleted-binary")),
+        "fileless-memfd": lambda f: bool(f & _finding_pids(result, "fileless")),
+        "code-injection": lambda f: bool(f & (unknown | _finding_pids(result, "anonymous-exec"))),
+        "trojaned-binary": lambda f: bool(f & modified),
+        "preload-hidden": lambda f: bool(f & set(procs)),
+        "unpackaged-binary": lambda f: bool(f & (unknown | _finding_pids(result, "unknown-code"))),
+    }
+    out = {}
+    nothing_seen = not procs
+    for tech in manifest.get("techniques", []):
+        rule = rules.get(tech["id"])
+        if rule is None:
+            continue
+        if nothing_seen:
+            out[tech["id"]] = UNVERIFIABLE
+        else:
+            out[tech["id"]] = DETECTED if rule(family(tech["pid"])) else MISSED
+    return out
+
+
+def identified_as(result: ScanResult, name_prefix: str) -> set[int]:
+    """Return pids whose identified main code is a binary whose name starts with `name_prefix`."""
+    return {pid for pid, v in result.view.processes.items()
+            if v.comm and not v.comm.startswith(name_prefix)
+            and any(_basename(b.get("path", "")).startswith(name_prefix) for b in v.binaries)}
+
+
+def guest_cpu_loop(agent: GuestAgent, n: int = BENCH_LOOP) -> tuple[float, float]:
+    """Run a CPU-bound shell loop in the guest; return (in-guest seconds, host-observed seconds)."""
+    start = time.monotonic()
+    code, out, err = agent.exec(["/bin/sh", "-c", BENCH_SCRIPT.format(n=n)], timeout=300)
+    wall = time.monotonic() - start
+    if code != 0:
+        raise ConnectorError(f"guest benchmark failed: {err[:200]!r}")
+    s, e = (float(x) for x in out.split()[:2])
+    return e - s, wall
+
+
+def measure_slowdown(target_name: str, method_name: str, baseline: tuple[float, float]) -> tuple[float, float]:
+    """Run `method_name` repeatedly while the guest loop runs; return (guest, wall) slowdown ratios."""
+    target = resolve_target(target_name)
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                for _ in get_method(method_name).collect(target):
+                    if stop.is_set():
+                        break
+            except Exception:  # the measurement must go on; errors show up in the scan itself
+                time.sleep(0.1)
+
+    thread = threading.Thread(target=hammer, daemon=True)
+    with GuestAgent(target.qga_socket, timeout=60) as agent:  # type: ignore[arg-type]
+        thread.start()
+        try:
+            guest_s, wall_s = guest_cpu_loop(agent)
+        finally:
+            stop.set()
+            thread.join(timeout=120)
+    return guest_s / baseline[0], wall_s / baseline[1]
+
+
+def _guest(profile: str, keep: bool, progress: Progress) -> tuple[runner.Guest, bool]:
+    name = f"eval-{profile}"
+    guest = runner.load_guest(name)
+    if guest is not None and guest.alive():
+        return guest, False
+    progress(f"booting {name}")
+    image = build_image(load_profile(profile), None, progress)
+    return runner.start(name, image, progress=progress), not keep
+
+
+def evaluate(methods: list[str], profiles: tuple[str, ...] = ("clean", "tampered"), *, slowdown: bool = True,
+             keep: bool = False, progress: Progress = lambda _m: None) -> list[MethodScore]:
+    """Run every method on every profile's lab guest and return the measured scores."""
+    scores: list[MethodScore] = []
+    store = Store()
+    for profile in profiles:
+        guest, owned = _guest(profile, keep, progress)
+        try:
+            manifest = guest.manifest()
+            truth = truth_processes(manifest)
+            baseline = (0.0, 0.0)
+            if slowdown:
+                with GuestAgent(guest.qga_socket, timeout=60) as agent:
+                    runs = [guest_cpu_loop(agent) for _ in range(2)]
+                baseline = (min(r[0] for r in runs), min(r[1] for r in runs))
+            pid_cr3 = _pid_cr3(guest.name, methods, progress)
+            for method in methods:
+                progress(f"{profile}: {method}")
+                result = run_scan(resolve_target(guest.name), [method], store=store)
+                _link_cr3(result, pid_cr3)
+                seen, identified = score_power(result, truth)
+                t = result.timings.get(method, {})
+                score = MethodScore(method, profile, len(truth), seen, identified,
+                                    score_techniques(result, manifest), t.get("wall_s", 0.0), t.get("cpu_s", 0.0),
+                                    float(t.get("pause_s", 0.0)),
+                                    findings=sorted({f.kind for f in result.view.findings}),
+                                    unverifiable=[f"{u['what']}: {u['reason'][:120]}"
+                                                  for u in result.view.unverifiable])
+                if slowdown and baseline[0] > 0:
+                    progress(f"{profile}: {method} slowdown")
+                    score.guest_slowdown, score.wall_slowdown = (
+                        round(x, 3) for x in measure_slowdown(guest.name, method, baseline))
+                scores.append(score)
+        finally:
+            if owned:
+                runner.stop(guest.name, quiet=True)
+    return scores
+
+
+def _pid_cr3(name: str, methods: list[str], progress: Progress) -> dict[int, int]:
+    """Map pids to page-table roots with inspect (evaluation only: arch alone knows no pids)."""
+    if "arch" not in methods and "checkpoint" not in methods:
+        return {}
+    try:
+        method = get_method("inspect")
+    except Exception:  # without inspect, arch is scored per binary only
+        return {}
+    progress("mapping pids to page-table roots (inspect)")
+    out = {}
+    for o in method.collect(resolve_target(name)):
+        if o.kind == "process" and o.verdict != Verdict.UNVERIFIABLE and o.data.get("cr3") is not None:
+            out[int(o.data["pid"])] = int(o.data["cr3"])
+    return out
+
+
+def _link_cr3(result: ScanResult, pid_cr3: dict[int, int]) -> None:
+    """Attach arch's per-address-space images to processes when the scan itself could not."""
+    if not pid_cr3:
+        return
+    from nephoscope.analysis.merge import ProcessView, image_identity
+
+    spaces: dict[int, list[dict[str, Any]]] = {}
+    for o in result.observations:
+        if o.kind in ("binary", "modified-binary", "unknown-code") and "cr3" in o.data:
+            image = image_identity(o.data) if o.kind != "unknown-code" else {"path": "", "package": None,
+                                                                               "versions": []}
+            image["status"] = {"binary": "identified", "modified-binary": "modified"}.get(o.kind, "unknown")
+            image["cr3"] = int(o.data["cr3"])
+            spaces.setdefault(int(o.data["cr3"]), []).append(image)
+    for pid, cr3 in pid_cr3.items():
+        if cr3 in spaces:
+            view = result.view.processes.setdefault(pid, ProcessView(pid))
+            if not view.binaries:
+                view.binaries = spaces[cr3]
+                view.seen_by.setdefault(result.view.methods[0], "verified")

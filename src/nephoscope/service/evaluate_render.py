@@ -1,0 +1,70 @@
+"""Render evaluation scores: the seed's comparison table with measured numbers, and a chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nephoscope.service.evaluate import DETECTED, MISSED, MethodScore
+
+SYMBOL = {DETECTED: "✔ detected", MISSED: "✘ missed"}
+
+
+def _ratio(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}×"
+
+
+def markdown(scores: list[MethodScore]) -> str:
+    """Return the evaluation as Markdown: power, robustness per technique, unintrusiveness."""
+    lines = ["# nephoscope evaluation", "",
+             "Measured on the lab guests (ground truth from their manifests). Power = share of the long-lived "
+             "processes whose executing binary the method sees / identifies with the exact package version.", "",
+             "## Power and unintrusiveness", "",
+             "| profile | method | seen | identified (version) | wall s | host CPU s | guest pause s | "
+             "guest slowdown | wall slowdown |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in scores:
+        lines.append(f"| {s.profile} | {s.method} | {s.seen}/{s.truth_processes} ({s.power_seen:.0%}) | "
+                     f"{s.identified}/{s.truth_processes} ({s.power_identified:.0%}) | "
+                     f"{s.wall_s:.2f} | {s.cpu_s:.2f} | "
+                     f"{s.pause_s:.3f} | {_ratio(s.guest_slowdown)} | {_ratio(s.wall_slowdown)} |")
+    tampered = [s for s in scores if s.techniques]
+    if tampered:
+        techniques = sorted({t for s in tampered for t in s.techniques})
+        lines += ["", "## Robustness (tampered guest)", "",
+                  "| technique | " + " | ".join(s.method for s in tampered) + " |",
+                  "|---|" + "---|" * len(tampered)]
+        for t in techniques:
+            lines.append(f"| {t} | " + " | ".join(SYMBOL.get(s.techniques.get(t, ""), s.techniques.get(t, "–"))
+                                                  for s in tampered) + " |")
+    lines += ["", "## What each method could not verify", ""]
+    for s in scores:
+        for u in s.unverifiable[:6]:
+            lines.append(f"- {s.profile}/{s.method}: {u}")
+    return "\n".join(lines) + "\n"
+
+
+def chart(scores: list[MethodScore], path: Path) -> Path:
+    """Draw power, robustness and slowdown per method into a PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(s.method for s in scores))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, (title, value) in zip(axes, [
+        ("power: identified with version", lambda s: s.power_identified),
+        ("robustness: techniques detected",
+         lambda s: sum(v == DETECTED for v in s.techniques.values()) / len(s.techniques) if s.techniques else 0),
+        ("guest wall slowdown (×)", lambda s: s.wall_slowdown or 0.0),
+    ], strict=True):
+        for i, profile in enumerate(dict.fromkeys(s.profile for s in scores)):
+            row = {s.method: value(s) for s in scores if s.profile == profile}
+            ax.bar([m_i + i * 0.4 for m_i in range(len(methods))], [row.get(m, 0) for m in methods], width=0.4,
+                   label=profile)
+        ax.set_xticks([m_i + 0.2 for m_i in range(len(methods))], methods)
+        ax.set_title(title)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
