@@ -56,3 +56,45 @@ def test_checkpoint_pauses_briefly_and_resumes(clean_guest) -> None:
     with Qmp(clean_guest.qmp_socket) as qmp:
         assert qmp.command("query-status")["running"] is True
     assert not list(clean_guest.ram_path.parent.glob(f"nephoscope-ckpt-{clean_guest.name}-*"))
+
+
+def test_rollback_runs_the_agent_in_a_throwaway_clone(clean_guest) -> None:
+    manifest = clean_guest.manifest()
+    method = CheckpointMethod(rollback=True)
+    obs = list(method.collect(resolve_target(clean_guest.name)))
+    in_clone = {o.data["pid"]: o for o in obs if o.kind == "process" and o.data.get("analysis") == "agent-in-clone"}
+    assert all(o.provenance.method == "checkpoint" for o in in_clone.values())
+    for p in _long_lived(manifest):
+        assert in_clone[p["pid"]].data["comm"] == p["comm"]
+    assert method.last_stats["pause_s"] > 0 and method.last_stats["clone_start_s"] > 0
+    with Qmp(clean_guest.qmp_socket) as qmp:
+        assert qmp.command("query-status")["running"] is True
+    assert not list(clean_guest.ram_path.parent.glob(f"nephoscope-clone-{clean_guest.name}-*"))
+
+
+def test_clone_is_isolated_from_the_original(clean_guest) -> None:
+    from nephoscope.hypervisor.clone import Clone, clone_argv, new_workdir, qemu_argv, save_device_state
+    from nephoscope.hypervisor.qga import GuestAgent
+    from nephoscope.introspect.checkpoint import PreparedCopy
+
+    work = new_workdir(clean_guest.name)
+    prepared = PreparedCopy(clean_guest.ram_path, work / "ram")
+    with Qmp(clean_guest.qmp_socket) as qmp:
+        qmp.command("stop")
+        try:
+            prepared.copy()
+            save_device_state(qmp, work / "state")
+        finally:
+            qmp.command("cont")
+    prepared.close()
+    argv = clone_argv(qemu_argv(clean_guest.pid), work, work / "ram")
+    assert "-gdb" not in argv and not any("hostfwd" in a for a in argv)
+    with Clone(argv, work, work / "state") as clone:
+        clone.wait_agent()
+        with GuestAgent(clone.qga_socket, timeout=30) as agent:
+            assert agent.exec(["/bin/sh", "-c", "echo clone > /tmp/clone-marker"])[0] == 0
+            assert agent.read_file("/tmp/clone-marker") == b"clone\n"
+    with GuestAgent(clean_guest.qga_socket, timeout=30) as agent:
+        code, _, _ = agent.exec(["/bin/sh", "-c", "test -e /tmp/clone-marker"])
+    assert code == 1
+    assert not work.exists()

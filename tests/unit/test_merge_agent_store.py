@@ -6,34 +6,38 @@ import base64
 
 from nephoscope.analysis.merge import _masquerading, merge
 from nephoscope.core.records import Observation, Provenance, Verdict
-from nephoscope.introspect.agent import installed_packages, parse_listing
+from nephoscope.introspect.agent import SEP, installed_packages, parse_listing
 from nephoscope.service.scan import diff_scans
 from nephoscope.store.sqlite import Store
-
-
-def _b(s: str) -> str:
-    return base64.b64encode(s.encode()).decode()
 
 
 def _obs(method: str, kind: str, data: dict, verdict: Verdict = Verdict.REPORTED) -> Observation:
     return Observation(kind, f"pid:{data.get('pid')}", data, Provenance(method, "vm"), verdict)
 
 
+def _listing(records: list[tuple[int, int, str, str, str, str]], tail: str = "") -> str:
+    text = "".join(f"{SEP}P {pid} {ppid}{SEP}{comm}\n{SEP}{exe}\n{SEP}{cmd}{SEP}{maps}"
+                   for pid, ppid, comm, exe, cmd, maps in records)
+    return base64.b64encode((text + tail).encode()).decode()
+
+
 def test_listing_parser_survives_garbage_and_marks_agent_children() -> None:
-    text = "\n".join([
-        f"P 1 0 {_b('init')} {_b('/bin/busybox')} {_b('init')}",
-        f"P 50 1 {_b('qemu-ga')} {_b('/usr/sbin/qemu-ga')} {_b('qemu-ga')}",
-        f"P 60 50 {_b('bash')} {_b('/usr/bin/bash')} {_b('bash')}",
-        f"M 60 7f00-7f10 r-xp 00001000 {_b('/usr/bin/bash')}",
-        "M 60 zz-yy r-xp 0 x", "P notapid", "\x1b[2J garbage", f"P 2 0 {_b('kthreadd')} {_b('')} ",
-    ])
+    maps = "7f00-7f10 r-xp 00001000 08:01 42 /usr/bin/bash\n7f10-7f20 rw-p 0 0:0 0\nnonsense line\n"
+    text = _listing([(1, 0, "init", "/bin/busybox", "init\0", ""),
+                     (50, 1, "qemu-ga", "/usr/sbin/qemu-ga", "qemu-ga\0", ""),
+                     (60, 50, "bash", "/usr/bin/bash", "bash\0-c\0", maps),
+                     (2, 0, "kthreadd", "", "", "")], tail=f"{SEP}P notapid{SEP}\x1b[2J garbage")
     procs, anomalies = parse_listing(text)
     assert set(procs) == {1, 50, 60, 2}
     assert procs[60]["agent_own"] and not procs[1]["agent_own"]
     assert procs[2]["kernel_thread"]
+    assert procs[60]["cmdline"] == ["bash", "-c"]
     assert procs[60]["maps"] == [{"start": 0x7F00, "end": 0x7F10, "perms": "r-xp", "offset": 0x1000,
                                   "path": "/usr/bin/bash"}]
-    assert len(anomalies) == 3
+    assert len(anomalies) == 2
+    assert parse_listing("%%% not base64")[1] == ["the listing is not valid base64"]
+    truncated = _listing([(7, 1, "x", "/x", "x", "")])[:-8]
+    parse_listing(truncated)  # must not raise
 
 
 def test_dpkg_status_parsing_keeps_source_and_skips_removed() -> None:

@@ -15,6 +15,7 @@ class VmTarget:
     qmp_socket: Path | None = None
     qga_socket: Path | None = None
     gdb_port: int | None = None
+    qemu_pid: int | None = None  # lets checkpoint start a throw-away clone with the same devices
     live: bool = True  # False for dump files: nothing can be paused or asked
 
     def describe(self) -> dict[str, str | int | bool | None]:
@@ -22,4 +23,4 @@ class VmTarget:
         return {"name": self.name, "ram": str(self.ram_path) if self.ram_path else None,
                 "qmp": str(self.qmp_socket) if self.qmp_socket else None,
                 "qga": str(self.qga_socket) if self.qga_socket else None,
-                "gdb_port": self.gdb_port, "live": self.live}
+                "gdb_port": self.gdb_port, "qemu_pid": self.qemu_pid, "live": self.live}

@@ -22,58 +22,67 @@ from nephoscope.introspect.base import observe, unverifiable
 
 NAME = "agent"
 SHELLS = ("/usr/bin/bash", "/bin/bash", "/bin/sh")
-# Lists /proc with the guest's shell (its readdir is what userland rootkits hook), one line a process
-# ("P pid ppid comm exe cmdline", base64 fields) and one per executable mapping ("M pid range perms
-# offset path").
+# Lists /proc with the guest's shell (its readdir is what userland rootkits hook). One base64 stream
+# for everything keeps the number of forks low (TCG guests fork slowly): per process a record
+# SEP "P pid ppid" SEP comm SEP exe SEP cmdline SEP maps, records joined by SEP.
+SEP = "\x01NPH\x02"
 LIST_SCRIPT = r"""
-b64() { base64 | tr -d '\n'; }
+sep=$(printf '\001NPH\002')
 for d in /proc/[0-9]*; do
-  p=${d#/proc/}
   [ -r "$d/status" ] || continue
   ppid=
   while read -r k v; do [ "$k" = PPid: ] && ppid=$v && break; done < "$d/status"
-  exe=$(readlink "$d/exe" 2>/dev/null)
-  printf 'P %s %s %s %s %s\n' "$p" "$ppid" "$(b64 < "$d/comm")" "$(printf %s "$exe" | b64)" "$(b64 < "$d/cmdline")"
-  while read -r range perms off dev inode path; do
-    case $perms in *x*) printf 'M %s %s %s %s %s\n' "$p" "$range" "$perms" "$off" "$(printf %s "$path" | b64)";; esac
-  done < "$d/maps"
-done
+  printf '%sP %s %s%s' "$sep" "${d#/proc/}" "$ppid" "$sep"
+  cat "$d/comm" 2>/dev/null; printf %s "$sep"
+  readlink "$d/exe" 2>/dev/null; printf %s "$sep"
+  cat "$d/cmdline" 2>/dev/null; printf %s "$sep"
+  cat "$d/maps" 2>/dev/null
+done | base64
 """
-MAX_LINES = 200_000
+MAX_PROCESSES = 100_000
 
 
-def _b64(text: str) -> str:
-    try:
-        return base64.b64decode(text, validate=True).decode("utf-8", "replace")
-    except (binascii.Error, ValueError):
-        return "\ufffd"
+def _maps(text: str) -> list[dict[str, Any]]:
+    out = []
+    for line in text.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) < 5 or "x" not in fields[1]:
+            continue
+        start, _, end = fields[0].partition("-")
+        try:
+            out.append({"start": int(start, 16), "end": int(end, 16), "perms": fields[1],
+                        "offset": int(fields[2], 16), "path": fields[5] if len(fields) > 5 else ""})
+        except ValueError:
+            continue
+    return out
 
 
-def parse_listing(text: str) -> tuple[dict[int, dict[str, Any]], list[str]]:
-    """Parse the listing script's output into processes (with exec mappings) and a list of anomalies."""
+def parse_listing(encoded: str) -> tuple[dict[int, dict[str, Any]], list[str]]:
+    """Parse the listing script's base64 stream into processes (with exec mappings) and anomalies."""
     procs: dict[int, dict[str, Any]] = {}
     anomalies: list[str] = []
-    for n, line in enumerate(text.splitlines()):
-        if n >= MAX_LINES:
-            anomalies.append(f"listing truncated at {MAX_LINES} lines")
+    try:
+        text = base64.b64decode("".join(encoded.split()), validate=True).decode("utf-8", "replace")
+    except (binascii.Error, ValueError):
+        return procs, ["the listing is not valid base64"]
+    parts = text.split(SEP)
+    i = 0
+    while i < len(parts):
+        head = parts[i].split(" ")
+        if head[0] != "P" or len(head) < 3 or not head[1].isdigit() or i + 5 > len(parts):
+            if parts[i].strip():
+                anomalies.append(f"unexpected record: {parts[i][:60]!r}")
+            i += 1
+            continue
+        if len(procs) >= MAX_PROCESSES:
+            anomalies.append(f"listing truncated at {MAX_PROCESSES} processes")
             break
-        fields = line.split(" ")
-        if fields[0] == "P" and len(fields) >= 5 and fields[1].isdigit():
-            cmdline = _b64(fields[5]) if len(fields) > 5 else ""
-            procs[int(fields[1])] = {
-                "pid": int(fields[1]), "ppid": int(fields[2]) if fields[2].isdigit() else None,
-                "comm": _b64(fields[3]).rstrip("\n"), "exe": _b64(fields[4]),
-                "cmdline": [a for a in cmdline.split("\0") if a], "maps": []}
-        elif fields[0] == "M" and len(fields) >= 5 and fields[1].isdigit() and int(fields[1]) in procs:
-            start, _, end = fields[2].partition("-")
-            try:
-                procs[int(fields[1])]["maps"].append({
-                    "start": int(start, 16), "end": int(end, 16), "perms": fields[3],
-                    "offset": int(fields[4], 16), "path": _b64(fields[5]) if len(fields) > 5 else ""})
-            except ValueError:
-                anomalies.append(f"bad map line: {line[:80]!r}")
-        elif line.strip():
-            anomalies.append(f"unexpected line: {line[:80]!r}")
+        comm, exe, cmdline, maps = parts[i + 1: i + 5]
+        pid = int(head[1])
+        procs[pid] = {"pid": pid, "ppid": int(head[2]) if head[2].isdigit() else None,
+                      "comm": comm.rstrip("\n"), "exe": exe.rstrip("\n"),
+                      "cmdline": [a for a in cmdline.split("\0") if a], "maps": _maps(maps)}
+        i += 5
     _mark_agent_own(procs)
     return procs, anomalies
 

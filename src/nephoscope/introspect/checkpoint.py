@@ -10,6 +10,7 @@ import contextlib
 import mmap
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -19,6 +20,7 @@ import numpy as np
 
 from nephoscope.core.errors import ConnectorError, NephoscopeError
 from nephoscope.core.records import Observation, Provenance, Verdict
+from nephoscope.hypervisor.clone import Clone, clone_argv, new_workdir, qemu_argv, save_device_state
 from nephoscope.hypervisor.qmp import Qmp
 from nephoscope.hypervisor.target import VmTarget
 from nephoscope.introspect.base import observe, unverifiable
@@ -68,12 +70,15 @@ class CheckpointMethod:
 
     name = NAME
 
-    def __init__(self, keep_copy: Path | None = None) -> None:
+    def __init__(self, rollback: bool = False, keep_copy: Path | None = None) -> None:
+        self.rollback = rollback
         self.keep_copy = keep_copy
         self.last_stats: dict[str, float] = {}
 
-    def snapshot(self, vm: VmTarget, target: Path) -> tuple[float, list[int]]:
-        """Pause `vm`, copy its RAM to `target`, resume; return (guest-visible pause seconds, vCPU CR3s)."""
+    def snapshot(self, vm: VmTarget, target: Path, state_file: Path | None = None) -> tuple[float, list[int]]:
+        """Pause `vm`, copy its RAM to `target` (and its device state to `state_file`), resume.
+
+        Returns (guest-visible pause in seconds, the vCPUs' CR3 values)."""
         if vm.qmp_socket is None or vm.ram_path is None or not vm.live:
             raise ConnectorError("checkpoint needs a live VM with a QMP socket and a shared RAM file")
         prepared = PreparedCopy(vm.ram_path, target)
@@ -85,6 +90,8 @@ class CheckpointMethod:
                 try:
                     cr3s = parse_cr3s(qmp.hmp("info registers -a"))
                     prepared.copy()
+                    if state_file is not None:
+                        save_device_state(qmp, state_file)
                 finally:
                     if was_running:
                         qmp.command("cont")
@@ -97,12 +104,17 @@ class CheckpointMethod:
         """Yield the analyses of a consistent copy of `vm`'s RAM, labelled as checkpoint observations."""
         from nephoscope.service.methods import available_methods, get_method
 
-        copy = self.keep_copy or Path("/dev/shm") / f"nephoscope-ckpt-{vm.name}-{os.getpid()}.ram"
+        work = new_workdir(vm.name) if self.rollback else None
+        default_copy = Path("/dev/shm") / f"nephoscope-ckpt-{vm.name}-{os.getpid()}.ram"
+        copy = (work / "ram") if work else (self.keep_copy or default_copy)
+        state = work / "state" if work else None
         try:
-            pause, cr3s = self.snapshot(vm, copy)
+            pause, cr3s = self.snapshot(vm, copy, state)
         except (ConnectorError, OSError) as exc:
             with contextlib.suppress(OSError):
                 copy.unlink()
+            if work:
+                shutil.rmtree(work, ignore_errors=True)
             yield unverifiable(NAME, vm, "snapshot", f"could not take a consistent copy: {exc}")
             return
         self.last_stats = {"pause_s": round(pause, 4)}
@@ -123,7 +135,31 @@ class CheckpointMethod:
                                       data={**o.data, "analysis": analysis})
                 except NephoscopeError as exc:
                     yield unverifiable(NAME, vm, analysis, f"{analysis} on the copy failed: {exc}")
+            if work is not None and state is not None:
+                yield from self._agent_in_clone(vm, work, copy, state)
         finally:
-            if self.keep_copy is None:
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
+            elif self.keep_copy is None:
                 with contextlib.suppress(OSError):
                     copy.unlink()
+
+    def _agent_in_clone(self, vm: VmTarget, work: Path, copy: Path, state: Path) -> Iterator[Observation]:
+        """Run the agent inside a throw-away clone of the checkpoint (network cut), then discard the clone."""
+        from nephoscope.introspect.agent import AgentMethod
+
+        if vm.qemu_pid is None:
+            yield unverifiable(NAME, vm, "agent-in-clone", "the VM's QEMU process is unknown; cannot clone it")
+            return
+        try:
+            argv = clone_argv(qemu_argv(vm.qemu_pid), work, copy)
+            started = time.monotonic()
+            with Clone(argv, work, state) as clone:
+                self.last_stats["clone_start_s"] = round(time.monotonic() - started, 3)
+                target = VmTarget(name=vm.name, qmp_socket=clone.qmp_socket, qga_socket=clone.qga_socket)
+                clone.wait_agent()
+                for o in AgentMethod(timeout=30).collect(target):
+                    yield replace(o, provenance=Provenance(NAME, vm.name, o.provenance.time),
+                                  data={**o.data, "analysis": "agent-in-clone"})
+        except (ConnectorError, OSError) as exc:
+            yield unverifiable(NAME, vm, "agent-in-clone", f"throw-away clone failed: {exc}")

@@ -15,7 +15,7 @@ def resolve_target(spec: str) -> VmTarget:
     guest = runner.load_guest(spec) if "/" not in spec else None
     if guest is not None and guest.alive():
         return VmTarget(name=guest.name, ram_path=guest.ram_path, qmp_socket=guest.qmp_socket,
-                        qga_socket=guest.qga_socket, gdb_port=guest.gdb_port, live=True)
+                        qga_socket=guest.qga_socket, gdb_port=guest.gdb_port, qemu_pid=guest.pid, live=True)
     path = Path(spec)
     if path.is_socket():
         # a QMP socket of a VM not started by the lab: look for siblings named like the lab's
