@@ -45,13 +45,16 @@ def scan(
                                 help=f"comma-separated subset of: {','.join(available_methods())}"),
     json_out: bool = typer.Option(False, "--json", help="print the merged result as JSON"),
     no_store: bool = typer.Option(False, "--no-store", help="do not record the scan in the store"),
+    rollback: bool = typer.Option(False, "--rollback",
+                                  help="checkpoint also runs the agent inside a throw-away clone of the VM"),
 ) -> None:
     """Run introspection methods on a VM, merge per process and binary, report findings and verdicts."""
     try:
         target = resolve_target(vm)
         chosen = [m.strip() for m in methods.split(",") if m.strip()] or None
         with progress(f"scan {target.name}", quiet=json_out) as log:
-            result = run_scan(target, chosen, store=None if no_store else Store(), progress=log)
+            options = {"checkpoint": {"rollback": True}} if rollback else None
+            result = run_scan(target, chosen, store=None if no_store else Store(), options=options, progress=log)
     except NephoscopeError as exc:
         fail(exc)
     if json_out:

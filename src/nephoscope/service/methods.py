@@ -36,12 +36,12 @@ def default_methods() -> list[str]:
     return [n for n in available_methods() if n != "trap"]
 
 
-def get_method(name: str) -> Method:
-    """Instantiate method `name` or raise naming the available ones."""
+def get_method(name: str, **options: object) -> Method:
+    """Instantiate method `name` (with method-specific options) or raise naming the available ones."""
     if name not in _FACTORIES:
         raise NephoscopeError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
     factory = _factory(name)
     if factory is None:
         raise NephoscopeError(f"method {name!r} is not available in this build; available: "
                               f"{', '.join(available_methods())}")
-    return factory()
+    return factory(**options)  # type: ignore[call-arg]

@@ -41,14 +41,14 @@ class ScanResult:
 
 
 def run_scan(vm: VmTarget, methods: list[str] | None = None, *, store: Store | None = None,
-             progress: Progress = lambda _m: None) -> ScanResult:
+             options: dict[str, dict[str, object]] | None = None, progress: Progress = lambda _m: None) -> ScanResult:
     """Run `methods` (default: all available but trap) on `vm`, merge, and store the result."""
     names = methods or default_methods()
     observations: list[Observation] = []
     timings: dict[str, dict[str, float]] = {}
     started = time.time()
     for name in names:
-        method = get_method(name)
+        method = get_method(name, **(options or {}).get(name, {}))
         progress(f"running {name}")
         wall, cpu = time.monotonic(), time.process_time()
         try:
