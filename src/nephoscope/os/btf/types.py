@@ -40,6 +40,8 @@ class Kind(IntEnum):
 # Kinds that only qualify or rename another type; resolve() looks through them.
 MODIFIERS = frozenset({Kind.TYPEDEF, Kind.VOLATILE, Kind.CONST, Kind.RESTRICT, Kind.TYPE_TAG})
 
+MAX_ANON_DEPTH = 32  # kernel structs nest anonymous unions/structs a few levels deep
+MAX_ANON_VISITS = 4096  # bounds the search when hostile BTF fans anonymous members out
 INT_SIGNED = 1
 INT_CHAR = 2
 INT_BOOL = 4
@@ -117,7 +119,7 @@ class Struct(Type):
                 if nested is None:
                     return None
                 current, base = nested, found.bit_offset
-            hit = current._find_direct(part, base, 0)
+            hit = current._find_direct(part, base, 0, [MAX_ANON_VISITS])
             if hit is None:
                 return None
             found = hit
@@ -131,9 +133,11 @@ class Struct(Type):
                                  "the kernel version may lay this structure out differently")
         return hit
 
-    def _find_direct(self, name: str, base: int, depth: int) -> Member | None:
-        if depth > 32:
-            raise GuestDataError(f"BTF struct {self.name or '(anon)'}: anonymous members nest deeper than 32")
+    def _find_direct(self, name: str, base: int, depth: int, budget: list[int]) -> Member | None:
+        budget[0] -= 1
+        if depth > MAX_ANON_DEPTH or budget[0] < 0:
+            raise GuestDataError(f"BTF struct {self.name or '(anon)'}: anonymous members nest deeper than "
+                                 f"{MAX_ANON_DEPTH} or fan out past {MAX_ANON_VISITS} structs (a cycle?)")
         for m in self.members:
             if m.name == name:
                 return Member(m.name, m.type_id, base + m.bit_offset, m.bitfield_size)
@@ -142,7 +146,7 @@ class Struct(Type):
                 continue
             nested = self._struct_of(m.type_id)
             if nested is not None:
-                hit = nested._find_direct(name, base + m.bit_offset, depth + 1)
+                hit = nested._find_direct(name, base + m.bit_offset, depth + 1, budget)
                 if hit is not None:
                     return hit
         return None
