@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError, ELFParseError
+from elftools.construct.core import ConstructError
 from elftools.elf.elffile import ELFFile
 
 from nephoscope.core.errors import GuestDataError
@@ -25,6 +27,9 @@ NT_GNU_BUILD_ID = 3
 MAX_PHNUM = 1024  # the kernel refuses program header tables above 64 KiB (~1170 entries)
 MAX_EXEC_PAGES = 1 << 18  # 1 GiB of code per file is far beyond any real binary
 _PAGE_MASK = ~(PAGE_SIZE - 1)
+# everything pyelftools raises on hostile bytes (fuzzing found construct errors escaping ELFParseError)
+PARSE_ERRORS = (ELFError, ELFParseError, ConstructError, ValueError, OverflowError, struct.error, KeyError,
+                IndexError, UnicodeDecodeError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +82,7 @@ def _open(data: bytes) -> ELFFile:
         raise GuestDataError("not an ELF file (no \\x7fELF magic)")
     try:
         elf = ELFFile(io.BytesIO(data))
-    except (ELFError, ELFParseError, ValueError, OverflowError) as exc:
+    except PARSE_ERRORS as exc:
         raise GuestDataError(f"malformed ELF header: {exc}") from exc
     phnum, phoff, phentsize = elf["e_phnum"], elf["e_phoff"], elf["e_phentsize"]
     if phnum > MAX_PHNUM:
@@ -93,7 +98,7 @@ def iter_segments(elf: ELFFile, size: int) -> list[ExecSegment]:
     out: list[ExecSegment] = []
     try:
         headers = [elf.get_segment(i).header for i in range(elf["e_phnum"])]
-    except (ELFError, ELFParseError, ValueError, OverflowError) as exc:
+    except PARSE_ERRORS as exc:
         raise GuestDataError(f"unreadable program header: {exc}") from exc
     for h in headers:
         if h["p_type"] not in ("PT_LOAD", PT_LOAD) or not h["p_flags"] & PF_X or h["p_filesz"] == 0:
@@ -119,7 +124,7 @@ def find_build_id(elf: ELFFile) -> str | None:
                 if note["n_type"] == "NT_GNU_BUILD_ID" and note["n_name"] == "GNU":
                     desc = note["n_desc"]
                     return desc if isinstance(desc, str) else bytes(desc).hex()
-    except (ELFError, ELFParseError, ValueError, OverflowError, UnicodeDecodeError, KeyError):
+    except PARSE_ERRORS:
         return None
     return None
 
