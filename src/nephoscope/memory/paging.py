@@ -2,7 +2,7 @@
 
 Addresses named `gva` are guest-virtual in this address space; `gpa` are guest-physical. Nothing here
 pauses the VM: on a live guest, page tables can change between two reads (call `flush()` to forget
-cached tables and translations; pause the VM for a consistent view).
+cached translations; pause the VM for a consistent view).
 """
 
 from __future__ import annotations
@@ -12,14 +12,16 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
 from nephoscope.core.errors import MemoryAccessError, TranslationError
-from nephoscope.memory.physical import MAX_READ, PhysicalMemory
+from nephoscope.memory.physical import MAX_READ, PhysicalMemory, SegmentedMemory
 
 PAGE = 4096
 ENTRIES = 512
 P, RW, US, PS, NX = 1, 1 << 1, 1 << 2, 1 << 7, 1 << 63
 ADDR_MASK = ((1 << 52) - 1) & ~(PAGE - 1)  # bits 12..51
-_TABLE = struct.Struct("<512Q")
+_NP_P, _NP_US, _NP_NX = np.uint64(P), np.uint64(US), np.uint64(NX)
 _U64 = struct.Struct("<Q")
 _MASK64 = (1 << 64) - 1
 
@@ -65,13 +67,24 @@ class Mapping:
 class Limits:
     """Work caps that keep walks of hostile page tables bounded."""
 
-    max_tables: int = 1 << 15  # distinct table visits per iter_mappings call (128 MiB of tables)
-    max_leaves: int = 1 << 22  # leaf entries yielded per iter_mappings call
-    cache_tables: int = 4096  # table pages kept decoded
+    max_tables: int = 8192  # table visits per iter_mappings call (a real process uses tens to hundreds)
+    max_leaves: int = 1 << 20  # leaf entries yielded per iter_mappings call (4 GiB of 4 KiB pages)
     cache_translations: int = 1 << 16
 
 
-def _leaf_reserved(level: Level, phys_bits: int) -> int:
+@dataclass(slots=True)
+class Budget:
+    """Work left for one walk, or for several walks that share it."""
+
+    tables: int
+    leaves: int
+
+    @property
+    def exhausted(self) -> bool:
+        return self.tables <= 0 or self.leaves <= 0
+
+
+def _entry_reserved(level: Level, phys_bits: int) -> int:
     """Return the mask of must-be-zero bits of a leaf or table entry at `level`."""
     mask = ((1 << 52) - 1) & ~((1 << phys_bits) - 1)
     if level.shift >= 39:
@@ -85,7 +98,7 @@ def _large_reserved(level: Level) -> int:
 
 
 class AddressSpace:
-    """One guest-virtual address space: a cr3 over guest-physical memory, with cached table pages."""
+    """One guest-virtual address space: a cr3 over guest-physical memory, with cached translations."""
 
     def __init__(self, phys: PhysicalMemory, cr3: int, levels: int = 4, *, phys_bits: int = 52,
                  limits: Limits | None = None) -> None:
@@ -100,16 +113,25 @@ class AddressSpace:
         self.anomalies: Counter[str] = Counter()
         self._levels = PAGING[levels]
         self._va_bits = self._levels[0].shift + 9
-        self._reserved = [_leaf_reserved(lvl, phys_bits) for lvl in self._levels]
-        self._tables: dict[int, tuple[int, ...]] = {}
+        # the levels compiled for the hot loop: (level, shift, must-be-zero bits, PS makes a leaf, extra
+        # must-be-zero bits of a PS leaf)
+        self._steps = [(lvl, lvl.shift, _entry_reserved(lvl, phys_bits), lvl.large,
+                        _large_reserved(lvl) if lvl.large else 0) for lvl in self._levels]
         self._translations: dict[int, tuple[int, int]] = {}  # gva page → (gpa page, flags)
+        # a raw image or the live RAM file: read entries straight from its one zero-copy view
+        segments = list(phys.iter_segments()) if isinstance(phys, SegmentedMemory) else []
+        self._flat = segments[0][1] if len(segments) == 1 and segments[0][0] == 0 else None
 
     # --- translation ---------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Forget cached table pages and translations (after the guest ran)."""
-        self._tables.clear()
+        """Forget cached translations (after the guest ran)."""
         self._translations.clear()
+
+    @property
+    def va_bits(self) -> int:
+        """Return the width of a virtual address in this paging mode (48 or 57)."""
+        return self._va_bits
 
     def canonical(self, gva: int) -> int:
         """Return `gva` sign-extended from this paging mode's top bit (48 or 57 bits)."""
@@ -118,41 +140,45 @@ class AddressSpace:
             gva |= _MASK64 & ~((1 << self._va_bits) - 1)
         return gva
 
-    def _table(self, gpa: int) -> tuple[int, ...]:
-        table = self._tables.get(gpa)
-        if table is None:
-            try:
-                table = _TABLE.unpack(self.phys.read(gpa, PAGE))
-            except MemoryAccessError:
-                raise TranslationError(f"page table at guest-physical 0x{gpa:x} is outside RAM "
-                                       f"(cr3 0x{self.cr3:x}); the tables are corrupt or cr3 is wrong") from None
-            if len(self._tables) >= self.limits.cache_tables:
-                self._tables.clear()
-            self._tables[gpa] = table
-        return table
+    def _entry(self, gpa: int) -> int:
+        flat = self._flat
+        if flat is not None and gpa + 8 <= len(flat):
+            return _U64.unpack_from(flat, gpa)[0]
+        try:
+            return _U64.unpack(self.phys.read(gpa, 8))[0]
+        except MemoryAccessError:
+            raise TranslationError(f"page table at guest-physical 0x{gpa & ~0xFFF:x} is outside RAM "
+                                   f"(cr3 0x{self.cr3:x}); the tables are corrupt or cr3 is wrong") from None
+
+    def _table(self, gpa: int) -> np.ndarray:
+        try:
+            return np.frombuffer(self.phys.read(gpa, PAGE), dtype="<u8")
+        except MemoryAccessError:
+            raise TranslationError(f"page table at guest-physical 0x{gpa:x} is outside RAM") from None
 
     def _walk(self, gva: int) -> tuple[int, int]:
         """Return (gpa of the page containing gva, effective flags) or raise TranslationError."""
         gva &= _MASK64
-        if self.canonical(gva) != gva:
-            raise TranslationError(f"guest-virtual 0x{gva:x} is not canonical for {self.levels}-level paging")
         vpn = gva >> 12
         hit = self._translations.get(vpn)
         if hit is not None:
             return hit
+        if self.canonical(gva) != gva:
+            raise TranslationError(f"guest-virtual 0x{gva:x} is not canonical for {self.levels}-level paging")
         table, flags = self.cr3, RW | US
-        for lvl, reserved in zip(self._levels, self._reserved, strict=True):
-            entry = self._table(table)[(gva >> lvl.shift) & 511]
+        for lvl, shift, reserved, large, large_reserved in self._steps:
+            entry = self._entry(table + ((gva >> shift) & 511) * 8)
             if not entry & P:
                 raise TranslationError(f"guest-virtual 0x{gva:x} is not mapped ({lvl.name} entry not present, "
                                        f"cr3 0x{self.cr3:x})")
-            if entry & reserved or (lvl.large and entry & PS and entry & _large_reserved(lvl)):
+            leaf = shift == 12 or (large and entry & PS)
+            if entry & reserved or (leaf and entry & large_reserved):
                 raise TranslationError(f"guest-virtual 0x{gva:x}: {lvl.name} entry 0x{entry:x} has reserved "
                                        f"bits set (cr3 0x{self.cr3:x})")
             flags = (flags & entry & (RW | US)) | ((flags | entry) & NX)
-            if lvl is PT or (lvl.large and entry & PS):
-                frame = entry & ADDR_MASK & ~(lvl.page_size - 1)
-                result = (frame | (gva & (lvl.page_size - 1) & ~(PAGE - 1)), flags)
+            if leaf:
+                size = 1 << shift
+                result = ((entry & ADDR_MASK & ~(size - 1)) | (gva & (size - 1) & ~(PAGE - 1)), flags)
                 if len(self._translations) >= self.limits.cache_translations:
                     self._translations.clear()
                 self._translations[vpn] = result
@@ -196,56 +222,65 @@ class AddressSpace:
     # --- enumeration ---------------------------------------------------------------------------
 
     def iter_mappings(self, *, user_only: bool = False, exec_only: bool = False, start: int = 0,
-                      end: int | None = None) -> Iterator[Mapping]:
+                      end: int | None = None, budget: Budget | None = None) -> Iterator[Mapping]:
         """Yield present leaf pages with gva in [start, end) (canonical gvas, ascending); never raises.
 
         Entries with reserved bits or pointing outside RAM are skipped and counted in `anomalies`;
-        the walk stops (counted as "work-cap") after `limits.max_tables` tables or `max_leaves` leaves.
+        the walk stops (counted as "work-cap") after `limits.max_tables` tables or `max_leaves` leaves,
+        or when a `budget` shared by several walks (e.g. one scan of many address spaces) runs out.
         """
         end = _MASK64 + 1 if end is None else end
-        budget = [self.limits.max_tables, self.limits.max_leaves]
-        yield from self._iter_level(0, self.cr3, 0, RW | US, user_only, exec_only, start, end, budget)
+        budget = budget or Budget(self.limits.max_tables, self.limits.max_leaves)
+        yield from self._iter_level(0, self.cr3, 0, RW | US, user_only, exec_only, start, end, budget, ())
 
-    def _iter_level(self, depth: int, table_gpa: int, base: int, flags: int, user_only: bool,
-                    exec_only: bool, start: int, end: int, budget: list[int]) -> Iterator[Mapping]:
-        if budget[0] <= 0:
+    def _iter_level(self, depth: int, table_gpa: int, base: int, flags: int, user_only: bool, exec_only: bool,
+                    start: int, end: int, budget: Budget, path: tuple[int, ...]) -> Iterator[Mapping]:
+        if table_gpa in path:  # a table that points back to an ancestor: a cycle (or a recursive slot)
+            self.anomalies["table-cycle"] += 1
+            return
+        if budget.tables <= 0:
             self.anomalies["work-cap"] += 1
             return
-        budget[0] -= 1
-        lvl, reserved = self._levels[depth], self._reserved[depth]
+        budget.tables -= 1
+        _, shift, reserved, large, large_reserved = self._steps[depth]
         try:
             table = self._table(table_gpa)
         except TranslationError:
             self.anomalies["table-outside-ram"] += 1
             return
-        size = lvl.page_size
-        for idx, entry in enumerate(table):
-            if not entry & P:
-                continue
-            gva = self.canonical(base | (idx << lvl.shift))
+        # select in numpy: effective US is an AND and NX an OR over the walk, so an entry's own bits prune
+        sel = (table & _NP_P) != 0
+        if user_only:
+            sel &= (table & _NP_US) != 0
+        if exec_only:
+            sel &= (table & _NP_NX) == 0
+        size = 1 << shift
+        path += (table_gpa,)
+        for idx in np.flatnonzero(sel).tolist():
+            entry = int(table[idx])
+            gva = self.canonical(base | (idx << shift))
             if gva + size <= start or gva >= end:
                 continue
             eff = (flags & entry & (RW | US)) | ((flags | entry) & NX)
-            if (user_only and not eff & US) or (exec_only and eff & NX):
-                continue
-            if entry & reserved or (lvl.large and entry & PS and entry & _large_reserved(lvl)):
+            leaf = shift == 12 or (large and entry & PS)
+            if entry & reserved or (leaf and entry & large_reserved):
                 self.anomalies["reserved-bits"] += 1
                 continue
             target = entry & ADDR_MASK
-            if lvl is PT or (lvl.large and entry & PS):
+            if leaf:
                 target &= ~(size - 1)
                 if not _in_ram(self.phys, target):
                     self.anomalies["page-outside-ram"] += 1
                     continue
-                if budget[1] <= 0:
+                if budget.leaves <= 0:
                     self.anomalies["work-cap"] += 1
                     return
-                budget[1] -= 1
+                budget.leaves -= 1
                 yield Mapping(gva, target, size, bool(eff & RW), bool(eff & US), bool(eff & NX))
             else:
-                yield from self._iter_level(depth + 1, target, base | (idx << lvl.shift), eff, user_only,
-                                            exec_only, start, end, budget)
-                if budget[0] <= 0 or budget[1] <= 0:
+                yield from self._iter_level(depth + 1, target, base | (idx << shift), eff, user_only, exec_only,
+                                            start, end, budget, path)
+                if budget.exhausted:
                     return
 
 
