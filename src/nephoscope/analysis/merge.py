@@ -92,6 +92,11 @@ def _masquerading(comm: str, exe: str, cmdline: list[str]) -> bool:
     return not (names_fit and arg_fits)
 
 
+def _roots(data: dict[str, Any]) -> set[int]:
+    """Return the page-table roots an arch observation belongs to (kernel and, with PTI, user PGD)."""
+    return {int(data[k]) for k in ("cr3", "user_cr3") if data.get(k) is not None}
+
+
 def image_identity(data: dict[str, Any]) -> dict[str, Any]:
     """Return path, package and versions of an arch image observation (versions of its first package)."""
     pairs = [tuple(v) for v in data.get("versions", []) if isinstance(v, (list, tuple)) and len(v) == 2]
@@ -109,6 +114,7 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
     findings: list[Finding] = []
     agent_credible = "agent" in methods
     by_cr3: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    anon_exec: set[tuple[str, Any]] = set()
     pid_cr3: dict[int, int] = {}
 
     for o in sorted(observations, key=lambda o: TRUST_ORDER.get(o.provenance.method, 9)):
@@ -127,10 +133,25 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
                     setattr(view, key, o.data[key])
             if o.data.get("cr3") is not None:
                 pid_cr3[pid] = int(o.data["cr3"])
+        elif o.kind == "mapping" and "x" in str(o.data.get("perms", "")) and not o.data.get("path"):
+            key = (method, o.data.get("pid"))
+            if key not in anon_exec:
+                anon_exec.add(key)
+                findings.append(Finding("anonymous-exec", "high",
+                                        f"pid {o.data.get('pid')} has an anonymous executable mapping at "
+                                        f"{int(o.data.get('start', 0)):#x} ({o.data.get('perms')}), seen by {method}",
+                                        vm, [{"pid": o.data.get("pid"), "method": method, **o.data}]))
+        elif o.kind == "cross-view":
+            findings.append(Finding("hidden-process", "critical",
+                                    f"pid {o.data.get('pid')} ({o.data.get('comm')}) is "
+                                    + ("on the task list but not in the PID table" if o.data.get("in_task_list")
+                                       else "in the PID table but unlinked from the task list (DKOM)"),
+                                    vm, [{"pid": o.data.get("pid"), "method": method, **o.data}]))
         elif o.kind in ("binary", "modified-binary"):
             image = image_identity(o.data)
             image["status"] = "modified" if o.kind == "modified-binary" else "identified"
-            by_cr3[int(o.data.get("cr3", -1))].append(image)
+            for root in _roots(o.data):
+                by_cr3[root].append(image)
             key = f"{image['path']}|{image['package']}|{','.join(image['versions'])}|{image['status']}"
             bv = binaries.setdefault(key, BinaryView(image["path"], image["package"], image["versions"],
                                                      status=image["status"]))
@@ -141,8 +162,9 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
                                         "from every known version", vm, [o.to_dict()]))
         elif o.kind == "unknown-code":
             start, end = int(o.data.get("gva_start", 0)), int(o.data.get("gva_end", 0))
-            by_cr3[int(o.data.get("cr3", -1))].append({"path": "", "package": None, "versions": [],
-                                                       "status": "unknown", "gva_start": start, "gva_end": end})
+            for root in _roots(o.data):
+                by_cr3[root].append({"path": "", "package": None, "versions": [], "status": "unknown",
+                                     "gva_start": start, "gva_end": end})
             findings.append(Finding("unknown-code", "high", f"executable code in no known binary at "
                                     f"{start:#x}-{end:#x} (address space {o.key.split(':0x')[0]})", vm,
                                     [o.to_dict()]))

@@ -1,0 +1,78 @@
+"""The `inspect` method: read guest RAM from the host and walk the kernel's own structures.
+
+Zero configuration: the kernel is recognised and its symbols (kallsyms) and type layouts (BTF) are
+recovered from the guest's RAM. A process seen both on the task list and in the PID idr is `verified`
+(two independent kernel views agree); one seen in only one view is `reported` and becomes a finding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from nephoscope.core.errors import ConnectorError, DetectionError, GuestDataError, MemoryAccessError
+from nephoscope.core.records import Observation, Verdict
+from nephoscope.hypervisor.target import VmTarget
+from nephoscope.introspect.base import observe, unverifiable
+from nephoscope.os.linux.model import LinuxKernel
+from nephoscope.service.kernel import open_kernel, task_cr3
+
+NAME = "inspect"
+
+
+class InspectMethod:
+    """Walk tasks, mappings and modules of a live VM (no pause) or a dump."""
+
+    name = NAME
+
+    def __init__(self, mappings: bool = True) -> None:
+        self.mappings = mappings
+        self.last_stats: dict[str, float] = {}
+
+    def collect(self, vm: VmTarget) -> Iterator[Observation]:
+        """Yield the kernel, every process (with cr3), its executable mappings, modules and cross-view gaps."""
+        try:
+            with open_kernel(vm) as kernel:
+                yield from self._collect(kernel, vm)
+        except (DetectionError, GuestDataError, ConnectorError, MemoryAccessError) as exc:
+            yield unverifiable(NAME, vm, "kernel", f"the guest kernel could not be read: {exc}")
+
+    def _collect(self, k: LinuxKernel, vm: VmTarget) -> Iterator[Observation]:
+        yield observe(NAME, vm, "kernel", "kernel", {**k.info.to_dict(), "detection": k.report.to_dict()},
+                      Verdict.VERIFIED)
+        procs = k.processes()
+        hidden = k.hidden_processes()
+        one_view = {h.pid: h for h in hidden.items}
+        if not procs.complete:
+            yield unverifiable(NAME, vm, "processes", f"the task list walk stopped early: {procs.problem}")
+        if not hidden.complete:
+            yield unverifiable(NAME, vm, "pid-idr", f"the PID idr walk stopped early: {hidden.problem}")
+        for h in hidden.items:
+            yield observe(NAME, vm, "cross-view", f"pid:{h.pid}",
+                          {"pid": h.pid, "comm": h.comm, "in_task_list": h.in_task_list, "in_pid_idr": h.in_pid_idr},
+                          Verdict.VERIFIED)
+        for t in procs.items:
+            data: dict[str, Any] = {
+                "pid": t.pid, "tgid": t.tgid, "ppid": t.ppid, "comm": t.comm, "exe": t.exe or "",
+                "cmdline": t.cmdline or [], "uid": t.uid, "gid": t.gid, "euid": t.euid, "state": t.state,
+                "start_boottime_ns": t.start_boottime_ns, "kernel_thread": t.kernel_thread,
+                "cr3": task_cr3(k, t.mm_gva), "notes": list(t.notes)}
+            cross_checked = t.pid not in one_view and hidden.complete
+            yield observe(NAME, vm, "process", f"pid:{t.pid}", data,
+                          Verdict.VERIFIED if cross_checked else Verdict.REPORTED,
+                          "" if cross_checked else "seen on the task list only")
+            if self.mappings and not t.kernel_thread:
+                vmas = k.vmas(t)
+                for v in vmas.items:
+                    if "x" in v.perms:
+                        yield observe(NAME, vm, "mapping", f"pid:{t.pid}:{v.start:x}",
+                                      {"pid": t.pid, "start": v.start, "end": v.end, "perms": v.perms,
+                                       "offset": v.offset, "path": v.path}, Verdict.REPORTED)
+                if not vmas.complete:
+                    yield unverifiable(NAME, vm, f"maps:{t.pid}", f"mapping walk stopped: {vmas.problem}")
+        mods = k.modules()
+        for m in mods.items:
+            yield observe(NAME, vm, "module", f"module:{m.name}", {"name": m.name, "base": m.base, "size": m.size},
+                          Verdict.REPORTED)
+        if not mods.complete:
+            yield unverifiable(NAME, vm, "modules", f"module list walk stopped: {mods.problem}")

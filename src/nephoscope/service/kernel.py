@@ -1,0 +1,34 @@
+"""Open the Linux kernel model of a VM (live RAM file or dump) for the inspect faces and methods."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from nephoscope.core.errors import ConnectorError
+from nephoscope.hypervisor.target import VmTarget
+from nephoscope.memory.physical import open_memory
+from nephoscope.os.linux.model import LinuxKernel
+
+
+@contextlib.contextmanager
+def open_kernel(vm: VmTarget) -> Iterator[LinuxKernel]:
+    """Yield the kernel model of `vm` read from its RAM (the VM keeps running; nothing is paused)."""
+    if vm.ram_path is None:
+        raise ConnectorError(f"{vm.name}: no guest RAM to read (needs a shared RAM file or a dump)")
+    phys = open_memory(vm.ram_path)
+    try:
+        yield LinuxKernel.open(phys)
+    finally:
+        phys.close()
+
+
+def task_cr3(kernel: LinuxKernel, mm_gva: int) -> int | None:
+    """Return the gpa of a process's top-level page table (mm->pgd), or None for kernel threads."""
+    if not mm_gva:
+        return None
+    try:
+        pgd_gva = kernel.u64(mm_gva + kernel.off["mm_struct.pgd"])
+        return kernel.kernel.translate(pgd_gva)
+    except Exception:  # guest data: an unreadable mm gives no root, not a crash
+        return None

@@ -1,0 +1,215 @@
+"""The customer report use case: a typed report of one VM for its owner, from a scan or the store.
+
+It holds running vulnerable software with the versions that fix it, malicious or unknown code with its
+evidence, and what could not be verified. It carries nothing of other VMs and no host internals: fields
+are copied from a whitelist, and host-produced messages are scrubbed of host paths and page-table roots.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nephoscope.analysis.malware import regions_from, scan_regions
+from nephoscope.analysis.merge import ScanView, merge
+from nephoscope.analysis.vulnerable import RUNNING, Owner, installed_from, mapped_paths, vulnerable_findings
+from nephoscope.core.errors import NephoscopeError
+from nephoscope.core.records import Finding, Observation, Provenance, Verdict
+from nephoscope.knowledge.vulns import VulnDB
+
+CODE_KINDS = ("malicious-code", "unknown-code", "modified-binary", "hidden-process", "fileless", "deleted-binary",
+              "masquerading")
+DETAIL_KEYS = ("pid", "pids", "comm", "exe", "cmdline", "path", "package", "start", "end", "gva_start", "gva_end",
+               "gva", "rule",
+               "description", "technique", "sha256", "method", "verdict", "seen_by")
+_HOST_PATTERNS = [(re.compile(p), r) for p, r in (
+    (r"\bcr3:0x[0-9a-fA-F]+:?", ""), (r"\bcr3[=: ]*(0x)?[0-9a-fA-F]+", "<host>"), (r"/run/nephoscope\S*", "<host>"),
+    (r"/dev/shm/\S+", "<host>"), (r"\S+\.sock\b", "<host>"), (r"/root/\S+", "<host>"), (r"/home/\S+", "<host>"))]
+ADDRESS_KEYS = ("start", "end", "gva", "gva_start", "gva_end")
+SEVERITY_ORDER = {"critical": 0, "high": 1, "medium": 2, "low": 3}
+
+
+@dataclass(slots=True)
+class VulnItem:
+    """One vulnerable package: what runs it, which CVEs, and the version that fixes them all."""
+
+    package: str
+    versions: list[str]
+    running: bool
+    fixed_version: str | None
+    cves: list[dict[str, Any]]
+    processes: list[dict[str, Any]]
+    evidence: str  # methods and verdict, e.g. "arch (verified)"
+
+
+@dataclass(slots=True)
+class CodeItem:
+    """One piece of malicious, unknown or suspicious code, with customer-safe evidence."""
+
+    kind: str
+    severity: str
+    title: str
+    details: list[dict[str, Any]]
+
+
+@dataclass(slots=True)
+class Report:
+    """Everything the owner of one VM should know from one scan."""
+
+    vm: str
+    scan_id: int | None
+    scanned_at: float
+    methods: list[str]
+    vulnerable: list[VulnItem] = field(default_factory=list)
+    code: list[CodeItem] = field(default_factory=list)
+    unverified: list[dict[str, str]] = field(default_factory=list)
+    summary: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return asdict(self)
+
+
+def scrub(text: str, extra: tuple[str, ...] = ()) -> str:
+    """Return a host-produced message without host paths, socket names or page-table roots."""
+    for value in sorted((e for e in extra if e), key=len, reverse=True):
+        text = text.replace(value, "<host>")
+    for pattern, replacement in _HOST_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _grouped(items: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Return unverifiable items with the same method and reason folded into one line."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for u in items:
+        groups.setdefault((u["method"], u["reason"]), []).append(u["what"])
+    return [{"what": whats[0] if len(whats) == 1 else f"{whats[0]} and {len(whats) - 1} more like it",
+             "method": method, "reason": reason} for (method, reason), whats in groups.items()]
+
+
+def _details(evidence: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for ev in evidence:
+        data = ev.get("data", ev) if isinstance(ev.get("data"), dict) else ev
+        kept = {k: (f"{data[k]:#x}" if k in ADDRESS_KEYS and isinstance(data[k], int) else data[k])
+                for k in DETAIL_KEYS if k in data and k not in ("method", "verdict")}
+        if "provenance" in ev:
+            kept["method"], kept["verdict"] = ev["provenance"].get("method"), ev.get("verdict")
+        else:
+            kept.update({k: ev[k] for k in ("method", "verdict") if k in ev})
+        out.append(kept)
+    return out
+
+
+def _vuln_item(f: Finding) -> VulnItem:
+    ev = f.evidence[0]
+    return VulnItem(ev["package"], ev["versions"], f.kind == RUNNING, ev.get("fixed_version"), ev["cves"],
+                    [{"pid": p["pid"], "comm": p["comm"]} for p in ev.get("processes", [])],
+                    f"{', '.join(ev.get('methods', [])) or '?'} ({ev.get('verdict', '?')})")
+
+
+def build_report(vm: str, view: ScanView, observations: list[Observation], *, scan_id: int | None = None,
+                 scanned_at: float | None = None, vulns: VulnDB | None = None, ram_path: Path | None = None,
+                 host_strings: tuple[str, ...] = (), owner: Owner | None = None) -> Report:
+    """Build the report of one VM's scan: vulnerable software, suspicious code, what is unverified.
+
+    `owner` maps a guest path to its binary package (default: the code-page DB's files)."""
+    report = Report(vm, scan_id, scanned_at or time.time(), list(view.methods))
+    unverified = _grouped([{"what": scrub(u["what"], host_strings), "method": u["method"],
+                            "reason": scrub(u["reason"], host_strings)} for u in view.unverifiable])
+    findings = list(view.findings)
+    db = vulns or VulnDB.open()
+    index = db.index()
+    if not index.sources():
+        unverified.append({"what": "vulnerabilities", "method": "knowledge",
+                           "reason": "the vulnerability knowledge is empty; known CVEs were not checked"})
+    installed = installed_from(observations)
+    if not installed:
+        unverified.append({"what": "installed packages", "method": "agent",
+                           "reason": "no package list was obtained (the agent method did not run or failed)"})
+    findings += vulnerable_findings(view, installed, index, vm, sources=db.binaries(),
+                                    paths=mapped_paths(observations), owner=owner or _kb_owner(),
+                                    observations=observations)
+    regions = regions_from(observations)
+    if regions and ram_path is not None:
+        findings += _malware(vm, ram_path, regions, unverified)
+    elif regions:
+        unverified.append({"what": f"{len(regions)} unknown code region(s)", "method": "yara",
+                           "reason": "guest memory was not available to scan them for known-bad code"})
+    for f in sorted(findings, key=lambda f: SEVERITY_ORDER.get(f.severity, 9)):
+        if f.kind in (RUNNING, "installed-vulnerable"):
+            report.vulnerable.append(_vuln_item(f))
+        elif f.kind in CODE_KINDS:
+            report.code.append(CodeItem(f.kind, f.severity, f.title, _details(f.evidence)))
+    report.vulnerable.sort(key=lambda v: (not v.running, v.package))
+    if not any(m in view.methods for m in ("arch", "inspect", "checkpoint")):
+        unverified.append({"what": "running code", "method": "-", "reason": "only the guest's own account "
+                           "was available; processes and packages are as the guest reports them"})
+    report.unverified = unverified
+    report.summary = {"running_vulnerable": sum(v.running for v in report.vulnerable),
+                      "installed_vulnerable": sum(not v.running for v in report.vulnerable),
+                      "cves": len({c["cve"] for v in report.vulnerable for c in v.cves}),
+                      "suspicious_code": len(report.code), "unverified": len(unverified)}
+    return report
+
+
+def _kb_owner() -> Owner | None:
+    """Return a path -> binary package lookup from the code-page DB, or None when there is none."""
+    from nephoscope.knowledge.binaries import CodePageDB, default_path
+
+    if not default_path().exists():
+        return None
+    try:
+        db = CodePageDB.open()
+        owners = {}
+        for _id, path, package, _v in db.find_files():
+            owners[path] = package
+            if path.startswith(("/bin/", "/sbin/", "/lib/", "/lib64/")):  # merged /usr in the guest
+                owners["/usr" + path] = package
+        db.close()
+    except NephoscopeError:
+        return None
+    return owners.get
+
+
+def _malware(vm: str, ram_path: Path, regions: list, unverified: list[dict[str, str]]) -> list[Finding]:
+    from nephoscope.knowledge.yara_rules import RuleSet, load_hashes
+    from nephoscope.memory.physical import open_memory
+
+    try:
+        with open_memory(ram_path) as phys:
+            scan = scan_regions(phys, regions, RuleSet(), load_hashes(), vm)
+    except NephoscopeError as exc:
+        unverified.append({"what": "unknown code regions", "method": "yara",
+                           "reason": scrub(str(exc), (str(ram_path),))})
+        return []
+    unverified += [{"what": u["what"], "method": "yara", "reason": u["reason"]} for u in scan.unreadable]
+    return scan.findings
+
+
+def report_from_result(result: Any, vulns: VulnDB | None = None) -> Report:
+    """Build the report from a finished `ScanResult`."""
+    target = result.vm
+    host = tuple(str(p) for p in (target.ram_path, target.qmp_socket, target.qga_socket) if p)
+    return build_report(target.name, result.view, result.observations, scan_id=result.scan_id, vulns=vulns,
+                        ram_path=target.ram_path if target.ram_path and Path(target.ram_path).exists() else None,
+                        host_strings=host)
+
+
+def report_from_store(vm: str, store: Any, vulns: VulnDB | None = None, ram_path: Path | None = None,
+                      owner: Owner | None = None) -> Report:
+    """Build the report from the latest stored scan of `vm` (its observations only, merged afresh)."""
+    scans = store.scans(vm, limit=1)
+    if not scans:
+        raise NephoscopeError(f"no stored scan of {vm!r}; run `nephoscope scan {vm}` first")
+    rec = scans[0]
+    observations = [Observation(o["kind"], o["key"], o["data"], Provenance(o["method"], vm, o["time"]),
+                                Verdict(o["verdict"]), o["reason"]) for o in store.observations(rec.id)]
+    view = merge(observations, rec.methods, vm)
+    host = (str(ram_path),) if ram_path else ()
+    return build_report(vm, view, observations, scan_id=rec.id, scanned_at=rec.started, vulns=vulns,
+                        ram_path=ram_path, host_strings=host, owner=owner)

@@ -1,0 +1,100 @@
+"""Render a customer `Report` as Markdown or HTML; every guest string is escaped (guest text is hostile)."""
+
+from __future__ import annotations
+
+import datetime
+import html
+import json
+import re
+from typing import Any
+
+from nephoscope.core.text import escape_guest
+from nephoscope.service.report import Report
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~])")
+
+
+def md(value: Any) -> str:
+    """Return `value` as inert Markdown text: control chars, markup characters and HTML escaped."""
+    text = escape_guest("" if value is None else str(value), limit=1024)
+    return html.escape(_MD_SPECIAL.sub(r"\\\1", text), quote=False).replace("\n", " ")
+
+
+def h(value: Any) -> str:
+    """Return `value` as inert HTML text."""
+    return html.escape(escape_guest("" if value is None else str(value), limit=1024), quote=True)
+
+
+def _when(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds")
+
+
+def _procs(procs: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{p['pid']} ({p['comm']})" for p in procs) or "-"
+
+
+def _cves(cves: list[dict[str, Any]]) -> str:
+    return ", ".join(c["cve"] for c in cves)
+
+
+def render_json(report: Report) -> str:
+    """Return the report as JSON."""
+    return json.dumps(report.to_dict(), indent=1, default=str)
+
+
+def render_markdown(report: Report) -> str:
+    """Return the report as Markdown for the VM's owner."""
+    s = report.summary
+    lines = [f"# Security report for {md(report.vm)}", "",
+             f"Scanned {_when(report.scanned_at)} with methods: {md(', '.join(report.methods))}.", "",
+             f"**{s.get('running_vulnerable', 0)}** vulnerable package(s) running, "
+             f"**{s.get('installed_vulnerable', 0)}** installed but not seen running, "
+             f"**{s.get('cves', 0)}** distinct CVEs; **{s.get('suspicious_code', 0)}** suspicious code finding(s).",
+             "", "## Vulnerable software", ""]
+    if report.vulnerable:
+        lines += ["| state | package | version | update to | processes | CVEs | evidence |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {'RUNNING' if v.running else 'installed'} | {md(v.package)} | {md(' or '.join(v.versions))} | "
+                  f"{md(v.fixed_version or 'no fix yet')} | {md(_procs(v.processes))} | {md(_cves(v.cves))} | "
+                  f"{md(v.evidence)} |" for v in report.vulnerable]
+    else:
+        lines.append("No known vulnerable package versions found.")
+    lines += ["", "## Malicious, unknown or suspicious code", ""]
+    for c in report.code:
+        lines.append(f"- **{md(c.severity)}** {md(c.kind)}: {md(c.title)}")
+        lines += [f"  - {md(', '.join(f'{k}={v}' for k, v in d.items()))}" for d in c.details]
+    if not report.code:
+        lines.append("Nothing suspicious found by the methods that ran.")
+    lines += ["", "## What could not be verified", ""]
+    lines += [f"- {md(u['what'])} ({md(u['method'])}): {md(u['reason'])}" for u in report.unverified] or ["- nothing"]
+    return "\n".join(lines) + "\n"
+
+
+def render_html(report: Report) -> str:
+    """Return the report as a standalone HTML page for the VM's owner."""
+    rows = "".join(
+        f"<tr><td>{'RUNNING' if v.running else 'installed'}</td><td>{h(v.package)}</td>"
+        f"<td>{h(' or '.join(v.versions))}</td><td>{h(v.fixed_version or 'no fix yet')}</td>"
+        f"<td>{h(_procs(v.processes))}</td><td>{h(_cves(v.cves))}</td><td>{h(v.evidence)}</td></tr>"
+        for v in report.vulnerable)
+    code = "".join(
+        f"<li><b>{h(c.severity)}</b> {h(c.kind)}: {h(c.title)}<ul>"
+        + "".join(f"<li>{h(', '.join(f'{k}={v}' for k, v in d.items()))}</li>" for d in c.details)
+        + "</ul></li>" for c in report.code) or "<li>Nothing suspicious found by the methods that ran.</li>"
+    unverified = "".join(f"<li>{h(u['what'])} ({h(u['method'])}): {h(u['reason'])}</li>"
+                         for u in report.unverified) or "<li>nothing</li>"
+    s = report.summary
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Security report for {h(report.vm)}</title>"
+            "</head><body>"
+            f"<h1>Security report for {h(report.vm)}</h1>"
+            f"<p>Scanned {h(_when(report.scanned_at))} with methods: {h(', '.join(report.methods))}. "
+            f"{s.get('running_vulnerable', 0)} vulnerable package(s) running, {s.get('installed_vulnerable', 0)} "
+            f"installed only, {s.get('cves', 0)} distinct CVEs, {s.get('suspicious_code', 0)} suspicious code "
+            "finding(s).</p><h2>Vulnerable software</h2>"
+            "<table border='1'><tr><th>state</th><th>package</th><th>version</th><th>update to</th>"
+            f"<th>processes</th><th>CVEs</th><th>evidence</th></tr>{rows}</table>"
+            f"<h2>Malicious, unknown or suspicious code</h2><ul>{code}</ul>"
+            f"<h2>What could not be verified</h2><ul>{unverified}</ul></body></html>\n")
+
+
+RENDERERS = {"md": render_markdown, "html": render_html, "json": render_json}
