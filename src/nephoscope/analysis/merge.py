@@ -114,7 +114,6 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
     findings: list[Finding] = []
     agent_credible = "agent" in methods
     by_cr3: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    anon_exec: set[tuple[str, Any]] = set()
     pid_cr3: dict[int, int] = {}
 
     for o in sorted(observations, key=lambda o: TRUST_ORDER.get(o.provenance.method, 9)):
@@ -134,13 +133,10 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
             if o.data.get("cr3") is not None:
                 pid_cr3[pid] = int(o.data["cr3"])
         elif o.kind == "mapping" and "x" in str(o.data.get("perms", "")) and not o.data.get("path"):
-            key = (method, o.data.get("pid"))
-            if key not in anon_exec:
-                anon_exec.add(key)
-                findings.append(Finding("anonymous-exec", "high",
-                                        f"pid {o.data.get('pid')} has an anonymous executable mapping at "
-                                        f"{int(o.data.get('start', 0)):#x} ({o.data.get('perms')}), seen by {method}",
-                                        vm, [{"pid": o.data.get("pid"), "method": method, **o.data}]))
+            findings.append(Finding("anonymous-exec", "high",
+                                    f"pid {o.data.get('pid')} has an anonymous executable mapping at "
+                                    f"{int(o.data.get('start', 0)):#x} ({o.data.get('perms')})",
+                                    vm, [{"pid": o.data.get("pid"), "method": method, **o.data}]))
         elif o.kind == "cross-view":
             findings.append(Finding("hidden-process", "critical",
                                     f"pid {o.data.get('pid')} ({o.data.get('comm')}) is "
@@ -166,7 +162,7 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
                 by_cr3[root].append({"path": "", "package": None, "versions": [], "status": "unknown",
                                      "gva_start": start, "gva_end": end})
             findings.append(Finding("unknown-code", "high", f"executable code in no known binary at "
-                                    f"{start:#x}-{end:#x} (address space {o.key.split(':0x')[0]})", vm,
+                                    f"{start:#x}-{end:#x} (address space {int(o.data.get('cr3', -1)):#x})", vm,
                                     [o.to_dict()]))
 
     for pid, cr3 in pid_cr3.items():
@@ -198,4 +194,16 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
                                     f"pid {view.pid} calls itself {view.comm!r} but executes {view.exe}", vm,
                                     [{"pid": view.pid, "comm": view.comm, "cmdline": view.cmdline,
                                       "exe": view.exe}]))
-    return ScanView(processes, binaries, findings, unverifiable, methods)
+    return ScanView(processes, binaries, dedupe(findings), unverifiable, methods)
+
+
+def dedupe(findings: list[Finding]) -> list[Finding]:
+    """Merge findings several methods made about the same thing into one, keeping all evidence."""
+    merged: dict[tuple[str, str], Finding] = {}
+    for f in findings:
+        key = (f.kind, f.title)
+        if key in merged:
+            merged[key].evidence.extend(f.evidence)
+        else:
+            merged[key] = Finding(f.kind, f.severity, f.title, f.vm, list(f.evidence))
+    return list(merged.values())

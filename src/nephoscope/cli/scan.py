@@ -33,8 +33,12 @@ def render_scan(result: ScanResult) -> None:
     ranked = sorted(result.view.findings, key=lambda f: severity.get(f.severity, 9))
     table("findings", ["severity", "kind", "what"], [[f.severity, f.kind, f.title] for f in ranked])
     if result.view.unverifiable:
+        groups: dict[tuple[str, str], list[str]] = {}
+        for u in result.view.unverifiable:
+            groups.setdefault((u["method"], u["reason"]), []).append(u["what"])
         table("unverifiable (could not be obtained)", ["method", "what", "why"],
-              [[u["method"], u["what"], u["reason"]] for u in result.view.unverifiable])
+              [[m, whats[0] + (f" (+{len(whats) - 1} more)" if len(whats) > 1 else ""), why]
+               for (m, why), whats in groups.items()])
     console.print("timings: " + ", ".join(f"{m} {t['wall_s']:.2f}s" for m, t in result.timings.items())
                   + (f"; stored as scan {result.scan_id}" if result.scan_id else ""))
 
