@@ -234,6 +234,7 @@ def write_isf(isf: Mapping[str, Any], path: str | Path) -> Path:
     data = json.dumps(isf, separators=(",", ":"), sort_keys=True).encode()
     if path.suffix == ".xz":
         data = lzma.compress(data, preset=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
 
