@@ -120,7 +120,7 @@ def score_techniques(result: ScanResult, manifest: dict[str, Any]) -> dict[str, 
     unknown = _pids_with_status(result, "unknown")
     modified = _pids_with_status(result, "modified") | _finding_pids(result, "modified-binary")
     rules: dict[str, Callable[[set[int]], bool]] = {
-        "masquerade": lambda f: bool(f & (_finding_pids(result, "masquerading") | identified_as(result, "python3"))),
+        "masquerade": lambda f: bool(f & (_finding_pids(result, "masquerading") | true_binary_seen)),
         "deleted-binary": lambda f: bool(f & _finding_pids(result, "deleted-binary")),
         "fileless-memfd": lambda f: bool(f & _finding_pids(result, "fileless")),
         "code-injection": lambda f: bool(f & (unknown | _finding_pids(result, "anonymous-exec"))),
@@ -130,6 +130,8 @@ def score_techniques(result: ScanResult, manifest: dict[str, Any]) -> dict[str, 
     }
     out = {}
     nothing_seen = not procs
+    masq = next((t for t in manifest.get("techniques", []) if t["id"] == "masquerade"), None)
+    true_binary_seen = identified_as(result, _basename(masq["binary"])) if masq else set()
     for tech in manifest.get("techniques", []):
         rule = rules.get(tech["id"])
         if rule is None:
@@ -141,11 +143,11 @@ def score_techniques(result: ScanResult, manifest: dict[str, Any]) -> dict[str, 
     return out
 
 
-def identified_as(result: ScanResult, name_prefix: str) -> set[int]:
-    """Return pids whose identified main code is a binary whose name starts with `name_prefix`."""
+def identified_as(result: ScanResult, binary_name: str) -> set[int]:
+    """Return pids whose executing code the method identified as the binary named `binary_name`."""
     return {pid for pid, v in result.view.processes.items()
-            if v.comm and not v.comm.startswith(name_prefix)
-            and any(_basename(b.get("path", "")).startswith(name_prefix) for b in v.binaries)}
+            if any(_basename(b.get("path", "")) == binary_name and b.get("status") == "identified"
+                   for b in v.binaries)}
 
 
 def guest_cpu_loop(agent: GuestAgent, n: int = BENCH_LOOP) -> tuple[float, float]:
@@ -198,38 +200,44 @@ def evaluate(methods: list[str], profiles: tuple[str, ...] = ("clean", "tampered
              keep: bool = False, progress: Progress = lambda _m: None) -> list[MethodScore]:
     """Run every method on every profile's lab guest and return the measured scores."""
     scores: list[MethodScore] = []
-    store = Store()
     for profile in profiles:
         guest, owned = _guest(profile, keep, progress)
         try:
-            manifest = guest.manifest()
-            truth = truth_processes(manifest)
-            baseline = (0.0, 0.0)
-            if slowdown:
-                with GuestAgent(guest.qga_socket, timeout=60) as agent:
-                    runs = [guest_cpu_loop(agent) for _ in range(2)]
-                baseline = (min(r[0] for r in runs), min(r[1] for r in runs))
-            pid_cr3 = _pid_cr3(guest.name, methods, progress)
-            for method in methods:
-                progress(f"{profile}: {method}")
-                result = run_scan(resolve_target(guest.name), [method], store=store)
-                _link_cr3(result, pid_cr3)
-                seen, identified = score_power(result, truth)
-                t = result.timings.get(method, {})
-                score = MethodScore(method, profile, len(truth), seen, identified,
-                                    score_techniques(result, manifest), t.get("wall_s", 0.0), t.get("cpu_s", 0.0),
-                                    float(t.get("pause_s", 0.0)),
-                                    findings=sorted({f.kind for f in result.view.findings}),
-                                    unverifiable=[f"{u['what']}: {u['reason'][:120]}"
-                                                  for u in result.view.unverifiable])
-                if slowdown and baseline[0] > 0:
-                    progress(f"{profile}: {method} slowdown")
-                    score.guest_slowdown, score.wall_slowdown = (
-                        round(x, 3) for x in measure_slowdown(guest.name, method, baseline))
-                scores.append(score)
+            scores += score_guest(guest, methods, slowdown=slowdown, progress=progress)
         finally:
             if owned:
                 runner.stop(guest.name, quiet=True)
+    return scores
+
+
+def score_guest(guest: runner.Guest, methods: list[str], *, slowdown: bool = False, store: Store | None = None,
+                progress: Progress = lambda _m: None) -> list[MethodScore]:
+    """Run each method alone on a running lab guest and score it against the guest's manifest."""
+    manifest = guest.manifest()
+    truth = truth_processes(manifest)
+    baseline = (0.0, 0.0)
+    if slowdown:
+        with GuestAgent(guest.qga_socket, timeout=60) as agent:
+            runs = [guest_cpu_loop(agent) for _ in range(2)]
+        baseline = (min(r[0] for r in runs), min(r[1] for r in runs))
+    pid_cr3 = _pid_cr3(guest.name, methods, progress)
+    scores = []
+    for method in methods:
+        progress(f"{guest.profile}: {method}")
+        result = run_scan(resolve_target(guest.name), [method], store=store or Store())
+        _link_cr3(result, pid_cr3)
+        seen, identified = score_power(result, truth)
+        t = result.timings.get(method, {})
+        score = MethodScore(method, guest.profile, len(truth), seen, identified,
+                            score_techniques(result, manifest), t.get("wall_s", 0.0), t.get("cpu_s", 0.0),
+                            float(t.get("pause_s", 0.0)),
+                            findings=sorted({f.kind for f in result.view.findings}),
+                            unverifiable=[f"{u['what']}: {u['reason'][:120]}" for u in result.view.unverifiable])
+        if slowdown and baseline[0] > 0:
+            progress(f"{guest.profile}: {method} slowdown")
+            score.guest_slowdown, score.wall_slowdown = (
+                round(x, 3) for x in measure_slowdown(guest.name, method, baseline))
+        scores.append(score)
     return scores
 
 
