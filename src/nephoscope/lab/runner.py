@@ -147,10 +147,25 @@ def list_guests() -> list[Guest]:
     return [g for d in sorted(root.iterdir()) if (g := load_guest(d.name)) is not None]
 
 
-def _cleanup(name: str) -> None:
+def _cleanup(name: str, only_unused_ram: bool = False) -> None:
     shutil.rmtree(run_root() / name, ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):
-        (Path("/dev/shm") / f"nephoscope-{name}.ram").unlink()
+    ram = Path("/dev/shm") / f"nephoscope-{name}.ram"
+    if not (only_unused_ram and _in_use(ram)):
+        ram.unlink(missing_ok=True)
+
+
+def _in_use(path: Path) -> bool:
+    """Return whether any process has `path` open or mapped (checked through /proc)."""
+    target = str(path)
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if any(target in line for line in (proc / "maps").read_text(errors="replace").splitlines()):
+                return True
+            if any(os.readlink(fd).startswith(target) for fd in (proc / "fd").iterdir()):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def cleanup_stale() -> list[str]:
@@ -164,11 +179,13 @@ def cleanup_stale() -> list[str]:
                 # a directory without state may be a start in progress; leave young ones alone
                 if guest is None and time.time() - d.stat().st_mtime < 300:
                     continue
-                _cleanup(d.name)
+                _cleanup(d.name, only_unused_ram=True)
                 stale.append(d.name)
     for ram in Path("/dev/shm").glob("nephoscope-*.ram"):
         name = ram.name.removeprefix("nephoscope-").removesuffix(".ram")
-        if not (root / name).exists():
+        # a RAM file is stale only when no process uses it: another NEPHOSCOPE_RUN, a checkpoint copy in
+        # progress or a QEMU started by hand may own it
+        if not (root / name).exists() and not _in_use(ram):
             ram.unlink(missing_ok=True)
             stale.append(name)
     return sorted(set(stale))
