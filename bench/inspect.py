@@ -14,7 +14,6 @@ if sys.path and sys.path[0].endswith("bench"):
     del sys.path[0]
 
 import json
-import os
 import statistics
 import subprocess
 import tempfile
@@ -23,8 +22,6 @@ from pathlib import Path
 
 from nephoscope.hypervisor.qmp import Qmp
 from nephoscope.lab import runner
-from nephoscope.lab.build import build_image
-from nephoscope.lab.profile import load_profile
 from nephoscope.memory.physical import open_memory
 from nephoscope.os.linux.isf import export_isf
 from nephoscope.os.linux.model import LinuxKernel
@@ -50,14 +47,8 @@ def _vol_pslist(dump: Path, symbols: Path, cache: Path) -> float:
 
 
 def main() -> int:
-    name = sys.argv[1] if len(sys.argv) > 1 else None
-    owned = False
-    if name is None:
-        name = f"bench-inspect-{os.getpid()}"
-        runner.start(name, build_image(load_profile("clean")))
-        owned = True
-    guest = runner.get_guest(name)
-    try:
+    with runner.guest_for(sys.argv[1] if len(sys.argv) > 1 else None) as guest:
+        name = guest.name
         colds = []
         for _ in range(3):
             seconds, kernel = _cold(guest.ram_path)
@@ -88,9 +79,6 @@ def main() -> int:
         else:
             result["volatility"] = "not installed (pip install volatility3) - no baseline"
         print(json.dumps(result, indent=1))
-    finally:
-        if owned:
-            runner.stop(name, quiet=True)
     return 0
 
 

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 from nephoscope.hypervisor.qga import GuestAgent
 from nephoscope.lab import runner
-from nephoscope.lab.build import build_image
-from nephoscope.lab.profile import load_profile
 from nephoscope.service.evaluate import guest_cpu_loop, measure_slowdown
 from nephoscope.service.methods import default_methods, get_method
 from nephoscope.service.targets import resolve_target
@@ -25,12 +22,8 @@ def main() -> int:
     parser.add_argument("guest", nargs="?")
     parser.add_argument("--methods", default=",".join(default_methods()))
     args = parser.parse_args()
-    name, owned = args.guest, False
-    if name is None:
-        name, owned = f"bench-methods-{os.getpid()}", True
-        runner.start(name, build_image(load_profile("clean")))
-    try:
-        guest = runner.get_guest(name)
+    with runner.guest_for(args.guest) as guest:
+        name = guest.name
         with GuestAgent(guest.qga_socket, timeout=120) as agent:
             runs = [guest_cpu_loop(agent) for _ in range(3)]
         baseline = (min(r[0] for r in runs), min(r[1] for r in runs))
@@ -47,9 +40,6 @@ def main() -> int:
                                     "guest_loop_slowdown": round(guest_ratio, 3),
                                     "guest_wall_slowdown": round(wall_ratio, 3)}
         print(json.dumps(results, indent=1))
-    finally:
-        if owned:
-            runner.stop(name, quiet=True)
     return 0
 
 

@@ -12,7 +12,7 @@ from nephoscope.cli.render import emit_json, err_console, fail, progress, table
 from nephoscope.core.errors import KnowledgeError, NephoscopeError
 from nephoscope.knowledge.binaries import CodePageDB
 from nephoscope.knowledge.elfpages import exec_pages
-from nephoscope.knowledge.ingest import IngestReport, ingest_apt, ingest_path, lab_package_specs
+from nephoscope.knowledge.ingest import IngestReport, ingest_path, ingest_specs, lab_package_specs
 
 app = typer.Typer(help="The code-page knowledge base: executable pages of known binaries.", no_args_is_help=True)
 KB_OPTION = typer.Option(None, "--kb", help="KB path (default: NEPHOSCOPE_KB or ~/.cache/nephoscope/kb.sqlite)")
@@ -46,11 +46,7 @@ def add(
         with progress("kb add", quiet=json_out) as log:
             for path in paths or []:
                 report.merge(ingest_path(db, path, log))
-            for spec in apt_specs:
-                try:
-                    report.merge(ingest_apt(db, spec, log))
-                except NephoscopeError as exc:
-                    report.errors.append((spec, str(exc)))
+            report.merge(ingest_specs(db, list(apt_specs), log))
     except NephoscopeError as exc:
         fail(exc)
     _report(report, time.monotonic() - started, json_out)
@@ -67,13 +63,7 @@ def add_lab(
     try:
         db = CodePageDB.open(kb)
         with progress("kb add-lab", quiet=json_out) as log:
-            specs = lab_package_specs(profile, log)
-            for i, spec in enumerate(specs, 1):
-                log(f"[{i}/{len(specs)}] {spec}")
-                try:
-                    report.merge(ingest_apt(db, spec, log))
-                except NephoscopeError as exc:
-                    report.errors.append((spec, str(exc)))
+            report.merge(ingest_specs(db, lab_package_specs(profile, log), log))
     except NephoscopeError as exc:
         fail(exc)
     _report(report, time.monotonic() - started, json_out)

@@ -98,6 +98,24 @@ def parse_stop(text: str) -> StopReply:
     raise ConnectorError(f"expected a stop reply from the gdbstub, got {text[:60]!r}")
 
 
+_BUSY_STATES = {"01", "03", "08"}  # ESTABLISHED, SYN_RECV, CLOSE_WAIT: a client is attached or queued
+
+
+def clients_of(port: int) -> int:
+    """Return how many TCP connections to local `port` are open or queued (Linux /proc/net/tcp*)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]  # noqa: SIM115 - a tiny procfs read
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[1].rsplit(":", 1)[-1] == f"{port:04X}" and fields[3] in _BUSY_STATES:
+                count += 1
+    return count
+
+
 class GdbStub:
     """One connection to a gdbstub; connecting pauses the VM (QEMU), `detach` resumes it."""
 
@@ -109,6 +127,11 @@ class GdbStub:
         self.packets = 0
         self._buf = b""
         self._layout: dict[str, tuple[int, int]] | None = None
+        if host in ("127.0.0.1", "localhost", "::1") and clients_of(port):
+            # a queued connection is fatal: when QEMU later accepts it, it pauses the VM, and if we are
+            # gone by then nobody resumes it. So never queue behind another debugger.
+            raise ConnectorError(f"another debugger is attached to the gdbstub at {self.where} (or its connection "
+                                 "is still closing); QEMU serves one at a time — try again when it has left")
         try:
             self._sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:

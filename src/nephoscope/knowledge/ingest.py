@@ -258,6 +258,18 @@ def extract_vdso(image: bytes) -> bytes:
     raise GuestDataError("no ELF with soname linux-vdso.so.1 found in the kernel image")
 
 
+def ingest_specs(db: CodePageDB, specs: list[str], progress: Progress = lambda _m: None) -> IngestReport:
+    """Ingest NAME=VERSION specs through apt; a spec that fails is recorded and the batch goes on."""
+    report = IngestReport()
+    for i, spec in enumerate(specs, 1):
+        progress(f"[{i}/{len(specs)}] {spec}")
+        try:
+            report.merge(ingest_apt(db, spec, progress))
+        except NephoscopeError as exc:
+            report.errors.append((spec, str(exc)))
+    return report
+
+
 def lab_package_specs(profile_name: str, progress: Progress = lambda _m: None) -> list[str]:
     """Return NAME=VERSION for every package of a lab profile in its chosen, newest and oldest versions."""
     from nephoscope.lab import apt

@@ -11,7 +11,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -280,6 +280,23 @@ def _wait_ready(guest: Guest, proc: subprocess.Popen, timeout: float, progress: 
             raise LabError("guest kernel panicked: " + text[text.index("Kernel panic"):][:400])
         time.sleep(0.1)
     raise LabError(f"guest {guest.name} was not ready after {timeout:.0f}s; see {guest.serial_log}")
+
+
+@contextlib.contextmanager
+def guest_for(name: str | None, profile: str = "clean", **options: object) -> Iterator[Guest]:
+    """Yield running guest `name`, or boot a throw-away one of `profile` and always stop it afterwards."""
+    if name is not None:
+        yield get_guest(name)
+        return
+    from nephoscope.lab.build import build_image
+    from nephoscope.lab.profile import load_profile
+
+    name = f"tmp-{profile}-{os.getpid()}"
+    guest = start(name, build_image(load_profile(profile)), **options)  # type: ignore[arg-type]
+    try:
+        yield guest
+    finally:
+        stop(name, quiet=True)
 
 
 def stop(name: str, quiet: bool = False) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from nephoscope.core.errors import NephoscopeError
 from nephoscope.lab import runner
 from nephoscope.lab.build import build_image
 from nephoscope.lab.profile import load_profile
@@ -21,7 +20,7 @@ def ensure_knowledge(profile: str, progress: Progress) -> list[str]:
     problems: list[str] = []
     try:
         from nephoscope.knowledge.binaries import CodePageDB
-        from nephoscope.knowledge.ingest import ingest_apt, lab_package_specs
+        from nephoscope.knowledge.ingest import ingest_specs, lab_package_specs
     except ImportError:
         return ["code-page knowledge base not available in this build"]
     db = CodePageDB.open()
@@ -29,12 +28,8 @@ def ensure_knowledge(profile: str, progress: Progress) -> list[str]:
         specs = lab_package_specs(profile, progress)
         has = getattr(db, "has_package", None)
         todo = [s for s in specs if not (has and has(*s.split("=", 1)))]
-        for i, spec in enumerate(todo, 1):
-            progress(f"knowledge base: ingesting {spec} ({i}/{len(todo)})")
-            try:
-                ingest_apt(db, spec, progress)
-            except NephoscopeError as exc:
-                problems.append(f"{spec}: {exc}")
+        report = ingest_specs(db, todo, lambda m: progress(f"knowledge base: {m}"))
+        problems += [f"{spec}: {error}" for spec, error in report.errors]
     finally:
         db.close()
     return problems
