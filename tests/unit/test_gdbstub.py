@@ -15,6 +15,7 @@ from nephoscope.hypervisor.gdbstub import (
     GdbStub,
     Guard,
     checksum,
+    clients_of,
     decode_body,
     escape,
     frame,
@@ -56,7 +57,8 @@ class FakeStub(threading.Thread):
                 return
             self.connections += 1
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as QEMU: no Nagle delay on replies
-            self.serve(conn)
+            with conn:  # closed when the client leaves, as QEMU does
+                self.serve(conn)
 
     def serve(self, conn: socket.socket) -> None:
         if self.corrupt_first:
@@ -230,6 +232,24 @@ def test_refused_connection_says_what_to_check() -> None:
         port = s.getsockname()[1]
     with pytest.raises(ConnectorError, match="gdbstub"):
         GdbStub("127.0.0.1", port, timeout=0.5)
+
+
+def test_never_queues_behind_another_debugger() -> None:
+    fake = FakeStub()
+    try:
+        first = GdbStub("127.0.0.1", fake.port, timeout=2)
+        assert clients_of(fake.port) >= 1
+        t0 = time.monotonic()
+        with pytest.raises(ConnectorError, match="another debugger"):
+            GdbStub("127.0.0.1", fake.port, timeout=2)  # QEMU would pause the VM when it accepted this later
+        assert time.monotonic() - t0 < 3 and fake.connections == 1
+        first.detach()
+        first.close()
+        second = GdbStub("127.0.0.1", fake.port, timeout=2)  # the first one's socket is gone: fine now
+        second.detach()
+        second.close()
+    finally:
+        fake.close()
 
 
 def test_memory_read_bounds() -> None:

@@ -25,5 +25,10 @@ def demo(
         emit_json(result.to_dict())
         return
     render_scan(result)
+    from nephoscope.service.report import report_from_result
+    from nephoscope.service.report_render import render_markdown
+
+    console.rule("customer report")
+    console.print(render_markdown(report_from_result(result)), markup=False, highlight=False)
     console.print(f"The guest keeps running: `nephoscope lab console {name}`, `nephoscope scan {name}`, "
                   f"`nephoscope lab down {name}`.")

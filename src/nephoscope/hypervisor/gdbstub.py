@@ -116,6 +116,14 @@ def clients_of(port: int) -> int:
     return count
 
 
+def _wait_idle(port: int, seconds: float) -> int:
+    """Return the number of clients of `port` still there after waiting up to `seconds` (0: idle)."""
+    deadline = time.monotonic() + seconds
+    while (busy := clients_of(port)) and time.monotonic() < deadline:
+        time.sleep(0.05)  # a client that just left is closed by QEMU within milliseconds
+    return busy
+
+
 class GdbStub:
     """One connection to a gdbstub; connecting pauses the VM (QEMU), `detach` resumes it."""
 
@@ -127,7 +135,7 @@ class GdbStub:
         self.packets = 0
         self._buf = b""
         self._layout: dict[str, tuple[int, int]] | None = None
-        if host in ("127.0.0.1", "localhost", "::1") and clients_of(port):
+        if host in ("127.0.0.1", "localhost", "::1") and _wait_idle(port, 1.0):
             # a queued connection is fatal: when QEMU later accepts it, it pauses the VM, and if we are
             # gone by then nobody resumes it. So never queue behind another debugger.
             raise ConnectorError(f"another debugger is attached to the gdbstub at {self.where} (or its connection "

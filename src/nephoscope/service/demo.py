@@ -35,9 +35,24 @@ def ensure_knowledge(profile: str, progress: Progress) -> list[str]:
     return problems
 
 
+def ensure_vulns(profile: str, progress: Progress) -> list[str]:
+    """Harvest CVE knowledge from the lab packages' newest changelogs when the DB is empty; return problems."""
+    from nephoscope.knowledge.feeds import harvest
+    from nephoscope.knowledge.vulns import VulnDB
+    from nephoscope.lab.build import resolve_packages
+
+    db = VulnDB.open()
+    if db.stats().records:
+        return []
+    progress("vulnerability knowledge: reading the newest Debian changelogs")
+    report = harvest(sorted(resolve_packages(load_profile(profile), progress)), progress)
+    db.replace("changelog", report.records, report.binaries)
+    return [f"{where}: {why}" for where, why in report.errors]
+
+
 def run_demo(name: str = "demo", profile: str = "tampered", progress: Progress = lambda _m: None) -> ScanResult:
     """Boot (or reuse) lab guest `name`, prepare knowledge, run every available method, store the scan."""
-    problems = ensure_knowledge(profile, progress)
+    problems = ensure_knowledge(profile, progress) + ensure_vulns(profile, progress)
     for p in problems:
         progress(f"warning: {p}")
     guest = runner.load_guest(name)
