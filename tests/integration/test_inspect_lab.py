@@ -71,7 +71,7 @@ def test_detect_and_every_symbol_match_proc_kallsyms(guest: runner.Guest) -> Non
     if not guest.kaslr:
         assert info.text_gva == LINK_TEXT_GVA and info.text_gpa == LINK_TEXT_GPA and info.phys_base == 0
     assert info.levels == 4  # qemu64 has no LA57
-    assert elapsed < 5.0, f"cold detect + kallsyms + BTF took {elapsed:.2f}s\n{det.report.summary()}"
+    assert elapsed < 60, f"detection must end in bounded time; took {elapsed:.2f}s (speed: bench/inspect.py)"
     phys.close()
 
 

@@ -229,13 +229,10 @@ def test_bad_references_raise() -> None:
 
 
 @pytest.mark.skipif(not HOST_BTF.exists(), reason="this host has no /sys/kernel/btf/vmlinux")
-def test_host_vmlinux_btf_parses_fast() -> None:
+def test_host_vmlinux_btf_parses() -> None:
     blob = HOST_BTF.read_bytes()
-    start = time.perf_counter()
     btf = Btf.parse(blob, label="host")
-    task = btf.get_struct("task_struct")  # builds the name index
-    elapsed = time.perf_counter() - start
-    assert elapsed < 1.0, f"parsing {len(blob)} bytes of BTF took {elapsed:.2f}s"
+    task = btf.get_struct("task_struct")  # builds the name index (its speed is measured in bench/, not here)
     layout = member_offsets(btf, {"task_struct": ["pid", "tgid", "comm", "tasks", "mm", "real_parent"],
                                   "mm_struct": ["pgd", "mmap_base"], "module": ["list", "name"]})
     assert layout["task_struct"]["comm"].offset < task.size

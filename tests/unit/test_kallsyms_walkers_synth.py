@@ -55,7 +55,7 @@ def test_cyclic_list_stops_with_problem() -> None:
     t0 = time.perf_counter()
     out = walk_list(k, head, 0, 1 << 20, "cyclic")  # type: ignore[arg-type]
     assert not out.complete and ("cycle" in out.problem or "point back" in out.problem)
-    assert time.perf_counter() - t0 < 1
+    assert time.perf_counter() - t0 < 30  # bounded, not a speed target
 
 
 def test_garbage_pointer_and_cap() -> None:

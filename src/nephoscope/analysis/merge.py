@@ -162,7 +162,7 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
                 by_cr3[root].append({"path": "", "package": None, "versions": [], "status": "unknown",
                                      "gva_start": start, "gva_end": end})
             findings.append(Finding("unknown-code", "high", f"executable code in no known binary at "
-                                    f"{start:#x}-{end:#x} (address space {int(o.data.get('cr3', -1)):#x})", vm,
+                                    f"{start:#x}-{end:#x}", vm,
                                     [o.to_dict()]))
 
     for pid, cr3 in pid_cr3.items():
@@ -199,9 +199,11 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
 
 def dedupe(findings: list[Finding]) -> list[Finding]:
     """Merge findings several methods made about the same thing into one, keeping all evidence."""
-    merged: dict[tuple[str, str], Finding] = {}
+    merged: dict[tuple[str, str, Any], Finding] = {}
     for f in findings:
-        key = (f.kind, f.title)
+        first = f.evidence[0] if f.evidence else {}
+        space = (first.get("data") or {}).get("cr3") if isinstance(first.get("data"), dict) else None
+        key = (f.kind, f.title, space)  # the same range in two address spaces is two findings
         if key in merged:
             merged[key].evidence.extend(f.evidence)
         else:
