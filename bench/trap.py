@@ -1,6 +1,6 @@
 """Benchmark the trap method: per-event cost on the host and the slowdown of an exec-heavy guest workload.
 
-Usage: .venv/bin/python bench/trap.py [GUEST] [--execs 200] [--events exec]
+Usage: .venv/bin/python bench/trap.py [GUEST] [--execs 200] [--events exec] [--json]
 The guest (a running lab guest, default `dev`) runs `--execs` executions of /bin/true, timed inside the
 guest (/proc/uptime), first untrapped, then trapped with each resume strategy, then untrapped again; the
 slowdown ratios are against the mean of the two untrapped runs measured in this same invocation.
@@ -53,7 +53,9 @@ def trapped_run(name: str, n: int, events: list[str], skip_nops: bool) -> dict[s
         done.set()
         thread.join()
         watcher.close()
-    result["execs_seen"] = sum(1 for e in seen if e.kind == "exec" and e.detail.get("path") == "/bin/true")
+    trues = [e for e in seen if e.kind == "exec" and e.detail.get("path") == "/bin/true"]
+    result["execs_seen"], result["exec_pids"] = len(trues), len({e.pid for e in trues})
+    result["exec_ppids"] = sorted({e.ppid for e in trues if e.ppid is not None})
     return result
 
 
@@ -82,7 +84,8 @@ def main() -> None:
             "wall_s": run["wall_s"], "wall_slowdown_x": run["wall_s"] / base_wall,  # includes the pauses
             "guest_ms_per_event": 1000 * (run["guest_s"] - base) / max(s["events"], 1),
             "host_paused_ms_per_event": s["mean_paused_ms"], "host_max_paused_ms": 1000 * s["max_paused_s"],
-            "events": s["events"], "execs_seen": run["execs_seen"], "attach_ms": 1000 * s["attach_s"],
+            "events": s["events"], "execs_seen": run["execs_seen"],
+            "exec_pids": run["exec_pids"], "exec_ppids": run["exec_ppids"], "attach_ms": 1000 * s["attach_s"],
             "detach_ms": 1000 * s["detach_s"]}
     if args.json:
         print(json.dumps(report, indent=1))
@@ -95,7 +98,8 @@ def main() -> None:
         print(f"  {label:<9}: {r['slowdown_x']:.1f}x slower in guest time ({r['guest_s']:.2f}s), "
               f"{r['wall_slowdown_x']:.1f}x in wall time; "
               f"{r['guest_ms_per_event']:.0f} ms guest time and {r['host_paused_ms_per_event']:.2f} ms host "
-              f"handling per event (max {r['host_max_paused_ms']:.1f}); saw {r['execs_seen']}/{args.execs} execs; "
+              f"handling per event (max {r['host_max_paused_ms']:.1f}); saw {r['execs_seen']}/{args.execs} execs "
+              f"({r['exec_pids']} pids, parents {r['exec_ppids'][:3]}); "
               f"attach {r['attach_ms']:.0f} ms, detach {r['detach_ms']:.0f} ms")
 
 

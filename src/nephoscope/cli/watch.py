@@ -30,7 +30,7 @@ def _line(ev: TrapEvent) -> Text:
         if d.get("argv"):
             what += "  " + " ".join(d["argv"])
     elif ev.kind == "exit":
-        what = f"code {d.get('code', '?')}"
+        what = f"code {d.get('code', '?')}" + (f" (thread {ev.tid})" if ev.tid != ev.pid else "")
     else:
         what = f"{d.get('name', '?')} ({d.get('core_size', '?')} bytes)"
     text = f"{when} {ev.kind:<6} pid {ev.pid!s:>6} ppid {ev.ppid!s:>6} {ev.comm:<16} {what}"

@@ -2,20 +2,16 @@
 Volatility 3 `linux.pslist` (with our exported ISF) on a dump of the same guest, in one invocation.
 
 Targets (issue): cold start < 1 s; warm process list < 20 ms live (no pause); ≥ 20× faster than
-Volatility 3 cold. Usage: bench/inspect.py [GUEST]   (boots a clean lab guest when none is given)
+Volatility 3 cold. Usage: bench/inspect_speed.py [GUEST]   (boots a clean lab guest when none is given; the file is not
+called inspect.py because a script's folder comes first on sys.path and would shadow the stdlib)
 """
 
 from __future__ import annotations
 
-import sys
-
-# run as a script, this file's folder comes first on sys.path and would shadow the stdlib `inspect`
-if sys.path and sys.path[0].endswith("bench"):
-    del sys.path[0]
-
 import json
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
