@@ -30,6 +30,15 @@ def clean_image() -> Image:
 
 
 @pytest.fixture(scope="session")
+def default_kb() -> None:
+    """Make sure the default code-page DB holds the lab's packages (ingests what is missing, once)."""
+    from nephoscope.service.demo import ensure_knowledge
+
+    problems = ensure_knowledge("clean", lambda _m: None)
+    assert not problems, problems
+
+
+@pytest.fixture(scope="session")
 def clean_guest() -> Iterator[runner.Guest]:
     yield from _boot("clean")
 

@@ -26,7 +26,7 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module")
-def tampered_scores(tampered_guest, tmp_path_factory) -> dict:
+def tampered_scores(tampered_guest, default_kb, tmp_path_factory) -> dict:
     store = Store(tmp_path_factory.mktemp("eval") / "s.sqlite")
     return {s.method: s for s in score_guest(tampered_guest, ["agent", "inspect", "arch"], store=store)}
 
@@ -40,7 +40,7 @@ def test_each_method_detects_what_its_design_implies(tampered_guest, tampered_sc
     assert got == expected
 
 
-def test_power_on_the_clean_guest(clean_guest, tmp_path) -> None:
+def test_power_on_the_clean_guest(clean_guest, default_kb, tmp_path) -> None:
     scores = {s.method: s for s in score_guest(clean_guest, ["inspect", "arch"], store=Store(tmp_path / "s.sqlite"))}
     truth = scores["arch"].truth_processes
     assert truth > 5

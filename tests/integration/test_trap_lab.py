@@ -19,6 +19,7 @@ from nephoscope.hypervisor.gdbstub import GdbStub, repair
 from nephoscope.hypervisor.qga import GuestAgent
 from nephoscope.hypervisor.qmp import Qmp
 from nephoscope.introspect.trap import KernelReader, TrapMethod
+from nephoscope.knowledge.binaries import CodePageDB
 from nephoscope.memory.physical import open_memory
 from nephoscope.service.targets import resolve_target
 
@@ -49,7 +50,23 @@ def _running(guest: Any) -> bool:
         return bool(qmp.command("query-status")["running"])
 
 
+def _busybox_in_kb(clean_guest: Any) -> str:
+    """Return the guest's busybox-static version, ingesting the clean profile's packages if the KB lacks it."""
+    version = clean_guest.manifest()["packages"]["busybox-static"]
+    db = CodePageDB.open()
+    try:
+        if not any(v == version for _, _, _, v in db.find_files("/busybox", "busybox-static")):
+            from nephoscope.knowledge.ingest import ingest_specs, lab_package_specs
+            ingest_specs(db, lab_package_specs("clean"))
+        if not any(v == version for _, _, _, v in db.find_files("/busybox", "busybox-static")):
+            pytest.skip(f"the code-page DB {db.path} lacks busybox-static {version} even after ingesting")
+    finally:
+        db.close()
+    return version
+
+
 def test_watch_reports_every_short_lived_exec_with_pid_and_path(clean_guest) -> None:
+    busybox = _busybox_in_kb(clean_guest)
     proc, ready = _start_watcher(clean_guest.name, "--events", "exec,exit")
     assert set(ready["events"]) == {"exec", "exit"}
     try:
@@ -70,10 +87,33 @@ def test_watch_reports_every_short_lived_exec_with_pid_and_path(clean_guest) -> 
         assert e["ppid"] == shell and e["error"] == ""
         assert e["detail"]["argv"] == ["/bin/true"]
         assert e["detail"]["file"].endswith("/busybox")  # /bin/true is a link to busybox
+        ident = e["detail"]["identity"]  # hashed from its page tables at its do_exit
+        assert (ident["package"], ident["version"], ident["path"]) == ("busybox-static", busybox, "/bin/busybox")
+        assert ident["identified_pages"] > 0 and not ident["capped"]
     exits = {e["pid"] for e in events if e["kind"] == "exit" and e["comm"] == "true"}
     assert exits == set(pids)
+    ident_ms = [execs[p]["detail"]["identity"]["identify_ms"] for p in pids]
+    exit_ms = [1000 * e["paused_s"] for e in events if e["kind"] == "exit" and e["pid"] in execs]
+    print(f"identify ms: max {max(ident_ms):.2f} mean {sum(ident_ms) / N:.2f}; exit pause ms: max "
+          f"{max(exit_ms):.2f} mean {sum(exit_ms) / N:.2f}; pages {execs[pids[0]]['detail']['identity']}")
+    assert max(ident_ms) < 500
     assert stats["events"] == len(events) and stats["decode_errors"] == 0 and not stats["gaps"]
     assert _running(clean_guest)
+
+
+def test_exec_only_watch_identifies_a_live_process_at_the_next_stop(clean_guest) -> None:
+    busybox = _busybox_in_kb(clean_guest)
+    proc, _ = _start_watcher(clean_guest.name, "--events", "exec", "--duration", "12")
+    try:
+        out = _guest_exec(clean_guest, "sleep 4 & echo $!; sleep 1; /bin/true & echo $!; wait")
+    finally:
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    sleeper, short = (int(x) for x in out.split())
+    execs = {x["event"]["pid"]: x["event"] for x in map(json.loads, stdout.splitlines()) if "event" in x}
+    ident = execs[sleeper]["detail"]["identity"]  # identified at the exec of /bin/true, while it slept
+    assert (ident["package"], ident["version"]) == ("busybox-static", busybox)
+    assert "exited before" in execs[short]["detail"]["identity"]["unverifiable"]  # no exit trapped
 
 
 def test_trap_method_sees_a_module_load_and_records_overhead(clean_guest, clean_image) -> None:
@@ -95,7 +135,9 @@ def test_trap_method_sees_a_module_load_and_records_overhead(clean_guest, clean_
     loads = [o for o in obs if o.kind == "module-load"]
     assert [o.data["name"] for o in loads] == ["crc7"]
     assert loads[0].data["core_size"] > 0 and str(loads[0].verdict) == "verified"
-    assert any(o.kind == "exec" and o.data["path"] == "/bin/true" for o in obs)
+    true = [o for o in obs if o.kind == "exec" and o.data["path"] == "/bin/true"]
+    assert true and true[0].data["identity"]["package"] == "busybox-static"
+    assert not any(o.kind == "exit" for o in obs)  # trapped for identification, not reported
     stats = next(o for o in obs if o.kind == "trap-stats").data
     assert stats["events"] >= 3 and stats["attach_s"] < 5 and stats["mean_paused_ms"] < 500
     assert method.last_stats == stats

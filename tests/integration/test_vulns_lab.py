@@ -88,7 +88,7 @@ def test_agent_mappings_make_them_running(clean_guest: runner.Guest, clean_image
         assert any(p.endswith(("/libcrypto.so.3", "/libssl.so.3")) for p in maps[pid])
 
 
-def test_arch_running_vulnerable(clean_guest: runner.Guest, knowledge: HarvestReport) -> None:
+def test_arch_running_vulnerable(clean_guest: runner.Guest, knowledge: HarvestReport, default_kb: None) -> None:
     if "arch" not in available_methods():
         pytest.skip("the arch method is not available in this tree yet")
     methods = [m for m in ("arch", "inspect", "agent") if m in available_methods()]
