@@ -468,20 +468,30 @@ def _find_vdso(asp: AddressSpace, images: list[Image], unknown: list[UnknownRegi
         if any(c.path == VDSO_PATH for c in im.candidates):
             images.remove(im)
             return Vdso(im.gva_start, im.gva_end, "vdso", True, sorted(im.versions))
-    if not unknown:
+    candidates = [r for r in unknown if _looks_like_vdso(asp, r)]
+    if not candidates:
         return None
-    top = max(unknown, key=lambda r: r.gva_start)
-    # the vdso sits above the stack: nothing writable is mapped above it except its own data pages
-    if top.pages <= 4 and top.head.startswith(b"\x7fELF\x02\x01") and not top.writable:
-        try:
-            body = asp.phys.read(top.gpas[0], PAGE_SIZE)
-        except Exception:
-            body = b""
-        above = any(m.writable for m in asp.iter_mappings(user_only=True, start=top.gva_end, end=USER_TOP))
-        if b"linux-vdso.so.1" in body and not above:
-            unknown.remove(top)
-            return Vdso(top.gva_start, top.gva_end, "vdso (unverified)", False, [])
-    return None
+    # Linux maps exactly one vdso per address space: above the stack on 6.1, next to ld.so in the mmap
+    # area on newer kernels. Prefer the one with nothing writable above it; take a lone candidate
+    # anywhere; with several and none above the stack, name none (they all stay unknown code).
+    above = [r for r in candidates
+             if not any(m.writable for m in asp.iter_mappings(user_only=True, start=r.gva_end, end=USER_TOP))]
+    chosen = above[-1] if above else (candidates[0] if len(candidates) == 1 else None)
+    if chosen is None:
+        return None
+    unknown.remove(chosen)
+    return Vdso(chosen.gva_start, chosen.gva_end, "vdso (unverified)", False, [])
+
+
+def _looks_like_vdso(asp: AddressSpace, region: UnknownRegion) -> bool:
+    """Return whether an unknown region is a small read-only ELF whose soname is linux-vdso.so.1."""
+    if region.pages > 4 or region.writable or not region.head.startswith(b"\x7fELF\x02\x01"):
+        return False
+    try:
+        body = asp.phys.read(region.gpas[0], PAGE_SIZE)
+    except Exception:
+        return False
+    return b"linux-vdso.so.1" in body
 
 
 def _kernel_code(phys: PhysicalMemory, roots: RootScan, levels: int, stats: ScanStats,

@@ -6,8 +6,10 @@ import dataclasses
 import io
 import lzma
 import os
+import shutil
 import stat
 import struct
+import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -223,20 +225,35 @@ def ingest_path(db: CodePageDB, path: Path, progress: Progress = lambda _m: None
 
 # --- the vdso, embedded in the kernel image -------------------------------------------------------
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
 def decompress_bzimage(image: bytes) -> bytes:
-    """Return the vmlinux inside an x86 bzImage (xz payloads; others raise GuestDataError)."""
+    """Return the vmlinux inside an x86 bzImage (xz payloads, or zstd with the `zstd` tool; others raise)."""
     if len(image) < 0x250 or image[0x202:0x206] != b"HdrS":
         raise GuestDataError("not an x86 bzImage (no HdrS setup header)")
     setup_sects = image[0x1F1] or 4
     payload_offset, payload_length = struct.unpack_from("<II", image, 0x248)
     start = (setup_sects + 1) * 512 + payload_offset
     payload = image[start:start + payload_length]
+    if payload.startswith(ZSTD_MAGIC):  # Debian 6.12+
+        return _unzstd(payload[:-4])  # the kernel appends the 4-byte decompressed size
     if not payload.startswith(b"\xfd7zXZ\x00"):
-        raise GuestDataError(f"bzImage payload compression {payload[:6].hex()} is not supported (xz only)")
+        raise GuestDataError(f"bzImage payload compression {payload[:6].hex()} is not supported (xz or zstd)")
     try:
         return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
     except lzma.LZMAError as exc:
         raise GuestDataError(f"bzImage payload does not decompress: {exc}") from exc
+
+
+def _unzstd(payload: bytes) -> bytes:
+    """Decompress a zstd frame with the `zstd` tool (Python 3.11 has no zstd module)."""
+    if shutil.which("zstd") is None:
+        raise GuestDataError("bzImage payload is zstd-compressed and the `zstd` tool is missing (apt install zstd)")
+    proc = subprocess.run(["zstd", "-dcq"], input=payload, capture_output=True, check=False)
+    if proc.returncode != 0 or not proc.stdout:
+        raise GuestDataError(f"bzImage zstd payload does not decompress: {proc.stderr.decode(errors='replace')[:200]}")
+    return proc.stdout
 
 
 def extract_vdso(image: bytes) -> bytes:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
+import lzma
 import os
 import re
 import shlex
@@ -15,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from debian.debian_support import Version
 from elftools.common.exceptions import ELFError
 from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
@@ -133,61 +137,144 @@ def resolve_packages(profile: Profile, progress: Progress = lambda _m: None) -> 
 
 # --- kernel ----------------------------------------------------------------------------------
 
+SERIES_RE = re.compile(r"^\d+\.\d+$")
+EXTRA_ALIAS = "backports"
+KernelPackage = tuple[str, str, tuple[str, ...]]  # package, version, apt options
+
+
 def choose_kernel(spec: str | None, progress: Progress) -> KernelChoice:
-    """Resolve --kernel: None (linux-image-amd64), a release like 6.1.0-56-amd64, or a vmlinuz path."""
+    """Resolve --kernel: None (linux-image-amd64), a release, a series (6.12), `backports` or a vmlinuz path."""
     if spec and ("/" in spec or Path(spec).exists()):
-        path = Path(spec).resolve()
-        if not path.is_file():
-            raise LabError(f"kernel {spec} does not exist; give a vmlinuz path or a Debian kernel release")
-        release = path.name.removeprefix("vmlinuz-") if path.name.startswith("vmlinuz-") else "unknown"
-        modules = path.parent.parent / "lib" / "modules" / release
-        return KernelChoice(release, path, modules if modules.is_dir() else None)
-    if spec:
-        package = spec if spec.startswith("linux-image-") else f"linux-image-{spec}"
-    else:
-        meta = apt.available_versions("linux-image-amd64")
-        if not meta:
-            raise LabError("apt knows no linux-image-amd64; run `apt-get update`")
-        deps = apt.depends_of(apt.package_record("linux-image-amd64", meta[0]))
-        package = next(g[0].name for g in deps if g[0].name.startswith("linux-image-"))
-    versions = apt.available_versions(package)
-    if not versions:
-        raise LabError(f"no Debian kernel package {package}; try `apt-cache search linux-image-` for names")
-    progress(f"downloading kernel {package} {versions[0]}")
-    deb = apt.download(package, versions[0], cache_root() / "debs")
+        return _kernel_from_path(spec)
+    package, version, options = _kernel_package(spec, progress)
+    progress(f"downloading kernel {package} {version}")
+    deb = apt.download(package, version, cache_root() / "debs", options)
     root = apt.unpack(deb, cache_root() / "unpacked") / "root"
     vmlinuz = sorted((root / "boot").glob("vmlinuz-*"))
     if not vmlinuz:
         raise LabError(f"{deb.name} holds no /boot/vmlinuz-*; is it a kernel image package?")
     release = vmlinuz[0].name.removeprefix("vmlinuz-")
     modules = root / "lib" / "modules" / release
-    return KernelChoice(release, vmlinuz[0], modules if modules.is_dir() else None, package, versions[0])
+    return KernelChoice(release, vmlinuz[0], modules if modules.is_dir() else None, package, version)
+
+
+def _kernel_from_path(spec: str) -> KernelChoice:
+    """Return the kernel of a vmlinuz file given by path (modules from ../lib/modules/RELEASE if present)."""
+    path = Path(spec).resolve()
+    if not path.is_file():
+        raise LabError(f"kernel {spec} does not exist; give a vmlinuz path or a Debian kernel release")
+    release = path.name.removeprefix("vmlinuz-") if path.name.startswith("vmlinuz-") else "unknown"
+    modules = path.parent.parent / "lib" / "modules" / release
+    return KernelChoice(release, path, modules if modules.is_dir() else None)
+
+
+def _kernel_package(spec: str | None, progress: Progress) -> KernelPackage:
+    """Return (package, version, apt options) for --kernel; the host's apt first, then the extra suites."""
+    if not spec:
+        return _newest_kernel([_meta_kernel(())], ())
+    if spec == EXTRA_ALIAS:
+        options = _extra_apt(progress)
+        image = _meta_kernel(options)
+        return _newest_kernel([image, f"{image}-unsigned"], options, spec)
+    if SERIES_RE.match(spec):
+        if names := _series_packages(spec, ()):
+            return _newest_kernel(names, ())
+        options = _extra_apt(progress)
+        return _newest_kernel(_series_packages(spec, options), options, spec)
+    package = spec if spec.startswith("linux-image-") else f"linux-image-{spec}"
+    if apt.available_versions(package):
+        return _newest_kernel([package], ())
+    options = _extra_apt(progress)
+    return _newest_kernel([package, f"{package}-unsigned"], options, spec)
+
+
+def _extra_apt(progress: Progress) -> tuple[str, ...]:
+    """Return apt options for the private extra-suite setup (refreshing its lists when stale)."""
+    progress(f"looking in {', '.join(apt.EXTRA_SUITES)} (private apt lists in {apt.extra_root()})")
+    return apt.ensure_extra()
+
+
+def _meta_kernel(options: tuple[str, ...]) -> str:
+    """Return the kernel image package that linux-image-amd64 depends on."""
+    meta = apt.available_versions("linux-image-amd64", options)
+    if not meta:
+        raise LabError("apt knows no linux-image-amd64; run `apt-get update`")
+    deps = apt.depends_of(apt.package_record("linux-image-amd64", meta[0], options))
+    return next(g[0].name for g in deps if g[0].name.startswith("linux-image-"))
+
+
+def _series_packages(series: str, options: tuple[str, ...]) -> list[str]:
+    """Return the generic amd64 image packages of a kernel series (no -dbg, -cloud or -rt flavours)."""
+    pattern = re.compile(rf"^linux-image-{re.escape(series)}\.\d[\d.+a-z~]*(-\d+)?-amd64(-unsigned)?$")
+    return [n for n in apt.package_names(f"linux-image-{series}.", options) if pattern.match(n)]
+
+
+def _newest_kernel(names: list[str], options: tuple[str, ...], spec: str | None = None) -> KernelPackage:
+    """Return the newest (package, version) among `names`; a signed image beats -unsigned of one version."""
+    found = [(Version(v[0]), not n.endswith("-unsigned"), n, v[0]) for n in names
+             if (v := apt.available_versions(n, options))]
+    if not found:
+        where = f" (also looked in {', '.join(apt.EXTRA_SUITES)})" if options else ""
+        wanted = spec or (names[0] if names else "?")
+        raise LabError(f"no Debian kernel package for {wanted}{where}; "
+                       "try `apt-cache search linux-image-` for names")
+    _v, _signed, name, version = max(found)
+    return name, version, options
+
+
+def module_bytes(path: Path) -> bytes:
+    """Return a module file's ELF bytes, decompressing .ko.xz / .ko.gz (busybox insmod takes plain .ko)."""
+    data = path.read_bytes()
+    try:
+        if path.name.endswith(".ko.xz"):
+            return lzma.decompress(data)
+        if path.name.endswith(".ko.gz"):
+            return gzip.decompress(data)
+    except (lzma.LZMAError, OSError, EOFError) as exc:
+        raise LabError(f"cannot decompress kernel module {path}: {exc}") from exc
+    if not path.name.endswith(".ko"):
+        raise LabError(f"kernel module {path} has a compression the lab cannot undo (use .ko, .ko.xz or .ko.gz)")
+    return data
+
+
+def module_target(rel: str) -> str:
+    """Return the guest path (relative to the modules dir) of a module: always the uncompressed .ko name."""
+    return rel[: rel.rindex(".ko") + 3]
 
 
 def _modinfo_depends(path: Path) -> list[str]:
     """Return the module names a .ko file depends on, from its .modinfo section."""
-    with path.open("rb") as f:
-        try:
-            section = ELFFile(f).get_section_by_name(".modinfo")
-        except ELFError as exc:
-            raise LabError(f"{path} is not a kernel module: {exc}") from exc
-        data = section.data() if section is not None else b""
+    try:
+        section = ELFFile(io.BytesIO(module_bytes(path))).get_section_by_name(".modinfo")
+    except ELFError as exc:
+        raise LabError(f"{path} is not a kernel module: {exc}") from exc
+    data = section.data() if section is not None else b""
     for item in data.split(b"\0"):
         if item.startswith(b"depends="):
             return [d for d in item[8:].decode(errors="replace").split(",") if d]
     return []
 
 
+def builtin_modules(modules_dir: Path) -> set[str]:
+    """Return the names of modules built into the kernel (modules.builtin), normalised to underscores."""
+    listing = modules_dir / "modules.builtin"
+    lines = listing.read_text().split() if listing.exists() else []
+    return {Path(line).name.split(".ko")[0].replace("-", "_") for line in lines}
+
+
 def module_closure(modules_dir: Path, names: tuple[str, ...]) -> list[str]:
     """Return module files (relative to modules_dir) for `names`, dependencies first.
 
     Debian's package has no modules.dep (depmod makes it at install time), so dependencies are read
-    from each module's .modinfo."""
+    from each module's .modinfo. Modules built into the kernel (modules.builtin) need no file."""
     by_name = {p.name.split(".ko")[0].replace("-", "_"): p for p in modules_dir.rglob("*.ko*")}
+    builtin = builtin_modules(modules_dir)
     order: list[str] = []
 
     def visit(name: str, chain: tuple[str, ...]) -> None:
         path = by_name.get(name.replace("-", "_"))
+        if path is None and name.replace("-", "_") in builtin:
+            return
         if path is None:
             needed_by = " <- ".join(chain) or "the profile"
             raise LabError(f"kernel module {name!r} is not in {modules_dir} (needed by {needed_by})")
@@ -278,8 +365,6 @@ class Tree:
 
 
 def _needed(data: bytes) -> list[str]:
-    import io
-
     try:
         elf = ELFFile(io.BytesIO(data))
         dyn = next((s for s in elf.iter_sections() if isinstance(s, DynamicSection)), None)
@@ -410,12 +495,12 @@ def build_image(profile: Profile, kernel_spec: str | None = None, progress: Prog
         prefix = f"usr/lib/modules/{kernel.release}"
         mods = module_closure(kernel.modules_dir, profile.modules)
         for rel in mods:
-            tree.add(f"{prefix}/{rel}", (kernel.modules_dir / rel).read_bytes(), 0o644,
+            tree.add(f"{prefix}/{module_target(rel)}", module_bytes(kernel.modules_dir / rel), 0o644,
                      (kernel.package, kernel.version) if kernel.package else None)
         for extra in ("modules.order", "modules.builtin"):
             if (kernel.modules_dir / extra).exists():
                 tree.add(f"{prefix}/{extra}", (kernel.modules_dir / extra).read_bytes())
-        tree.add("etc/nephoscope/modules", "".join(m + "\n" for m in mods).encode())
+        tree.add("etc/nephoscope/modules", "".join(module_target(m) + "\n" for m in mods).encode())
     else:
         progress("warning: no kernel modules for this kernel; network and guest agent need built-in drivers")
         tree.add("etc/nephoscope/modules", b"")

@@ -121,7 +121,10 @@ class LinuxKernel:
         if self.btf.find_struct("mod_kallsyms") is not None:
             wanted["module"].append("kallsyms")
             wanted["mod_kallsyms"] = ["symtab", "num_symtab", "strtab", "typetab"]
+        if self.btf.find_struct("module_memory") is not None:  # 6.4+: module.mem[MOD_MEM_NUM_TYPES]
+            wanted["module_memory"] = ["base", "size"]
         self.off = Offsets(self.btf, wanted, kernel)
+        self.module_mem_types = self._module_mem_types()
         self.state_member = "task_struct.__state" if "task_struct.__state" in self.off else "task_struct.state"
         if self.state_member not in self.off:
             raise GuestDataError(f"kernel {kernel}: BTF struct task_struct has neither __state nor state")
@@ -130,6 +133,12 @@ class LinuxKernel:
         missing = [s for s in SYMBOLS if self.symbols.find(s) is None]
         if missing:
             raise DetectionError(f"kernel {kernel}: kallsyms lacks {', '.join(missing)} (stage kallsyms)")
+
+    def _module_mem_types(self) -> int:
+        """Return the length of module.mem[] (6.4+), or 0 on kernels with core_layout/init_layout."""
+        member = self.btf.get_struct("module").find_member("mem") if "module.mem" in self.off else None
+        stride = self.off.size.get("module_memory", 0)
+        return self.btf.sizeof(member.type_id) // stride if member is not None and stride else 0
 
     @classmethod
     def open(cls, phys: Phys, qmp: Any = None, *, symbols: Kallsyms | None = None,

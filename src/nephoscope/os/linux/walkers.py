@@ -513,12 +513,23 @@ def modules(k: LinuxKernel) -> Listing[Module]:
             if "module.core_layout.base" in o:
                 base = k.u64(mod + o["module.core_layout.base"])
                 size = k.u32(mod + o["module.core_layout.size"]) + k.u32(mod + o["module.init_layout.size"])
-            else:  # 6.4+: mem[MOD_TEXT] first
-                base, size = k.u64(mod + o["module.mem"]), k.u32(mod + o["module.mem"] + 8)
+            else:
+                base, size = module_memory(k, mod)
             out.items.append(Module(name, base, size, mod, k.u32(mod + o["module.state"])))
         except _BAD as exc:
             out.fail(f"module at 0x{mod:x} unreadable ({exc})")
     return out
+
+
+def module_memory(k: LinuxKernel, mod: int) -> tuple[int, int]:
+    """Return (base, size) of a 6.4+ module like /proc/modules: mem[MOD_TEXT].base, the sum of every mem[].size."""
+    stride, count = k.off.size["module_memory"], k.module_mem_types
+    if not 0 < count <= 16:
+        raise GuestDataError(f"module.mem[] has {count} entries in this kernel's BTF")
+    blob = k.read(mod + k.off["module.mem"], stride * count)
+    base = struct.unpack_from("<Q", blob, k.off["module_memory.base"])[0]
+    size = sum(struct.unpack_from("<I", blob, i * stride + k.off["module_memory.size"])[0] for i in range(count))
+    return base, size
 
 
 def module_symbols(k: LinuxKernel, module: Module) -> Listing[tuple[int, str, str]]:
