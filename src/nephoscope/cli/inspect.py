@@ -8,10 +8,10 @@ import typer
 
 from nephoscope.cli.render import console, emit_json, fail, table
 from nephoscope.core.errors import NephoscopeError
+from nephoscope.introspect.kernel import open_kernel, task_cr3
 from nephoscope.os.linux.isf import export_isf
 from nephoscope.os.linux.model import LinuxKernel
 from nephoscope.os.linux.walkers import Task
-from nephoscope.service.kernel import open_kernel, task_cr3
 from nephoscope.service.targets import resolve_target
 
 VM_ARG = typer.Argument(..., help="lab guest name, QMP socket path, or RAM/dump file (raw, QEMU ELF, LiME)")

@@ -102,7 +102,10 @@ class CheckpointMethod:
 
     def collect(self, vm: VmTarget) -> Iterator[Observation]:
         """Yield the analyses of a consistent copy of `vm`'s RAM, labelled as checkpoint observations."""
-        from nephoscope.service.methods import available_methods, get_method
+        from nephoscope.introspect.arch import ArchMethod
+        from nephoscope.introspect.inspect import InspectMethod
+
+        analyses = {"inspect": InspectMethod, "arch": ArchMethod}
 
         work = new_workdir(vm.name) if self.rollback else None
         default_copy = Path("/dev/shm") / f"nephoscope-ckpt-{vm.name}-{os.getpid()}.ram"
@@ -123,10 +126,7 @@ class CheckpointMethod:
             yield observe(NAME, vm, "checkpoint", "snapshot", {"pause_s": pause, "vcpu_cr3": cr3s,
                                                                 "bytes": copy.stat().st_size}, Verdict.VERIFIED)
             for analysis in ANALYSES:
-                if analysis not in available_methods():
-                    yield unverifiable(NAME, vm, analysis, f"the {analysis} analysis is not available in this build")
-                    continue
-                method = get_method(analysis)
+                method = analyses[analysis]()
                 if hasattr(method, "extra_roots"):
                     method.extra_roots = cr3s  # the paused vCPUs' CR3s are hardware truth for arch
                 try:

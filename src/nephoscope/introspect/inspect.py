@@ -14,8 +14,8 @@ from nephoscope.core.errors import ConnectorError, DetectionError, GuestDataErro
 from nephoscope.core.records import Observation, Verdict
 from nephoscope.hypervisor.target import VmTarget
 from nephoscope.introspect.base import observe, unverifiable
+from nephoscope.introspect.kernel import open_kernel, task_cr3
 from nephoscope.os.linux.model import LinuxKernel
-from nephoscope.service.kernel import open_kernel, task_cr3
 
 NAME = "inspect"
 
