@@ -34,7 +34,7 @@ def main() -> int:
             count = sum(1 for _ in method.collect(resolve_target(name)))
             wall, cpu = time.monotonic() - wall, time.process_time() - cpu
             pause = float(getattr(method, "last_stats", {}).get("pause_s", 0.0))
-            guest_ratio, wall_ratio = measure_slowdown(name, method_name, baseline)
+            guest_ratio, wall_ratio = measure_slowdown(name, method_name)
             results[method_name] = {"wall_s": round(wall, 3), "host_cpu_s": round(cpu, 3), "observations": count,
                                     "guest_pause_s": round(pause, 4),
                                     "guest_loop_slowdown": round(guest_ratio, 3),

@@ -161,8 +161,12 @@ def guest_cpu_loop(agent: GuestAgent, n: int = BENCH_LOOP) -> tuple[float, float
     return e - s, wall
 
 
-def measure_slowdown(target_name: str, method_name: str, baseline: tuple[float, float]) -> tuple[float, float]:
-    """Run `method_name` repeatedly while the guest loop runs; return (guest, wall) slowdown ratios."""
+def measure_slowdown(target_name: str, method_name: str, baseline: tuple[float, float] | None = None,
+                     ) -> tuple[float, float]:
+    """Run `method_name` repeatedly while the guest loop runs; return (guest, wall) slowdown ratios.
+
+    The undisturbed loop is timed right before (unless `baseline` is given), so host noise that comes
+    and goes between methods does not end up in the ratio."""
     target = resolve_target(target_name)
     stop = threading.Event()
 
@@ -177,6 +181,9 @@ def measure_slowdown(target_name: str, method_name: str, baseline: tuple[float, 
 
     thread = threading.Thread(target=hammer, daemon=True)
     with GuestAgent(target.qga_socket, timeout=60) as agent:  # type: ignore[arg-type]
+        if baseline is None:
+            runs = [guest_cpu_loop(agent) for _ in range(2)]
+            baseline = (min(r[0] for r in runs), min(r[1] for r in runs))
         thread.start()
         try:
             guest_s, wall_s = guest_cpu_loop(agent)
@@ -215,11 +222,6 @@ def score_guest(guest: runner.Guest, methods: list[str], *, slowdown: bool = Fal
     """Run each method alone on a running lab guest and score it against the guest's manifest."""
     manifest = guest.manifest()
     truth = truth_processes(manifest)
-    baseline = (0.0, 0.0)
-    if slowdown:
-        with GuestAgent(guest.qga_socket, timeout=60) as agent:
-            runs = [guest_cpu_loop(agent) for _ in range(2)]
-        baseline = (min(r[0] for r in runs), min(r[1] for r in runs))
     pid_cr3 = _pid_cr3(guest.name, methods, progress)
     scores = []
     for method in methods:
@@ -233,10 +235,9 @@ def score_guest(guest: runner.Guest, methods: list[str], *, slowdown: bool = Fal
                             float(t.get("pause_s", 0.0)),
                             findings=sorted({f.kind for f in result.view.findings}),
                             unverifiable=[f"{u['what']}: {u['reason'][:120]}" for u in result.view.unverifiable])
-        if slowdown and baseline[0] > 0:
+        if slowdown:
             progress(f"{guest.profile}: {method} slowdown")
-            score.guest_slowdown, score.wall_slowdown = (
-                round(x, 3) for x in measure_slowdown(guest.name, method, baseline))
+            score.guest_slowdown, score.wall_slowdown = (round(x, 3) for x in measure_slowdown(guest.name, method))
         scores.append(score)
     return scores
 

@@ -37,8 +37,12 @@ def markdown(scores: list[MethodScore]) -> str:
                                                   for s in tampered) + " |")
     lines += ["", "## What each method could not verify", ""]
     for s in scores:
-        for u in s.unverifiable[:6]:
-            lines.append(f"- {s.profile}/{s.method}: {u}")
+        reasons: dict[str, int] = {}
+        for u in s.unverifiable:
+            why = u.split(": ", 1)[-1]
+            reasons[why] = reasons.get(why, 0) + 1
+        for why, count in reasons.items():
+            lines.append(f"- {s.profile}/{s.method}: {why}" + (f" (×{count})" if count > 1 else ""))
     return "\n".join(lines) + "\n"
 
 
