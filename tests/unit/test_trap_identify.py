@@ -74,3 +74,13 @@ def test_eager_tracker_identifies_at_the_next_stop_when_exit_is_not_trapped() ->
     tracker.on_stop(lambda task, pid: 0x1000)  # the next hit: pid 7 still runs
     tracker.on_exec(second, 0xB, None, 0x2000)
     assert tracker.take(second) == [first] and first.detail["identity"]["package"] == "prog"
+
+
+def test_eager_tracker_waits_while_the_new_image_has_no_code_mapped() -> None:
+    g, db, roots = _guest()
+    empty = g.process()  # exec'd but not yet scheduled: no user page present
+    tracker = ExecTracker(Identifier(g.s.phys(), 4, db), lambda mm: empty if mm == 1 else roots["clean"], eager=True)
+    ev = TrapEvent("exec", 1.0, pid=7)
+    tracker.on_exec(ev, 0xA, None, 1)
+    tracker.on_stop(lambda task, pid: 1)
+    assert tracker.pending and "identity" not in ev.detail

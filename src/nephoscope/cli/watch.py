@@ -20,6 +20,17 @@ from nephoscope.service.targets import resolve_target
 from nephoscope.store.sqlite import Store
 
 
+def _identity(ident: dict[str, Any] | None) -> str:
+    """Return the table suffix for an exec's identity: `[package version]`, or why there is none."""
+    if not ident:
+        return ""
+    if "package" not in ident:
+        return f"  [unidentified: {ident.get('unverifiable', '?')}]"
+    extra = f", {ident['unknown_pages']} unknown pages" if ident.get("unknown_pages") else ""
+    capped = ", capped" if ident.get("capped") else ""
+    return f"  [{ident['package']} {' | '.join(ident.get('versions') or [ident['version']])}{extra}{capped}]"
+
+
 def _line(ev: TrapEvent) -> Text:
     when = datetime.datetime.fromtimestamp(ev.time).strftime("%H:%M:%S.%f")[:-3]
     d = ev.detail
@@ -29,6 +40,7 @@ def _line(ev: TrapEvent) -> Text:
             what += f" [{d['file']}]"  # the file really opened (symlinks, /proc/self/exe, memfds)
         if d.get("argv"):
             what += "  " + " ".join(d["argv"])
+        what += _identity(d.get("identity"))
     elif ev.kind == "exit":
         what = f"code {d.get('code', '?')}" + (f" (thread {ev.tid})" if ev.tid != ev.pid else "")
     else:
@@ -47,6 +59,8 @@ def watch(
     budget: int = typer.Option(200, "--budget", help="events per second before breakpoints pause for a cool-down"),
     no_store: bool = typer.Option(False, "--no-store", help="do not record events in the store"),
     stop: bool = typer.Option(False, "--stop", help="only remove every breakpoint and resume the VM, then exit"),
+    no_identify: bool = typer.Option(False, "--no-identify",
+                                     help="print execs at once, without identifying their code via the code-page DB"),
 ) -> None:
     """Trap exec/exit/module-load in the guest kernel and stream each event (pauses the VM per event)."""
     try:
@@ -58,7 +72,8 @@ def watch(
             err_console.print(f"{target.name}: " + ("detached; no breakpoints left, VM running" if ok
                                                      else "could not reach the gdbstub"))
             raise SystemExit(0 if ok else 1)
-        watcher = Watcher(target, [e.strip() for e in events.split(",") if e.strip()], budget=budget)
+        watcher = Watcher(target, [e.strip() for e in events.split(",") if e.strip()], budget=budget,
+                          identify=not no_identify)
     except NephoscopeError as exc:
         fail(exc)
     log = None if no_store else EventLog(Store(), target.name)

@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from nephoscope.core.errors import ConnectorError, DetectionError, GuestDataError, MemoryAccessError, NephoscopeError
@@ -20,6 +21,7 @@ from nephoscope.core.records import Observation, Verdict
 from nephoscope.hypervisor.gdbstub import GdbStub, Guard
 from nephoscope.hypervisor.target import VmTarget
 from nephoscope.introspect.base import observe, unverifiable
+from nephoscope.introspect.identify import ExecTracker, Identifier, open_kb
 from nephoscope.memory.paging import AddressSpace
 from nephoscope.memory.physical import PhysicalMemory, open_memory
 from nephoscope.os.btf.layout import member_offsets
@@ -30,7 +32,7 @@ NAME = "trap"
 HOOKS = {"exec": "begin_new_exec", "exit": "do_exit", "module": "do_init_module"}
 EVENTS = tuple(HOOKS)
 MEMBERS = {
-    "task_struct": ["pid", "tgid", "real_parent", "comm"],
+    "task_struct": ["pid", "tgid", "real_parent", "comm", "mm"],
     "linux_binprm": ["filename", "interp", "file", "mm", "p", "argc"],
     "file": ["f_path.dentry"], "dentry": ["d_name.name", "d_parent"], "mm_struct": ["pgd"],
     "module": ["name", "core_layout.size?", "core_layout.base?"],
@@ -141,10 +143,33 @@ class KernelReader:
     def _u(self, gva: int, size: int = 8) -> int:
         return int.from_bytes(self.space.read(gva, size), "little")
 
+    def current(self, gs_base: int) -> int:
+        """Return the task_struct gva of the stopped vCPU's current task."""
+        return self._u(gs_base + self.current_task)
+
+    def task_mm(self, task: int, pid: int | None = None) -> int | None:
+        """Return task->mm (None if unreadable, or if `pid` is given and the task is no longer that tgid)."""
+        t = self.m["task_struct"]
+        try:
+            return None if pid is not None and self._u(task + t["tgid"], 4) != pid else self._u(task + t["mm"])
+        except Errors:
+            return None
+
+    def exec_mm(self, bprm: int) -> int | None:
+        """Return the new mm of an exec (bprm->mm)."""
+        try:
+            return self._u(bprm + self.m["linux_binprm"]["mm"])
+        except Errors:
+            return None
+
+    def pgd_gpa(self, mm: int) -> int:
+        """Return the gpa of mm->pgd (direct map: gva - page_offset_base)."""
+        return self._u(mm + self.m["mm_struct"]["pgd"]) - self.page_offset
+
     def fill_task(self, ev: TrapEvent, gs_base: int) -> None:
         """Fill pid, tid, ppid, comm of the current task of the stopped vCPU (kernel GS base `gs_base`)."""
         t = self.m["task_struct"]
-        task = self._u(gs_base + self.current_task)
+        task = self.current(gs_base)
         ev.tid, ev.pid = self._u(task + t["pid"], 4), self._u(task + t["tgid"], 4)
         ev.comm = _cstr(self.space.read(task + t["comm"], 16))
         parent = self._u(task + t["real_parent"])
@@ -198,8 +223,7 @@ class KernelReader:
         """Return the new program's arguments from its stack in the new mm (bprm->mm, bprm->p)."""
         b = self.m["linux_binprm"]
         argc = min(self._u(bprm + b["argc"], 4), MAX_ARGS)
-        pgd = self._u(self._u(bprm + b["mm"]) + self.m["mm_struct"]["pgd"])
-        space = AddressSpace(self.phys, pgd - self.page_offset, self.space.levels)
+        space = AddressSpace(self.phys, self.pgd_gpa(self._u(bprm + b["mm"])), self.space.levels)
         p, raw = self._u(bprm + b["p"]), b""
         while raw.count(b"\0") < argc and len(raw) < MAX_ARGV_BYTES:
             n = 4096 - (p & 4095)
@@ -234,8 +258,11 @@ class Budget:
 class Watcher:
     """Trap kernel events of one VM for a while; always detach (guest running, no breakpoints left)."""
 
+    tracker: ExecTracker | None = None  # holds exec events until their process is identified
+
     def __init__(self, vm: VmTarget, events: Iterable[str] = EVENTS, *, budget: int = 200, cooldown: float = 1.0,
-                 guard: bool = True, skip_nops: bool = True, host: str = "127.0.0.1") -> None:
+                 guard: bool = True, skip_nops: bool = True, host: str = "127.0.0.1", identify: bool = True,
+                 kb: Path | None = None) -> None:
         bad = sorted(set(events) - set(HOOKS))
         if bad:
             raise NephoscopeError(f"unknown trap event(s) {', '.join(bad)}; choose from {', '.join(EVENTS)}")
@@ -250,9 +277,35 @@ class Watcher:
         try:
             self.kernel = KernelReader(self.phys)  # before attaching: detection must not stretch the pause
             self.hooks = self.kernel.hooks(self.events)
+            self.tracker = self._tracker(kb) if identify and "exec" in self.events else None
         except BaseException:
             self.phys.close()
             raise
+
+    def _tracker(self, kb: Path | None) -> ExecTracker:
+        """Open the code-page DB now (not during a pause) and track exec events until identified."""
+        db, why = open_kb(kb)
+        ident = Identifier(self.phys, self.kernel.space.levels, db, why)
+        return ExecTracker(ident, self.kernel.pgd_gpa, eager="exit" not in self.events)
+
+    def _track(self, ev: TrapEvent, regs: dict[str, int]) -> None:
+        """Feed the exec tracker at a hit (VM stopped: the current mm is intact)."""
+        if self.tracker is None:
+            return
+        self.tracker.on_stop(self.kernel.task_mm)
+        if ev.kind not in ("exec", "exit"):
+            return
+        task = None if ev.error else self.kernel.current(regs["gs_base"])
+        mm = self.kernel.task_mm(task) if task is not None else None
+        if ev.kind == "exec":
+            self.tracker.on_exec(ev, task, mm, self.kernel.exec_mm(regs["rdi"]))
+        else:
+            self.tracker.on_exit(ev, mm)
+
+    def _deliver(self, ev: TrapEvent | None, on_event: Callable[[TrapEvent], None]) -> None:
+        """Hand over `ev` and the exec events identified meanwhile (an exec waits for its identity)."""
+        for e in self.tracker.take(ev) if self.tracker is not None else [ev] if ev is not None else []:
+            on_event(e)  # type: ignore[arg-type]
 
     def run(self, on_event: Callable[[TrapEvent], None], duration: float | None = None,
             should_stop: Callable[[], bool] = lambda: False,
@@ -290,8 +343,10 @@ class Watcher:
                 self.stats.watched_s = time.monotonic() - start
                 if guard is not None:
                     guard.release(detached)
-            if ev is not None:
-                on_event(ev)
+            self._deliver(ev, on_event)
+            if self.tracker is not None:  # still-running processes: their page tables, read from RAM
+                for e in self.tracker.finish(self.kernel.task_mm):
+                    on_event(e)  # type: ignore[arg-type]
         return self.stats
 
     def _insert(self, stub: GdbStub) -> None:
@@ -326,9 +381,9 @@ class Watcher:
             paused = time.perf_counter() - t0
             self.stats.paused_s += paused
             self.stats.max_paused_s = max(self.stats.max_paused_s, paused)
-            if ev is not None:  # deliver after resuming: printing and storing must not stretch the pause
+            if ev is not None:
                 ev.paused_s = paused
-                on_event(ev)
+            self._deliver(ev, on_event)  # after resuming: printing and storing must not stretch the pause
         if gap is not None:
             self._close_gap(gap)
 
@@ -350,6 +405,7 @@ class Watcher:
         if kind is None:
             return regs["rip"], None
         ev = self.kernel.decode(kind, regs)
+        self._track(ev, regs)
         self.stats.events += 1
         self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
         self.stats.decode_errors += bool(ev.error)
@@ -422,15 +478,18 @@ class TrapMethod:
 
     name = NAME
 
-    def __init__(self, window: float = 3.0, events: Iterable[str] = ("exec", "module"), budget: int = 200) -> None:
-        self.window, self.events, self.budget = window, tuple(events), budget
+    def __init__(self, window: float = 3.0, events: Iterable[str] = ("exec", "module"), budget: int = 200,
+                 identify: bool = True) -> None:
+        """With `identify`, `exit` is trapped too (not reported unless asked): a process is identified at its exit."""
+        self.window, self.events, self.budget, self.identify = window, tuple(events), budget, identify
         self.last_stats: dict[str, Any] = {}
 
     def collect(self, vm: VmTarget) -> Iterator[Observation]:
         """Yield events trapped during `window` seconds, then the watch's overhead (pauses the VM per event)."""
         events: list[TrapEvent] = []
         try:
-            watcher = Watcher(vm, self.events, budget=self.budget)
+            extra = ("exit",) if self.identify and "exec" in self.events else ()
+            watcher = Watcher(vm, (*self.events, *extra), budget=self.budget, identify=self.identify)
         except NephoscopeError as exc:
             yield unverifiable(NAME, vm, "events", str(exc))
             return
@@ -443,7 +502,8 @@ class TrapMethod:
             watcher.close()
         self.last_stats = stats.to_dict()
         for ev in events:
-            yield event_observation(vm, ev)
+            if ev.kind in self.events:
+                yield event_observation(vm, ev)
         for gap in stats.gaps:
             yield unverifiable(NAME, vm, f"events {gap['start']:.3f}-{gap['end']:.3f}",
                                f"{gap['reason']}; {gap['forks_missed']} forks happened unseen")
