@@ -146,6 +146,7 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
         elif o.kind in ("binary", "modified-binary"):
             image = image_identity(o.data)
             image["status"] = "modified" if o.kind == "modified-binary" else "identified"
+            image["method"] = method
             for root in _roots(o.data):
                 by_cr3[root].append(image)
             key = f"{image['path']}|{image['package']}|{','.join(image['versions'])}|{image['status']}"
@@ -160,7 +161,7 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
             start, end = int(o.data.get("gva_start", 0)), int(o.data.get("gva_end", 0))
             for root in _roots(o.data):
                 by_cr3[root].append({"path": "", "package": None, "versions": [], "status": "unknown",
-                                     "gva_start": start, "gva_end": end})
+                                     "gva_start": start, "gva_end": end, "method": method})
             findings.append(Finding("unknown-code", "high", f"executable code in no known binary at "
                                     f"{start:#x}-{end:#x}", vm,
                                     [o.to_dict()]))
@@ -169,6 +170,7 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
         images = by_cr3.get(cr3, [])
         processes[pid].binaries = images
         for img in images:
+            processes[pid].seen_by.setdefault(str(img.get("method", "arch")), Verdict.VERIFIED.value)
             for bv in binaries.values():
                 if bv.path == img.get("path") and bv.package == img.get("package"):
                     bv.pids.add(pid)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 
 import typer
 
@@ -14,15 +15,36 @@ from nephoscope.service.targets import resolve_target
 from nephoscope.store.sqlite import Store
 
 
+def _code_summary(exe: str, binaries: list[dict]) -> str:
+    """Return the main binary's package and version first, then how many libraries and unknown regions."""
+    base = os.path.basename(exe.removesuffix(" (deleted)"))
+    known = [b for b in binaries if b.get("status") != "unknown"]
+    main = next((b for b in known if os.path.basename(b.get("path") or "") == base), None)
+    programs = [b for b in known if ".so" not in os.path.basename(b.get("path") or "")]
+    if main is None and programs:  # renamed, deleted or memfd copies: the one non-library image
+        main = max(programs, key=lambda b: (b.get("gva_end") or 0) - (b.get("gva_start") or 0))
+    parts = []
+    if main is not None:
+        flag = " MODIFIED" if main.get("status") == "modified" else ""
+        parts.append(f"{main.get('package') or '?'} {','.join(main.get('versions', []))}{flag}")
+    others = len({(b.get("path"), b.get("package")) for b in known if b is not main})
+    if others:
+        parts.append(f"+{others} libs")
+    unknown = sum(1 for b in binaries if b.get("status") == "unknown")
+    if unknown:
+        parts.append(f"{unknown} UNKNOWN region(s)")
+    modified = [b for b in known if b is not main and b.get("status") == "modified"]
+    if modified:
+        parts.append(f"{len(modified)} modified")
+    return "; ".join(parts)
+
+
 def render_scan(result: ScanResult) -> None:
     """Print a scan for people: processes with who saw them, findings, and what is unverifiable."""
     rows = []
     for p in sorted(result.view.processes.values(), key=lambda p: p.pid):
         seen = " ".join(f"{m}:{v[0]}" for m, v in sorted(p.seen_by.items()))
-        images = sorted({f"{b.get('package') or '?'} {','.join(b.get('versions', []))}".strip()
-                         for b in p.binaries if b.get("status") != "unknown"})
-        rows.append([p.pid, p.comm, p.exe, seen, "; ".join(images[:4]) + (" …" if len(images) > 4 else ""),
-                     p.verdict])
+        rows.append([p.pid, p.comm, p.exe, seen, _code_summary(p.exe, p.binaries), p.verdict])
     table(f"{result.vm.name}: processes (methods: {', '.join(result.view.methods)}; v=verified r=reported)",
           ["pid", "comm", "exe", "seen by", "identified code", "verdict"], rows)
     if result.view.binaries:

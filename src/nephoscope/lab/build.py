@@ -119,7 +119,6 @@ def resolve_packages(profile: Profile, progress: Progress = lambda _m: None) -> 
                 raise LabError(f"no version of {name} satisfies {', '.join(map(str, wanted))} "
                                f"(available: {', '.join(versions)})")
             selected[name] = fitting[0]
-            progress(f"resolved {name} {fitting[0]}")
             for group in apt.depends_of(apt.package_record(name, fitting[0])):
                 real = [r for r in group if apt.available_versions(r.name)]
                 if not real:
@@ -130,6 +129,7 @@ def resolve_packages(profile: Profile, progress: Progress = lambda _m: None) -> 
                     queue.append(pick.name)
         if all(all(r.allows(selected[n]) for r in rels) for n, rels in new_constraints.items()
                if n in selected):
+            progress(f"resolved {len(selected)} packages ({len(explicit)} from the profile, the rest libraries)")
             return selected
         constraints = new_constraints
     raise LabError("package versions did not settle; check the profile's version pins")
