@@ -22,8 +22,16 @@ $(STAMP): scripts/setup.sh pyproject.toml
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 
+# every benchmark on one throw-away tampered guest; each prints ratios against its own baseline
 bench: $(STAMP)
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	-$(VENV)/bin/nephoscope lab down bench >/dev/null 2>&1
+	$(VENV)/bin/nephoscope lab up bench --profile tampered >/dev/null
+	status=0; \
+	for cmd in "bench/lab_boot.py" "bench/kb.py" "bench/arch.py --guest bench" "bench/inspect_speed.py bench" \
+	           "bench/methods.py bench" "bench/vulns.py" "bench/trap.py bench"; do \
+	  echo "== $$cmd"; $(PY) $$cmd || status=1; \
+	done; \
+	$(VENV)/bin/nephoscope lab down bench; exit $$status
 
 clean:
 	$(VENV)/bin/nephoscope lab list --json >/dev/null 2>&1 || true
