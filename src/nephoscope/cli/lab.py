@@ -59,6 +59,7 @@ def up(
     """Build if needed and boot a guest; return once its init reports ready (manifest written)."""
     started = time.monotonic()
     try:
+        runner.check_name(name)
         with progress(f"lab up {name}", quiet=json_out) as log:
             image = build_image(load_profile(profile), kernel, log)
             guest = runner.start(name, image, mem=mem, smp=smp, kaslr=kaslr, accel=accel, cpu=cpu,

@@ -219,12 +219,17 @@ def qemu_command(guest: Guest, image: Image) -> list[str]:
     ]
 
 
+def check_name(name: str) -> None:
+    """Raise LabError unless `name` is a valid guest name."""
+    if not NAME_RE.match(name):
+        raise LabError(f"guest name {name!r} must be 1-32 letters, digits, '.', '_' or '-'")
+
+
 def start(name: str, image: Image, *, mem: str = "512M", smp: int = 1, kaslr: bool = True,
           accel: str = "tcg", cpu: str = "qemu64", http_port: int | None = None, gdb_port: int | None = None,
           timeout: float = 180.0, progress: Progress = lambda _m: None) -> Guest:
     """Boot `image` as guest `name`, wait until its init reports ready, and write its manifest."""
-    if not NAME_RE.match(name):
-        raise LabError(f"guest name {name!r} must be 1-32 letters, digits, '.', '_' or '-'")
+    check_name(name)
     if smp < 1 or smp > 8:
         raise LabError("--smp must be between 1 and 8")
     cleanup_stale()
