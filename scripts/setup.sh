@@ -2,7 +2,7 @@
 # Install what nephoscope needs on a Debian 12 host (idempotent): system packages, then a virtualenv.
 set -euo pipefail
 venv=${1:-.venv}
-apt_packages=(qemu-system-x86 qemu-utils busybox-static cpio gcc libc6-dev bpftool python3 python3-venv
+apt_packages=(qemu-system-x86 qemu-utils busybox-static cpio zstd gcc libc6-dev bpftool python3 python3-venv
               python3-dev binutils)
 missing=()
 for p in "${apt_packages[@]}"; do
