@@ -17,6 +17,7 @@ import pytest
 
 from nephoscope.core.errors import ConnectorError
 from nephoscope.hypervisor.qga import GuestAgent
+from nephoscope.introspect.kernel import open_kernel
 from nephoscope.lab import runner
 from nephoscope.lab.build import build_image
 from nephoscope.lab.profile import load_profile
@@ -24,6 +25,7 @@ from nephoscope.memory.physical import BufferMemory, open_memory
 from nephoscope.os.linux.detect import LINK_TEXT_GPA, LINK_TEXT_GVA, START_KERNEL_MAP, detect
 from nephoscope.os.linux.kallsyms import load_symbol_file
 from nephoscope.os.linux.model import LinuxKernel
+from nephoscope.service.targets import resolve_target
 
 pytestmark = pytest.mark.guest
 GUESTS = ["clean_guest", "tampered_guest", "clean_guest_nokaslr"]
@@ -46,11 +48,8 @@ def guest(request: pytest.FixtureRequest) -> runner.Guest:
 
 @pytest.fixture
 def kernel(guest: runner.Guest) -> Iterator[LinuxKernel]:
-    phys = open_memory(guest.ram_path)
-    try:
-        yield LinuxKernel.open(phys)
-    finally:
-        phys.close()
+    with open_kernel(resolve_target(guest.name)) as k:
+        yield k
 
 
 def test_detect_and_every_symbol_match_proc_kallsyms(guest: runner.Guest) -> None:

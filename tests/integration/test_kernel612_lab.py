@@ -15,12 +15,14 @@ import pytest
 
 from nephoscope.core.errors import LabError
 from nephoscope.hypervisor.qga import GuestAgent
+from nephoscope.introspect.kernel import open_kernel
 from nephoscope.lab import apt, runner
 from nephoscope.lab.build import build_image, choose_kernel
 from nephoscope.lab.profile import load_profile
 from nephoscope.memory.physical import open_memory
 from nephoscope.os.linux.detect import detect
 from nephoscope.os.linux.model import LinuxKernel
+from nephoscope.service.targets import resolve_target
 
 pytestmark = pytest.mark.guest
 KERNEL = "6.12"
@@ -45,11 +47,8 @@ def guest612() -> Iterator[runner.Guest]:
 
 @pytest.fixture(scope="module")
 def kernel612(guest612: runner.Guest) -> Iterator[LinuxKernel]:
-    phys = open_memory(guest612.ram_path)
-    try:
-        yield LinuxKernel.open(phys)
-    finally:
-        phys.close()
+    with open_kernel(resolve_target(guest612.name)) as k:
+        yield k
 
 
 def test_detection_and_kallsyms(guest612: runner.Guest) -> None:
