@@ -1,0 +1,1 @@
+"""Checks the project runs on itself (layering, imports); not part of the product's runtime."""
