@@ -7,12 +7,14 @@ are copied from a whitelist, and host-produced messages are scrubbed of host pat
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nephoscope.analysis.facts import dedupe, finding_location, pids_by_root
 from nephoscope.analysis.malware import regions_from, scan_regions
 from nephoscope.analysis.merge import ScanView, merge
 from nephoscope.analysis.vulnerable import RUNNING, Owner, installed_from, mapped_paths, vulnerable_findings
@@ -20,11 +22,11 @@ from nephoscope.core.errors import NephoscopeError
 from nephoscope.core.records import Finding, Observation, Provenance, Verdict
 from nephoscope.knowledge.vulns import VulnDB
 
-CODE_KINDS = ("malicious-code", "unknown-code", "modified-binary", "hidden-process", "fileless", "deleted-binary",
-              "masquerading")
+CODE_KINDS = ("malicious-code", "unknown-code", "modified-binary", "anonymous-exec", "hidden-process", "fileless",
+              "deleted-binary", "masquerading")
 DETAIL_KEYS = ("pid", "pids", "comm", "exe", "cmdline", "path", "package", "start", "end", "gva_start", "gva_end",
                "gva", "rule",
-               "description", "technique", "sha256", "method", "verdict", "seen_by")
+               "description", "technique", "sha256", "perms", "method", "verdict", "seen_by")
 _HOST_PATTERNS = [(re.compile(p), r) for p, r in (
     (r"\bcr3:0x[0-9a-fA-F]+:?", ""), (r"\bcr3[=: ]*(0x)?[0-9a-fA-F]+", "<host>"), (r"/run/nephoscope\S*", "<host>"),
     (r"/dev/shm/\S+", "<host>"), (r"\S+\.sock\b", "<host>"), (r"/root/\S+", "<host>"), (r"/home/\S+", "<host>"))]
@@ -47,12 +49,16 @@ class VulnItem:
 
 @dataclass(slots=True)
 class CodeItem:
-    """One piece of malicious, unknown or suspicious code, with customer-safe evidence."""
+    """One fact about malicious, unknown or suspicious code, with customer-safe evidence.
+
+    `details` holds one entry per distinct piece of evidence, each with the `methods` that saw it;
+    `methods` is every method that saw the fact."""
 
     kind: str
     severity: str
     title: str
     details: list[dict[str, Any]]
+    methods: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -105,6 +111,36 @@ def _details(evidence: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _code_item(f: Finding, view: ScanView, pids_of_root: dict[int, list[int]]) -> CodeItem:
+    """Return a finding as a report item: evidence lines folded across methods, every method named."""
+    loc = finding_location(f, {pid: cr3 for cr3, pids in pids_of_root.items() for pid in pids})
+    pids = pids_of_root.get(loc.cr3, []) if loc is not None else []
+    order = {m: i for i, m in enumerate(view.methods)}
+    methods: set[str] = set()
+    folded: dict[str, dict[str, Any]] = {}
+    for d in _details(f.evidence):
+        method, verdict, seen = d.pop("method", None), d.pop("verdict", None), d.pop("seen_by", None)
+        d = {k: v for k, v in d.items() if v not in ("", None, [])}
+        if pids and "pid" not in d and "pids" not in d:
+            d["pids"] = pids
+        entry = folded.setdefault(json.dumps(d, sort_keys=True, default=str), {**d, "methods": []})
+        for m in ([method] if method else []) + (sorted(seen) if isinstance(seen, dict) else []):
+            methods.add(str(m))
+            if m not in entry["methods"]:
+                entry["methods"].append(str(m))
+        if verdict and entry.get("verdict") != "verified":
+            entry["verdict"] = str(verdict)
+        pid = d.get("pid")
+        if isinstance(pid, int) and pid in view.processes and not entry["methods"]:
+            methods |= set(view.processes[pid].seen_by)  # a process fact: every method that saw the process
+    details = list(folded.values())
+    for d in details:
+        d["methods"] = sorted(d["methods"], key=lambda m: order.get(m, len(order)))
+        if not d["methods"]:
+            del d["methods"]
+    return CodeItem(f.kind, f.severity, f.title, details, sorted(methods, key=lambda m: order.get(m, len(order))))
+
+
 def _vuln_item(f: Finding) -> VulnItem:
     ev = f.evidence[0]
     return VulnItem(ev["package"], ev["versions"], f.kind == RUNNING, ev.get("fixed_version"), ev["cves"],
@@ -140,11 +176,14 @@ def build_report(vm: str, view: ScanView, observations: list[Observation], *, sc
     elif regions:
         unverified.append({"what": f"{len(regions)} unknown code region(s)", "method": "yara",
                            "reason": "guest memory was not available to scan them for known-bad code"})
+    pids_of_root = pids_by_root(observations)
+    findings = [f for f in findings if f.kind not in CODE_KINDS] + dedupe(
+        [f for f in findings if f.kind in CODE_KINDS], pids_of_root)  # one finding per fact, all methods
     for f in sorted(findings, key=lambda f: SEVERITY_ORDER.get(f.severity, 9)):
         if f.kind in (RUNNING, "installed-vulnerable"):
             report.vulnerable.append(_vuln_item(f))
         elif f.kind in CODE_KINDS:
-            report.code.append(CodeItem(f.kind, f.severity, f.title, _details(f.evidence)))
+            report.code.append(_code_item(f, view, pids_of_root))
     report.vulnerable.sort(key=lambda v: (not v.running, v.package))
     if not any(m in view.methods for m in ("arch", "inspect", "checkpoint")):
         unverified.append({"what": "running code", "method": "-", "reason": "only the guest's own account "

@@ -11,13 +11,23 @@ from typing import Any
 from nephoscope.core.text import escape_guest
 from nephoscope.service.report import Report
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~])")
+# inline markup anywhere in a line (`_` only where it can open or close emphasis: next to a non-word char;
+# parentheses only form a link after "]", which is escaped)
+_MD_INLINE = re.compile(r"([\\`*\[\]|~]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z]))")
+# block markup where a value starts a line or a list item's text: heading, quote, list, setext rule
+_MD_BLOCK_START = re.compile(r"^(\s*)([#>+=-]|\d+(?=[.)]))")
 
 
 def md(value: Any) -> str:
-    """Return `value` as inert Markdown text: control chars, markup characters and HTML escaped."""
-    text = escape_guest("" if value is None else str(value), limit=1024)
-    return html.escape(_MD_SPECIAL.sub(r"\\\1", text), quote=False).replace("\n", " ")
+    """Return `value` as inert Markdown text: control chars, markup characters and HTML escaped.
+
+    Only what Markdown would read as markup is escaped, so versions such as 1.22.1-9+deb12u9 stay as
+    they are in the file."""
+    text = escape_guest("" if value is None else str(value), limit=1024).replace("\n", " ")
+    text = _MD_INLINE.sub(r"\\\1", text)
+    text = _MD_BLOCK_START.sub(lambda m: m.group(1) + ("\\" + m.group(2) if not m.group(2)[0].isdigit()
+                                                       else m.group(2) + "\\"), text)
+    return html.escape(text, quote=False)
 
 
 def h(value: Any) -> str:
@@ -35,6 +45,20 @@ def _procs(procs: list[dict[str, Any]]) -> str:
 
 def _cves(cves: list[dict[str, Any]]) -> str:
     return ", ".join(c["cve"] for c in cves)
+
+
+def detail_text(detail: dict[str, Any]) -> str:
+    """Return one evidence entry as `key=value, ...` (lists joined with commas), then who saw it."""
+    fields = ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in detail.items()
+                       if k not in ("methods", "verdict"))
+    who = ", ".join(detail.get("methods", []))
+    verdict = detail.get("verdict")
+    seen = f"{who}: {verdict}" if who and verdict else who or verdict or ""
+    return f"{fields} ({seen})" if seen else fields
+
+
+def _seen(methods: list[str]) -> str:
+    return f" (seen by {', '.join(methods)})" if methods else ""
 
 
 def render_json(report: Report) -> str:
@@ -61,8 +85,8 @@ def render_markdown(report: Report) -> str:
         lines.append("No known vulnerable package versions found.")
     lines += ["", "## Malicious, unknown or suspicious code", ""]
     for c in report.code:
-        lines.append(f"- **{md(c.severity)}** {md(c.kind)}: {md(c.title)}")
-        lines += [f"  - {md(', '.join(f'{k}={v}' for k, v in d.items()))}" for d in c.details]
+        lines.append(f"- **{md(c.severity)}** {md(c.kind)}: {md(c.title)}{md(_seen(c.methods))}")
+        lines += [f"  - {md(detail_text(d))}" for d in c.details]
     if not report.code:
         lines.append("Nothing suspicious found by the methods that ran.")
     lines += ["", "## What could not be verified", ""]
@@ -78,8 +102,8 @@ def render_html(report: Report) -> str:
         f"<td>{h(_procs(v.processes))}</td><td>{h(_cves(v.cves))}</td><td>{h(v.evidence)}</td></tr>"
         for v in report.vulnerable)
     code = "".join(
-        f"<li><b>{h(c.severity)}</b> {h(c.kind)}: {h(c.title)}<ul>"
-        + "".join(f"<li>{h(', '.join(f'{k}={v}' for k, v in d.items()))}</li>" for d in c.details)
+        f"<li><b>{h(c.severity)}</b> {h(c.kind)}: {h(c.title)}{h(_seen(c.methods))}<ul>"
+        + "".join(f"<li>{h(detail_text(d))}</li>" for d in c.details)
         + "</ul></li>" for c in report.code) or "<li>Nothing suspicious found by the methods that ran.</li>"
     unverified = "".join(f"<li>{h(u['what'])} ({h(u['method'])}): {h(u['reason'])}</li>"
                          for u in report.unverified) or "<li>nothing</li>"
