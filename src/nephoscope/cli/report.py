@@ -31,7 +31,7 @@ def report(vm: str = typer.Argument(..., help="VM name as stored by `nephoscope 
     except NephoscopeError as exc:
         fail(exc)
     if fmt is None and output is None and console.is_terminal:
-        render_report(rep)
+        render_report(rep, console)
         return
     text = RENDERERS[fmt or "md"](rep)
     if output is None:

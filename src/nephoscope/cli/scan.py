@@ -20,7 +20,7 @@ EXIT_OK = 0
 EXIT_FINDINGS = 1  # a finding at or above --fail-on
 EXIT_USAGE = 2
 EXIT_UNVERIFIABLE = 3  # no method obtained anything: not a clean result
-EXIT_ERROR = 4  # the scan could not run (no such VM, store not writable, ...)
+EXIT_ERROR = 4  # the scan could not run (no such VM, store cannot be opened, ...)
 
 
 def scan(
@@ -42,7 +42,7 @@ def scan(
     1 a finding at or above --fail-on
     2 usage error
     3 nothing could be verified: every method unverifiable (stored flagged "unverifiable")
-    4 the scan could not run (no such VM, store not writable)"""
+    4 the scan could not run (no such VM, store cannot be opened)"""
     if fail_on is not None and fail_on not in SEVERITIES:
         raise typer.BadParameter(f"{fail_on!r} is not a severity; use one of {', '.join(SEVERITIES)}",
                                  param_hint="--fail-on")

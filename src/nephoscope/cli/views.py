@@ -84,13 +84,15 @@ def _table(title: str, columns: Sequence[str]) -> Table:
 
 def render_report(report: Report, out: Console | None = None) -> None:
     """Print the customer report for a terminal: headings and tables, every guest string inert."""
-    from nephoscope.service.report_render import detail_text
+    from nephoscope.service.report_render import NOTHING_VERIFIED, detail_text
 
     out = out or console
     s = report.summary
     when = datetime.datetime.fromtimestamp(report.scanned_at, datetime.UTC).isoformat(timespec="seconds")
     out.rule(safe(f"Security report for {report.vm}", "bold"))
     out.print(safe(f"Scanned {when} with methods: {', '.join(report.methods)}."))
+    if report.status == "unverifiable":
+        out.print(Text(NOTHING_VERIFIED, style="bold"))
     out.print(safe(f"{s.get('running_vulnerable', 0)} vulnerable package(s) running, "
                    f"{s.get('installed_vulnerable', 0)} installed but not seen running, {s.get('cves', 0)} distinct "
                    f"CVEs; {s.get('suspicious_code', 0)} suspicious code finding(s)."))

@@ -21,6 +21,7 @@ from nephoscope.analysis.vulnerable import RUNNING, Owner, installed_from, mappe
 from nephoscope.core.errors import NephoscopeError
 from nephoscope.core.records import Finding, Observation, Provenance, Verdict
 from nephoscope.knowledge.vulns import VulnDB
+from nephoscope.service.scan import scan_status
 
 CODE_KINDS = ("malicious-code", "unknown-code", "modified-binary", "anonymous-exec", "hidden-process", "fileless",
               "deleted-binary", "masquerading")
@@ -73,6 +74,7 @@ class Report:
     code: list[CodeItem] = field(default_factory=list)
     unverified: list[dict[str, str]] = field(default_factory=list)
     summary: dict[str, int] = field(default_factory=dict)
+    status: str = "ok"  # "unverifiable" when no method obtained anything: nothing here is an all-clear
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -154,7 +156,7 @@ def build_report(vm: str, view: ScanView, observations: list[Observation], *, sc
     """Build the report of one VM's scan: vulnerable software, suspicious code, what is unverified.
 
     `owner` maps a guest path to its binary package (default: the code-page DB's files)."""
-    report = Report(vm, scan_id, scanned_at or time.time(), list(view.methods))
+    report = Report(vm, scan_id, scanned_at or time.time(), list(view.methods), status=scan_status(observations))
     unverified = _grouped([{"what": scrub(u["what"], host_strings), "method": u["method"],
                             "reason": scrub(u["reason"], host_strings)} for u in view.unverifiable])
     findings = list(view.findings)

@@ -12,21 +12,26 @@ from nephoscope.core.text import escape_guest
 from nephoscope.service.report import Report
 
 # inline markup anywhere in a line (`_` only where it can open or close emphasis: next to a non-word char;
-# parentheses only form a link after "]", which is escaped)
-_MD_INLINE = re.compile(r"([\\`*\[\]|~]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z]))")
+# "(" only right after "]", where it would open a link target)
+_MD_INLINE = re.compile(r"([\\`*\[\]|~]|(?<=\])\(|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z]))")
 # block markup where a value starts a line or a list item's text: heading, quote, list, setext rule
 _MD_BLOCK_START = re.compile(r"^(\s*)([#>+=-]|\d+(?=[.)]))")
 
 
-def md(value: Any) -> str:
+NOTHING_VERIFIED = ("Nothing could be verified in this scan: every method came back unverifiable (reasons below). "
+                    "This is not an all-clear.")
+
+
+def md(value: Any, line_start: bool = False) -> str:
     """Return `value` as inert Markdown text: control chars, markup characters and HTML escaped.
 
     Only what Markdown would read as markup is escaped, so versions such as 1.22.1-9+deb12u9 stay as
-    they are in the file."""
+    they are in the file; `line_start` also escapes block markers (a value that starts a list item)."""
     text = escape_guest("" if value is None else str(value), limit=1024).replace("\n", " ")
     text = _MD_INLINE.sub(r"\\\1", text)
-    text = _MD_BLOCK_START.sub(lambda m: m.group(1) + ("\\" + m.group(2) if not m.group(2)[0].isdigit()
-                                                       else m.group(2) + "\\"), text)
+    if line_start:
+        text = _MD_BLOCK_START.sub(lambda m: m.group(1) + ("\\" + m.group(2) if not m.group(2)[0].isdigit()
+                                                           else m.group(2) + "\\"), text)
     return html.escape(text, quote=False)
 
 
@@ -71,6 +76,7 @@ def render_markdown(report: Report) -> str:
     s = report.summary
     lines = [f"# Security report for {md(report.vm)}", "",
              f"Scanned {_when(report.scanned_at)} with methods: {md(', '.join(report.methods))}.", "",
+             *([f"**{NOTHING_VERIFIED}**", ""] if report.status == "unverifiable" else []),
              f"**{s.get('running_vulnerable', 0)}** vulnerable package(s) running, "
              f"**{s.get('installed_vulnerable', 0)}** installed but not seen running, "
              f"**{s.get('cves', 0)}** distinct CVEs; **{s.get('suspicious_code', 0)}** suspicious code finding(s).",
@@ -86,11 +92,12 @@ def render_markdown(report: Report) -> str:
     lines += ["", "## Malicious, unknown or suspicious code", ""]
     for c in report.code:
         lines.append(f"- **{md(c.severity)}** {md(c.kind)}: {md(c.title)}{md(_seen(c.methods))}")
-        lines += [f"  - {md(detail_text(d))}" for d in c.details]
+        lines += [f"  - {md(detail_text(d), line_start=True)}" for d in c.details]
     if not report.code:
         lines.append("Nothing suspicious found by the methods that ran.")
     lines += ["", "## What could not be verified", ""]
-    lines += [f"- {md(u['what'])} ({md(u['method'])}): {md(u['reason'])}" for u in report.unverified] or ["- nothing"]
+    lines += [f"- {md(u['what'], line_start=True)} ({md(u['method'])}): {md(u['reason'])}"
+              for u in report.unverified] or ["- nothing"]
     return "\n".join(lines) + "\n"
 
 
@@ -111,6 +118,7 @@ def render_html(report: Report) -> str:
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Security report for {h(report.vm)}</title>"
             "</head><body>"
             f"<h1>Security report for {h(report.vm)}</h1>"
+            + (f"<p><b>{h(NOTHING_VERIFIED)}</b></p>" if report.status == "unverifiable" else "") +
             f"<p>Scanned {h(_when(report.scanned_at))} with methods: {h(', '.join(report.methods))}. "
             f"{s.get('running_vulnerable', 0)} vulnerable package(s) running, {s.get('installed_vulnerable', 0)} "
             f"installed only, {s.get('cves', 0)} distinct CVEs, {s.get('suspicious_code', 0)} suspicious code "
