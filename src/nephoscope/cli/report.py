@@ -10,9 +10,8 @@ import typer
 from nephoscope.cli.render import console, fail
 from nephoscope.cli.views import render_report
 from nephoscope.core.errors import NephoscopeError
-from nephoscope.service.report import report_from_store
+from nephoscope.service.report import latest_report
 from nephoscope.service.report_render import RENDERERS
-from nephoscope.store.sqlite import Store
 
 
 def report(vm: str = typer.Argument(..., help="VM name as stored by `nephoscope scan`"),
@@ -23,11 +22,7 @@ def report(vm: str = typer.Argument(..., help="VM name as stored by `nephoscope 
     if fmt is not None and fmt not in RENDERERS:
         fail(NephoscopeError(f"unknown format {fmt!r}; use one of {', '.join(RENDERERS)}"))
     try:
-        from nephoscope.lab import runner
-
-        guest = runner.load_guest(vm)
-        ram = guest.ram_path if guest is not None and guest.alive() else None
-        rep = report_from_store(vm, Store(), ram_path=ram)
+        rep = latest_report(vm)
     except NephoscopeError as exc:
         fail(exc)
     if fmt is None and output is None and console.is_terminal:

@@ -11,9 +11,8 @@ from nephoscope.cli.render import emit_json, err_console, fail, progress, table
 from nephoscope.cli.views import render_scan
 from nephoscope.core.errors import NephoscopeError
 from nephoscope.service.methods import available_methods
-from nephoscope.service.scan import SEVERITIES, UNVERIFIABLE, diff_pair, diff_scans, run_scan
-from nephoscope.service.targets import resolve_target
-from nephoscope.store.sqlite import Store
+from nephoscope.service.scan import SEVERITIES, UNVERIFIABLE, diff_latest, scan_vm
+from nephoscope.service.scan import history as stored_scans
 
 # exit codes of `nephoscope scan` (docs/methods.md, "Exit codes"); 2 is click's usage error
 EXIT_OK = 0
@@ -52,10 +51,8 @@ def scan(
         raise typer.BadParameter(f"unknown method(s) {', '.join(unknown)}; use some of "
                                  f"{', '.join(available_methods())}", param_hint="--methods")
     try:
-        target = resolve_target(vm)
-        with progress(f"scan {target.name}", quiet=json_out) as log:
-            options = {"checkpoint": {"rollback": True}} if rollback else None
-            result = run_scan(target, chosen, store=None if no_store else Store(), options=options, progress=log)
+        with progress(f"scan {vm}", quiet=json_out) as log:
+            result = scan_vm(vm, chosen, save=not no_store, rollback=rollback, progress=log)
     except NephoscopeError as exc:
         err_console.print(Text(f"error: {exc}"), style="bold red")
         raise SystemExit(EXIT_ERROR) from None
@@ -64,7 +61,7 @@ def scan(
     else:
         render_scan(result)
     if result.status == UNVERIFIABLE:
-        err_console.print(Text(f"{target.name}: nothing could be verified; every method was unverifiable "
+        err_console.print(Text(f"{result.vm.name}: nothing could be verified; every method was unverifiable "
                                f"(exit status {EXIT_UNVERIFIABLE})"), style="bold")
         raise SystemExit(EXIT_UNVERIFIABLE)
     worst = result.findings_at_or_above(fail_on) if fail_on else []
@@ -76,7 +73,7 @@ def scan(
 def history(vm: str = typer.Argument(None, help="only this VM"),
             json_out: bool = typer.Option(False, "--json")) -> None:
     """List stored scans, newest first."""
-    scans = Store().scans(vm)
+    scans = stored_scans(vm)
     if json_out:
         emit_json([{"id": s.id, "vm": s.vm, "started": s.started, "finished": s.finished, "methods": s.methods,
                     "summary": s.summary} for s in scans])
@@ -92,10 +89,8 @@ def diff(vm: str = typer.Argument(..., help="VM name as stored"),
          new: int = typer.Option(None, "--new", help="newer scan id (default: the latest)"),
          json_out: bool = typer.Option(False, "--json")) -> None:
     """Show what changed between two scans of a VM (default: the last two that obtained anything)."""
-    store = Store()
     try:
-        old_id, new_id = diff_pair(store, vm, old, new)
-        result = diff_scans(store, old_id, new_id)
+        result = diff_latest(vm, old, new)
     except NephoscopeError as exc:
         fail(exc)
     if json_out:
@@ -106,4 +101,4 @@ def diff(vm: str = typer.Argument(..., help="VM name as stored"),
     rows += [["+ binary", b] for b in result["binaries_new"]] + [["- binary", b] for b in result["binaries_gone"]]
     rows += [["+ finding", f] for f in result["findings_new"]]
     rows += [["- finding", f] for f in result["findings_resolved"]]
-    table(f"{vm}: scan {old_id} → {new_id}", ["change", "what"], rows)
+    table(f"{vm}: scan {result['old']} → {result['new']}", ["change", "what"], rows)

@@ -15,11 +15,11 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from nephoscope.analysis.code import CodeSummary
 from nephoscope.cli.render import console, table
 from nephoscope.core.text import escape_guest
 
 if TYPE_CHECKING:
+    from nephoscope.analysis.code import CodeSummary
     from nephoscope.service.report import Report
     from nephoscope.service.scan import ScanResult
 

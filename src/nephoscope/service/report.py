@@ -241,6 +241,16 @@ def report_from_result(result: Any, vulns: VulnDB | None = None) -> Report:
                         host_strings=host)
 
 
+def latest_report(vm: str, vulns: VulnDB | None = None) -> Report:
+    """Build the report from the latest stored scan of `vm`, scanning its RAM when it is a running lab guest."""
+    from nephoscope.lab import runner
+    from nephoscope.store.sqlite import Store
+
+    guest = runner.load_guest(vm)
+    ram = guest.ram_path if guest is not None and guest.alive() else None
+    return report_from_store(vm, Store(), vulns=vulns, ram_path=ram)
+
+
 def report_from_store(vm: str, store: Any, vulns: VulnDB | None = None, ram_path: Path | None = None,
                       owner: Owner | None = None) -> Report:
     """Build the report from the latest stored scan of `vm` (its observations only, merged afresh)."""

@@ -15,7 +15,7 @@ from nephoscope.core.records import Finding, Observation, Verdict
 from nephoscope.hypervisor.target import VmTarget
 from nephoscope.introspect.base import unverifiable
 from nephoscope.service.methods import default_methods, get_method
-from nephoscope.store.sqlite import Store
+from nephoscope.store.sqlite import ScanRecord, Store
 
 Progress = Callable[[str], None]
 SEVERITIES = tuple(SEVERITY_RANK)  # most severe first
@@ -97,6 +97,28 @@ def run_scan(vm: VmTarget, methods: list[str] | None = None, *, store: Store | N
                                          {**view.summary(), "status": result.status, "timings": timings},
                                          started)
     return result
+
+
+def scan_vm(spec: str, methods: list[str] | None = None, *, save: bool = True, rollback: bool = False,
+            progress: Progress = lambda _m: None) -> ScanResult:
+    """Scan the VM a user named (lab guest, QMP socket or memory file); store it in the default store."""
+    from nephoscope.service.targets import resolve_target
+
+    target = resolve_target(spec)
+    options: dict[str, dict[str, object]] | None = {"checkpoint": {"rollback": True}} if rollback else None
+    return run_scan(target, methods, store=Store() if save else None, options=options, progress=progress)
+
+
+def history(vm: str | None = None) -> list[ScanRecord]:
+    """Return the stored scans (of one VM, or all), newest first."""
+    return Store().scans(vm)
+
+
+def diff_latest(vm: str, old: int | None = None, new: int | None = None) -> dict[str, Any]:
+    """Return what changed between two stored scans of `vm` (default: the last two that obtained anything)."""
+    store = Store()
+    old_id, new_id = diff_pair(store, vm, old, new)
+    return diff_scans(store, old_id, new_id)
 
 
 def diff_pair(store: Store, vm: str, old: int | None = None, new: int | None = None) -> tuple[int, int]:
