@@ -126,3 +126,14 @@ def test_code_summary_counts_each_image_once_across_methods() -> None:
     assert s.main is not None and (s.main.package, s.main.versions, s.main.modified) == ("bash", ("5.2",), False)
     assert (s.libraries, s.unknown_regions, s.modified_libraries) == (1, 1, 1)
     assert s.methods == ("arch", "checkpoint")
+
+
+def test_unverifiable_said_once_across_methods(tmp_path: Path) -> None:
+    why = "kernel text is patched at boot"
+    obs = [Observation("kernel-code", "kernel", {}, Provenance(m, "vm-a", 1.0), Verdict.UNVERIFIABLE, why)
+           for m in ("arch", "checkpoint")]
+    obs.append(Observation("x", "modules", {}, Provenance("inspect", "vm-a", 1.0), Verdict.UNVERIFIABLE, "other"))
+    rep = build_report("vm-a", merge(obs, ["arch", "checkpoint", "inspect"], "vm-a"), obs,
+                       vulns=VulnDB.open(tmp_path / "v.db"), owner={}.get)
+    said = [(u["what"], u["method"]) for u in rep.unverified if u["reason"] in (why, "other")]
+    assert said == [("kernel", "arch, checkpoint"), ("modules", "inspect")]

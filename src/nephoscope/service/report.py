@@ -91,12 +91,15 @@ def scrub(text: str, extra: tuple[str, ...] = ()) -> str:
 
 
 def _grouped(items: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Return unverifiable items with the same method and reason folded into one line."""
+    """Return unverifiable items folded: one line per method and reason, then one per fact across methods."""
     groups: dict[tuple[str, str], list[str]] = {}
     for u in items:
         groups.setdefault((u["method"], u["reason"]), []).append(u["what"])
-    return [{"what": whats[0] if len(whats) == 1 else f"{whats[0]} and {len(whats) - 1} more like it",
-             "method": method, "reason": reason} for (method, reason), whats in groups.items()]
+    facts: dict[tuple[str, str], list[str]] = {}  # arch and checkpoint's arch on the copy say the same things
+    for (method, reason), whats in groups.items():
+        what = whats[0] if len(whats) == 1 else f"{whats[0]} and {len(whats) - 1} more like it"
+        facts.setdefault((what, reason), []).append(method)
+    return [{"what": what, "method": ", ".join(methods), "reason": reason} for (what, reason), methods in facts.items()]
 
 
 def _details(evidence: list[dict[str, Any]]) -> list[dict[str, Any]]:
