@@ -167,7 +167,8 @@ def _merge_space(items: list[tuple[Location, Finding]], pids: list[int]) -> list
         loc = items[i][0]
         if groups and loc.gva_start < groups[-1][0].gva_end:
             hull, members = groups[-1]
-            groups[-1] = (Location(loc.cr3, hull.gva_start, max(hull.gva_end, loc.gva_end)), [*members, i])
+            members.append(i)
+            groups[-1] = (Location(loc.cr3, hull.gva_start, max(hull.gva_end, loc.gva_end)), members)
         else:
             groups.append((loc, [i]))
     groups.sort(key=lambda g: min(g[1]))
