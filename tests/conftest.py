@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +47,20 @@ def clean_guest() -> Iterator[runner.Guest]:
 @pytest.fixture(scope="session")
 def tampered_guest() -> Iterator[runner.Guest]:
     yield from _boot("tampered", kaslr=True)
+
+
+@pytest.fixture(scope="session")
+def tampered_dump(tampered_guest: runner.Guest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Return a QEMU ELF core of the tampered guest (dump-guest-memory, VM stopped for it, run state kept)."""
+    from nephoscope.hypervisor.qmp import Qmp
+
+    dump = tmp_path_factory.mktemp("tampered-dump") / "tampered.elf"
+    with Qmp(tampered_guest.qmp_socket, timeout=180) as qmp:
+        was_running = bool(qmp.command("query-status").get("running"))
+        qmp.command("stop")
+        try:
+            qmp.command("dump-guest-memory", paging=False, protocol=f"file:{dump}")
+        finally:
+            if was_running:
+                qmp.command("cont")
+    return dump

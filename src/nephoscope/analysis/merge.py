@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from nephoscope.analysis.facts import dedupe
 from nephoscope.core.records import Finding, Observation, Verdict
 
 # binaries whose processes legitimately carry another program's name (multi-call binaries)
@@ -196,18 +197,7 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
                                     f"pid {view.pid} calls itself {view.comm!r} but executes {view.exe}", vm,
                                     [{"pid": view.pid, "comm": view.comm, "cmdline": view.cmdline,
                                       "exe": view.exe}]))
-    return ScanView(processes, binaries, dedupe(findings), unverifiable, methods)
-
-
-def dedupe(findings: list[Finding]) -> list[Finding]:
-    """Merge findings several methods made about the same thing into one, keeping all evidence."""
-    merged: dict[tuple[str, str, Any], Finding] = {}
-    for f in findings:
-        first = f.evidence[0] if f.evidence else {}
-        space = (first.get("data") or {}).get("cr3") if isinstance(first.get("data"), dict) else None
-        key = (f.kind, f.title, space)  # the same range in two address spaces is two findings
-        if key in merged:
-            merged[key].evidence.extend(f.evidence)
-        else:
-            merged[key] = Finding(f.kind, f.severity, f.title, f.vm, list(f.evidence))
-    return list(merged.values())
+    pids_of_root: dict[int, list[int]] = defaultdict(list)
+    for pid, cr3 in sorted(pid_cr3.items()):
+        pids_of_root[cr3].append(pid)
+    return ScanView(processes, binaries, dedupe(findings, pids_of_root), unverifiable, methods)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import typer
+from rich.text import Text
 
 from nephoscope.cli.render import console, emit_json, fail, progress
-from nephoscope.cli.scan import render_scan
+from nephoscope.cli.views import render_report, render_scan
 from nephoscope.core.errors import NephoscopeError
 from nephoscope.service.demo import run_demo
 
@@ -26,9 +27,8 @@ def demo(
         return
     render_scan(result)
     from nephoscope.service.report import report_from_result
-    from nephoscope.service.report_render import render_markdown
 
     console.rule("customer report")
-    console.print(render_markdown(report_from_result(result)), markup=False, highlight=False)
-    console.print(f"The guest keeps running: `nephoscope lab console {name}`, `nephoscope scan {name}`, "
-                  f"`nephoscope lab down {name}`.")
+    render_report(report_from_result(result))
+    console.print(Text(f"The guest keeps running: `nephoscope lab console {name}`, `nephoscope scan {name}`, "
+                       f"`nephoscope lab down {name}`."))

@@ -7,24 +7,27 @@ are copied from a whitelist, and host-produced messages are scrubbed of host pat
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nephoscope.analysis.facts import dedupe, finding_location, pids_by_root
 from nephoscope.analysis.malware import regions_from, scan_regions
 from nephoscope.analysis.merge import ScanView, merge
 from nephoscope.analysis.vulnerable import RUNNING, Owner, installed_from, mapped_paths, vulnerable_findings
 from nephoscope.core.errors import NephoscopeError
 from nephoscope.core.records import Finding, Observation, Provenance, Verdict
 from nephoscope.knowledge.vulns import VulnDB
+from nephoscope.service.scan import scan_status
 
-CODE_KINDS = ("malicious-code", "unknown-code", "modified-binary", "hidden-process", "fileless", "deleted-binary",
-              "masquerading")
+CODE_KINDS = ("malicious-code", "unknown-code", "modified-binary", "anonymous-exec", "hidden-process", "fileless",
+              "deleted-binary", "masquerading")
 DETAIL_KEYS = ("pid", "pids", "comm", "exe", "cmdline", "path", "package", "start", "end", "gva_start", "gva_end",
                "gva", "rule",
-               "description", "technique", "sha256", "method", "verdict", "seen_by")
+               "description", "technique", "sha256", "perms", "method", "verdict", "seen_by")
 _HOST_PATTERNS = [(re.compile(p), r) for p, r in (
     (r"\bcr3:0x[0-9a-fA-F]+:?", ""), (r"\bcr3[=: ]*(0x)?[0-9a-fA-F]+", "<host>"), (r"/run/nephoscope\S*", "<host>"),
     (r"/dev/shm/\S+", "<host>"), (r"\S+\.sock\b", "<host>"), (r"/root/\S+", "<host>"), (r"/home/\S+", "<host>"))]
@@ -47,12 +50,16 @@ class VulnItem:
 
 @dataclass(slots=True)
 class CodeItem:
-    """One piece of malicious, unknown or suspicious code, with customer-safe evidence."""
+    """One fact about malicious, unknown or suspicious code, with customer-safe evidence.
+
+    `details` holds one entry per distinct piece of evidence, each with the `methods` that saw it;
+    `methods` is every method that saw the fact."""
 
     kind: str
     severity: str
     title: str
     details: list[dict[str, Any]]
+    methods: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -67,6 +74,7 @@ class Report:
     code: list[CodeItem] = field(default_factory=list)
     unverified: list[dict[str, str]] = field(default_factory=list)
     summary: dict[str, int] = field(default_factory=dict)
+    status: str = "ok"  # "unverifiable" when no method obtained anything: nothing here is an all-clear
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -83,12 +91,15 @@ def scrub(text: str, extra: tuple[str, ...] = ()) -> str:
 
 
 def _grouped(items: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Return unverifiable items with the same method and reason folded into one line."""
+    """Return unverifiable items folded: one line per method and reason, then one per fact across methods."""
     groups: dict[tuple[str, str], list[str]] = {}
     for u in items:
         groups.setdefault((u["method"], u["reason"]), []).append(u["what"])
-    return [{"what": whats[0] if len(whats) == 1 else f"{whats[0]} and {len(whats) - 1} more like it",
-             "method": method, "reason": reason} for (method, reason), whats in groups.items()]
+    facts: dict[tuple[str, str], list[str]] = {}  # arch and checkpoint's arch on the copy say the same things
+    for (method, reason), whats in groups.items():
+        what = whats[0] if len(whats) == 1 else f"{whats[0]} and {len(whats) - 1} more like it"
+        facts.setdefault((what, reason), []).append(method)
+    return [{"what": what, "method": ", ".join(methods), "reason": reason} for (what, reason), methods in facts.items()]
 
 
 def _details(evidence: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -105,6 +116,36 @@ def _details(evidence: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _code_item(f: Finding, view: ScanView, pids_of_root: dict[int, list[int]]) -> CodeItem:
+    """Return a finding as a report item: evidence lines folded across methods, every method named."""
+    loc = finding_location(f, {pid: cr3 for cr3, pids in pids_of_root.items() for pid in pids})
+    pids = pids_of_root.get(loc.cr3, []) if loc is not None else []
+    order = {m: i for i, m in enumerate(view.methods)}
+    methods: set[str] = set()
+    folded: dict[str, dict[str, Any]] = {}
+    for d in _details(f.evidence):
+        method, verdict, seen = d.pop("method", None), d.pop("verdict", None), d.pop("seen_by", None)
+        d = {k: v for k, v in d.items() if v not in ("", None, [])}
+        if pids and "pid" not in d and "pids" not in d:
+            d["pids"] = pids
+        entry = folded.setdefault(json.dumps(d, sort_keys=True, default=str), {**d, "methods": []})
+        for m in ([method] if method else []) + (sorted(seen) if isinstance(seen, dict) else []):
+            methods.add(str(m))
+            if m not in entry["methods"]:
+                entry["methods"].append(str(m))
+        if verdict and entry.get("verdict") != "verified":
+            entry["verdict"] = str(verdict)
+        pid = d.get("pid")
+        if isinstance(pid, int) and pid in view.processes and not entry["methods"]:
+            methods |= set(view.processes[pid].seen_by)  # a process fact: every method that saw the process
+    details = list(folded.values())
+    for d in details:
+        d["methods"] = sorted(d["methods"], key=lambda m: order.get(m, len(order)))
+        if not d["methods"]:
+            del d["methods"]
+    return CodeItem(f.kind, f.severity, f.title, details, sorted(methods, key=lambda m: order.get(m, len(order))))
+
+
 def _vuln_item(f: Finding) -> VulnItem:
     ev = f.evidence[0]
     return VulnItem(ev["package"], ev["versions"], f.kind == RUNNING, ev.get("fixed_version"), ev["cves"],
@@ -118,7 +159,7 @@ def build_report(vm: str, view: ScanView, observations: list[Observation], *, sc
     """Build the report of one VM's scan: vulnerable software, suspicious code, what is unverified.
 
     `owner` maps a guest path to its binary package (default: the code-page DB's files)."""
-    report = Report(vm, scan_id, scanned_at or time.time(), list(view.methods))
+    report = Report(vm, scan_id, scanned_at or time.time(), list(view.methods), status=scan_status(observations))
     unverified = _grouped([{"what": scrub(u["what"], host_strings), "method": u["method"],
                             "reason": scrub(u["reason"], host_strings)} for u in view.unverifiable])
     findings = list(view.findings)
@@ -140,11 +181,14 @@ def build_report(vm: str, view: ScanView, observations: list[Observation], *, sc
     elif regions:
         unverified.append({"what": f"{len(regions)} unknown code region(s)", "method": "yara",
                            "reason": "guest memory was not available to scan them for known-bad code"})
+    pids_of_root = pids_by_root(observations)
+    findings = [f for f in findings if f.kind not in CODE_KINDS] + dedupe(
+        [f for f in findings if f.kind in CODE_KINDS], pids_of_root)  # one finding per fact, all methods
     for f in sorted(findings, key=lambda f: SEVERITY_ORDER.get(f.severity, 9)):
         if f.kind in (RUNNING, "installed-vulnerable"):
             report.vulnerable.append(_vuln_item(f))
         elif f.kind in CODE_KINDS:
-            report.code.append(CodeItem(f.kind, f.severity, f.title, _details(f.evidence)))
+            report.code.append(_code_item(f, view, pids_of_root))
     report.vulnerable.sort(key=lambda v: (not v.running, v.package))
     if not any(m in view.methods for m in ("arch", "inspect", "checkpoint")):
         unverified.append({"what": "running code", "method": "-", "reason": "only the guest's own account "
@@ -198,6 +242,16 @@ def report_from_result(result: Any, vulns: VulnDB | None = None) -> Report:
     return build_report(target.name, result.view, result.observations, scan_id=result.scan_id, vulns=vulns,
                         ram_path=target.ram_path if target.ram_path and Path(target.ram_path).exists() else None,
                         host_strings=host)
+
+
+def latest_report(vm: str, vulns: VulnDB | None = None) -> Report:
+    """Build the report from the latest stored scan of `vm`, scanning its RAM when it is a running lab guest."""
+    from nephoscope.lab import runner
+    from nephoscope.store.sqlite import Store
+
+    guest = runner.load_guest(vm)
+    ram = guest.ram_path if guest is not None and guest.alive() else None
+    return report_from_store(vm, Store(), vulns=vulns, ram_path=ram)
 
 
 def report_from_store(vm: str, store: Any, vulns: VulnDB | None = None, ram_path: Path | None = None,

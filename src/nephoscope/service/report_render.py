@@ -11,13 +11,28 @@ from typing import Any
 from nephoscope.core.text import escape_guest
 from nephoscope.service.report import Report
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~])")
+# inline markup anywhere in a line (`_` only where it can open or close emphasis: next to a non-word char;
+# "(" only right after "]", where it would open a link target)
+_MD_INLINE = re.compile(r"([\\`*\[\]|~]|(?<=\])\(|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z]))")
+# block markup where a value starts a line or a list item's text: heading, quote, list, setext rule
+_MD_BLOCK_START = re.compile(r"^(\s*)([#>+=-]|\d+(?=[.)]))")
 
 
-def md(value: Any) -> str:
-    """Return `value` as inert Markdown text: control chars, markup characters and HTML escaped."""
-    text = escape_guest("" if value is None else str(value), limit=1024)
-    return html.escape(_MD_SPECIAL.sub(r"\\\1", text), quote=False).replace("\n", " ")
+NOTHING_VERIFIED = ("Nothing could be verified in this scan: every method came back unverifiable (reasons below). "
+                    "This is not an all-clear.")
+
+
+def md(value: Any, line_start: bool = False) -> str:
+    """Return `value` as inert Markdown text: control chars, markup characters and HTML escaped.
+
+    Only what Markdown would read as markup is escaped, so versions such as 1.22.1-9+deb12u9 stay as
+    they are in the file; `line_start` also escapes block markers (a value that starts a list item)."""
+    text = escape_guest("" if value is None else str(value), limit=1024).replace("\n", " ")
+    text = _MD_INLINE.sub(r"\\\1", text)
+    if line_start:
+        text = _MD_BLOCK_START.sub(lambda m: m.group(1) + ("\\" + m.group(2) if not m.group(2)[0].isdigit()
+                                                           else m.group(2) + "\\"), text)
+    return html.escape(text, quote=False)
 
 
 def h(value: Any) -> str:
@@ -37,6 +52,20 @@ def _cves(cves: list[dict[str, Any]]) -> str:
     return ", ".join(c["cve"] for c in cves)
 
 
+def detail_text(detail: dict[str, Any]) -> str:
+    """Return one evidence entry as `key=value, ...` (lists joined with commas), then who saw it."""
+    fields = ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in detail.items()
+                       if k not in ("methods", "verdict"))
+    who = ", ".join(detail.get("methods", []))
+    verdict = detail.get("verdict")
+    seen = f"{who}: {verdict}" if who and verdict else who or verdict or ""
+    return f"{fields} ({seen})" if seen else fields
+
+
+def _seen(methods: list[str]) -> str:
+    return f" (seen by {', '.join(methods)})" if methods else ""
+
+
 def render_json(report: Report) -> str:
     """Return the report as JSON."""
     return json.dumps(report.to_dict(), indent=1, default=str)
@@ -47,6 +76,7 @@ def render_markdown(report: Report) -> str:
     s = report.summary
     lines = [f"# Security report for {md(report.vm)}", "",
              f"Scanned {_when(report.scanned_at)} with methods: {md(', '.join(report.methods))}.", "",
+             *([f"**{NOTHING_VERIFIED}**", ""] if report.status == "unverifiable" else []),
              f"**{s.get('running_vulnerable', 0)}** vulnerable package(s) running, "
              f"**{s.get('installed_vulnerable', 0)}** installed but not seen running, "
              f"**{s.get('cves', 0)}** distinct CVEs; **{s.get('suspicious_code', 0)}** suspicious code finding(s).",
@@ -61,12 +91,13 @@ def render_markdown(report: Report) -> str:
         lines.append("No known vulnerable package versions found.")
     lines += ["", "## Malicious, unknown or suspicious code", ""]
     for c in report.code:
-        lines.append(f"- **{md(c.severity)}** {md(c.kind)}: {md(c.title)}")
-        lines += [f"  - {md(', '.join(f'{k}={v}' for k, v in d.items()))}" for d in c.details]
+        lines.append(f"- **{md(c.severity)}** {md(c.kind)}: {md(c.title)}{md(_seen(c.methods))}")
+        lines += [f"  - {md(detail_text(d), line_start=True)}" for d in c.details]
     if not report.code:
         lines.append("Nothing suspicious found by the methods that ran.")
     lines += ["", "## What could not be verified", ""]
-    lines += [f"- {md(u['what'])} ({md(u['method'])}): {md(u['reason'])}" for u in report.unverified] or ["- nothing"]
+    lines += [f"- {md(u['what'], line_start=True)} ({md(u['method'])}): {md(u['reason'])}"
+              for u in report.unverified] or ["- nothing"]
     return "\n".join(lines) + "\n"
 
 
@@ -78,8 +109,8 @@ def render_html(report: Report) -> str:
         f"<td>{h(_procs(v.processes))}</td><td>{h(_cves(v.cves))}</td><td>{h(v.evidence)}</td></tr>"
         for v in report.vulnerable)
     code = "".join(
-        f"<li><b>{h(c.severity)}</b> {h(c.kind)}: {h(c.title)}<ul>"
-        + "".join(f"<li>{h(', '.join(f'{k}={v}' for k, v in d.items()))}</li>" for d in c.details)
+        f"<li><b>{h(c.severity)}</b> {h(c.kind)}: {h(c.title)}{h(_seen(c.methods))}<ul>"
+        + "".join(f"<li>{h(detail_text(d))}</li>" for d in c.details)
         + "</ul></li>" for c in report.code) or "<li>Nothing suspicious found by the methods that ran.</li>"
     unverified = "".join(f"<li>{h(u['what'])} ({h(u['method'])}): {h(u['reason'])}</li>"
                          for u in report.unverified) or "<li>nothing</li>"
@@ -87,6 +118,7 @@ def render_html(report: Report) -> str:
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Security report for {h(report.vm)}</title>"
             "</head><body>"
             f"<h1>Security report for {h(report.vm)}</h1>"
+            + (f"<p><b>{h(NOTHING_VERIFIED)}</b></p>" if report.status == "unverifiable" else "") +
             f"<p>Scanned {h(_when(report.scanned_at))} with methods: {h(', '.join(report.methods))}. "
             f"{s.get('running_vulnerable', 0)} vulnerable package(s) running, {s.get('installed_vulnerable', 0)} "
             f"installed only, {s.get('cves', 0)} distinct CVEs, {s.get('suspicious_code', 0)} suspicious code "

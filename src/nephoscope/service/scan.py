@@ -7,15 +7,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from nephoscope.analysis.code import CodeSummary, summarize_code
+from nephoscope.analysis.facts import SEVERITY_RANK
 from nephoscope.analysis.merge import ScanView, image_identity, merge
 from nephoscope.core.errors import NephoscopeError
-from nephoscope.core.records import Observation
+from nephoscope.core.records import Finding, Observation, Verdict
 from nephoscope.hypervisor.target import VmTarget
 from nephoscope.introspect.base import unverifiable
 from nephoscope.service.methods import default_methods, get_method
-from nephoscope.store.sqlite import Store
+from nephoscope.store.sqlite import ScanRecord, Store
 
 Progress = Callable[[str], None]
+SEVERITIES = tuple(SEVERITY_RANK)  # most severe first
+OK = "ok"
+UNVERIFIABLE = "unverifiable"  # no method obtained anything: stored flagged, never a clean result
+
+
+def scan_status(observations: list[Observation]) -> str:
+    """Return "unverifiable" when every observation is unverifiable (nothing was obtained), else "ok"."""
+    return OK if any(o.verdict != Verdict.UNVERIFIABLE for o in observations) else UNVERIFIABLE
 
 
 @dataclass(slots=True)
@@ -28,12 +38,28 @@ class ScanResult:
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
     scan_id: int | None = None
 
+    @property
+    def status(self) -> str:
+        """Return "ok", or "unverifiable" when no method obtained anything."""
+        return scan_status(self.observations)
+
+    def code(self) -> dict[int, CodeSummary]:
+        """Return pid -> the code summary of each process (main binary, libraries, unknown regions)."""
+        return {pid: summarize_code(p.exe, p.binaries) for pid, p in self.view.processes.items()}
+
+    def findings_at_or_above(self, severity: str) -> list[Finding]:
+        """Return the findings whose severity is `severity` or worse (one of SEVERITIES)."""
+        limit = SEVERITY_RANK[severity]
+        return [f for f in self.view.findings if SEVERITY_RANK.get(f.severity, len(SEVERITY_RANK)) <= limit]
+
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
+        code = self.code()
         return {
-            "scan_id": self.scan_id, "vm": self.vm.name, "methods": self.view.methods, "timings": self.timings,
-            "summary": self.view.summary(),
-            "processes": [p.to_dict() for p in sorted(self.view.processes.values(), key=lambda p: p.pid)],
+            "scan_id": self.scan_id, "vm": self.vm.name, "status": self.status, "methods": self.view.methods,
+            "timings": self.timings, "summary": self.view.summary(),
+            "processes": [{**p.to_dict(), "code": code[p.pid].to_dict()}
+                          for p in sorted(self.view.processes.values(), key=lambda p: p.pid)],
             "binaries": [b.to_dict() for b in self.view.binaries.values()],
             "findings": [f.to_dict() for f in self.view.findings],
             "unverifiable": self.view.unverifiable,
@@ -42,7 +68,10 @@ class ScanResult:
 
 def run_scan(vm: VmTarget, methods: list[str] | None = None, *, store: Store | None = None,
              options: dict[str, dict[str, object]] | None = None, progress: Progress = lambda _m: None) -> ScanResult:
-    """Run `methods` (default: all available but trap) on `vm`, merge, and store the result."""
+    """Run `methods` (default: all available but trap) on `vm`, merge, and store the result.
+
+    A scan in which no method obtained anything is stored with summary status "unverifiable", so
+    `history` shows it and `diff` does not take it for a scan in which every process had gone."""
     names = methods or default_methods()
     observations: list[Observation] = []
     timings: dict[str, dict[str, float]] = {}
@@ -65,8 +94,42 @@ def run_scan(vm: VmTarget, methods: list[str] | None = None, *, store: Store | N
     result = ScanResult(vm, view, observations, timings)
     if store is not None:
         result.scan_id = store.save_scan(vm.name, names, observations, view.findings,
-                                         {**view.summary(), "timings": timings}, started)
+                                         {**view.summary(), "status": result.status, "timings": timings},
+                                         started)
     return result
+
+
+def scan_vm(spec: str, methods: list[str] | None = None, *, save: bool = True, rollback: bool = False,
+            progress: Progress = lambda _m: None) -> ScanResult:
+    """Scan the VM a user named (lab guest, QMP socket or memory file); store it in the default store."""
+    from nephoscope.service.targets import resolve_target
+
+    target = resolve_target(spec)
+    options: dict[str, dict[str, object]] | None = {"checkpoint": {"rollback": True}} if rollback else None
+    return run_scan(target, methods, store=Store() if save else None, options=options, progress=progress)
+
+
+def history(vm: str | None = None) -> list[ScanRecord]:
+    """Return the stored scans (of one VM, or all), newest first."""
+    return Store().scans(vm)
+
+
+def diff_latest(vm: str, old: int | None = None, new: int | None = None) -> dict[str, Any]:
+    """Return what changed between two stored scans of `vm` (default: the last two that obtained anything)."""
+    store = Store()
+    old_id, new_id = diff_pair(store, vm, old, new)
+    return diff_scans(store, old_id, new_id)
+
+
+def diff_pair(store: Store, vm: str, old: int | None = None, new: int | None = None) -> tuple[int, int]:
+    """Return (old, new) scan ids to diff: given ids, else the last two scans of `vm` that obtained anything."""
+    usable = [s.id for s in store.scans(vm, limit=1000) if s.summary.get("status", OK) != UNVERIFIABLE]
+    new_id = new if new is not None else (usable[0] if usable else None)
+    older = [i for i in usable if new_id is not None and i < new_id]
+    if new_id is None or (old is None and not older):
+        raise NephoscopeError(f"need two scans of {vm!r} that obtained something to diff; "
+                              f"run `nephoscope scan {vm}` again")
+    return (old if old is not None else max(older)), new_id
 
 
 def diff_scans(store: Store, old_id: int, new_id: int) -> dict[str, Any]:
