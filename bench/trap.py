@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any
 
+from nephoscope.core.errors import NephoscopeError
 from nephoscope.hypervisor.qga import GuestAgent
 from nephoscope.introspect.trap import TrapEvent, Watcher
 from nephoscope.service.targets import resolve_target
@@ -35,27 +36,37 @@ def guest_run(qga: str, n: int) -> tuple[float, float]:
 def trapped_run(name: str, n: int, events: list[str], skip_nops: bool) -> dict[str, Any]:
     """Run the workload while a watcher traps `events`; return timings and the watcher's stats."""
     vm = resolve_target(name)
-    watcher = Watcher(vm, events, budget=10_000, skip_nops=skip_nops)
     seen: list[TrapEvent] = []
     ready, done = threading.Event(), threading.Event()
     result: dict[str, Any] = {}
 
-    def watch() -> None:
-        result["stats"] = watcher.run(seen.append, should_stop=done.is_set, on_ready=ready.set).to_dict()
+    def watch() -> None:  # the watcher lives in this thread: its code-page DB connection is per thread
+        try:
+            watcher = Watcher(vm, events, budget=10_000, skip_nops=skip_nops)
+        except NephoscopeError as exc:
+            result["error"] = str(exc)
+            ready.set()
+            return
+        try:
+            result["stats"] = watcher.run(seen.append, should_stop=done.is_set, on_ready=ready.set).to_dict()
+        finally:
+            watcher.close()
 
     thread = threading.Thread(target=watch)
     thread.start()
     try:
-        if not ready.wait(30):
-            raise SystemExit("the watcher did not attach within 30 s")
+        if not ready.wait(120):
+            raise SystemExit("the watcher did not attach within 120 s")
+        if "error" in result:
+            raise SystemExit(f"the watcher could not start: {result['error']}")
         result["guest_s"], result["wall_s"] = guest_run(str(vm.qga_socket), n)
     finally:
         done.set()
         thread.join()
-        watcher.close()
     trues = [e for e in seen if e.kind == "exec" and e.detail.get("path") == "/bin/true"]
     result["execs_seen"], result["exec_pids"] = len(trues), len({e.pid for e in trues})
     result["exec_ppids"] = sorted({e.ppid for e in trues if e.ppid is not None})
+    result["identities"] = sum(e.kind == "identity" for e in seen)
     return result
 
 
