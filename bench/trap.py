@@ -96,7 +96,8 @@ def main() -> None:
             "guest_ms_per_event": 1000 * (run["guest_s"] - base) / max(s["events"], 1),
             "host_paused_ms_per_event": s["mean_paused_ms"], "host_max_paused_ms": 1000 * s["max_paused_s"],
             "events": s["events"], "execs_seen": run["execs_seen"],
-            "exec_pids": run["exec_pids"], "exec_ppids": run["exec_ppids"], "attach_ms": 1000 * s["attach_s"],
+            "exec_pids": run["exec_pids"], "exec_ppids": run["exec_ppids"], "identities": run["identities"],
+            "attach_ms": 1000 * s["attach_s"],
             "detach_ms": 1000 * s["detach_s"]}
     if args.json:
         print(json.dumps(report, indent=1))
@@ -110,7 +111,7 @@ def main() -> None:
               f"{r['wall_slowdown_x']:.1f}x in wall time; "
               f"{r['guest_ms_per_event']:.0f} ms guest time and {r['host_paused_ms_per_event']:.2f} ms host "
               f"handling per event (max {r['host_max_paused_ms']:.1f}); saw {r['execs_seen']}/{args.execs} execs "
-              f"({r['exec_pids']} pids, parents {r['exec_ppids'][:3]}); "
+              f"({r['exec_pids']} pids, parents {r['exec_ppids'][:3]}, {r['identities']} identity records); "
               f"attach {r['attach_ms']:.0f} ms, detach {r['detach_ms']:.0f} ms")
 
 
