@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any
 
+from nephoscope.core.errors import NephoscopeError
 from nephoscope.hypervisor.qga import GuestAgent
 from nephoscope.introspect.trap import TrapEvent, Watcher
 from nephoscope.service.targets import resolve_target
@@ -35,27 +36,37 @@ def guest_run(qga: str, n: int) -> tuple[float, float]:
 def trapped_run(name: str, n: int, events: list[str], skip_nops: bool) -> dict[str, Any]:
     """Run the workload while a watcher traps `events`; return timings and the watcher's stats."""
     vm = resolve_target(name)
-    watcher = Watcher(vm, events, budget=10_000, skip_nops=skip_nops)
     seen: list[TrapEvent] = []
     ready, done = threading.Event(), threading.Event()
     result: dict[str, Any] = {}
 
-    def watch() -> None:
-        result["stats"] = watcher.run(seen.append, should_stop=done.is_set, on_ready=ready.set).to_dict()
+    def watch() -> None:  # the watcher lives in this thread: its code-page DB connection is per thread
+        try:
+            watcher = Watcher(vm, events, budget=10_000, skip_nops=skip_nops)
+        except NephoscopeError as exc:
+            result["error"] = str(exc)
+            ready.set()
+            return
+        try:
+            result["stats"] = watcher.run(seen.append, should_stop=done.is_set, on_ready=ready.set).to_dict()
+        finally:
+            watcher.close()
 
     thread = threading.Thread(target=watch)
     thread.start()
     try:
-        if not ready.wait(30):
-            raise SystemExit("the watcher did not attach within 30 s")
+        if not ready.wait(120):
+            raise SystemExit("the watcher did not attach within 120 s")
+        if "error" in result:
+            raise SystemExit(f"the watcher could not start: {result['error']}")
         result["guest_s"], result["wall_s"] = guest_run(str(vm.qga_socket), n)
     finally:
         done.set()
         thread.join()
-        watcher.close()
     trues = [e for e in seen if e.kind == "exec" and e.detail.get("path") == "/bin/true"]
     result["execs_seen"], result["exec_pids"] = len(trues), len({e.pid for e in trues})
     result["exec_ppids"] = sorted({e.ppid for e in trues if e.ppid is not None})
+    result["identities"] = sum(e.kind == "identity" for e in seen)
     return result
 
 
@@ -85,7 +96,8 @@ def main() -> None:
             "guest_ms_per_event": 1000 * (run["guest_s"] - base) / max(s["events"], 1),
             "host_paused_ms_per_event": s["mean_paused_ms"], "host_max_paused_ms": 1000 * s["max_paused_s"],
             "events": s["events"], "execs_seen": run["execs_seen"],
-            "exec_pids": run["exec_pids"], "exec_ppids": run["exec_ppids"], "attach_ms": 1000 * s["attach_s"],
+            "exec_pids": run["exec_pids"], "exec_ppids": run["exec_ppids"], "identities": run["identities"],
+            "attach_ms": 1000 * s["attach_s"],
             "detach_ms": 1000 * s["detach_s"]}
     if args.json:
         print(json.dumps(report, indent=1))
@@ -99,7 +111,7 @@ def main() -> None:
               f"{r['wall_slowdown_x']:.1f}x in wall time; "
               f"{r['guest_ms_per_event']:.0f} ms guest time and {r['host_paused_ms_per_event']:.2f} ms host "
               f"handling per event (max {r['host_max_paused_ms']:.1f}); saw {r['execs_seen']}/{args.execs} execs "
-              f"({r['exec_pids']} pids, parents {r['exec_ppids'][:3]}); "
+              f"({r['exec_pids']} pids, parents {r['exec_ppids'][:3]}, {r['identities']} identity records); "
               f"attach {r['attach_ms']:.0f} ms, detach {r['detach_ms']:.0f} ms")
 
 

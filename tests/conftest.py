@@ -8,16 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from nephoscope.lab import runner
-from nephoscope.lab.build import Image, build_image
+from nephoscope.core.errors import LabError
+from nephoscope.lab import apt, runner
+from nephoscope.lab.build import Image, build_image, choose_kernel
 from nephoscope.lab.profile import load_profile
 
 _SUFFIX = f"{os.getpid() % 100000}"
+KERNEL_612 = "6.12"
 
 
-def _boot(profile: str, **kwargs: object) -> Iterator[runner.Guest]:
-    image = build_image(load_profile(profile))
-    name = f"pt-{profile}-{_SUFFIX}"
+def _boot(profile: str, kernel: str | None = None, tag: str = "", **kwargs: object) -> Iterator[runner.Guest]:
+    image = build_image(load_profile(profile), kernel)
+    name = f"pt-{tag or profile}-{_SUFFIX}"
     guest = runner.start(name, image, **kwargs)  # type: ignore[arg-type]
     try:
         yield guest
@@ -42,6 +44,18 @@ def default_kb() -> None:
 @pytest.fixture(scope="session")
 def clean_guest() -> Iterator[runner.Guest]:
     yield from _boot("clean")
+
+
+@pytest.fixture(scope="session")
+def clean_guest_612() -> Iterator[runner.Guest]:
+    """The clean profile on the Debian 6.12 kernel (module.mem[], pcpu_hot): one guest per session."""
+    try:
+        chosen = choose_kernel(KERNEL_612, lambda _m: None)
+    except LabError as exc:
+        pytest.skip(f"the Debian {KERNEL_612} kernel cannot be fetched (host apt, then "
+                    f"{', '.join(apt.EXTRA_SUITES)} from {apt.EXTRA_MIRROR}): {exc}")
+    assert chosen.release.startswith(KERNEL_612 + "."), chosen
+    yield from _boot("clean", KERNEL_612, tag="k612")
 
 
 @pytest.fixture(scope="session")

@@ -1,24 +1,20 @@
 """The kernel model on a second kernel version: a Debian 6.12 clean lab guest, with no per-version setup.
 
 One guest (`--kernel 6.12`: the host's apt if it knows 6.12, else bookworm-backports through the private
-apt setup) is booted for the module and checked against its own /proc and the lab manifest.
+apt setup) is booted once per session (`clean_guest_612`) and checked against its own /proc and the lab manifest.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from nephoscope.core.errors import LabError
 from nephoscope.hypervisor.qga import GuestAgent
 from nephoscope.introspect.kernel import open_kernel
-from nephoscope.lab import apt, runner
-from nephoscope.lab.build import build_image, choose_kernel
-from nephoscope.lab.profile import load_profile
+from nephoscope.lab import runner
 from nephoscope.memory.physical import open_memory
 from nephoscope.os.linux.detect import detect
 from nephoscope.os.linux.model import LinuxKernel
@@ -30,19 +26,8 @@ Maps = list[tuple[int, int, str, int, str]]
 
 
 @pytest.fixture(scope="module")
-def guest612() -> Iterator[runner.Guest]:
-    try:
-        chosen = choose_kernel(KERNEL, lambda _m: None)
-    except LabError as exc:
-        pytest.skip(f"the Debian {KERNEL} kernel cannot be fetched (host apt, then {', '.join(apt.EXTRA_SUITES)} "
-                    f"from {apt.EXTRA_MIRROR}): {exc}")
-    assert chosen.release.startswith(KERNEL + "."), chosen
-    image = build_image(load_profile("clean"), KERNEL)
-    name = f"pt-k612-{os.getpid() % 100000}"
-    try:
-        yield runner.start(name, image)
-    finally:
-        runner.stop(name, quiet=True)
+def guest612(clean_guest_612: runner.Guest) -> runner.Guest:
+    return clean_guest_612  # booted once per session (tests/conftest.py), shared with the trap tests
 
 
 @pytest.fixture(scope="module")

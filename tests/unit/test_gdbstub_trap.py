@@ -9,22 +9,15 @@ from test_gdbstub import FakeStub  # same directory: pytest puts it on sys.path
 
 from nephoscope.core.records import Verdict
 from nephoscope.hypervisor.target import VmTarget
-from nephoscope.introspect.trap import (
-    Budget,
-    EventLog,
-    TrapEvent,
-    Watcher,
-    WatchStats,
-    event_observation,
-    recent_events,
-)
+from nephoscope.introspect.trap import Budget, TrapEvent, Watcher, WatchStats, event_observation
+from nephoscope.store.events import EventLog, recent_events
 from nephoscope.store.sqlite import Store
 
 HOOK = 0xFFFFFFFF81000000  # the fake's rip
 
 
 class FakeKernel:
-    """Stands in for KernelReader: every hit is an exec of /bin/true by pid 42."""
+    """Stands in for the watcher's HookDecoder: every hit is an exec of /bin/true by pid 42."""
 
     def __init__(self, nop: int = 5) -> None:
         self.nop, self.fork_count = nop, 0
@@ -45,7 +38,7 @@ def _watcher(port: int, kernel: FakeKernel, budget: int = 1000, cooldown: float 
     w.vm = VmTarget("fake", gdb_port=port)
     w.events, w.host, w.use_guard, w.skip_nops = ["exec"], "127.0.0.1", False, True
     w.budget, w.cooldown, w.stats = Budget(budget), cooldown, WatchStats()
-    w.kernel, w.hooks = kernel, {HOOK: "exec"}  # type: ignore[assignment]
+    w.decoder, w.hooks = kernel, {HOOK: "exec"}  # type: ignore[assignment]
     return w
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from test_arch import BIN, _guest
 
-from nephoscope.introspect.identify import ExecTracker, Identifier
+from nephoscope.introspect.exectrack import ExecTracker
+from nephoscope.introspect.identify import Identifier
 from nephoscope.introspect.trap import TrapEvent
 
 
@@ -39,19 +40,23 @@ def test_no_kb_is_unverifiable_not_a_crash() -> None:
     assert got == {"unverifiable": "no code-page DB"}
 
 
-def test_tracker_holds_an_exec_until_its_exit_then_delivers_it_first() -> None:
+def test_tracker_delivers_an_exec_at_once_and_its_identity_after_its_exit() -> None:
     ident, roots = _identifier()
     tracker = ExecTracker(ident, lambda mm: roots["clean"] if mm == 0x1000 else roots["injected"])
-    ex = TrapEvent("exec", 1.0, pid=7, detail={"path": "/usr/bin/prog"})
+    ex = TrapEvent("exec", 1.0, pid=7, detail={"path": "/usr/bin/prog"}, seq=3)
     tracker.on_exec(ex, task=0xAA, old_mm=0x900, new_mm=0x1000)
-    assert tracker.take(ex) == []  # held
+    assert tracker.take(ex) == [ex]  # not held (defect 1): printed before its process is identified
     other = TrapEvent("exit", 1.5, pid=8)
     tracker.on_exit(other, 0x2000)
     assert tracker.take(other) == [other]
     done = TrapEvent("exit", 2.0, pid=7)
     tracker.on_exit(done, 0x1000)
-    assert [e.kind for e in tracker.take(done)] == ["exec", "exit"]
-    assert ex.detail["identity"]["package"] == "prog"
+    out = tracker.take(done)
+    assert [e.kind for e in out] == ["exit", "identity"]
+    record = out[1]
+    assert (record.pid, record.detail["exec_seq"], record.detail["exec_time"]) == (7, 3, 1.0)
+    assert record.detail["identity"]["package"] == "prog"
+    assert "identity" not in ex.detail  # the exec record, already delivered, is not changed afterwards
 
 
 def test_tracker_end_of_window_identifies_live_processes_only() -> None:
@@ -60,10 +65,10 @@ def test_tracker_end_of_window_identifies_live_processes_only() -> None:
     alive, gone = TrapEvent("exec", 1.0, pid=7), TrapEvent("exec", 1.0, pid=9)
     tracker.on_exec(alive, 0xA, None, 0x1000)
     tracker.on_exec(gone, 0xB, None, 0x3000)
-    out = tracker.finish(lambda task, pid: 0x1000 if task == 0xA else None)
-    assert set(map(id, out)) == {id(alive), id(gone)}
-    assert alive.detail["identity"]["package"] == "prog"
-    assert "exited before" in gone.detail["identity"]["unverifiable"]
+    out = {e.pid: e for e in tracker.finish(lambda task, pid: 0x1000 if task == 0xA else None)}
+    assert set(out) == {7, 9} and {e.kind for e in out.values()} == {"identity"}
+    assert out[7].detail["identity"]["package"] == "prog"
+    assert "exited before" in out[9].detail["identity"]["unverifiable"]
 
 
 def test_eager_tracker_identifies_at_the_next_stop_when_exit_is_not_trapped() -> None:
@@ -73,7 +78,9 @@ def test_eager_tracker_identifies_at_the_next_stop_when_exit_is_not_trapped() ->
     tracker.on_exec(first, 0xA, None, 0x1000)
     tracker.on_stop(lambda task, pid: 0x1000)  # the next hit: pid 7 still runs
     tracker.on_exec(second, 0xB, None, 0x2000)
-    assert tracker.take(second) == [first] and first.detail["identity"]["package"] == "prog"
+    out = tracker.take(second)
+    assert [(e.kind, e.pid) for e in out] == [("exec", 8), ("identity", 7)]
+    assert out[1].detail["identity"]["package"] == "prog"
 
 
 def test_eager_tracker_waits_while_the_new_image_has_no_code_mapped() -> None:
@@ -83,4 +90,4 @@ def test_eager_tracker_waits_while_the_new_image_has_no_code_mapped() -> None:
     ev = TrapEvent("exec", 1.0, pid=7)
     tracker.on_exec(ev, 0xA, None, 1)
     tracker.on_stop(lambda task, pid: 1)
-    assert tracker.pending and "identity" not in ev.detail
+    assert tracker.pending and tracker.take(None) == []

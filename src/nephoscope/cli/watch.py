@@ -1,9 +1,16 @@
-"""`nephoscope watch`: stream exec, exit and module-load events of a VM as they happen (trap method)."""
+"""`nephoscope watch`: stream exec, exit and module-load events of a VM as they happen (trap method).
+
+Every event is printed and stored as soon as the VM runs again; an exec's code identity follows as a second
+record (`identity`, naming the exec by `exec_seq` and `exec_time` + pid). SIGINT, SIGTERM and SIGHUP stop the
+watch cleanly (breakpoints removed, VM running, store committed); after SIGKILL the guard process detaches.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import os
 import signal
 import sys
 from typing import Any
@@ -15,20 +22,23 @@ from nephoscope.cli.render import console, err_console, fail
 from nephoscope.core.errors import ConnectorError, NephoscopeError
 from nephoscope.core.text import escape_guest
 from nephoscope.hypervisor.gdbstub import repair
-from nephoscope.introspect.trap import EVENTS, EventLog, TrapEvent, Watcher
+from nephoscope.introspect.trap import EVENTS, TrapEvent, Watcher
 from nephoscope.service.targets import resolve_target
+from nephoscope.store.events import EventLog
 from nephoscope.store.sqlite import Store
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _identity(ident: dict[str, Any] | None) -> str:
-    """Return the table suffix for an exec's identity: `[package version]`, or why there is none."""
+    """Return an exec's identity for the table: `[package version]`, or why there is none."""
     if not ident:
-        return ""
+        return "[unidentified: ?]"
     if "package" not in ident:
-        return f"  [unidentified: {ident.get('unverifiable', '?')}]"
+        return f"[unidentified: {ident.get('unverifiable', '?')}]"
     extra = f", {ident['unknown_pages']} unknown pages" if ident.get("unknown_pages") else ""
     capped = ", capped" if ident.get("capped") else ""
-    return f"  [{ident['package']} {' | '.join(ident.get('versions') or [ident['version']])}{extra}{capped}]"
+    return f"[{ident['package']} {' | '.join(ident.get('versions') or [ident['version']])}{extra}{capped}]"
 
 
 def _line(ev: TrapEvent) -> Text:
@@ -40,12 +50,14 @@ def _line(ev: TrapEvent) -> Text:
             what += f" [{d['file']}]"  # the file really opened (symlinks, /proc/self/exe, memfds)
         if d.get("argv"):
             what += "  " + " ".join(d["argv"])
-        what += _identity(d.get("identity"))
+        what = f"#{ev.seq} {what}"
+    elif ev.kind == "identity":  # follows its exec: #seq names it
+        what = f"#{d.get('exec_seq', '?')} {d.get('path', '')}  {_identity(d.get('identity'))}"
     elif ev.kind == "exit":
         what = f"code {d.get('code', '?')}" + (f" (thread {ev.tid})" if ev.tid != ev.pid else "")
     else:
         what = f"{d.get('name', '?')} ({d.get('core_size', '?')} bytes)"
-    text = f"{when} {ev.kind:<6} pid {ev.pid!s:>6} ppid {ev.ppid!s:>6} {ev.comm:<16} {what}"
+    text = f"{when} {ev.kind:<8} pid {ev.pid!s:>6} ppid {ev.ppid!s:>6} {ev.comm:<16} {what}"
     return Text(escape_guest(text + (f"  [unreadable: {ev.error}]" if ev.error else "")),
                 style="yellow" if ev.error else "")
 
@@ -60,9 +72,25 @@ def watch(
     no_store: bool = typer.Option(False, "--no-store", help="do not record events in the store"),
     stop: bool = typer.Option(False, "--stop", help="only remove every breakpoint and resume the VM, then exit"),
     no_identify: bool = typer.Option(False, "--no-identify",
-                                     help="print execs at once, without identifying their code via the code-page DB"),
+                                     help="do not identify exec'd code via the code-page DB (no identity records)"),
 ) -> None:
     """Trap exec/exit/module-load in the guest kernel and stream each event (pauses the VM per event)."""
+    stopping: list[int] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stopping.append(signum)  # the watch loop notices within 0.2 s and detaches cleanly
+
+    # installed before detection: a signal while the model loads must not leave a traceback either
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+    try:
+        _watch(vm, events, json_out, duration, budget, no_store, stop, no_identify, stopping)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _watch(vm: str, events: str, json_out: bool, duration: float, budget: int, no_store: bool, stop: bool,
+           no_identify: bool, stopping: list[int]) -> None:
     try:
         target = resolve_target(vm)
         if stop:
@@ -76,36 +104,49 @@ def watch(
                           identify=not no_identify)
     except NephoscopeError as exc:
         fail(exc)
+    if stopping:  # asked to stop before anything was attached
+        watcher.close()
+        return
     log = None if no_store else EventLog(Store(), target.name)
-    stopping: list[int] = []
+    printing = [True]
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        stopping.append(signum)  # the watch loop notices within 0.2 s and detaches cleanly
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    def write(text: str | Text) -> None:
+        """Print one line now (flushed: a reader sees it at once); a closed pipe ends the watch."""
+        if not printing:
+            return
+        try:
+            if isinstance(text, Text):
+                console.print(text, soft_wrap=True)
+                console.file.flush()
+            else:
+                sys.stdout.write(text + "\n")
+                sys.stdout.flush()
+        except (BrokenPipeError, ValueError):  # the reader went away: stop, but still detach and store
+            printing.clear()
+            stopping.append(signal.SIGPIPE)
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
     def on_event(ev: TrapEvent) -> None:
-        if json_out:
-            sys.stdout.write(json.dumps({"event": ev.to_dict()}) + "\n")
-            sys.stdout.flush()
-        else:
-            console.print(_line(ev), soft_wrap=True)
+        write(json.dumps({"event": ev.to_dict()}) if json_out else _line(ev))
         if log is not None:
             log.add(ev)
 
     def on_ready() -> None:
         if json_out:
-            sys.stdout.write(json.dumps({"ready": {"vm": target.name, "events": watcher.events,
-                                                   "hooks": {k: hex(a) for a, k in watcher.hooks.items()}}}) + "\n")
-            sys.stdout.flush()
+            write(json.dumps({"ready": {"vm": target.name, "events": watcher.events,
+                                        "hooks": {k: hex(a) for a, k in watcher.hooks.items()}}}))
         else:
             err_console.print(Text(f"watching {target.name} ({', '.join(watcher.events)}); Ctrl-C stops",
                                    style="dim"))
 
+    def should_stop() -> bool:
+        if log is not None:
+            log.tick()  # commit what a burst left pending
+        return bool(stopping)
+
     try:
-        stats = watcher.run(on_event, duration=duration or None, should_stop=lambda: bool(stopping),
-                            on_ready=on_ready)
+        stats = watcher.run(on_event, duration=duration or None, should_stop=should_stop, on_ready=on_ready)
     except NephoscopeError as exc:
         fail(exc)
     finally:
@@ -113,7 +154,7 @@ def watch(
         if log is not None:
             log.flush()
     if json_out:
-        sys.stdout.write(json.dumps({"stats": stats.to_dict()}) + "\n")
+        write(json.dumps({"stats": stats.to_dict()}))
     else:
         s = stats.to_dict()
         err_console.print(Text(f"{s['events']} events in {s['watched_s']:.1f}s; guest paused {s['mean_paused_ms']:.2f} "

@@ -1,53 +1,48 @@
 """The `trap` method: breakpoints on kernel functions (QEMU gdbstub), decoded from guest RAM at each hit.
 
 Symbols come from the kallsyms tables recovered from RAM and struct offsets from the kernel's own BTF
-(never from the guest agent). At a hit the VM is stopped; the event is read from the shared RAM file
-through the kernel page tables, and the VM resumes (remove → single-step → re-insert → continue).
+(never from the guest agent): the one kernel model, `os.linux.model.LinuxKernel`, with the event decoding
+of `os.linux.events`. At a hit the VM is stopped; the event is read from the shared RAM file through the
+kernel page tables, and the VM resumes (rip moved past a no-op, or remove → single-step → re-insert →
+continue). Every event is delivered as soon as the VM runs again; an exec's code identity follows later as
+a second record (kind `identity`) that names the exec by `exec_seq` and `exec_time` + pid.
 A guest that traps faster than `budget` events per second loses its breakpoints for `cooldown` seconds;
 the gap is reported as unverifiable, with the number of forks the kernel counted meanwhile.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from nephoscope.core.errors import ConnectorError, DetectionError, GuestDataError, MemoryAccessError, NephoscopeError
+from nephoscope.core.errors import ConnectorError, NephoscopeError
 from nephoscope.core.records import Observation, Verdict
 from nephoscope.hypervisor.gdbstub import GdbStub, Guard
 from nephoscope.hypervisor.target import VmTarget
 from nephoscope.introspect.base import observe, unverifiable
-from nephoscope.introspect.identify import ExecTracker, Identifier, open_kb
-from nephoscope.memory.paging import AddressSpace
-from nephoscope.memory.physical import PhysicalMemory, open_memory
-from nephoscope.os.btf.layout import member_offsets
-from nephoscope.os.linux.detect import detect
+from nephoscope.introspect.exectrack import ExecTracker
+from nephoscope.introspect.identify import Identifier, open_kb
+from nephoscope.memory.physical import open_memory
+from nephoscope.os.linux import events as kevents
+from nephoscope.os.linux.model import LinuxKernel
 
 NAME = "trap"
-# event → kernel function whose entry is trapped; its first argument (rdi) is what we decode
-HOOKS = {"exec": "begin_new_exec", "exit": "do_exit", "module": "do_init_module"}
+HOOKS = kevents.HOOKS  # event → kernel function whose entry is trapped
 EVENTS = tuple(HOOKS)
-MEMBERS = {
-    "task_struct": ["pid", "tgid", "real_parent", "comm", "mm"],
-    "linux_binprm": ["filename", "interp", "file", "mm", "p", "argc"],
-    "file": ["f_path.dentry"], "dentry": ["d_name.name", "d_parent"], "mm_struct": ["pgd"],
-    "module": ["name", "core_layout.size?", "core_layout.base?"],
-}
 # instructions that do nothing but advance rip: ftrace's patched-out call, endbr64 (no CET in TCG), nops
 NOPS = (b"\x0f\x1f\x44\x00\x00", b"\xf3\x0f\x1e\xfa", b"\x66\x90", b"\x90")
-MAX_PATH, MAX_ARGS, MAX_ARGV_BYTES, MAX_DEPTH = 4096, 64, 4096, 64
-Errors = (MemoryAccessError, GuestDataError)
+Errors = (*kevents.BAD, KeyError)
 
 
 @dataclass(slots=True)
 class TrapEvent:
-    """One trapped kernel event: who (current task) and what (path, exit code, module)."""
+    """One trapped kernel event: who (current task) and what (path, exit code, module), or an exec's identity."""
 
-    kind: str
+    kind: str  # exec, exit, module — or identity, the code identity of an earlier exec
     time: float
     pid: int | None = None  # tgid, what users call the pid
     tid: int | None = None
@@ -56,18 +51,26 @@ class TrapEvent:
     detail: dict[str, Any] = field(default_factory=dict)
     paused_s: float = 0.0  # how long the guest stood still for this event
     error: str = ""
+    seq: int = 0  # number of this record within its watch (1, 2, …; 0: not delivered yet)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
         return asdict(self)
+
+    def identity_record(self, identity: dict[str, Any]) -> TrapEvent:
+        """Return the `identity` record of this exec event: it names the exec by seq, time and pid."""
+        return TrapEvent("identity", time.time(), self.pid, self.tid, self.ppid, self.comm,
+                         {"exec_seq": self.seq, "exec_time": self.time, "path": self.detail.get("path", ""),
+                          "identity": identity})
 
 
 @dataclass(slots=True)
 class WatchStats:
     """What a watch cost and what it could not see."""
 
-    events: int = 0
+    events: int = 0  # trapped events (identity records not counted)
     by_kind: dict[str, int] = field(default_factory=dict)
+    identities: int = 0  # identity records delivered
     decode_errors: int = 0
     skipped_nops: int = 0  # resumed by moving rip past a no-op instead of remove/step/re-insert
     attach_s: float = 0.0  # VM paused while breakpoints went in
@@ -84,160 +87,63 @@ class WatchStats:
         return d
 
 
-def _cstr(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+def _exec_detail(ex: kevents.Exec) -> dict[str, Any]:
+    d: dict[str, Any] = {"path": ex.path, "interp": ex.interp}
+    if ex.file is not None:
+        d["file"] = ex.file
+    if ex.argv is not None:
+        d["argv"] = list(ex.argv)
+    d.update({f"{what}_error": why for what, why in ex.problems})
+    return d
 
 
-class KernelReader:
-    """Decode trapped events from guest RAM with kallsyms and BTF recovered from that RAM (no pause)."""
+def _module_detail(mod: kevents.ModuleLoad) -> dict[str, Any]:
+    return {"name": mod.name, "struct_gva": mod.gva, "core_base": mod.core_base, "core_size": mod.core_size,
+            "init_size": mod.init_size}
 
-    def __init__(self, phys: PhysicalMemory) -> None:
-        """Detect the kernel in `phys`; raise DetectionError naming the stage or member that failed."""
-        self.phys = phys
-        det = detect(phys)
-        det.report.require("kallsyms", "phys/virt base", "page-table root", "btf")
-        assert det.kallsyms is not None and det.kernel_space is not None and det.btf is not None
-        self.syms = det.kallsyms
-        self.space: AddressSpace = det.kernel_space
-        self.release = det.info.release if det.info else "?"
-        try:
-            self.m = {s: {k: v.offset for k, v in ms.items()}
-                      for s, ms in member_offsets(det.btf, MEMBERS, self.release).items()}
-        except GuestDataError as exc:
-            raise DetectionError(f"stage btf: {exc}") from exc
-        self.current_task = self.syms.get("current_task")  # per-CPU offset, added to the kernel GS base
-        self.page_offset = self.space.read_u64(self.syms.get("page_offset_base"))
-        self.total_forks = self.syms.find("total_forks")
+
+class HookDecoder:
+    """Turn a stop at a hook into a TrapEvent, with the kernel model and its event decoding (VM stopped)."""
+
+    def __init__(self, kernel: LinuxKernel, events: Iterable[str]) -> None:
+        """Resolve hooks and event members; raise DetectionError/GuestDataError naming what this kernel lacks."""
+        self.kernel = kernel
+        self.events = kevents.EventDecoder(kernel, events)
+        self.hooks = self.events.hooks
 
     def nop_length(self, gva: int) -> int:
         """Return the length of the no-op instruction at kernel `gva`, or 0 if it is anything else."""
         try:
-            code = self.space.read(gva, 5)
+            code = self.kernel.read(gva, 5)
         except Errors:
             return 0
         return next((len(n) for n in NOPS if code.startswith(n)), 0)
 
-    def hooks(self, events: Iterable[str]) -> dict[int, str]:
-        """Return {kernel gva: event} for `events`; DetectionError if the kernel lacks a hook."""
-        return {self.syms.get(HOOKS[e]): e for e in events}
-
     def forks(self) -> int | None:
         """Return the kernel's fork counter (None if unknown)."""
-        try:
-            return self.space.read_u64(self.total_forks) if self.total_forks else None
-        except Errors:
-            return None
-
-    def _str(self, gva: int, limit: int, space: AddressSpace | None = None) -> str:
-        sp = space or self.space
-        out = b""
-        while len(out) < limit:  # page by page: a string may end right before an unmapped page
-            n = min(limit - len(out), 4096 - (gva & 4095))
-            chunk = sp.read(gva, n)
-            out += chunk
-            if b"\0" in chunk:
-                break
-            gva += n
-        return _cstr(out)
-
-    def _u(self, gva: int, size: int = 8) -> int:
-        return int.from_bytes(self.space.read(gva, size), "little")
-
-    def current(self, gs_base: int) -> int:
-        """Return the task_struct gva of the stopped vCPU's current task."""
-        return self._u(gs_base + self.current_task)
-
-    def task_mm(self, task: int, pid: int | None = None) -> int | None:
-        """Return task->mm (None if unreadable, or if `pid` is given and the task is no longer that tgid)."""
-        t = self.m["task_struct"]
-        try:
-            return None if pid is not None and self._u(task + t["tgid"], 4) != pid else self._u(task + t["mm"])
-        except Errors:
-            return None
-
-    def exec_mm(self, bprm: int) -> int | None:
-        """Return the new mm of an exec (bprm->mm)."""
-        try:
-            return self._u(bprm + self.m["linux_binprm"]["mm"])
-        except Errors:
-            return None
-
-    def pgd_gpa(self, mm: int) -> int:
-        """Return the gpa of mm->pgd (direct map: gva - page_offset_base)."""
-        return self._u(mm + self.m["mm_struct"]["pgd"]) - self.page_offset
-
-    def fill_task(self, ev: TrapEvent, gs_base: int) -> None:
-        """Fill pid, tid, ppid, comm of the current task of the stopped vCPU (kernel GS base `gs_base`)."""
-        t = self.m["task_struct"]
-        task = self.current(gs_base)
-        ev.tid, ev.pid = self._u(task + t["pid"], 4), self._u(task + t["tgid"], 4)
-        ev.comm = _cstr(self.space.read(task + t["comm"], 16))
-        parent = self._u(task + t["real_parent"])
-        ev.ppid = self._u(parent + t["tgid"], 4)
+        return self.events.forks()
 
     def decode(self, kind: str, regs: dict[str, int]) -> TrapEvent:
         """Return the event at a hit of `kind`'s hook, from registers and guest RAM (VM stopped)."""
         ev = TrapEvent(kind, time.time())
-        self.space.flush()  # the guest ran since the last event: page tables may have changed
+        self.kernel.kernel.flush()  # the guest ran since the last event: page tables may have changed
         try:
-            self.fill_task(ev, regs["gs_base"])
+            cur = self.events.task(regs["gs_base"])
+            ev.pid, ev.tid, ev.ppid, ev.comm = cur.pid, cur.tid, cur.ppid, cur.comm
             arg = regs["rdi"]
             if kind == "exec":
-                ev.detail = self._exec(arg)
+                ev.detail = _exec_detail(self.events.exec(arg))
             elif kind == "exit":
-                ev.detail = {"code": arg & 0xFFFFFFFF, "status": (arg >> 8) & 0xFF, "signal": arg & 0x7F}
+                ev.detail = asdict(kevents.decode_exit(arg))
             elif kind == "module":
-                ev.detail = self._module(arg)
-        except (*Errors, KeyError) as exc:
+                ev.detail = _module_detail(self.events.module(arg))
+        except Errors as exc:
             ev.error = f"{type(exc).__name__}: {exc}"
         return ev
 
-    def _exec(self, bprm: int) -> dict[str, Any]:
-        b = self.m["linux_binprm"]
-        d: dict[str, Any] = {"path": self._str(self._u(bprm + b["filename"]), MAX_PATH)}
-        interp = self._u(bprm + b["interp"])
-        d["interp"] = self._str(interp, MAX_PATH) if interp else ""
-        try:
-            d["file"] = self._dentry_path(self._u(self._u(bprm + b["file"]) + self.m["file"]["f_path.dentry"]))
-        except Errors as exc:
-            d["file_error"] = str(exc)
-        try:
-            d["argv"] = self._argv(bprm)
-        except Errors as exc:
-            d["argv_error"] = str(exc)
-        return d
-
-    def _dentry_path(self, dentry: int) -> str:
-        """Return the path of `dentry` up to its mount's root (mount points are not crossed)."""
-        dm = self.m["dentry"]
-        parts: list[str] = []
-        for _ in range(MAX_DEPTH):
-            parent = self._u(dentry + dm["d_parent"])
-            if parent == dentry:
-                break
-            parts.append(self._str(self._u(dentry + dm["d_name.name"]), 256))
-            dentry = parent
-        return "/" + "/".join(reversed(parts))
-
-    def _argv(self, bprm: int) -> list[str]:
-        """Return the new program's arguments from its stack in the new mm (bprm->mm, bprm->p)."""
-        b = self.m["linux_binprm"]
-        argc = min(self._u(bprm + b["argc"], 4), MAX_ARGS)
-        space = AddressSpace(self.phys, self.pgd_gpa(self._u(bprm + b["mm"])), self.space.levels)
-        p, raw = self._u(bprm + b["p"]), b""
-        while raw.count(b"\0") < argc and len(raw) < MAX_ARGV_BYTES:
-            n = 4096 - (p & 4095)
-            raw += space.read(p, n)
-            p += n
-        return [a.decode("utf-8", "backslashreplace") for a in raw.split(b"\0")[:argc]]
-
-    def _module(self, mod: int) -> dict[str, Any]:
-        m = self.m["module"]
-        d: dict[str, Any] = {"name": _cstr(self.space.read(mod + m["name"], 56)), "struct_gva": mod}
-        if "core_layout.size" in m:
-            d["core_size"] = self._u(mod + m["core_layout.size"], 4)
-            d["core_base"] = self._u(mod + m["core_layout.base"])
-        return d
+    def task_mm(self, task: int, pid: int | None = None) -> int | None:
+        """Return task->mm (None if unreadable, or if `pid` is given and the task is no longer that tgid)."""
+        return kevents.task_mm(self.kernel, task, pid)
 
 
 class Budget:
@@ -258,7 +164,8 @@ class Budget:
 class Watcher:
     """Trap kernel events of one VM for a while; always detach (guest running, no breakpoints left)."""
 
-    tracker: ExecTracker | None = None  # holds exec events until their process is identified
+    tracker: ExecTracker | None = None  # identifies exec'd processes; their identity records follow later
+    _seq = 0  # records delivered so far
 
     def __init__(self, vm: VmTarget, events: Iterable[str] = EVENTS, *, budget: int = 200, cooldown: float = 1.0,
                  guard: bool = True, skip_nops: bool = True, host: str = "127.0.0.1", identify: bool = True,
@@ -275,37 +182,49 @@ class Watcher:
         self.stats = WatchStats()
         self.phys = open_memory(vm.ram_path)
         try:
-            self.kernel = KernelReader(self.phys)  # before attaching: detection must not stretch the pause
-            self.hooks = self.kernel.hooks(self.events)
+            self.kernel = LinuxKernel.open(self.phys)  # before attaching: detection must not stretch the pause
+            self.decoder = HookDecoder(self.kernel, self.events)
+            self.hooks = self.decoder.hooks
             self.tracker = self._tracker(kb) if identify and "exec" in self.events else None
         except BaseException:
             self.phys.close()
             raise
 
     def _tracker(self, kb: Path | None) -> ExecTracker:
-        """Open the code-page DB now (not during a pause) and track exec events until identified."""
+        """Open the code-page DB now (not during a pause) and follow exec'd processes until identified."""
         db, why = open_kb(kb)
-        ident = Identifier(self.phys, self.kernel.space.levels, db, why)
-        return ExecTracker(ident, self.kernel.pgd_gpa, eager="exit" not in self.events)
+        ident = Identifier(self.phys, self.kernel.kernel.levels, db, why)
+        return ExecTracker(ident, partial(kevents.pgd_gpa, self.kernel), eager="exit" not in self.events)
 
     def _track(self, ev: TrapEvent, regs: dict[str, int]) -> None:
         """Feed the exec tracker at a hit (VM stopped: the current mm is intact)."""
         if self.tracker is None:
             return
-        self.tracker.on_stop(self.kernel.task_mm)
+        self.tracker.on_stop(self.decoder.task_mm)
         if ev.kind not in ("exec", "exit"):
             return
-        task = None if ev.error else self.kernel.current(regs["gs_base"])
-        mm = self.kernel.task_mm(task) if task is not None else None
+        try:
+            task = None if ev.error else self.decoder.events.current(regs["gs_base"])
+        except Errors:
+            task = None
+        mm = self.decoder.task_mm(task) if task is not None else None
         if ev.kind == "exec":
-            self.tracker.on_exec(ev, task, mm, self.kernel.exec_mm(regs["rdi"]))
+            self.tracker.on_exec(ev, task, mm, self.decoder.events.exec_mm(regs["rdi"]))
         else:
             self.tracker.on_exit(ev, mm)
 
     def _deliver(self, ev: TrapEvent | None, on_event: Callable[[TrapEvent], None]) -> None:
-        """Hand over `ev` and the exec events identified meanwhile (an exec waits for its identity)."""
-        for e in self.tracker.take(ev) if self.tracker is not None else [ev] if ev is not None else []:
-            on_event(e)  # type: ignore[arg-type]
+        """Hand over `ev` at once, then the identity records of execs identified meanwhile."""
+        self._emit(self.tracker.take(ev) if self.tracker is not None else [ev] if ev is not None else [], on_event)
+
+    def _emit(self, records: Iterable[Any], on_event: Callable[[TrapEvent], None]) -> None:
+        for e in records:
+            if not e.seq:  # trapped events are numbered at their hit, identity records when delivered
+                self._seq += 1
+                e.seq = self._seq
+            if e.kind == "identity":
+                self.stats.identities += 1
+            on_event(e)
 
     def run(self, on_event: Callable[[TrapEvent], None], duration: float | None = None,
             should_stop: Callable[[], bool] = lambda: False,
@@ -345,8 +264,7 @@ class Watcher:
                     guard.release(detached)
             self._deliver(ev, on_event)
             if self.tracker is not None:  # still-running processes: their page tables, read from RAM
-                for e in self.tracker.finish(self.kernel.task_mm):
-                    on_event(e)  # type: ignore[arg-type]
+                self._emit(self.tracker.finish(self.decoder.task_mm), on_event)
         return self.stats
 
     def _insert(self, stub: GdbStub) -> None:
@@ -374,7 +292,7 @@ class Watcher:
                 for gva in self.hooks:
                     stub.remove_breakpoint(gva)
                 gap = {"start": time.time(), "until": time.monotonic() + self.cooldown,
-                       "forks_start": self.kernel.forks()}
+                       "forks_start": self.decoder.forks()}
             elif rip in self.hooks:
                 self._resume_past(stub, rip)
             stub.cont()
@@ -389,7 +307,7 @@ class Watcher:
 
     def _resume_past(self, stub: GdbStub, rip: int) -> None:
         """Get the stopped vCPU past the breakpoint at `rip` without losing the breakpoint (VM stopped)."""
-        nop = self.kernel.nop_length(rip) if self.skip_nops else 0
+        nop = self.decoder.nop_length(rip) if self.skip_nops else 0
         if nop:  # a no-op (ftrace's 5-byte nop, endbr64) is emulated by moving rip: one packet, no step
             stub.write_register("rip", rip + nop)
             self.stats.skipped_nops += 1
@@ -404,7 +322,9 @@ class Watcher:
         kind = self.hooks.get(regs["rip"]) if signal == 5 else None
         if kind is None:
             return regs["rip"], None
-        ev = self.kernel.decode(kind, regs)
+        ev = self.decoder.decode(kind, regs)
+        self._seq += 1
+        ev.seq = self._seq
         self._track(ev, regs)
         self.stats.events += 1
         self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
@@ -412,7 +332,7 @@ class Watcher:
         return regs["rip"], ev
 
     def _close_gap(self, gap: dict[str, Any]) -> None:
-        end_forks = self.kernel.forks()
+        end_forks = self.decoder.forks()
         forks = None if gap["forks_start"] is None or end_forks is None else end_forks - gap["forks_start"]
         self.stats.gaps.append({"start": gap["start"], "end": time.time(), "forks_missed": forks,
                                 "reason": f"over {self.budget.per_second} events/s: breakpoints removed for "
@@ -423,49 +343,15 @@ class Watcher:
         self.phys.close()
 
 
-# --- storage ---------------------------------------------------------------------------------------
-
-TABLE = """CREATE TABLE IF NOT EXISTS trap_events (
-  id INTEGER PRIMARY KEY, vm TEXT NOT NULL, time REAL NOT NULL, kind TEXT NOT NULL, pid INTEGER,
-  ppid INTEGER, comm TEXT NOT NULL, detail TEXT NOT NULL, error TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS trap_events_vm ON trap_events(vm, time);"""
-
-
-class EventLog:
-    """Append trapped events to the `trap_events` table of the SQLite store (batched commits)."""
-
-    def __init__(self, store: Any, vm: str) -> None:
-        self.db, self.vm, self._last = store.db, vm, time.monotonic()
-        self.db.executescript(TABLE)
-
-    def add(self, ev: TrapEvent) -> None:
-        """Insert one event; commit at most once a second."""
-        self.db.execute("INSERT INTO trap_events (vm, time, kind, pid, ppid, comm, detail, error) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (self.vm, ev.time, ev.kind, ev.pid, ev.ppid, ev.comm,
-                                                             json.dumps(ev.detail), ev.error))
-        if time.monotonic() - self._last > 1.0:
-            self.flush()
-
-    def flush(self) -> None:
-        """Commit pending inserts."""
-        self.db.commit()
-        self._last = time.monotonic()
-
-
-def recent_events(store: Any, vm: str, limit: int = 1000) -> list[dict[str, Any]]:
-    """Return the newest `limit` stored events of `vm`, oldest first."""
-    store.db.executescript(TABLE)
-    rows = store.db.execute("SELECT time, kind, pid, ppid, comm, detail, error FROM trap_events WHERE vm = ? "
-                            "ORDER BY id DESC LIMIT ?", (vm, limit)).fetchall()
-    return [{"time": t, "kind": k, "pid": p, "ppid": pp, "comm": c, "detail": json.loads(d), "error": e}
-            for t, k, p, pp, c, d, e in reversed(rows)]
-
-
 # --- the method ------------------------------------------------------------------------------------
 
-def event_observation(vm: VmTarget, ev: TrapEvent) -> Observation:
-    """Turn a trapped event into an observation (verified: seen by the vCPU, read from kernel memory)."""
+def event_observation(vm: VmTarget, ev: TrapEvent, identity: dict[str, Any] | None = None) -> Observation:
+    """Turn a trapped event into an observation (verified: seen by the vCPU, read from kernel memory).
+
+    `identity` is an exec's code identity (from its identity record), kept in the exec's data."""
     data = {"pid": ev.pid, "tid": ev.tid, "ppid": ev.ppid, "comm": ev.comm, "time": ev.time, **ev.detail}
+    if identity is not None:
+        data["identity"] = identity
     kind = {"exec": "exec", "exit": "exit", "module": "module-load"}[ev.kind]
     if ev.error:
         return observe(NAME, vm, kind, f"{kind}:{ev.time:.6f}", data, Verdict.UNVERIFIABLE,
@@ -501,9 +387,10 @@ class TrapMethod:
         finally:
             watcher.close()
         self.last_stats = stats.to_dict()
+        identities = {e.detail.get("exec_seq"): e.detail.get("identity") for e in events if e.kind == "identity"}
         for ev in events:
             if ev.kind in self.events:
-                yield event_observation(vm, ev)
+                yield event_observation(vm, ev, identities.get(ev.seq) if ev.kind == "exec" else None)
         for gap in stats.gaps:
             yield unverifiable(NAME, vm, f"events {gap['start']:.3f}-{gap['end']:.3f}",
                                f"{gap['reason']}; {gap['forks_missed']} forks happened unseen")
