@@ -13,10 +13,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from nephoscope.core.errors import LabError
+from nephoscope.core.errors import KnowledgeError, LabError
 from nephoscope.hypervisor.qga import GuestAgent
 from nephoscope.introspect.kernel import open_kernel
-from nephoscope.lab import apt, runner
+from nephoscope.knowledge.debian import archive
+from nephoscope.lab import runner
 from nephoscope.lab.build import build_image, choose_kernel
 from nephoscope.lab.profile import load_profile
 from nephoscope.memory.physical import open_memory
@@ -33,9 +34,9 @@ Maps = list[tuple[int, int, str, int, str]]
 def guest612() -> Iterator[runner.Guest]:
     try:
         chosen = choose_kernel(KERNEL, lambda _m: None)
-    except LabError as exc:
-        pytest.skip(f"the Debian {KERNEL} kernel cannot be fetched (host apt, then {', '.join(apt.EXTRA_SUITES)} "
-                    f"from {apt.EXTRA_MIRROR}): {exc}")
+    except (LabError, KnowledgeError) as exc:
+        pytest.skip(f"the Debian {KERNEL} kernel cannot be fetched (host apt, then {', '.join(archive.EXTRA_SUITES)} "
+                    f"from {archive.EXTRA_MIRROR}): {exc}")
     assert chosen.release.startswith(KERNEL + "."), chosen
     image = build_image(load_profile("clean"), KERNEL)
     name = f"pt-k612-{os.getpid() % 100000}"
