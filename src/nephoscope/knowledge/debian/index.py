@@ -129,7 +129,7 @@ def iter_records(data: bytes, architecture: str) -> Iterator[tuple[str, str, str
         if not name or not version or fields.get(b"Architecture", b"all") not in (architecture.encode(), b"all"):
             continue
         source = (fields.get(b"Source") or name).split(b" ", 1)[0]
-        yield name.decode(), version.decode(), source.decode(), stanza
+        yield name.decode(errors="replace"), version.decode(errors="replace"), source.decode(errors="replace"), stanza
 
 
 def _build(path: Path, key: str, config: AptConfig) -> None:
