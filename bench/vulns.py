@@ -22,9 +22,9 @@ from elftools.elf.elffile import ELFFile
 from nephoscope.analysis.merge import BinaryView, ProcessView, ScanView
 from nephoscope.analysis.vulnerable import Installed, vulnerable_findings
 from nephoscope.core.paths import cache_root
+from nephoscope.knowledge.debian import archive
 from nephoscope.knowledge.feeds import source_of
 from nephoscope.knowledge.vulns import VulnDB, VulnRecord
-from nephoscope.lab import apt
 from nephoscope.lab.build import Image, build_image
 from nephoscope.lab.profile import load_profile
 
@@ -33,8 +33,8 @@ LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib", "/usr/lib64")
 
 def _unpacked(image: Image, package: str) -> Path:
     version = image.meta["packages"][package]
-    deb = apt.download(package, version, cache_root() / "debs")
-    return apt.unpack(deb, cache_root() / "unpacked")
+    deb = archive.download(package, version, cache_root() / "debs")
+    return archive.unpack(deb, cache_root() / "unpacked")
 
 
 def _file(image: Image, guest_path: str) -> bytes | None:

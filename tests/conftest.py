@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from nephoscope.core.errors import LabError
-from nephoscope.lab import apt, runner
+from nephoscope.core.errors import KnowledgeError, LabError
+from nephoscope.knowledge.debian import archive
+from nephoscope.lab import runner
 from nephoscope.lab.build import Image, build_image, choose_kernel
 from nephoscope.lab.profile import load_profile
 
@@ -51,9 +52,9 @@ def clean_guest_612() -> Iterator[runner.Guest]:
     """The clean profile on the Debian 6.12 kernel (module.mem[], pcpu_hot): one guest per session."""
     try:
         chosen = choose_kernel(KERNEL_612, lambda _m: None)
-    except LabError as exc:
+    except (LabError, KnowledgeError) as exc:
         pytest.skip(f"the Debian {KERNEL_612} kernel cannot be fetched (host apt, then "
-                    f"{', '.join(apt.EXTRA_SUITES)} from {apt.EXTRA_MIRROR}): {exc}")
+                    f"{', '.join(archive.EXTRA_SUITES)} from {archive.EXTRA_MIRROR}): {exc}")
     assert chosen.release.startswith(KERNEL_612 + "."), chosen
     yield from _boot("clean", KERNEL_612, tag="k612")
 

@@ -14,8 +14,8 @@ import pytest
 
 from nephoscope.introspect.arch import ArchReport, Image, SpaceReport, UnknownRegion, scan_guest
 from nephoscope.knowledge.binaries import CodePageDB
+from nephoscope.knowledge.debian import archive
 from nephoscope.knowledge.ingest import IngestReport, ingest_deb
-from nephoscope.lab import apt
 from nephoscope.lab.build import Image as LabImage
 from nephoscope.lab.build import build_image, cache_root
 from nephoscope.lab.profile import load_profile
@@ -36,10 +36,10 @@ def arch_kb(clean_image: LabImage, tmp_path_factory: pytest.TempPathFactory) -> 
         kernel = image.meta["kernel"]
         if kernel.get("package"):
             wanted.add((kernel["package"], kernel["version"]))
-    wanted |= {(name, apt.available_versions(name)[0]) for name in EXTRA_VERSIONS}
+    wanted |= {(name, archive.available_versions(name)[0]) for name in EXTRA_VERSIONS}
     report = IngestReport()
     for name, version in sorted(wanted):
-        report.merge(ingest_deb(db, apt.download(name, version, cache_root() / "debs")))
+        report.merge(ingest_deb(db, archive.download(name, version, cache_root() / "debs")))
     assert report.errors == []
     db.close()
     return path

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from nephoscope.knowledge.binaries import CodePageDB
+from nephoscope.knowledge.debian import archive
 from nephoscope.knowledge.ingest import VDSO_PATH, IngestReport, ingest_deb
 from nephoscope.knowledge.pagehash import PAGE_SIZE
-from nephoscope.lab import apt
 from nephoscope.lab.build import Image, cache_root
 from nephoscope.lab.runner import Guest
 
@@ -28,7 +28,7 @@ def lab_kb(clean_image: Image, tmp_path_factory: pytest.TempPathFactory) -> Code
         wanted[kernel["package"]] = kernel["version"]
     started, report = time.monotonic(), IngestReport()
     for name, version in wanted.items():
-        report.merge(ingest_deb(db, apt.download(name, version, cache_root() / "debs")))
+        report.merge(ingest_deb(db, archive.download(name, version, cache_root() / "debs")))
     print(f"ingested {len(wanted)} packages in {time.monotonic() - started:.1f}s: {report.files_added} files, "
           f"{report.pages_added} pages, {len(report.errors)} errors")
     assert report.errors == []

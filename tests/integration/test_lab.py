@@ -13,7 +13,8 @@ import pytest
 from nephoscope.core.errors import LabError
 from nephoscope.hypervisor.qga import GuestAgent
 from nephoscope.hypervisor.qmp import Qmp
-from nephoscope.lab import apt, runner
+from nephoscope.knowledge.debian import archive
+from nephoscope.lab import runner
 from nephoscope.lab.build import Image, build_image
 from nephoscope.lab.profile import load_profile
 
@@ -35,9 +36,9 @@ def _guest_procs(agent: GuestAgent) -> dict[int, str]:
 
 def test_clean_guest_runs_the_older_nginx_and_libssl(clean_guest) -> None:
     manifest = clean_guest.manifest()
-    oldest_nginx = apt.available_versions("nginx")[-1]
+    oldest_nginx = archive.available_versions("nginx")[-1]
     assert manifest["packages"]["nginx"] == oldest_nginx
-    assert manifest["packages"]["libssl3"] == apt.available_versions("libssl3")[-1]
+    assert manifest["packages"]["libssl3"] == archive.available_versions("libssl3")[-1]
     nginx = [p for p in manifest["processes"] if p["binary"] == "/usr/sbin/nginx"]
     master = [p for p in nginx if p["started_by_init"]]
     workers = [p for p in nginx if not p["started_by_init"]]

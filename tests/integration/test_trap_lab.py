@@ -76,7 +76,8 @@ def _busybox_in_kb(guest: Any) -> str:
     db = CodePageDB.open()
     try:
         if not any(v == version for _, _, _, v in db.find_files("/busybox", "busybox-static")):
-            from nephoscope.knowledge.ingest import ingest_specs, lab_package_specs
+            from nephoscope.knowledge.ingest import ingest_specs
+            from nephoscope.lab.packages import lab_package_specs
             ingest_specs(db, lab_package_specs("clean"))
         if not any(v == version for _, _, _, v in db.find_files("/busybox", "busybox-static")):
             pytest.skip(f"the code-page DB {db.path} lacks busybox-static {version} even after ingesting")

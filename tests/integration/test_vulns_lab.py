@@ -11,10 +11,11 @@ from debian.debian_support import Version
 
 from nephoscope.analysis.vulnerable import INSTALLED, RUNNING, installed_from, mapped_paths, vulnerable_findings
 from nephoscope.core.paths import cache_root
+from nephoscope.knowledge.debian import archive
 from nephoscope.knowledge.feeds import CVE_RE, HarvestReport, harvest
 from nephoscope.knowledge.vulns import VulnDB, VulnIndex
 from nephoscope.knowledge.yara_rules import PAGE, RuleSet, load_hashes, page_digest, scan_physical
-from nephoscope.lab import apt, runner
+from nephoscope.lab import runner
 from nephoscope.lab.build import Image
 from nephoscope.lab.trojan import find_patch_offset, patch_text_padding
 from nephoscope.memory.physical import open_memory
@@ -29,12 +30,12 @@ PACKAGES = ("nginx", "libssl3")
 
 
 def _root(package: str, version: str) -> Path:
-    return apt.unpack(apt.download(package, version, cache_root() / "debs"), cache_root() / "unpacked") / "root"
+    return archive.unpack(archive.download(package, version, cache_root() / "debs"), cache_root() / "unpacked") / "root"
 
 
 def expected_cves(package: str, running: str) -> set[str]:
     """Return CVEs the newest changelog of `package` lists as fixed after `running` (python-debian directly)."""
-    newest = apt.available_versions(package)[0]
+    newest = archive.available_versions(package)[0]
     text = gzip.decompress((_root(package, newest) / "usr/share/doc" / package / "changelog.Debian.gz")
                            .read_bytes()).decode()
     return {c for b in Changelog(text) if Version(running) < b.version <= Version(newest)
@@ -139,7 +140,7 @@ def test_rules_silent_on_clean_guest_ram(clean_guest: runner.Guest, rules: RuleS
 
 
 def test_rules_hit_exactly_the_tampering(tampered_guest: runner.Guest, rules: RuleSet) -> None:
-    bash = (_root("bash", apt.available_versions("bash")[-1]) / "bin" / "bash").read_bytes()
+    bash = (_root("bash", archive.available_versions("bash")[-1]) / "bin" / "bash").read_bytes()
     trojan = patch_text_padding(bash)
     patch = find_patch_offset(bash)[0]
     trojan_page = trojan[patch - patch % PAGE: patch - patch % PAGE + PAGE]

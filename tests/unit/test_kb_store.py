@@ -227,10 +227,10 @@ def test_built_deb_and_directory_of_debs(db: CodePageDB, tmp_path: Path) -> None
 
 def test_apt_ingest_skips_a_stored_package_version(db: CodePageDB, monkeypatch: pytest.MonkeyPatch) -> None:
     from nephoscope.knowledge import ingest
-    from nephoscope.lab import apt
+    from nephoscope.knowledge.debian import archive
 
     db.package_id(PackageMeta("stored", "1.0"))
     db.commit()
-    monkeypatch.setattr(apt, "download", lambda *a: pytest.fail("a stored package was downloaded again"))
+    monkeypatch.setattr(archive, "download", lambda *a: pytest.fail("a stored package was downloaded again"))
     report = ingest.ingest_apt(db, "stored=1.0")
     assert report.packages == ["stored=1.0"] and report.files_added == 0 and report.errors == []

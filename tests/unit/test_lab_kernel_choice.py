@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from nephoscope.core.errors import LabError
+from nephoscope.knowledge.debian import archive
 from nephoscope.knowledge.ingest import decompress_bzimage
-from nephoscope.lab import apt, build
+from nephoscope.lab import build
 
 HOST_NAMES = ["linux-image-6.1.0-55-amd64", "linux-image-6.1.0-56-amd64", "linux-image-6.1.0-56-cloud-amd64",
               "linux-image-6.1.0-56-amd64-dbg"]
@@ -37,11 +38,11 @@ def fake_apt(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     def ensure() -> tuple[str, ...]:
         calls.append("ensure_extra")
-        return apt.extra_options(Path("/x"))
+        return archive.extra_options(Path("/x"))
 
-    monkeypatch.setattr(apt, "package_names", names)
-    monkeypatch.setattr(apt, "available_versions", versions)
-    monkeypatch.setattr(apt, "ensure_extra", ensure)
+    monkeypatch.setattr(archive, "package_names", names)
+    monkeypatch.setattr(archive, "available_versions", versions)
+    monkeypatch.setattr(archive, "ensure_extra", ensure)
     return calls
 
 
@@ -64,13 +65,13 @@ def test_unsigned_image_is_used_when_no_signed_one_exists(fake_apt: list[str], m
 
 
 def test_extra_options_keep_the_host_configuration_out(tmp_path: Path) -> None:
-    opts = apt.extra_options(tmp_path)
+    opts = archive.extra_options(tmp_path)
     values = dict(o.split("=", 1) for o in opts[1::2])
     assert values["Dir::Etc::SourceList"] == str(tmp_path / "sources.list")
     assert values["Dir::State::Lists"] == str(tmp_path / "lists")
     assert values["Dir::Cache"] == str(tmp_path / "cache")
     assert values["Dir::Etc::SourceParts"] == "/dev/null"
-    assert apt.extra_sources() == ("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+    assert archive.extra_sources() == ("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
                                    "http://deb.debian.org/debian bookworm-backports main\n")
 
 

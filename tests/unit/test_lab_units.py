@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from nephoscope.core.errors import LabError, ProfileError
-from nephoscope.lab.apt import Relation, parse_depends
+from nephoscope.knowledge.debian.relations import Relation, parse_depends
 from nephoscope.lab.build import _is_compound, _normalise
 from nephoscope.lab.cpio import Entry, write_cpio
 from nephoscope.lab.manifest import _records

@@ -18,9 +18,9 @@ from debian.debian_support import Version
 from nephoscope.analysis.merge import BinaryView, ProcessView, ScanView
 from nephoscope.analysis.vulnerable import INSTALLED, RUNNING, Installed, vulnerable_findings
 from nephoscope.core.paths import cache_root
+from nephoscope.knowledge.debian import archive
 from nephoscope.knowledge.feeds import CVE_RE, HarvestReport, harvest
 from nephoscope.knowledge.vulns import VulnIndex, VulnRecord
-from nephoscope.lab import apt
 from nephoscope.lab.build import Image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,8 +39,8 @@ bench = _bench()
 
 def expected_cves(package: str, running: str) -> set[str]:
     """Return CVEs the newest changelog of `package` lists as fixed after `running`."""
-    newest = apt.available_versions(package)[0]
-    root = apt.unpack(apt.download(package, newest, cache_root() / "debs"), cache_root() / "unpacked") / "root"
+    newest = archive.available_versions(package)[0]
+    root = archive.unpack(archive.download(package, newest, cache_root() / "debs"), cache_root() / "unpacked") / "root"
     text = gzip.decompress((root / "usr/share/doc" / package / "changelog.Debian.gz").read_bytes()).decode()
     return {cve for block in Changelog(text) if Version(running) < block.version <= Version(newest)
             for cve in CVE_RE.findall("\n".join(block.changes()))}
@@ -78,7 +78,7 @@ def test_running_old_versions_are_vulnerable(clean_image: Image, knowledge: Harv
         assert {c["cve"] for c in ev["cves"]} == want
         assert {p["pid"] for p in ev["processes"]} == pids
         assert ev["versions"] == [versions[package]] and ev["methods"] == ["arch"] and ev["verdict"] == "verified"
-        assert ev["fixed_version"] == apt.available_versions(package)[0]
+        assert ev["fixed_version"] == archive.available_versions(package)[0]
     # the openssl command-line tool is installed from the same source but not running
     assert {c["cve"] for c in got[(INSTALLED, "openssl")]["cves"]} == expected_cves("libssl3", versions["libssl3"])
     kinds = [f.kind for f in findings]
@@ -88,7 +88,7 @@ def test_running_old_versions_are_vulnerable(clean_image: Image, knowledge: Harv
 def test_newest_versions_have_none_of_them(clean_image: Image, knowledge: HarvestReport,
                                            lab: tuple[ScanView, dict[str, Installed]]) -> None:
     view, installed = lab
-    newest = {n: apt.available_versions(n)[0] for n in ("nginx", "libssl3", "openssl")}
+    newest = {n: archive.available_versions(n)[0] for n in ("nginx", "libssl3", "openssl")}
     for bv in view.binaries.values():
         if bv.package in newest:
             bv.versions = [newest[bv.package]]

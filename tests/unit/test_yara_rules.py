@@ -11,8 +11,8 @@ import pytest
 from nephoscope.analysis.malware import Region, regions_from, scan_regions
 from nephoscope.core.errors import KnowledgeError
 from nephoscope.core.paths import cache_root
+from nephoscope.knowledge.debian import archive
 from nephoscope.knowledge.yara_rules import RuleSet, load_hashes, page_digest, scan_physical
-from nephoscope.lab import apt
 from nephoscope.lab.build import HELPERS_DIR
 from nephoscope.lab.trojan import find_patch_offset, patch_text_padding
 from nephoscope.memory.physical import BufferMemory
@@ -56,8 +56,8 @@ def test_code_shape_without_the_marker(rules: RuleSet) -> None:
 
 
 def _deb_root(name: str) -> Path:
-    version = apt.available_versions(name)[-1]
-    return apt.unpack(apt.download(name, version, cache_root() / "debs"), cache_root() / "unpacked") / "root"
+    version = archive.available_versions(name)[-1]
+    return archive.unpack(archive.download(name, version, cache_root() / "debs"), cache_root() / "unpacked") / "root"
 
 
 def test_trojaned_bash_hits_exactly_at_the_patch(rules: RuleSet) -> None:

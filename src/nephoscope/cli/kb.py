@@ -12,7 +12,7 @@ from nephoscope.cli.render import emit_json, err_console, fail, progress, table
 from nephoscope.core.errors import KnowledgeError, NephoscopeError
 from nephoscope.knowledge.binaries import CodePageDB
 from nephoscope.knowledge.elfpages import exec_pages
-from nephoscope.knowledge.ingest import IngestReport, ingest_path, ingest_specs, lab_package_specs
+from nephoscope.knowledge.ingest import IngestReport, ingest_path, ingest_specs
 
 app = typer.Typer(help="The code-page knowledge base: executable pages of known binaries.", no_args_is_help=True)
 KB_OPTION = typer.Option(None, "--kb", help="KB path (default: NEPHOSCOPE_KB or ~/.cache/nephoscope/kb.sqlite)")
@@ -59,6 +59,8 @@ def add_lab(
     json_out: bool = typer.Option(False, "--json", help="print the ingest report as JSON"),
 ) -> None:
     """Ingest every package a lab profile uses in its chosen, newest and oldest versions, plus the kernel."""
+    from nephoscope.lab.packages import lab_package_specs
+
     started, report = time.monotonic(), IngestReport()
     try:
         db = CodePageDB.open(kb)

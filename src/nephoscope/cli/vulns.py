@@ -29,13 +29,12 @@ def _imported(origin: str, records: list[VulnRecord], db: Path | None, binaries:
 def update(profile: str = typer.Option("clean", "--profile", help="lab profile whose packages to harvest"),
            db: Path = DB_OPTION, json_out: bool = typer.Option(False, "--json")) -> None:
     """Harvest the CVEs named in the newest Debian changelog of every package of a lab profile."""
-    from nephoscope.lab.build import resolve_packages
-    from nephoscope.lab.profile import load_profile
+    from nephoscope.lab.packages import profile_packages
 
     started = time.monotonic()
     try:
         with progress("vulns update", quiet=json_out) as log:
-            names = sorted(resolve_packages(load_profile(profile), log))
+            names = profile_packages(profile, log)
             report = harvest(names, log)
         _imported("changelog", report.records, db, report.binaries, json_out)
     except NephoscopeError as exc:
@@ -83,13 +82,13 @@ def stats(db: Path = DB_OPTION, json_out: bool = typer.Option(False, "--json")) 
 
 def _apt_source(package: str) -> str:
     """Return the source package apt names for a binary package (the name itself when apt cannot tell)."""
+    from nephoscope.knowledge.debian import archive
     from nephoscope.knowledge.feeds import source_of
-    from nephoscope.lab import apt
 
-    versions = apt.available_versions(package)
+    versions = archive.available_versions(package)
     if not versions:
         return package
-    return source_of(str(apt.package_record(package, versions[0])))[1]
+    return source_of(str(archive.package_record(package, versions[0])))[1]
 
 
 @app.command("check")

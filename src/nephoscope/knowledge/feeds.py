@@ -78,7 +78,7 @@ def harvest(packages: list[str], progress: Progress = lambda _m: None,
             release: str = DEFAULT_RELEASE) -> HarvestReport:
     """Fetch the newest .deb of each binary package and derive records from its Debian changelog."""
     from nephoscope.core.paths import cache_root
-    from nephoscope.lab import apt
+    from nephoscope.knowledge.debian import archive
 
     debs, unpacked = cache_root() / "debs", cache_root() / "unpacked"
     report = HarvestReport()
@@ -86,12 +86,12 @@ def harvest(packages: list[str], progress: Progress = lambda _m: None,
 
     def fetch(name: str) -> Path | None:
         if name not in roots:
-            versions = apt.available_versions(name)
+            versions = archive.available_versions(name)
             if not versions:
                 report.errors.append((name, "apt knows no such package"))
                 return None
             progress(f"fetching {name} {versions[0]}")
-            target = apt.unpack(apt.download(name, versions[0], debs), unpacked)
+            target = archive.unpack(archive.download(name, versions[0], debs), unpacked)
             binary, source = source_of((target / "control" / "control").read_text("utf-8", "replace"))
             report.binaries[binary], report.newest[binary] = source, versions[0]
             roots[name] = target / "root"

@@ -139,7 +139,7 @@ def add_vdso(db: CodePageDB, package_id: int, image: bytes, report: IngestReport
 
 
 def ingest_unpacked(db: CodePageDB, unpacked: Path, origin: str, progress: Progress = lambda _m: None) -> IngestReport:
-    """Ingest a .deb unpacked by `nephoscope.lab.apt.unpack` (control/ and root/)."""
+    """Ingest a .deb unpacked by `nephoscope.knowledge.debian.archive.unpack` (control/ and root/)."""
     try:
         control = deb822.Deb822((unpacked / "control" / "control").read_text(errors="replace"))
     except OSError as exc:
@@ -165,23 +165,23 @@ def ingest_unpacked(db: CodePageDB, unpacked: Path, origin: str, progress: Progr
 
 def ingest_deb(db: CodePageDB, deb: Path, progress: Progress = lambda _m: None) -> IngestReport:
     """Unpack (cached) and ingest one .deb file."""
-    from nephoscope.lab import apt
+    from nephoscope.knowledge.debian import archive
     with deb.open("rb") as f:
         if f.read(8) != b"!<arch>\n":
             raise GuestDataError(f"{deb} is not a Debian package (no ar archive header)")
     progress(f"unpacking {deb.name}")
     if deb.resolve().parent == (cache_root() / "debs").resolve():  # apt's cache: names are unique
-        return ingest_unpacked(db, apt.unpack(deb, cache_root() / "unpacked"), str(deb), progress)
+        return ingest_unpacked(db, archive.unpack(deb, cache_root() / "unpacked"), str(deb), progress)
     with tempfile.TemporaryDirectory(prefix="nephoscope-kb-") as tmp:  # a same-named local .deb may differ
-        return ingest_unpacked(db, apt.unpack(deb, Path(tmp)), str(deb), progress)
+        return ingest_unpacked(db, archive.unpack(deb, Path(tmp)), str(deb), progress)
 
 
 def ingest_apt(db: CodePageDB, spec: str, progress: Progress = lambda _m: None) -> IngestReport:
     """Download NAME[=VERSION] (newest when no version is given) with apt and ingest it."""
-    from nephoscope.lab import apt
+    from nephoscope.knowledge.debian import archive
     name, _, version = spec.partition("=")
     if not version:
-        versions = apt.available_versions(name)
+        versions = archive.available_versions(name)
         if not versions:
             raise GuestDataError(f"apt knows no package {name!r}; run `apt-get update` or check the name")
         version = versions[0]
@@ -189,7 +189,7 @@ def ingest_apt(db: CodePageDB, spec: str, progress: Progress = lambda _m: None) 
         progress(f"{name} {version} is already in the KB")
         return IngestReport(packages=[f"{name}={version}"])
     progress(f"downloading {name} {version}")
-    return ingest_deb(db, apt.download(name, version, cache_root() / "debs"), progress)
+    return ingest_deb(db, archive.download(name, version, cache_root() / "debs"), progress)
 
 
 def ingest_path(db: CodePageDB, path: Path, progress: Progress = lambda _m: None,
@@ -286,18 +286,3 @@ def ingest_specs(db: CodePageDB, specs: list[str], progress: Progress = lambda _
             report.errors.append((spec, str(exc)))
     return report
 
-
-def lab_package_specs(profile_name: str, progress: Progress = lambda _m: None) -> list[str]:
-    """Return NAME=VERSION for every package of a lab profile in its chosen, newest and oldest versions."""
-    from nephoscope.lab import apt
-    from nephoscope.lab.build import choose_kernel, resolve_packages
-    from nephoscope.lab.profile import load_profile
-
-    specs: list[str] = []
-    for name, chosen in resolve_packages(load_profile(profile_name), progress).items():
-        versions = apt.available_versions(name)
-        specs += [f"{name}={v}" for v in dict.fromkeys([chosen, *versions[:1], *versions[-1:]])]
-    kernel = choose_kernel(None, progress)
-    if kernel.package:
-        specs.append(f"{kernel.package}={kernel.version}")
-    return specs

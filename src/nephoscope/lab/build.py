@@ -25,7 +25,8 @@ from elftools.elf.elffile import ELFFile
 
 from nephoscope.core.errors import LabError
 from nephoscope.core.paths import cache_root
-from nephoscope.lab import apt
+from nephoscope.knowledge.debian import archive
+from nephoscope.knowledge.debian.relations import Relation, depends_of
 from nephoscope.lab.cpio import Entry, write_cpio
 from nephoscope.lab.profile import Artifact, Profile
 from nephoscope.lab.trojan import patch_text_padding
@@ -89,26 +90,29 @@ def _follows(name: str, explicit: set[str]) -> bool:
 
 
 def resolve_packages(profile: Profile, progress: Progress = lambda _m: None) -> dict[str, str]:
-    """Choose a version for every package of the profile and its library dependencies."""
+    """Choose a version for every package of the profile and its library dependencies.
+
+    Answered from apt's indexes in-process (no apt-cache run per package); "newest" means apt's candidate."""
     explicit = {p.name for p in profile.packages}
-    constraints: dict[str, list[apt.Relation]] = {}
+    constraints: dict[str, list[Relation]] = {}
     for _round in range(6):
         selected: dict[str, str] = {}
         queue = [p.name for p in profile.packages]
-        new_constraints: dict[str, list[apt.Relation]] = {}
+        new_constraints: dict[str, list[Relation]] = {}
         while queue:
             name = queue.pop(0)
             if name in selected:
                 continue
-            versions = apt.available_versions(name)
+            versions = archive.available_versions(name)
             if not versions:
                 raise LabError(f"apt knows no package {name!r}; run `apt-get update` or fix the profile")
             spec = profile.package(name)
             policy = spec.version if spec else "newest"
             if policy == "oldest":
                 candidates = list(reversed(versions))
-            elif policy == "newest":
-                candidates = list(versions)
+            elif policy == "newest":  # apt's candidate (pins respected) first, then the rest newest first
+                preferred = archive.find_candidate(name)
+                candidates = list(dict.fromkeys(v for v in (preferred, *versions) if v))
             else:
                 if policy not in versions:
                     raise LabError(f"{name}={policy} is not available; apt offers {', '.join(versions)}")
@@ -119,8 +123,8 @@ def resolve_packages(profile: Profile, progress: Progress = lambda _m: None) -> 
                 raise LabError(f"no version of {name} satisfies {', '.join(map(str, wanted))} "
                                f"(available: {', '.join(versions)})")
             selected[name] = fitting[0]
-            for group in apt.depends_of(apt.package_record(name, fitting[0])):
-                real = [r for r in group if apt.available_versions(r.name)]
+            for group in depends_of(archive.package_record(name, fitting[0])):
+                real = [r for r in group if archive.available_versions(r.name)]
                 if not real:
                     continue
                 pick = next((r for r in real if r.name in selected or r.name in explicit), real[0])
@@ -148,8 +152,8 @@ def choose_kernel(spec: str | None, progress: Progress) -> KernelChoice:
         return _kernel_from_path(spec)
     package, version, options = _kernel_package(spec, progress)
     progress(f"downloading kernel {package} {version}")
-    deb = apt.download(package, version, cache_root() / "debs", options)
-    root = apt.unpack(deb, cache_root() / "unpacked") / "root"
+    deb = archive.download(package, version, cache_root() / "debs", options)
+    root = archive.unpack(deb, cache_root() / "unpacked") / "root"
     vmlinuz = sorted((root / "boot").glob("vmlinuz-*"))
     if not vmlinuz:
         raise LabError(f"{deb.name} holds no /boot/vmlinuz-*; is it a kernel image package?")
@@ -182,7 +186,7 @@ def _kernel_package(spec: str | None, progress: Progress) -> KernelPackage:
         options = _extra_apt(progress)
         return _newest_kernel(_series_packages(spec, options), options, spec)
     package = spec if spec.startswith("linux-image-") else f"linux-image-{spec}"
-    if apt.available_versions(package):
+    if archive.available_versions(package):
         return _newest_kernel([package], ())
     options = _extra_apt(progress)
     return _newest_kernel([package, f"{package}-unsigned"], options, spec)
@@ -190,31 +194,31 @@ def _kernel_package(spec: str | None, progress: Progress) -> KernelPackage:
 
 def _extra_apt(progress: Progress) -> tuple[str, ...]:
     """Return apt options for the private extra-suite setup (refreshing its lists when stale)."""
-    progress(f"looking in {', '.join(apt.EXTRA_SUITES)} (private apt lists in {apt.extra_root()})")
-    return apt.ensure_extra()
+    progress(f"looking in {', '.join(archive.EXTRA_SUITES)} (private apt lists in {archive.extra_root()})")
+    return archive.ensure_extra()
 
 
 def _meta_kernel(options: tuple[str, ...]) -> str:
     """Return the kernel image package that linux-image-amd64 depends on."""
-    meta = apt.available_versions("linux-image-amd64", options)
+    meta = archive.available_versions("linux-image-amd64", options)
     if not meta:
         raise LabError("apt knows no linux-image-amd64; run `apt-get update`")
-    deps = apt.depends_of(apt.package_record("linux-image-amd64", meta[0], options))
+    deps = depends_of(archive.package_record("linux-image-amd64", meta[0], options))
     return next(g[0].name for g in deps if g[0].name.startswith("linux-image-"))
 
 
 def _series_packages(series: str, options: tuple[str, ...]) -> list[str]:
     """Return the generic amd64 image packages of a kernel series (no -dbg, -cloud or -rt flavours)."""
     pattern = re.compile(rf"^linux-image-{re.escape(series)}\.\d[\d.+a-z~]*(-\d+)?-amd64(-unsigned)?$")
-    return [n for n in apt.package_names(f"linux-image-{series}.", options) if pattern.match(n)]
+    return [n for n in archive.package_names(f"linux-image-{series}.", options) if pattern.match(n)]
 
 
 def _newest_kernel(names: list[str], options: tuple[str, ...], spec: str | None = None) -> KernelPackage:
     """Return the newest (package, version) among `names`; a signed image beats -unsigned of one version."""
     found = [(Version(v[0]), not n.endswith("-unsigned"), n, v[0]) for n in names
-             if (v := apt.available_versions(n, options))]
+             if (v := archive.available_versions(n, options))]
     if not found:
-        where = f" (also looked in {', '.join(apt.EXTRA_SUITES)})" if options else ""
+        where = f" (also looked in {', '.join(archive.EXTRA_SUITES)})" if options else ""
         wanted = spec or (names[0] if names else "?")
         raise LabError(f"no Debian kernel package for {wanted}{where}; "
                        "try `apt-cache search linux-image-` for names")
@@ -426,7 +430,7 @@ def dpkg_status(packages: dict[str, str]) -> bytes:
     """Return a dpkg status database listing `packages` as installed (what the guest's dpkg would hold)."""
     stanzas = []
     for name, version in sorted(packages.items()):
-        record = apt.package_record(name, version)
+        record = archive.package_record(name, version)
         fields = [f"Package: {name}", "Status: install ok installed"]
         for key in ("Priority", "Section", "Installed-Size", "Maintainer", "Architecture", "Multi-Arch", "Source"):
             if key in record:
@@ -481,8 +485,8 @@ def build_image(profile: Profile, kernel_spec: str | None = None, progress: Prog
     _base_files(tree, profile)
     for name, version in packages.items():
         progress(f"fetching {name} {version}")
-        deb = apt.download(name, version, cache_root() / "debs")
-        unpacked = apt.unpack(deb, cache_root() / "unpacked") / "root"
+        deb = archive.download(name, version, cache_root() / "debs")
+        unpacked = archive.unpack(deb, cache_root() / "unpacked") / "root"
         tree.add_tree(unpacked, (name, version),
                       only=lambda p: not p.startswith(("usr/share/doc", "usr/share/man", "usr/share/locale",
                                                        "usr/share/info", "usr/share/lintian")))

@@ -20,7 +20,8 @@ def ensure_knowledge(profile: str, progress: Progress) -> list[str]:
     problems: list[str] = []
     try:
         from nephoscope.knowledge.binaries import CodePageDB
-        from nephoscope.knowledge.ingest import ingest_specs, lab_package_specs
+        from nephoscope.knowledge.ingest import ingest_specs
+        from nephoscope.lab.packages import lab_package_specs
     except ImportError:
         return ["code-page knowledge base not available in this build"]
     db = CodePageDB.open()
@@ -39,13 +40,13 @@ def ensure_vulns(profile: str, progress: Progress) -> list[str]:
     """Harvest CVE knowledge from the lab packages' newest changelogs when the DB is empty; return problems."""
     from nephoscope.knowledge.feeds import harvest
     from nephoscope.knowledge.vulns import VulnDB
-    from nephoscope.lab.build import resolve_packages
+    from nephoscope.lab.packages import profile_packages
 
     db = VulnDB.open()
     if db.stats().records:
         return []
     progress("vulnerability knowledge: reading the newest Debian changelogs")
-    report = harvest(sorted(resolve_packages(load_profile(profile), progress)), progress)
+    report = harvest(profile_packages(profile, progress), progress)
     db.replace("changelog", report.records, report.binaries)
     return [f"{where}: {why}" for where, why in report.errors]
 

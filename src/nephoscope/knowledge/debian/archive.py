@@ -1,95 +1,64 @@
-"""Ask the host's apt which Debian package versions exist, and fetch .deb files into a cache."""
+"""Which Debian package versions the host's apt can fetch, their control records, and .deb downloads.
+
+Questions are answered in-process from apt's own indexes (see `index`); downloads still go through
+`apt-get download`, so apt's sources, authentication and proxies apply unchanged. Every function takes
+the `-o` options of an apt setup: () for the host's, `ensure_extra()` for the private extra suites.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
-import re
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from debian import deb822
-from debian.debian_support import Version
 
-from nephoscope.core.errors import LabError
+from nephoscope.core.errors import KnowledgeError
 from nephoscope.core.paths import cache_root
+from nephoscope.knowledge.debian.config import run_apt
+from nephoscope.knowledge.debian.index import ArchiveIndex
+from nephoscope.knowledge.debian.relations import Relation, depends_of, parse_depends
 
-_DEP_RE = re.compile(r"^\s*([a-z0-9][a-z0-9+.\-]*)(?::[a-z0-9]+)?\s*(?:\(\s*(<<|<=|=|>=|>>)\s*([^)\s]+)\s*\))?")
-
-
-@dataclass(frozen=True, slots=True)
-class Relation:
-    """One alternative of a Depends field: a name and an optional version constraint."""
-
-    name: str
-    op: str | None = None
-    version: str | None = None
-
-    def allows(self, version: str) -> bool:
-        """Return whether `version` satisfies this relation's constraint (Debian order)."""
-        if self.op is None or self.version is None:
-            return True
-        have, want = Version(version), Version(self.version)
-        return {
-            "<<": have < want,
-            "<=": have <= want,
-            "=": have == want,
-            ">=": have >= want,
-            ">>": have > want,
-        }[self.op]
-
-    def __str__(self) -> str:
-        return f"{self.name} ({self.op} {self.version})" if self.op else self.name
-
-
-def parse_depends(field: str) -> list[list[Relation]]:
-    """Parse a Depends-style field into AND-groups of OR-alternatives."""
-    groups: list[list[Relation]] = []
-    for group in field.split(","):
-        alts = []
-        for alt in group.split("|"):
-            m = _DEP_RE.match(alt)
-            if m:
-                alts.append(Relation(m.group(1), m.group(2), m.group(3)))
-        if alts:
-            groups.append(alts)
-    return groups
-
-
-def _run(cmd: list[str]) -> str:
-    if shutil.which(cmd[0]) is None:
-        raise LabError(f"`{cmd[0]}` is missing; run `make setup` (Debian 12 host) first")
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise LabError(f"`{' '.join(cmd)}` failed: {proc.stderr.strip()[:400]}")
-    return proc.stdout
+__all__ = ["EXTRA_MIRROR", "EXTRA_SUITES", "Relation", "available_versions", "depends_of", "download",
+           "ensure_extra", "extra_options", "extra_root", "extra_sources", "find_candidate", "package_names",
+           "package_record", "parse_depends", "unpack", "version_sources"]
 
 
 @functools.cache
+def archive_index(options: tuple[str, ...] = ()) -> ArchiveIndex:
+    """Return the (process-wide) index of what apt knows under `options`."""
+    return ArchiveIndex.open(options)
+
+
 def available_versions(name: str, options: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """Return every version apt can fetch for binary package `name`, newest first."""
-    out = subprocess.run(["apt-cache", *options, "madison", name], capture_output=True, text=True,
-                         check=False).stdout
-    versions = {line.split("|")[1].strip() for line in out.splitlines() if line.count("|") >= 2
-                and line.split("|")[0].strip() == name}
-    return tuple(sorted(versions, key=Version, reverse=True))
+    """Return every version apt can fetch for binary package `name`, newest first (empty if none)."""
+    return archive_index(options).versions(name)
 
 
-@functools.cache
+def version_sources(name: str, options: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """Return (version, index) pairs of `name`, newest first: the lines `apt-cache madison` prints."""
+    return archive_index(options).sources(name)
+
+
+def find_candidate(name: str, options: tuple[str, ...] = ()) -> str | None:
+    """Return the version apt would install (`apt-cache policy` Candidate, ignoring what is installed)."""
+    return archive_index(options).candidate(name)
+
+
 def package_record(name: str, version: str, options: tuple[str, ...] = ()) -> deb822.Packages:
     """Return apt's control record for `name` at exactly `version`."""
-    text = _run(["apt-cache", *options, "show", f"{name}={version}"])
-    first = text.split("\n\n", 1)[0]
-    return deb822.Packages(first)
+    text = archive_index(options).record(name, version)
+    if text is None:
+        raise KnowledgeError(f"apt knows no {name}={version}; run `apt-get update` or check the version")
+    return deb822.Packages(text)
 
 
-def depends_of(record: deb822.Packages) -> list[list[Relation]]:
-    """Return the Pre-Depends and Depends groups of a package record."""
-    fields = [record.get("Pre-Depends", ""), record.get("Depends", "")]
-    return [g for f in fields if f for g in parse_depends(f)]
+def package_names(prefix: str, options: tuple[str, ...] = ()) -> list[str]:
+    """Return the binary package names apt knows that start with `prefix` (apt-cache pkgnames)."""
+    return archive_index(options).names(prefix)
 
 
 def download(name: str, version: str, cache_dir: Path, options: tuple[str, ...] = ()) -> Path:
@@ -107,8 +76,8 @@ def download(name: str, version: str, cache_dir: Path, options: tuple[str, ...] 
                           capture_output=True, text=True, check=False)
     got = list(tmp.glob("*.deb"))
     if proc.returncode != 0 or not got:
-        raise LabError(f"apt-get download {name}={version} failed: {proc.stderr.strip()[:400]} "
-                       "(is `apt-get update` done and the package registry reachable?)")
+        raise KnowledgeError(f"apt-get download {name}={version} failed: {proc.stderr.strip()[:400]} "
+                             "(is `apt-get update` done and the package registry reachable?)")
     got[0].replace(target)
     shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -121,8 +90,8 @@ def unpack(deb: Path, cache_dir: Path) -> Path:
         return target
     shutil.rmtree(target, ignore_errors=True)
     (target / "root").mkdir(parents=True)
-    _run(["dpkg-deb", "-x", str(deb), str(target / "root")])
-    _run(["dpkg-deb", "-e", str(deb), str(target / "control")])
+    run_apt(["dpkg-deb", "-x", str(deb), str(target / "root")])
+    run_apt(["dpkg-deb", "-e", str(deb), str(target / "control")])
     (target / ".complete").write_text("ok\n")
     return target
 
@@ -164,7 +133,8 @@ def _lists_age(lists: Path) -> float | None:
 def ensure_extra(max_age: float = EXTRA_MAX_AGE) -> tuple[str, ...]:
     """Write the private sources list, refresh its package lists when stale, and return the apt options."""
     if not EXTRA_KEYRING.exists():
-        raise LabError(f"{EXTRA_KEYRING} is missing; install debian-archive-keyring to use {', '.join(EXTRA_SUITES)}")
+        raise KnowledgeError(f"{EXTRA_KEYRING} is missing; install debian-archive-keyring to use "
+                             f"{', '.join(EXTRA_SUITES)}")
     root = extra_root()
     for sub in ("lists/partial", "cache/archives/partial"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -182,20 +152,12 @@ def ensure_extra(max_age: float = EXTRA_MAX_AGE) -> tuple[str, ...]:
 def _update_extra(options: tuple[str, ...], root: Path, stale_ok: bool) -> None:
     """Run `apt-get update` on the private setup; with `stale_ok`, keep the old lists if it fails."""
     try:
-        _run(["apt-get", *options, "-q", "update"])
-    except LabError as exc:
+        run_apt(["apt-get", *options, "-q", "update"])
+    except KnowledgeError as exc:
         if stale_ok:
             return
-        raise LabError(f"cannot refresh {', '.join(EXTRA_SUITES)} from {EXTRA_MIRROR} "
-                       f"(is the package registry reachable?): {exc}") from exc
+        raise KnowledgeError(f"cannot refresh {', '.join(EXTRA_SUITES)} from {EXTRA_MIRROR} "
+                             f"(is the package registry reachable?): {exc}") from exc
     if _lists_age(root / "lists") is None:
-        raise LabError(f"apt-get update wrote no package list for {', '.join(EXTRA_SUITES)} in {root}")
-    available_versions.cache_clear()
-    package_record.cache_clear()
-
-
-def package_names(prefix: str, options: tuple[str, ...] = ()) -> list[str]:
-    """Return the binary package names apt knows that start with `prefix` (apt-cache pkgnames)."""
-    out = subprocess.run(["apt-cache", *options, "pkgnames", prefix], capture_output=True, text=True,
-                         check=False).stdout
-    return sorted(set(out.split()))
+        raise KnowledgeError(f"apt-get update wrote no package list for {', '.join(EXTRA_SUITES)} in {root}")
+    archive_index.cache_clear()  # the lists changed: the next question re-reads them

@@ -1,0 +1,1 @@
+"""The Debian archive as apt sees it: package indexes, pin priorities, relations, .deb downloads."""
