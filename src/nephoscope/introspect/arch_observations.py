@@ -1,8 +1,9 @@
 """Turn an arch report (nephoscope.introspect.codepages.ArchReport) into Observations of method "arch".
 
 Verdicts: what the page tables and page contents show is `verified`; kernel code and an unverified vdso
-are `unverifiable` with the reason. When the image itself is in doubt (`ArchReport.doubt`), unknown code
-and modified pages are not claimed one by one: one "image-inconsistent" observation says why and how many.
+are `unverifiable` with the reason. When the image itself is in doubt (`ArchReport.doubt`), nothing is
+claimed per region: one "image-inconsistent" observation says why and counts what was seen (unknown and
+modified code, page-matched binaries); only the address spaces and the kernel-code note remain.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ def observations(report: ArchReport) -> Iterator[Observation]:
     doubt = bool(report.doubt)
     if doubt:
         yield _inconsistent(report, prov)
+    elif report.memory_problems:
+        yield Observation("memory-image", report.vm, {"problems": report.memory_problems}, prov,
+                          Verdict.UNVERIFIABLE, "parts of the memory image were skipped or cut: "
+                          + "; ".join(report.memory_problems))
     for sp in report.spaces:
         space = f"cr3:0x{sp.cr3:x}"
         main = main_image(sp.images, sp.unknown)
@@ -34,22 +39,23 @@ def observations(report: ArchReport) -> Iterator[Observation]:
             "cr3": sp.cr3, "user_cr3": sp.user_cr3, "exec_pages": sp.exec_pages, "vcpus": sp.vcpus,
             "main": (main.path if isinstance(main, Image) else "unknown") if main else None,
             "anomalies": sp.anomalies}, prov, Verdict.VERIFIED)
+        if doubt:  # page matches in a misread image say nothing about what runs: summarised above
+            continue
         for im in sp.images:
             data: dict[str, Any] = {"cr3": sp.cr3, "gva_start": im.gva_start, "gva_end": im.gva_end,
                                     "base": im.base, "pages": im.pages, "path": im.path,
                                     "versions": sorted(im.versions),
                                     "candidates": [_cand_dict(c) for c in im.candidates]}
-            if im.modified and not doubt:
+            if im.modified:
                 data["modified_pages"] = [{"gva": m.gva, "gpa": m.gpa, "vaddr": m.vaddr, "file_offset": m.file_offset}
                                           for m in im.modified]
                 yield Observation("modified-binary", f"{space}:0x{im.gva_start:x}", data, prov, Verdict.VERIFIED)
             else:
                 yield Observation("binary", f"{space}:0x{im.gva_start:x}", data, prov, Verdict.VERIFIED)
-        if not doubt:
-            for u in sp.unknown:
-                yield Observation("unknown-code", f"{space}:0x{u.gva_start:x}", {
-                    "cr3": sp.cr3, "gva_start": u.gva_start, "gva_end": u.gva_end, "pages": u.pages,
-                    "writable": u.writable, "gpas": u.gpas[:64], "head": u.head.hex()}, prov, Verdict.VERIFIED)
+        for u in sp.unknown:
+            yield Observation("unknown-code", f"{space}:0x{u.gva_start:x}", {
+                "cr3": sp.cr3, "gva_start": u.gva_start, "gva_end": u.gva_end, "pages": u.pages,
+                "writable": u.writable, "gpas": u.gpas[:64], "head": u.head.hex()}, prov, Verdict.VERIFIED)
         if sp.vdso:
             v = sp.vdso
             yield Observation("vdso", f"{space}:0x{v.gva_start:x}", {
@@ -69,13 +75,16 @@ def observations(report: ArchReport) -> Iterator[Observation]:
 def _inconsistent(report: ArchReport, prov: Provenance) -> Observation:
     """Return the one observation that replaces per-region findings on an image in doubt."""
     unknown = [u for sp in report.spaces for u in sp.unknown]
+    binaries = sorted({(im.path, p, v) for sp in report.spaces for im in sp.images for p, v in im.versions})
     data = {"spaces": len(report.spaces), "exec_pages": sum(sp.exec_pages for sp in report.spaces),
             "identified_pages": sum(sp.identified_pages for sp in report.spaces),
             "unknown_regions": len(unknown), "unknown_pages": sum(u.pages for u in unknown),
             "modified_images": sum(len(sp.modified) for sp in report.spaces),
-            "missing_vcpu_roots": report.missing_vcpu_roots, "memory_problems": report.memory_problems}
-    reason = (f"image inconsistent: {report.doubt}; {data['unknown_regions']} unknown region(s) and "
-              f"{data['modified_images']} modified image(s) are not reported as findings")
+            "missing_vcpu_roots": report.missing_vcpu_roots, "memory_problems": report.memory_problems,
+            "page_matches": [{"path": path, "package": p, "version": v} for path, p, v in binaries[:64]]}
+    reason = (f"image inconsistent: {report.doubt}; so {data['unknown_regions']} unknown region(s), "
+              f"{data['modified_images']} modified image(s) and {len(binaries)} page-matched binaries are not "
+              "reported one by one")
     return Observation("image-inconsistent", report.vm, data, prov, Verdict.UNVERIFIABLE, reason)
 
 

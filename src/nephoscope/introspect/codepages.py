@@ -316,7 +316,13 @@ def _identify_space(phys: PhysicalMemory, root: Root, levels: int, db: CodePageL
     images, claimed = _identify(pages, page_digests, hits, files)
     rest = [p for i, p in enumerate(pages) if i not in claimed]
     unknown = []
+    seen: set[tuple[int, ...]] = set()
     for _, _, ms in iter_runs(iter(rest)):
+        gpas = tuple(m.gpa for m in ms)
+        if gpas in seen:  # the same physical code mapped again: one fact, counted
+            asp.anomalies["unknown-region-aliases"] += 1
+            continue
+        seen.add(gpas)
         if len(unknown) >= MAX_UNKNOWN_REGIONS:
             asp.anomalies["unknown-regions-not-listed"] += 1
             continue
@@ -502,9 +508,10 @@ def _scan(phys: PhysicalMemory, db: CodePageLookup | None, vcpus: Sequence[VcpuS
                    f"({roots.candidates} candidates; rejected: {dict(roots.rejected) or 'none'}): not a guest "
                    "memory image, incomplete RAM, or a non-Linux page-table layout")
     elif budget.caps:
-        problem = (f"work cap reached ({SCAN_BUDGET[0]} page tables / {SCAN_BUDGET[1]} pages by default; "
-                   f"{len(spaces)} of {len(process_roots)} address spaces walked): results are incomplete "
-                   "(fake or corrupt tables?): " + "; ".join(f"{what} ×{n}" for what, n in budget.caps.items()))
+        problem = ("work cap reached, results are incomplete (fake or corrupt tables?): "
+                   + "; ".join(f"{what} ×{n}" for what, n in budget.caps.items())
+                   + f" ({len(spaces)} of {len(process_roots)} address spaces walked; budget {SCAN_BUDGET[0]} "
+                   f"page tables / {SCAN_BUDGET[1]} pages by default)")
     report = ArchReport(vm, spaces, kernel, [r.gpa for r in roots.roots if not r.user_entries], missing, stats,
                         problem, dict(budget.caps), memory_problems=list(getattr(phys, "problems", [])))
     report.doubt = image_doubt(report, kb_has_pages(db))
@@ -524,26 +531,28 @@ def kb_has_pages(db: CodePageLookup | None) -> bool:
         return False
 
 
-_LAYOUT_DOUBT = ("overlapping", "misaligned", "2^52", "absurd")
+_LAYOUT_DOUBT = ("overlapping", "misaligned", "absurd")  # header faults that misplace the RAM that is kept
 
 
 def image_doubt(report: ArchReport, kb_loaded: bool) -> str:
     """Return why the memory image itself, not the guest, is inconsistent ("" when it reads like a guest).
 
-    A compromised guest shows a few unknown regions among many identified images; a misread image (RAM
-    shifted in the dump's headers, a wrong layout, page tables that lead nowhere) identifies almost nothing.
+    A compromised guest shows a few unknown regions among many identified images, under a kernel half
+    that maps kernel text; a misread image (RAM misplaced in the dump's headers, a wrong layout, page
+    tables that lead elsewhere) identifies almost nothing, or has no kernel text at all.
     """
+    why = []
+    if report.spaces and report.kernel is not None and report.kernel.pages == 0:
+        why.append("the kernel half of the page tables maps no executable supervisor page (every x86-64 Linux "
+                   "maps its text there): the tables are not where the image says")
     layout = [p for p in report.memory_problems if any(w in p for w in _LAYOUT_DOUBT)]
     if layout:
-        return "the dump's RAM layout is implausible: " + "; ".join(layout)
-    if report.spaces and report.kernel is not None and report.kernel.pages == 0:
-        return ("the kernel half of the page tables maps no executable supervisor page: the kernel's tables "
-                "are not where the image says (misplaced RAM or a corrupt image)")
+        why.append("the dump's RAM layout is implausible (" + "; ".join(layout) + ")")
     exec_pages = sum(sp.exec_pages for sp in report.spaces)
     identified = sum(sp.identified_pages for sp in report.spaces)
     if kb_loaded and exec_pages >= MIN_EXEC_PAGES and identified < MIN_IDENTIFIED * exec_pages:
-        return (f"only {identified} of {exec_pages} user executable pages ({identified / exec_pages:.0%}) match "
-                f"the code-page DB across {len(report.spaces)} address spaces (a guest, even a compromised one, "
-                f"runs mostly packaged code; below {MIN_IDENTIFIED:.0%} the image is misread: RAM misplaced in "
-                "the dump's headers, or the KB lacks this distribution)")
-    return ""
+        why.append(f"only {identified} of {exec_pages} user executable pages ({identified / exec_pages:.0%}) "
+                   f"match the code-page DB across {len(report.spaces)} address spaces, below {MIN_IDENTIFIED:.0%} "
+                   "(a guest, even a compromised one, runs mostly packaged code: RAM is misplaced in the dump's "
+                   "headers, or the KB lacks this distribution)")
+    return "; ".join(why)
