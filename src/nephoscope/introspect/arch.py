@@ -3,8 +3,9 @@ page, and identify it against the code-page DB — no OS knowledge at all.
 
 The algorithm lives in `nephoscope.introspect.codepages` (records, `scan`, `identify_space`, `main_image`),
 the Observation conversion in `nephoscope.introspect.arch_observations`; this module is the method: it
-reaches a VM (lab guest, QMP socket, RAM or dump file), reads its vCPUs' registers, and pauses it only
-when asked (`pause=True`), giving the operator's run state back.
+reaches a VM (a VmTarget: live RAM file with a QMP socket, a QMP socket alone, or a RAM or dump file),
+reads its vCPUs' registers, and pauses it only when asked (`pause=True`), giving the operator's run state
+back. Turning a lab guest name into a VmTarget is the service layer's (`service.targets.resolve_target`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from nephoscope.memory.roots import VcpuState
 
 __all__ = ["METHOD", "SCAN_BUDGET", "USER_TOP", "VDSO_PATH", "VDSO_REASON", "ArchMethod", "ArchReport", "Candidate",
            "CodePageLookup", "Image", "KernelCode", "ModifiedPage", "ScanStats", "SpaceReport", "UnknownRegion",
-           "Vdso", "main_image", "scan", "scan_file", "scan_guest", "scan_target"]
+           "Vdso", "main_image", "scan", "scan_file", "scan_target"]
 
 
 def scan_target(vm: VmTarget, kb_path: Path | None = None, *, pause: bool = False,
@@ -66,17 +67,6 @@ def scan_target(vm: VmTarget, kb_path: Path | None = None, *, pause: bool = Fals
     if note:  # a live VM whose monitor does not answer: no registers and no pause, so no scan either
         raise ConnectorError(note)
     return report
-
-
-def scan_guest(name: str, kb_path: Path | None = None, *, pause: bool = False) -> ArchReport:
-    """Scan running lab guest `name` through its shared RAM file; reads vCPU registers over HMP.
-
-    Pauses the VM for the duration only when `pause` is true (consistent view) and it was running."""
-    from nephoscope.lab.runner import get_guest
-
-    guest = get_guest(name)
-    return scan_target(VmTarget(name=guest.name, ram_path=guest.ram_path, qmp_socket=guest.qmp_socket,
-                                live=True), kb_path, pause=pause)
 
 
 def scan_file(path: str | Path, kb_path: Path | None = None, *, cr3: Sequence[int] = ()) -> ArchReport:
