@@ -24,14 +24,20 @@ pytestmark = pytest.mark.guest
 runner = CliRunner()
 
 
+def _running(guest: Guest) -> bool:
+    with Qmp(guest.qmp_socket) as qmp:  # QEMU serves one QMP client at a time: never hold it across a call
+        return is_running(qmp)
+
+
 @pytest.fixture()
-def operator_paused(clean_guest: Guest) -> Iterator[Qmp]:
+def operator_paused(clean_guest: Guest) -> Iterator[Guest]:
     """Pause the guest as its operator would; resume it after the test whatever happened."""
     with Qmp(clean_guest.qmp_socket) as qmp:
         qmp.command("stop")
-        try:
-            yield qmp
-        finally:
+    try:
+        yield clean_guest
+    finally:
+        with Qmp(clean_guest.qmp_socket) as qmp:
             qmp.command("cont")
 
 
@@ -39,27 +45,26 @@ def _target(guest: Guest) -> VmTarget:
     return VmTarget(guest.name, ram_path=guest.ram_path, qmp_socket=guest.qmp_socket, live=True)
 
 
-def test_arch_pause_leaves_an_operator_paused_guest_paused(clean_guest: Guest, operator_paused: Qmp,
-                                                           default_kb: None) -> None:
+def test_arch_pause_leaves_an_operator_paused_guest_paused(operator_paused: Guest, default_kb: None) -> None:
+    clean_guest = operator_paused
     result = runner.invoke(app, ["arch", clean_guest.name, "--pause", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["observations"]
-    assert not is_running(operator_paused)  # used to be resumed by arch --pause
+    assert not _running(clean_guest)  # used to be resumed by arch --pause
 
 
-def test_checkpoint_leaves_an_operator_paused_guest_paused(clean_guest: Guest, operator_paused: Qmp,
-                                                           tmp_path: Path) -> None:
+def test_checkpoint_leaves_an_operator_paused_guest_paused(operator_paused: Guest, tmp_path: Path) -> None:
+    clean_guest = operator_paused
     _pause, vcpus = CheckpointMethod().snapshot(_target(clean_guest), tmp_path / "copy.ram")
     assert vcpus and all(v.cr3 and v.cr4 for v in vcpus)  # full vCPU state, not bare CR3s
     assert {v.levels for v in vcpus} == {4}  # qemu64 has no LA57
-    assert not is_running(operator_paused)
+    assert not _running(clean_guest)
 
 
 def test_arch_pause_resumes_a_running_guest(clean_guest: Guest, default_kb: None) -> None:
     result = runner.invoke(app, ["arch", clean_guest.name, "--pause", "--json"])
     assert result.exit_code == 0, result.output
-    with Qmp(clean_guest.qmp_socket) as qmp:
-        assert is_running(qmp)
+    assert _running(clean_guest)
 
 
 def test_arch_takes_the_qmp_socket(clean_guest: Guest, default_kb: None) -> None:

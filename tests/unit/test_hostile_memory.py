@@ -263,6 +263,9 @@ def test_main_image_one_rule() -> None:
     injected = next(sp for sp in report.spaces if sp.cr3 == roots["injected"])
     assert main_image(injected.images, injected.unknown) is injected.images[0]  # 0x3ff000 < mmap'd code
     assert main_image([lib], injected.unknown) is injected.unknown[0]  # an unpackaged program below its libs
+    # the same rule over plain records (cli/scan's merged binaries): a renamed copy is the non-library image
+    plain = [(("/usr/lib/libc.so.6",), 0x7F00), (("/usr/bin/busybox",), 0x5500), ((), 0x7F10)]
+    assert codepages.main_of(plain, "/tmp/.x (deleted)") == 1 and codepages.main_of([], "") is None
 
 
 # --- only NephoscopeError leaves memory/ and arch -----------------------------------------------------------

@@ -141,17 +141,28 @@ def main_image(images: Sequence[Image], unknown: Sequence[UnknownRegion] = (),
     The image whose file is `exec_path` (same path, or same name: renamed and "(deleted)" files) when the
     caller knows what was exec'd; else the lowest-addressed region that is not a shared library — an
     unknown region counts (an unpackaged program), a library never does (the program is mapped below its
-    libraries on Linux, PIE or not); else the lowest-addressed region of any kind.
+    libraries on Linux, PIE or not); else the lowest-addressed region of any kind. See `main_of` for the
+    same rule over plain (paths, gva_start) pairs.
     """
+    regions: list[Image | UnknownRegion] = [*images, *unknown]
+    index = main_of([(tuple(c.path for c in r.candidates) if isinstance(r, Image) else (), r.gva_start)
+                     for r in regions], exec_path)
+    return None if index is None else regions[index]
+
+
+def main_of(regions: Sequence[tuple[Sequence[str], int]], exec_path: str = "") -> int | None:
+    """Return the index of the main program among `regions` = (candidate file paths, gva_start) of one
+    address space (no paths: unknown code), or None when there is none; the rule of `main_image`."""
     exe = exec_path.removesuffix(" (deleted)")
     name = exe.rsplit("/", 1)[-1]
     if name:
-        for im in images:
-            if any(c.path == exe or c.path.rsplit("/", 1)[-1] == name for c in im.candidates):
-                return im
-    programs: list[Image | UnknownRegion] = [*(im for im in images if not im.is_library), *unknown]
-    regions: list[Image | UnknownRegion] = programs or [*images]
-    return min(regions, key=lambda r: r.gva_start, default=None)
+        for i, (paths, _) in enumerate(regions):
+            if any(p == exe or p.rsplit("/", 1)[-1] == name for p in paths):
+                return i
+    programs = [i for i, (paths, _) in enumerate(regions)
+                if not paths or not all(_LIBRARY.search(p.rsplit("/", 1)[-1]) for p in paths)]
+    pool = programs or list(range(len(regions)))
+    return min(pool, key=lambda i: regions[i][1], default=None)
 
 
 @dataclass(slots=True)
