@@ -109,7 +109,8 @@ def test_vdso_lookalikes_at_every_other_slot(copy: Path, clean_report: ArchRepor
     report, seconds, error = _arch(copy)
     assert seconds < CEILING and report is not None, error
     kinds = Counter(o.kind for o in report.to_observations())
-    # the look-alikes are one physical page mapped over and over: one region, the rest counted as aliases
-    assert kinds["unknown-code"] <= 2, kinds
+    # the look-alikes are one physical page mapped over and over: one unknown region (never the vdso: Linux
+    # maps that once), the rest counted as aliases
+    assert 1 <= kinds["unknown-code"] <= 2, kinds
     aliases = sum(sp.anomalies.get("unknown-region-aliases", 0) for sp in report.spaces)
     assert aliases >= fakes - 2

@@ -328,10 +328,12 @@ def _identify_space(phys: PhysicalMemory, root: Root, levels: int, db: CodePageL
     rest = [p for i, p in enumerate(pages) if i not in claimed]
     unknown = []
     seen: set[tuple[int, ...]] = set()
+    aliased: set[tuple[int, ...]] = set()
     for _, _, ms in iter_runs(iter(rest)):
         gpas = tuple(m.gpa for m in ms)
         if gpas in seen:  # the same physical code mapped again: one fact, counted
             asp.anomalies["unknown-region-aliases"] += 1
+            aliased.add(gpas)
             continue
         seen.add(gpas)
         if len(unknown) >= MAX_UNKNOWN_REGIONS:
@@ -340,7 +342,9 @@ def _identify_space(phys: PhysicalMemory, root: Root, levels: int, db: CodePageL
         unknown.append(_unknown(asp, ms))
     if asp.anomalies.get("unknown-regions-not-listed"):
         budget.hit(f"unknown regions per address space (over {MAX_UNKNOWN_REGIONS})")
-    vdso = _find_vdso(asp, images, unknown, budget)
+    vdso = _find_vdso(asp, images, [u for u in unknown if tuple(u.gpas) not in aliased], budget)
+    if vdso is not None and not vdso.verified:
+        unknown = [u for u in unknown if u.gva_start != vdso.gva_start]
     return SpaceReport(root.gpa, root.user_gpa, len(pages), images, unknown, vdso, dict(asp.anomalies), vcpus)
 
 
@@ -407,7 +411,8 @@ def _unknown(asp: AddressSpace, ms: list[Mapping]) -> UnknownRegion:
 
 
 def _find_vdso(asp: AddressSpace, images: list[Image], unknown: list[UnknownRegion], budget: Budget) -> Vdso | None:
-    """Take the vdso out of `images` (KB-verified) or `unknown` (ELF header + position: unverified).
+    """Take the vdso out of `images` (KB-verified), or name it among `unknown` (ELF header + position: unverified;
+    the caller leaves out code mapped more than once, as Linux maps the vdso once per address space).
 
     One walk at most, whatever the number of look-alikes: it finds the highest writable user page above
     the lowest candidate, and the chosen vdso must lie above it."""
@@ -439,7 +444,6 @@ def _find_vdso(asp: AddressSpace, images: list[Image], unknown: list[UnknownRegi
     chosen = above[-1] if above else (candidates[0] if len(candidates) == 1 else None)
     if chosen is None:
         return None
-    unknown.remove(chosen)
     return Vdso(chosen.gva_start, chosen.gva_end, "vdso (unverified)", False, [])
 
 
