@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nephoscope.introspect.arch import scan
+from nephoscope.introspect.codepages import scan
 from nephoscope.knowledge.binaries import CodePageDB
 from nephoscope.memory.paging import AddressSpace
 from nephoscope.memory.physical import SegmentedMemory, open_memory
@@ -110,6 +110,8 @@ def main() -> None:
     scan_rate = hashed / s.hash_seconds if s.hash_seconds else float("inf")
     print(f"full scan: best {best:.3f}s, median {statistics.median(seconds):.3f}s over {args.repeat} runs "
           f"({len(report.spaces)} address spaces, {s.pages_hashed} pages hashed) — target < 1 s")
+    if report.caps or report.doubt:
+        print(f"  caps hit: {report.caps or 'none'}; image doubt: {report.doubt or 'none'}")
     print(f"  roots {s.root_seconds:.3f}s, walks {s.walk_seconds:.3f}s, hashing {s.hash_seconds:.3f}s, "
           f"lookups {s.lookup_seconds:.3f}s")
     print(f"  vs one streaming pass over RAM ({stream:.3f}s): ratio {best / stream:.1f}x")

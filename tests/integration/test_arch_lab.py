@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from nephoscope.introspect.arch import ArchReport, Image, SpaceReport, UnknownRegion, scan_guest
+from nephoscope.hypervisor.target import VmTarget
+from nephoscope.introspect.arch import ArchReport, Image, SpaceReport, UnknownRegion, scan_target
 from nephoscope.knowledge.binaries import CodePageDB
 from nephoscope.knowledge.debian import archive
 from nephoscope.knowledge.ingest import IngestReport, ingest_deb
@@ -54,7 +55,8 @@ def _main_package(sp: SpaceReport) -> str:
 
 def _scan(guest: Guest, kb: Path) -> ArchReport:
     started = time.monotonic()
-    report = scan_guest(guest.name, kb, pause=True)
+    target = VmTarget(guest.name, ram_path=guest.ram_path, qmp_socket=guest.qmp_socket, live=True)
+    report = scan_target(target, kb, pause=True)
     print(f"arch scan of {guest.name}: {time.monotonic() - started:.2f}s, {len(report.spaces)} spaces, "
           f"{report.stats.pages_hashed} pages hashed")
     assert report.problem == "" and report.missing_vcpu_roots == []

@@ -239,9 +239,9 @@ def test_no_roots_is_an_explicit_unverifiable_result() -> None:
 
 
 def test_fake_roots_hit_the_scan_work_cap(monkeypatch) -> None:
-    import nephoscope.introspect.arch as arch_mod
+    import nephoscope.introspect.codepages as codepages
 
-    monkeypatch.setattr(arch_mod, "SCAN_BUDGET", (3000, 100_000))
+    monkeypatch.setattr(codepages, "SCAN_BUDGET", (3000, 100_000))
     g, db, _ = _guest()
     s = g.s
     pdpt, pd, pt = s.alloc(), s.alloc(), s.alloc()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -21,9 +20,11 @@ import numpy as np
 from nephoscope.core.errors import ConnectorError, NephoscopeError
 from nephoscope.core.records import Observation, Provenance, Verdict
 from nephoscope.hypervisor.clone import Clone, clone_argv, new_workdir, qemu_argv, save_device_state
+from nephoscope.hypervisor.control import paused
 from nephoscope.hypervisor.qmp import Qmp
 from nephoscope.hypervisor.target import VmTarget
 from nephoscope.introspect.base import observe, unverifiable
+from nephoscope.memory.roots import VcpuState, parse_registers
 
 NAME = "checkpoint"
 ANALYSES = ("inspect", "arch")
@@ -31,7 +32,7 @@ ANALYSES = ("inspect", "arch")
 
 def parse_cr3s(info_registers: str) -> list[int]:
     """Return every vCPU's CR3 from HMP `info registers -a` text."""
-    return [int(m, 16) for m in re.findall(r"CR3=([0-9a-fA-F]+)", info_registers)]
+    return [v.cr3 for v in parse_registers(info_registers)]
 
 
 class PreparedCopy:
@@ -75,30 +76,26 @@ class CheckpointMethod:
         self.keep_copy = keep_copy
         self.last_stats: dict[str, float] = {}
 
-    def snapshot(self, vm: VmTarget, target: Path, state_file: Path | None = None) -> tuple[float, list[int]]:
-        """Pause `vm`, copy its RAM to `target` (and its device state to `state_file`), resume.
+    def snapshot(self, vm: VmTarget, target: Path, state_file: Path | None = None) -> tuple[float, list[VcpuState]]:
+        """Pause `vm` (if it runs), copy its RAM to `target` (and its device state to `state_file`), resume it
+        only if it ran: a VM its operator paused stays paused.
 
-        Returns (guest-visible pause in seconds, the vCPUs' CR3 values)."""
+        Returns (guest-visible pause in seconds, the vCPUs' paging state: CR3, CR4, EFER)."""
         if vm.qmp_socket is None or vm.ram_path is None or not vm.live:
             raise ConnectorError("checkpoint needs a live VM with a QMP socket and a shared RAM file")
         prepared = PreparedCopy(vm.ram_path, target)
         try:
             with Qmp(vm.qmp_socket) as qmp:
-                was_running = bool(qmp.command("query-status").get("running"))
                 t0 = time.monotonic()
-                qmp.command("stop")
-                try:
-                    cr3s = parse_cr3s(qmp.hmp("info registers -a"))
+                with paused(qmp):
+                    vcpus = parse_registers(qmp.hmp("info registers -a"))
                     prepared.copy()
                     if state_file is not None:
                         save_device_state(qmp, state_file)
-                finally:
-                    if was_running:
-                        qmp.command("cont")
                 pause = time.monotonic() - t0
         finally:
             prepared.close()
-        return pause, cr3s
+        return pause, vcpus
 
     def collect(self, vm: VmTarget) -> Iterator[Observation]:
         """Yield the analyses of a consistent copy of `vm`'s RAM, labelled as checkpoint observations."""
@@ -112,7 +109,7 @@ class CheckpointMethod:
         copy = (work / "ram") if work else (self.keep_copy or default_copy)
         state = work / "state" if work else None
         try:
-            pause, cr3s = self.snapshot(vm, copy, state)
+            pause, vcpus = self.snapshot(vm, copy, state)
         except (ConnectorError, OSError) as exc:
             with contextlib.suppress(OSError):
                 copy.unlink()
@@ -123,12 +120,13 @@ class CheckpointMethod:
         self.last_stats = {"pause_s": round(pause, 4)}
         frozen = VmTarget(name=vm.name, ram_path=copy, live=False)
         try:
-            yield observe(NAME, vm, "checkpoint", "snapshot", {"pause_s": pause, "vcpu_cr3": cr3s,
-                                                                "bytes": copy.stat().st_size}, Verdict.VERIFIED)
+            yield observe(NAME, vm, "checkpoint", "snapshot", {
+                "pause_s": pause, "vcpu_cr3": [v.cr3 for v in vcpus], "vcpu_levels": [v.levels for v in vcpus],
+                "bytes": copy.stat().st_size}, Verdict.VERIFIED)
             for analysis in ANALYSES:
                 method = analyses[analysis]()
-                if hasattr(method, "extra_roots"):
-                    method.extra_roots = cr3s  # the paused vCPUs' CR3s are hardware truth for arch
+                if hasattr(method, "extra_vcpus"):
+                    method.extra_vcpus = vcpus  # the paused vCPUs' CR3/CR4/EFER are hardware truth for arch
                 try:
                     for o in method.collect(frozen):
                         yield replace(o, provenance=Provenance(NAME, vm.name, o.provenance.time),

@@ -1,7 +1,7 @@
 """Identify what a trapped process executes: hash its present user executable pages, look them up in the code-page DB.
 
-The walk, hashing and grouping into images are the `arch` method's (`arch._scan_space`), applied to one address
-space whose root comes from the kernel (`mm->pgd`) instead of a RAM-wide root scan. When a trapped process is
+The walk, hashing and grouping into images are the arch algorithm's (`codepages.identify_space`), applied to one
+address space whose root comes from the kernel (`mm->pgd`) instead of a RAM-wide root scan. When a trapped process is
 identified is `exectrack.ExecTracker`'s business.
 """
 
@@ -11,26 +11,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from nephoscope.core.errors import GuestDataError, KnowledgeError, MemoryAccessError
-from nephoscope.introspect.arch import (
+from nephoscope.introspect.codepages import (
     CodePageLookup,
+    DigestCache,
+    FileCache,
     Image,
     ScanStats,
     SpaceReport,
-    _DigestCache,
-    _FileCache,
-    _scan_space,
+    identify_space,
+    main_image,
 )
-from nephoscope.knowledge.pagehash import PAGE_SIZE
 from nephoscope.memory.paging import Budget
 from nephoscope.memory.physical import PhysicalMemory
-from nephoscope.memory.roots import Root, _pti_twin
+from nephoscope.memory.roots import Root, pti_twin
 
 MAX_PAGES = 2048  # pages hashed per identification: bounds the pause of one event
 MAX_TABLES = 512
 Errors = (MemoryAccessError, GuestDataError)
+KB_HINT = "fill it with `nephoscope kb add-lab` (the lab's packages) or `nephoscope kb add PACKAGE.deb`"
 
 
 def open_kb(path: Path | None = None) -> tuple[CodePageLookup | None, str]:
@@ -41,7 +40,7 @@ def open_kb(path: Path | None = None) -> tuple[CodePageLookup | None, str]:
         db = CodePageDB.open(path)
         if db.stats().pages == 0:
             db.close()
-            return None, f"no code-page DB (empty: {db.path}; run `nephoscope kb ingest`)"
+            return None, f"no code-page DB (empty: {db.path}; {KB_HINT})"
         db.lookup_digests([bytes(32)])  # builds the in-memory index now, not during the first pause
     except (KnowledgeError, OSError) as exc:
         return None, f"no code-page DB ({exc})"
@@ -55,11 +54,11 @@ class Identifier:
                  max_pages: int = MAX_PAGES) -> None:
         self.phys, self.levels, self.db, self.max_pages = phys, levels, db, max_pages
         self.reason = reason or "no code-page DB"
-        self.files = _FileCache(db)  # a file's pages do not change during a watch
+        self.files = FileCache(db)  # a file's pages do not change during a watch
         self.ram_end = max((e for _, e in phys.ranges), default=0)
 
     def identify(self, pgd_gpa: int, exec_path: str = "") -> dict[str, Any]:
-        """Return the identity of the address space rooted at `pgd_gpa` (see `identity_dict`)."""
+        """Return the identity of the address space rooted at guest-physical `pgd_gpa` (see `identity_dict`)."""
         if self.db is None:
             return {"unverifiable": self.reason}
         if not 0 <= pgd_gpa < self.ram_end:
@@ -67,8 +66,9 @@ class Identifier:
         t = time.perf_counter()
         stats = ScanStats()
         try:
-            report = _scan_space(self.phys, self._root(pgd_gpa), self.levels, self.db, _DigestCache(self.phys, stats),
-                                 self.files, stats, [], Budget(MAX_TABLES, self.max_pages))
+            report = identify_space(self.phys, self._root(pgd_gpa), self.levels, self.db,
+                                    Budget(MAX_TABLES, self.max_pages), digests=DigestCache(self.phys, stats),
+                                    files=self.files, stats=stats)
         except Errors as exc:
             return {"unverifiable": f"page tables unreadable: {exc}"}
         out = identity_dict(report, exec_path)
@@ -77,10 +77,7 @@ class Identifier:
 
     def _root(self, gpa: int) -> Root:
         """Return the root user mode runs on: the PTI twin if there is one (the kernel copy maps user pages NX)."""
-        twin = None
-        if gpa % (2 * PAGE_SIZE) == 0:
-            page = np.frombuffer(self.phys.read(gpa, PAGE_SIZE), dtype="<u8")
-            twin = _pti_twin(self.phys, gpa, page, self.ram_end)
+        twin = pti_twin(self.phys, gpa, ram_end=self.ram_end)
         return Root(gpa, twin or gpa, 0)
 
 
@@ -90,22 +87,20 @@ def _image_dict(im: Image) -> dict[str, Any]:
             "versions": sorted({v for _, v in im.versions}), "modified_pages": len(im.modified)}
 
 
-def _is_main(im: Image, exec_path: str) -> bool:
-    base = exec_path.rsplit("/", 1)[-1]
-    return bool(base) and any(c.path == exec_path or c.path.rsplit("/", 1)[-1] == base for c in im.candidates)
-
-
 def identity_dict(report: SpaceReport, exec_path: str = "") -> dict[str, Any]:
-    """Summarise one address space: the main binary (path match, else most pages) and page counts."""
+    """Summarise one address space: its main binary (`codepages.main_image`) and page counts."""
     images = sorted(report.images, key=lambda im: -im.pages)
     known = sum(im.pages for im in images)
-    vdso = (report.vdso.gva_end - report.vdso.gva_start) // PAGE_SIZE if report.vdso else 0
+    vdso = report.vdso.pages if report.vdso else 0
     out: dict[str, Any] = {"identified_pages": known, "unknown_pages": report.exec_pages - known - vdso,
                            "exec_pages": report.exec_pages, "capped": bool(report.anomalies.get("work-cap")),
                            "images": [_image_dict(im) for im in images]}
-    main = next((im for im in images if _is_main(im, exec_path)), images[0] if images else None)
+    main = main_image(report.images, report.unknown, exec_path)
     if main is None:
         out["unverifiable"] = "no executable page matches the code-page DB"
+    elif not isinstance(main, Image):
+        out["unverifiable"] = (f"the main program ({main.pages} page(s) at {main.gva_start:#x}) matches no file in "
+                               "the code-page DB: unknown code")
     else:
         out.update({k: v for k, v in _image_dict(main).items() if k in ("path", "package", "version", "versions")})
     return out

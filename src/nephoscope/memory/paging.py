@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -74,14 +74,22 @@ class Limits:
 
 @dataclass(slots=True)
 class Budget:
-    """Work left for one walk, or for several walks that share it."""
+    """Work left for one walk, or for every walk and read of one command that share it.
+
+    `tables` counts page-table visits, `leaves` pages (mapped, hashed or read); `caps` records every place
+    that stopped early because the budget (or a cap of its own) ran out, so the result can say it."""
 
     tables: int
     leaves: int
+    caps: Counter[str] = field(default_factory=Counter)
 
     @property
     def exhausted(self) -> bool:
         return self.tables <= 0 or self.leaves <= 0
+
+    def hit(self, what: str, times: int = 1) -> None:
+        """Record that `what` stopped short: its results are incomplete."""
+        self.caps[what] += times
 
 
 def _entry_reserved(level: Level, phys_bits: int) -> int:
@@ -231,23 +239,26 @@ class AddressSpace:
         """
         end = _MASK64 + 1 if end is None else end
         budget = budget or Budget(self.limits.max_tables, self.limits.max_leaves)
-        yield from self._iter_level(0, self.cr3, 0, RW | US, user_only, exec_only, start, end, budget, ())
+        capped = yield from self._iter_level(0, self.cr3, 0, RW | US, user_only, exec_only, start, end, budget, ())
+        if capped:
+            self.anomalies["work-cap"] += 1
+            budget.hit("page-table walks")
 
     def _iter_level(self, depth: int, table_gpa: int, base: int, flags: int, user_only: bool, exec_only: bool,
                     start: int, end: int, budget: Budget, path: tuple[int, ...]) -> Iterator[Mapping]:
+        """Yield this table's mappings; return True when the walk stopped with work left (a cap was hit)."""
         if table_gpa in path:  # a table that points back to an ancestor: a cycle (or a recursive slot)
             self.anomalies["table-cycle"] += 1
-            return
+            return False
         if budget.tables <= 0:
-            self.anomalies["work-cap"] += 1
-            return
+            return True
         budget.tables -= 1
         _, shift, reserved, large, large_reserved = self._steps[depth]
         try:
             table = self._table(table_gpa)
         except TranslationError:
             self.anomalies["table-outside-ram"] += 1
-            return
+            return False
         # select in numpy: effective US is an AND and NX an OR over the walk, so an entry's own bits prune
         sel = (table & _NP_P) != 0
         if user_only:
@@ -256,11 +267,10 @@ class AddressSpace:
             sel &= (table & _NP_NX) == 0
         size = 1 << shift
         path += (table_gpa,)
-        for idx in np.flatnonzero(sel).tolist():
+        wanted = [(idx, gva) for idx in np.flatnonzero(sel).tolist()
+                  if not ((gva := self.canonical(base | (idx << shift))) + size <= start or gva >= end)]
+        for pos, (idx, gva) in enumerate(wanted):
             entry = int(table[idx])
-            gva = self.canonical(base | (idx << shift))
-            if gva + size <= start or gva >= end:
-                continue
             eff = (flags & entry & (RW | US)) | ((flags | entry) & NX)
             leaf = shift == 12 or (large and entry & PS)
             if entry & reserved or (leaf and entry & large_reserved):
@@ -273,15 +283,17 @@ class AddressSpace:
                     self.anomalies["page-outside-ram"] += 1
                     continue
                 if budget.leaves <= 0:
-                    self.anomalies["work-cap"] += 1
-                    return
+                    return True
                 budget.leaves -= 1
                 yield Mapping(gva, target, size, bool(eff & RW), bool(eff & US), bool(eff & NX))
             else:
-                yield from self._iter_level(depth + 1, target, base | (idx << shift), eff, user_only, exec_only,
-                                            start, end, budget, path)
-                if budget.exhausted:
-                    return
+                capped = yield from self._iter_level(depth + 1, target, base | (idx << shift), eff, user_only,
+                                                     exec_only, start, end, budget, path)
+                if capped:
+                    return True
+            if budget.exhausted and pos + 1 < len(wanted):  # out of work with entries left: a cap, not the end
+                return True
+        return False
 
 
 def _in_ram(phys: PhysicalMemory, gpa: int) -> bool:

@@ -11,6 +11,7 @@ import contextlib
 import mmap
 import os
 import struct
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -20,6 +21,7 @@ import numpy as np
 from nephoscope.core.errors import ConnectorError, MemoryAccessError
 
 MAX_READ = 1 << 30  # one read larger than this is a bug or guest-controlled nonsense
+MAX_GPA = 1 << 52  # x86-64's architectural limit of physical addresses: nothing above is RAM
 ELF_MAGIC = b"\x7fELF"
 LIME_MAGIC = 0x4C694D45
 _LIME_HEADER = struct.Struct("<IIQQ8x")  # magic, version, start, end (inclusive), reserved
@@ -45,18 +47,36 @@ class SegmentedMemory:
     """Guest RAM served from one buffer holding sorted, non-overlapping segments (zero-copy views)."""
 
     def __init__(self, buffer: mmap.mmap | bytearray | bytes | memoryview,
-                 segments: list[tuple[int, int, int]], source: str = "buffer") -> None:
-        """Serve `segments` = [(gpa_start, gpa_end, buffer_offset)] from `buffer`; drop bad or overlapping ones."""
+                 segments: list[tuple[int, int, int]], source: str = "buffer",
+                 problems: list[str] | None = None) -> None:
+        """Serve `segments` = [(gpa_start, gpa_end, buffer_offset)] from `buffer`; drop bad or overlapping ones.
+
+        What was dropped or cut is recorded in `problems` (with the parser's own findings, if given)."""
         self.source = source
         self._buffer = buffer
         self._view = memoryview(buffer)
+        self.problems: list[str] = list(problems or [])
         size = len(self._view)
         clean: list[tuple[int, int, int]] = []
+        dropped: Counter[str] = Counter()
         for start, end, offset in sorted(segments):
-            end = min(end, start + max(0, size - offset))  # truncated dumps keep what they have
-            if start < 0 or offset < 0 or end <= start or (clean and start < clean[-1][1]):
+            if start < 0 or offset < 0 or end <= start:
+                dropped["empty or negative"] += 1
+                continue
+            if end > MAX_GPA:
+                dropped["reaching past the 2^52 physical-address limit"] += 1
+                continue
+            if offset >= size:
+                dropped["starting past the end of the file (truncated dump)"] += 1
+                continue
+            if end > start + size - offset:  # truncated dumps keep what they have
+                end = start + size - offset
+                dropped["truncated at the end of the file"] += 1
+            if clean and start < clean[-1][1]:
+                dropped["overlapping an earlier one"] += 1
                 continue
             clean.append((start, end, offset))
+        self.problems += [f"{n} segment(s) {why}" for why, n in dropped.items()]
         if not clean:
             raise ConnectorError(f"{source}: no guest RAM found (empty, truncated or not a memory image)")
         self._segments = clean
@@ -110,6 +130,36 @@ class SegmentedMemory:
         """Yield (gpa_start, zero-copy view) for each RAM segment, in address order."""
         for start, end, offset in self._segments:
             yield start, self._view[offset: offset + end - start]
+
+    def iter_range_views(self, copy_limit: int = 64 << 20) -> Iterator[tuple[int, memoryview]]:
+        """Yield (gpa_start, view) covering each RAM range (adjacent segments joined), in address order.
+
+        A range whose segments are also adjacent in the buffer is one zero-copy view; otherwise its pieces
+        are copied together, at most `copy_limit` bytes at a time (a range may then come in several views)."""
+        i, segs = 0, self._segments
+        while i < len(segs):
+            j = i + 1
+            while j < len(segs) and segs[j][0] == segs[j - 1][1] and segs[j][2] == segs[j - 1][2] + (
+                    segs[j - 1][1] - segs[j - 1][0]):
+                j += 1
+            if j == len(segs) or segs[j][0] != segs[j - 1][1]:  # buffer-contiguous up to the range's end
+                yield segs[i][0], self._view[segs[i][2]: segs[j - 1][2] + segs[j - 1][1] - segs[j - 1][0]]
+                i = j
+                continue
+            start, parts, total = segs[i][0], [], 0  # adjacent in gpa, scattered in the buffer: copy
+            while i < len(segs) and (not parts or (segs[i][0] == segs[i - 1][1] and total < copy_limit)):
+                s, e, o = segs[i]
+                parts.append(self._view[o: o + e - s])
+                total += e - s
+                i += 1
+            yield start, memoryview(b"".join(parts))
+
+    def flat_view(self) -> memoryview | None:
+        """Return one zero-copy view in which offset = gpa, if all RAM is one buffer-contiguous run from 0."""
+        first = next(self.iter_range_views(0), None)
+        if first is None or first[0] != 0 or len(self.ranges) != 1 or len(first[1]) != self.ranges[0][1]:
+            return None
+        return first[1]
 
     def pages(self, gpa: int, count: int) -> np.ndarray:
         """Return a zero-copy (count, 4096) uint8 array of the pages at page-aligned `gpa`."""
@@ -169,12 +219,13 @@ class ElfCoreMemory(SegmentedMemory):
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         mm = _map_file(path)
+        problems: list[str] = []
         try:
-            segments = parse_elf_segments(mm, str(path))
+            segments = parse_elf_segments(mm, str(path), problems)
         except Exception:
             mm.close()
             raise
-        super().__init__(mm, segments, source=str(path))
+        super().__init__(mm, segments, source=str(path), problems=problems)
 
 
 class LimeMemory(SegmentedMemory):
@@ -183,16 +234,21 @@ class LimeMemory(SegmentedMemory):
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         mm = _map_file(path)
+        problems: list[str] = []
         try:
-            segments = parse_lime_segments(mm, str(path))
+            segments = parse_lime_segments(mm, str(path), problems)
         except Exception:
             mm.close()
             raise
-        super().__init__(mm, segments, source=str(path))
+        super().__init__(mm, segments, source=str(path), problems=problems)
 
 
-def parse_elf_segments(data: mmap.mmap | bytes, source: str) -> list[tuple[int, int, int]]:
-    """Return [(gpa_start, gpa_end, file_offset)] of an ELF64 little-endian core's PT_LOAD headers."""
+def parse_elf_segments(data: mmap.mmap | bytes, source: str,
+                       problems: list[str] | None = None) -> list[tuple[int, int, int]]:
+    """Return [(gpa_start, gpa_end, file_offset)] of an ELF64 little-endian core's PT_LOAD headers.
+
+    Segments that cannot be RAM (past 2^52, wrapping past 2^64, outside the file) are skipped and counted
+    in `problems`, as are page-misaligned ones (kept: a sign the headers, not the guest, are wrong)."""
     size = len(data)
     if size < 64 or data[:4] != ELF_MAGIC or data[4] != 2 or data[5] != 1:
         raise ConnectorError(f"{source}: not an ELF64 little-endian core")
@@ -205,21 +261,42 @@ def parse_elf_segments(data: mmap.mmap | bytes, source: str) -> list[tuple[int, 
         raise ConnectorError(f"{source}: ELF program headers are truncated or absurd "
                              f"(phoff={phoff}, phnum={phnum}, phentsize={phentsize})")
     segments = []
+    skipped: Counter[str] = Counter()
     for i in range(phnum):
         p_type, _flags, p_offset, _vaddr, p_paddr, p_filesz = struct.unpack_from(
             "<IIQQQQ", data, phoff + i * phentsize)
-        if p_type == 1 and p_filesz and p_offset < size:
+        if p_type != 1 or not p_filesz:
+            continue
+        if p_paddr + p_filesz > MAX_GPA:
+            skipped["PT_LOAD past the 2^52 physical-address limit (or wrapping past 2^64)"] += 1
+        elif p_offset >= size:
+            skipped["PT_LOAD starting past the end of the file"] += 1
+        else:
+            if p_paddr % 4096:
+                skipped["PT_LOAD at a page-misaligned physical address (kept)"] += 1
             segments.append((p_paddr, p_paddr + p_filesz, p_offset))
+    if problems is not None:
+        problems += [f"{n} {why}" for why, n in skipped.items()]
     return segments
 
 
-def parse_lime_segments(data: mmap.mmap | bytes, source: str) -> list[tuple[int, int, int]]:
+def parse_lime_segments(data: mmap.mmap | bytes, source: str,
+                        problems: list[str] | None = None) -> list[tuple[int, int, int]]:
     """Return [(gpa_start, gpa_end, file_offset)] of a LiME dump's ranges (stops at the first bad header)."""
     segments = []
     pos, size = 0, len(data)
-    while pos + _LIME_HEADER.size <= size and len(segments) < _MAX_SEGMENTS:
+    while pos + _LIME_HEADER.size <= size:
         magic, _version, start, end = _LIME_HEADER.unpack_from(data, pos)
-        if magic != LIME_MAGIC or end < start:
+        if magic != LIME_MAGIC:
+            break
+        if end < start or end >= MAX_GPA:
+            if problems is not None:
+                problems.append(f"LiME header at file offset {pos} has an absurd range {start:#x}-{end:#x}; "
+                                "the rest of the file is ignored")
+            break
+        if len(segments) >= _MAX_SEGMENTS:
+            if problems is not None:
+                problems.append(f"more than {_MAX_SEGMENTS} LiME ranges; the rest of the file is ignored")
             break
         pos += _LIME_HEADER.size
         segments.append((start, end + 1, pos))

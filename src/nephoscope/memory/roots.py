@@ -8,6 +8,7 @@ the VM: reading registers over the monitor does not stop the guest (pause it fir
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -17,8 +18,8 @@ from typing import Protocol
 import numpy as np
 
 from nephoscope.core.errors import MemoryAccessError
-from nephoscope.memory.paging import ADDR_MASK, NX, PS, RW, US, P
-from nephoscope.memory.physical import PhysicalMemory, SegmentedMemory
+from nephoscope.memory.paging import ADDR_MASK, NX, PS, RW, US, Budget, P
+from nephoscope.memory.physical import MAX_GPA, PhysicalMemory, SegmentedMemory
 
 PAGE = 4096
 CR4_LA57 = 1 << 12
@@ -85,6 +86,7 @@ class RootScan:
     kernel_entries: int  # present upper-half entries of the majority (kernel) pattern
     candidates: int  # pages that passed the prefilter
     rejected: Counter[str] = field(default_factory=Counter)
+    not_examined: int = 0  # candidates past MAX_ROOT_CANDIDATES (a cap was hit: roots may be missing)
 
     @property
     def process_roots(self) -> list[Root]:
@@ -105,30 +107,51 @@ def _valid_kernel_entry(entry: int, ram_end: int) -> bool:
     return entry & (P | RW) == P | RW and not entry & PS and target > 0 and target + PAGE <= ram_end
 
 
-def scan_roots(phys: PhysicalMemory, *, known: list[int] | None = None, min_kernel_entries: int = 4) -> RootScan:
+MAX_ROOT_CANDIDATES = 1 << 14  # distinct candidate tables examined per scan (a real guest has one per process)
+
+
+def scan_roots(phys: PhysicalMemory, *, known: list[int] | None = None, min_kernel_entries: int = 4,
+               budget: Budget | None = None) -> RootScan:
     """Return every page in RAM that looks like an x86-64 top-level page table, with PTI twins paired.
 
     The kernel half's majority pattern comes from the `known` roots (vCPU CR3s) when they are in RAM,
-    else from a vote. One vectorised pass over RAM; bounded by RAM size whatever the contents.
+    else from a vote. One vectorised pass over RAM (adjacent segments joined, however the dump splits
+    them); bounded by RAM size whatever the contents. Tables with identical contents are one address
+    space (kept once; the copies are counted as rejected "duplicate-table"); past MAX_ROOT_CANDIDATES
+    distinct candidates the rest are not examined and `budget` (if given) records the cap.
     """
-    ram_end = max(e for _, e in phys.ranges)
-    views = [(s, v) for s, v in _iter_segment_views(phys) if s % PAGE == 0 and len(v) >= PAGE]
+    ram_end = min(max(e for _, e in phys.ranges), MAX_GPA)
+    views = [(s, v) for s, v in _iter_scan_views(phys) if s % PAGE == 0 and len(v) >= PAGE]
     key = _kernel_key(phys, views, known or [], ram_end)
     if key is None:
         return RootScan([], 0, 0, Counter({"no-kernel-pattern": 1}))
     # candidates: pages whose last entry (kernel text/fixmap on Linux; identical in every PGD) matches
     cand: dict[int, np.ndarray] = {}
+    seen: dict[bytes, int] = {}  # table contents → the first gpa holding them
+    rejected: Counter[str] = Counter()
+    capped = 0
+    known_gpas = {k & ADDR_MASK for k in known or []}
     for start, view in views:
         n = len(view) // PAGE
         for c in range(0, n, _CHUNK):
             arr = np.frombuffer(view[c * PAGE: min(n, c + _CHUNK) * PAGE], dtype="<u8").reshape(-1, 512)
             for i in np.flatnonzero((arr[:, 511] & _NOT_NX) == key):
-                cand[start + (c + int(i)) * PAGE] = arr[i].copy()
+                gpa, page = start + (c + int(i)) * PAGE, arr[i]
+                digest = hashlib.blake2b(page.tobytes(), digest_size=16).digest()
+                if digest in seen and gpa not in known_gpas:
+                    rejected["duplicate-table"] += 1
+                    continue
+                if len(cand) >= MAX_ROOT_CANDIDATES and gpa not in known_gpas:
+                    capped += 1
+                    continue
+                seen.setdefault(digest, gpa)
+                cand[gpa] = page.copy()
+    if capped and budget is not None:
+        budget.hit(f"page-table root candidates (over {MAX_ROOT_CANDIDATES}; {capped} not examined)")
     pattern = _majority_upper(cand, known or [])
     pat_present = (pattern & np.uint64(P)).astype(bool)
     if pat_present.sum() < min_kernel_entries:
         return RootScan([], int(pat_present.sum()), len(cand), Counter({"kernel-pattern-too-sparse": 1}))
-    rejected: Counter[str] = Counter()
     accepted: dict[int, int] = {}
     for gpa, page in cand.items():
         reason = _check_root(page, pattern, pat_present, ram_end)
@@ -139,9 +162,9 @@ def scan_roots(phys: PhysicalMemory, *, known: list[int] | None = None, min_kern
             accepted[gpa] = int(((lower & np.uint64(P)) != 0).sum())
     roots = []
     for gpa, users in sorted(accepted.items()):
-        twin = _pti_twin(phys, gpa, cand.get(gpa), ram_end) if gpa % (2 * PAGE) == 0 else None
+        twin = pti_twin(phys, gpa, cand.get(gpa), ram_end) if gpa % (2 * PAGE) == 0 else None
         roots.append(Root(gpa, twin if twin is not None else gpa, users))
-    return RootScan(roots, int(pat_present.sum()), len(cand), rejected)
+    return RootScan(roots, int(pat_present.sum()), len(cand), rejected, capped)
 
 
 def _kernel_key(phys: PhysicalMemory, views: list[tuple[int, memoryview]], known: list[int],
@@ -162,13 +185,17 @@ def _kernel_key(phys: PhysicalMemory, views: list[tuple[int, memoryview]], known
                 continue
             if _valid_kernel_entry(entry, ram_end):
                 values.append(entry & ~NX)
-    votes: Counter[int] = Counter()
+    counted: Counter[int] = Counter()  # counted over all of RAM: a dump may split it into many segments
     for _start, view in views:
         last = np.frombuffer(view[: len(view) // PAGE * PAGE], dtype="<u8")[511::512]
         uniq, counts = np.unique(last[(last & np.uint64(P)) != 0], return_counts=True)
-        for v, c in zip(uniq.tolist(), counts.tolist(), strict=True):
-            if c >= 2 and _valid_kernel_entry(v, ram_end):
-                votes[v & ~NX] += c
+        counted.update(dict(zip(uniq.tolist(), counts.tolist(), strict=True)))
+    votes: Counter[int] = Counter()
+    for v, c in counted.most_common():
+        if c < 2 or len(votes) >= 8:
+            break
+        if _valid_kernel_entry(v, ram_end):
+            votes[v & ~NX] += c
     values += [v for v, _ in votes.most_common(8)]
     best, best_score = None, 0
     for value in dict.fromkeys(values):
@@ -219,11 +246,15 @@ def _check_root(page: np.ndarray, pattern: np.ndarray, pat_present: np.ndarray, 
     return ""
 
 
-def _pti_twin(phys: PhysicalMemory, gpa: int, page: np.ndarray | None, ram_end: int) -> int | None:
-    """Return gpa + 4 KiB if it is this kernel PGD's PTI user twin (same user entries, sparse kernel half)."""
-    if page is None or not gpa + 2 * PAGE <= ram_end:
+def pti_twin(phys: PhysicalMemory, gpa: int, page: np.ndarray | None = None, ram_end: int | None = None) -> int | None:
+    """Return gpa + 4 KiB if it is the PTI user twin of the kernel PGD at `gpa` (same user entries, sparse
+    kernel half), else None; guest-physical addresses; `page` is the PGD's content if already read."""
+    ram_end = min(max(e for _, e in phys.ranges), MAX_GPA) if ram_end is None else ram_end
+    if gpa % (2 * PAGE) or not gpa + 2 * PAGE <= ram_end:
         return None
     try:
+        if page is None:
+            page = np.frombuffer(phys.read(gpa, PAGE), dtype="<u8")
         twin = np.frombuffer(phys.read(gpa + PAGE, PAGE), dtype="<u8")
     except MemoryAccessError:
         return None
@@ -238,9 +269,10 @@ def _pti_twin(phys: PhysicalMemory, gpa: int, page: np.ndarray | None, ram_end: 
     return gpa + PAGE
 
 
-def _iter_segment_views(phys: PhysicalMemory) -> Iterator[tuple[int, memoryview]]:
+def _iter_scan_views(phys: PhysicalMemory) -> Iterator[tuple[int, memoryview]]:
+    """Yield (gpa, view) covering RAM in few large pieces (adjacent segments joined)."""
     if isinstance(phys, SegmentedMemory):
-        yield from phys.iter_segments()
+        yield from phys.iter_range_views()
         return
     for start, end in phys.ranges:  # a generic PhysicalMemory: copy in chunks
         for s in range(start, end, 64 << 20):

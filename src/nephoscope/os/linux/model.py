@@ -186,20 +186,11 @@ class LinuxKernel:
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Pause the VM via QMP for a consistent walk, resume after (no-op without QMP)."""
-        if self.qmp is None:
-            yield
-            return
-        status = self.qmp.command("query-status")
-        was_running = bool(status and status.get("running"))
-        if was_running:
-            self.qmp.command("stop")
-        try:
+        """Pause the VM via QMP for a consistent walk, resume after only if it ran (no-op without QMP)."""
+        from nephoscope.hypervisor.control import paused
+        with paused(self.qmp):
             self.kernel.flush()
             yield
-        finally:
-            if was_running:
-                self.qmp.command("cont")
 
     # --- walks (see walkers.py) ------------------------------------------------------------------
 

@@ -1,0 +1,92 @@
+"""Turn an arch report (nephoscope.introspect.codepages.ArchReport) into Observations of method "arch".
+
+Verdicts: what the page tables and page contents show is `verified`; kernel code and an unverified vdso
+are `unverifiable` with the reason. When the image itself is in doubt (`ArchReport.doubt`), nothing is
+claimed per region: one "image-inconsistent" observation says why and counts what was seen (unknown and
+modified code, page-matched binaries); only the address spaces and the kernel-code note remain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from nephoscope.core.records import Observation, Provenance, Verdict
+from nephoscope.introspect.codepages import ArchReport, Candidate, Image, main_image
+
+METHOD = "arch"
+VDSO_REASON = ("named by its ELF header (linux-vdso.so.1) and position above the stack; its pages do not match "
+               "the KB (the kernel patches vdso alternatives at boot, or the KB lacks this kernel's package)")
+
+
+def observations(report: ArchReport) -> Iterator[Observation]:
+    """Yield the observations of one arch report (addresses as in the report: cr3/gpa physical, gva virtual)."""
+    prov = Provenance(METHOD, report.vm)
+    if report.problem:
+        yield Observation("scan", report.vm, {"spaces": len(report.spaces), "caps": report.caps}, prov,
+                          Verdict.UNVERIFIABLE, report.problem)
+    doubt = bool(report.doubt)
+    if doubt:
+        yield _inconsistent(report, prov)
+    elif report.memory_problems:
+        yield Observation("memory-image", report.vm, {"problems": report.memory_problems}, prov,
+                          Verdict.UNVERIFIABLE, "parts of the memory image were skipped or cut: "
+                          + "; ".join(report.memory_problems))
+    for sp in report.spaces:
+        space = f"cr3:0x{sp.cr3:x}"
+        main = main_image(sp.images, sp.unknown)
+        yield Observation("address-space", space, {
+            "cr3": sp.cr3, "user_cr3": sp.user_cr3, "exec_pages": sp.exec_pages, "vcpus": sp.vcpus,
+            "main": (main.path if isinstance(main, Image) else "unknown") if main else None,
+            "anomalies": sp.anomalies}, prov, Verdict.VERIFIED)
+        if doubt:  # page matches in a misread image say nothing about what runs: summarised above
+            continue
+        for im in sp.images:
+            data: dict[str, Any] = {"cr3": sp.cr3, "gva_start": im.gva_start, "gva_end": im.gva_end,
+                                    "base": im.base, "pages": im.pages, "path": im.path,
+                                    "versions": sorted(im.versions),
+                                    "candidates": [_cand_dict(c) for c in im.candidates]}
+            if im.modified:
+                data["modified_pages"] = [{"gva": m.gva, "gpa": m.gpa, "vaddr": m.vaddr, "file_offset": m.file_offset}
+                                          for m in im.modified]
+                yield Observation("modified-binary", f"{space}:0x{im.gva_start:x}", data, prov, Verdict.VERIFIED)
+            else:
+                yield Observation("binary", f"{space}:0x{im.gva_start:x}", data, prov, Verdict.VERIFIED)
+        for u in sp.unknown:
+            yield Observation("unknown-code", f"{space}:0x{u.gva_start:x}", {
+                "cr3": sp.cr3, "gva_start": u.gva_start, "gva_end": u.gva_end, "pages": u.pages,
+                "writable": u.writable, "gpas": u.gpas[:64], "head": u.head.hex()}, prov, Verdict.VERIFIED)
+        if sp.vdso:
+            v = sp.vdso
+            yield Observation("vdso", f"{space}:0x{v.gva_start:x}", {
+                "cr3": sp.cr3, "gva_start": v.gva_start, "gva_end": v.gva_end, "name": v.name, "kernel": v.kernel},
+                prov, Verdict.VERIFIED if v.verified else Verdict.UNVERIFIABLE, "" if v.verified else VDSO_REASON)
+    if report.kernel:
+        k = report.kernel
+        yield Observation("kernel-code", "kernel", {"pages": k.pages, "bytes": k.bytes,
+                                                    "ranges": [[a, b] for a, b in k.ranges[:256]]},
+                          prov, Verdict.UNVERIFIABLE, k.reason)
+    if not doubt:
+        for cr3 in report.missing_vcpu_roots:
+            yield Observation("unfound-root", f"cr3:0x{cr3:x}", {"cr3": cr3}, prov, Verdict.VERIFIED,
+                              "a vCPU runs on this table but the scan did not accept it as a root")
+
+
+def _inconsistent(report: ArchReport, prov: Provenance) -> Observation:
+    """Return the one observation that replaces per-region findings on an image in doubt."""
+    unknown = [u for sp in report.spaces for u in sp.unknown]
+    binaries = sorted({(im.path, p, v) for sp in report.spaces for im in sp.images for p, v in im.versions})
+    data = {"spaces": len(report.spaces), "exec_pages": sum(sp.exec_pages for sp in report.spaces),
+            "identified_pages": sum(sp.identified_pages for sp in report.spaces),
+            "unknown_regions": len(unknown), "unknown_pages": sum(u.pages for u in unknown),
+            "modified_images": sum(len(sp.modified) for sp in report.spaces),
+            "missing_vcpu_roots": report.missing_vcpu_roots, "memory_problems": report.memory_problems,
+            "page_matches": [{"path": path, "package": p, "version": v} for path, p, v in binaries[:64]]}
+    reason = (f"image inconsistent: {report.doubt}; so {data['unknown_regions']} unknown region(s), "
+              f"{data['modified_images']} modified image(s) and {len(binaries)} page-matched binaries are not "
+              "reported one by one")
+    return Observation("image-inconsistent", report.vm, data, prov, Verdict.UNVERIFIABLE, reason)
+
+
+def _cand_dict(c: Candidate) -> dict[str, Any]:
+    return {f: getattr(c, f) for f in Candidate.__slots__}  # type: ignore[attr-defined]
