@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from nephoscope.devtools import layers
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -39,7 +37,6 @@ def test_checker_flags_an_upward_import_a_private_name_and_a_peer_face(tmp_path:
     }
 
 
-@pytest.mark.xfail(strict=True, reason="structure work of issue 10 in flight; removed when it lands")
 def test_the_project_itself_keeps_the_import_rule() -> None:
     found = [str(v) for v in layers.iter_violations(SRC)]
     assert not found, "\n".join(found)
