@@ -6,10 +6,11 @@ RAM, so one image can appear once per method); each image and each unknown regio
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from nephoscope.introspect.codepages import main_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,26 +47,25 @@ def _image_key(image: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def main_binary(exe: str, images: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """Return the image that is the main program of an address space, or None when no image qualifies.
+    """Return the image that is the main program of an address space, or None when it is unknown code.
 
     `exe` is the process's executable path as the kernel names it (may end in " (deleted)" or be a
-    memfd); `images` are identified images (path, package, gva_start, gva_end). The image whose file
-    name is the executable's wins; otherwise (a renamed, deleted or memfd copy) the largest image that
-    is not a shared library. This is the one rule every face uses for "the main binary"."""
-    base = os.path.basename(exe.removesuffix(" (deleted)"))
-    named = next((b for b in images if base and os.path.basename(b.get("path") or "") == base), None)
-    if named is not None:
-        return named
-    programs = [b for b in images if ".so" not in os.path.basename(b.get("path") or "")]
-    if not programs:
+    memfd); `images` are the space's executable regions (path, package, gva_start, gva_end, status;
+    status "unknown" for code in no known file). The rule is the one every layer uses,
+    `introspect.codepages.main_of`: the image whose file is the executable; else the lowest region that
+    is not a shared library (an unknown region counts, and then there is no main *binary*)."""
+    regions = [((str(b.get("path") or ""),) if b.get("status") != "unknown" else (), int(b.get("gva_start") or 0))
+               for b in images]
+    index = main_of(regions, exe)
+    if index is None or images[index].get("status") == "unknown":
         return None
-    return max(programs, key=lambda b: (b.get("gva_end") or 0) - (b.get("gva_start") or 0))
+    return images[index]
 
 
 def summarize_code(exe: str, images: Sequence[dict[str, Any]]) -> CodeSummary:
     """Return the code summary of a process from its executable images (each counted once across methods)."""
     known = [b for b in images if b.get("status") != "unknown"]
-    main = main_binary(exe, known)
+    main = main_binary(exe, images)
     main_key = _image_key(main) if main is not None else None
     libraries = {_image_key(b) for b in known if _image_key(b) != main_key}
     modified = {_image_key(b) for b in known if _image_key(b) != main_key and b.get("status") == "modified"}
