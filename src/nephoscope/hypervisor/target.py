@@ -17,10 +17,13 @@ class VmTarget:
     gdb_port: int | None = None
     qemu_pid: int | None = None  # lets checkpoint start a throw-away clone with the same devices
     live: bool = True  # False for dump files: nothing can be paused or asked
+    domain: str | None = None  # libvirt domain name or UUID: the monitor and agent go through libvirt
+    libvirt_uri: str | None = None  # None: libvirt's default (qemu:///system)
 
     def describe(self) -> dict[str, str | int | bool | None]:
         """Return the handles as plain values (for JSON and logs)."""
         return {"name": self.name, "ram": str(self.ram_path) if self.ram_path else None,
                 "qmp": str(self.qmp_socket) if self.qmp_socket else None,
                 "qga": str(self.qga_socket) if self.qga_socket else None,
-                "gdb_port": self.gdb_port, "qemu_pid": self.qemu_pid, "live": self.live}
+                "gdb_port": self.gdb_port, "qemu_pid": self.qemu_pid, "live": self.live,
+                "domain": self.domain, "libvirt_uri": self.libvirt_uri}
