@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from nephoscope.lab.build import Image, build_image
 from nephoscope.lab.profile import load_profile
 
 _SUFFIX = f"{os.getpid() % 100000}"
+SHARED_DUMPS = Path(os.environ.get("NEPHOSCOPE_DUMPS", "/work/dumps"))
 
 
 def _boot(profile: str, **kwargs: object) -> Iterator[runner.Guest]:
@@ -46,3 +48,23 @@ def clean_guest() -> Iterator[runner.Guest]:
 @pytest.fixture(scope="session")
 def tampered_guest() -> Iterator[runner.Guest]:
     yield from _boot("tampered", kaslr=True)
+
+
+@pytest.fixture(scope="session")
+def clean_dump(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Return a QEMU ELF core of the clean lab guest (kernel 6.1): the shared one, else dumped here once.
+
+    The shared dump (`$NEPHOSCOPE_DUMPS/clean-6.1.elf`) is read-only: copy it before changing bytes.
+    Without it, the `clean` guest is booted (clean_guest) and dumped with QMP `dump-guest-memory`.
+    """
+    shared = SHARED_DUMPS / "clean-6.1.elf"
+    if shared.is_file() and shared.stat().st_size > 64 << 20:
+        return shared
+    from nephoscope.hypervisor.qmp import Qmp
+
+    guest: runner.Guest = request.getfixturevalue("clean_guest")
+    path = tmp_path_factory.mktemp("dumps") / "clean-6.1.elf"
+    with Qmp(guest.qmp_socket, timeout=300) as qmp:
+        qmp.command("dump-guest-memory", paging=False, protocol=f"file:{path}")
+    return path
+

@@ -2,7 +2,9 @@
 
 Zero configuration: the kernel is recognised and its symbols (kallsyms) and type layouts (BTF) are
 recovered from the guest's RAM. A process seen both on the task list and in the PID idr is `verified`
-(two independent kernel views agree); one seen in only one view is `reported` and becomes a finding.
+(two independent kernel views agree). A pid seen in only one view becomes a `cross-view` observation,
+and so a hidden-process finding, only when both views were complete and passed their checks; otherwise
+the comparison is `unverifiable`, naming the view that failed, and makes no claim.
 """
 
 from __future__ import annotations
@@ -41,16 +43,22 @@ class InspectMethod:
         yield observe(NAME, vm, "kernel", "kernel", {**k.info.to_dict(), "detection": k.report.to_dict()},
                       Verdict.VERIFIED)
         procs = k.processes()
-        hidden = k.hidden_processes()
+        cross = k.cross_view()
+        hidden = cross.hidden
         one_view = {h.pid: h for h in hidden.items}
         if not procs.complete:
             yield unverifiable(NAME, vm, "processes", f"the task list walk stopped early: {procs.problem}")
+        if not cross.threads.complete:
+            yield unverifiable(NAME, vm, "threads", f"the thread list walk stopped early: {cross.threads.problem}")
+        if not cross.pid_idr.complete:
+            yield unverifiable(NAME, vm, "pid-idr", f"the PID idr walk stopped early or failed its checks: "
+                                                    f"{cross.pid_idr.problem}")
         if not hidden.complete:
-            yield unverifiable(NAME, vm, "pid-idr", f"the PID idr walk stopped early: {hidden.problem}")
-        for h in hidden.items:
+            yield unverifiable(NAME, vm, "cross-view", f"hidden processes cannot be checked: {hidden.problem}")
+        for h in hidden.items:  # only when both views are complete and validated
             yield observe(NAME, vm, "cross-view", f"pid:{h.pid}",
-                          {"pid": h.pid, "comm": h.comm, "in_task_list": h.in_task_list, "in_pid_idr": h.in_pid_idr},
-                          Verdict.VERIFIED)
+                          {"pid": h.pid, "comm": h.comm, "in_task_list": h.in_task_list, "in_pid_idr": h.in_pid_idr,
+                           "views_complete": True}, Verdict.VERIFIED)
         for t in procs.items:
             data: dict[str, Any] = {
                 "pid": t.pid, "tgid": t.tgid, "ppid": t.ppid, "comm": t.comm, "exe": t.exe or "",
@@ -58,9 +66,10 @@ class InspectMethod:
                 "start_boottime_ns": t.start_boottime_ns, "kernel_thread": t.kernel_thread,
                 "cr3": task_cr3(k, t.mm_gva), "notes": list(t.notes)}
             cross_checked = t.pid not in one_view and hidden.complete
+            reason = "" if cross_checked else ("seen on the task list only" if hidden.complete
+                                               else "not cross-checked: " + hidden.problem)
             yield observe(NAME, vm, "process", f"pid:{t.pid}", data,
-                          Verdict.VERIFIED if cross_checked else Verdict.REPORTED,
-                          "" if cross_checked else "seen on the task list only")
+                          Verdict.VERIFIED if cross_checked else Verdict.REPORTED, reason)
             if self.mappings and not t.kernel_thread:
                 vmas = k.vmas(t)
                 for v in vmas.items:
@@ -76,3 +85,7 @@ class InspectMethod:
                           Verdict.REPORTED)
         if not mods.complete:
             yield unverifiable(NAME, vm, "modules", f"module list walk stopped: {mods.problem}")
+        if k.budget.exhausted:
+            yield unverifiable(NAME, vm, "budget", f"the read budget ran out ({k.budget.exhausted}); "
+                                                   "later walks are incomplete")
+        self.last_stats = {"reads": float(k.budget.reads), "read_bytes": float(k.budget.bytes)}
