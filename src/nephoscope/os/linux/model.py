@@ -64,7 +64,7 @@ WANTED: dict[str, list[str]] = {
     # modules (modules, module_memory)
     "module": ["list", "name", "state", "core_layout.base?", "core_layout.size?", "init_layout.size?", "mem?"],
     # the PID idr (iter_pid_idr) and its anchors
-    "pid_namespace": ["idr", "level?"],
+    "pid_namespace": ["idr", "level?", "pid_allocated?", "child_reaper?"],
     "idr": ["idr_rt", "idr_base?"],
     "xarray": ["xa_head"],
     "xa_node": ["shift", "slots", "offset?", "count?", "parent?"],

@@ -30,6 +30,8 @@ VM_READ, VM_WRITE, VM_EXEC, VM_MAYSHARE = 1, 2, 4, 0x80  # maps shows "s" for VM
 MAPLE_TYPE_SHIFT, MAPLE_TYPE_MASK = 3, 0xF
 MAX_U64 = (1 << 64) - 1
 MAX_PID_NS_LEVEL = 32  # kernel/pid_namespace.c
+XA_RETRY_ENTRY, XA_ZERO_ENTRY = 0x402, 0x406  # include/linux/xarray.h: xa_mk_internal(256), (257)
+PIDNS_ADDING = 1 << 31  # kernel/pid.c: pid_allocated's flag while the namespace accepts new pids
 PROCTITLE_MAX = 4096  # get_mm_proctitle() reads at most one page
 PSEUDO_FS = {"pipefs": "pipe:[{ino}]", "sockfs": "socket:[{ino}]", "anon_inodefs": "anon_inode:{name}"}
 # the model turns every failure guest data can cause into one of these, at the source
@@ -599,24 +601,30 @@ def module_symbols(k: LinuxKernel, module: Module) -> Listing[tuple[int, str, st
     return out
 
 
-def iter_pid_idr(k: LinuxKernel) -> Listing[tuple[int, int]]:
+def iter_pid_idr(k: LinuxKernel, loose: list[tuple[int, int]] | None = None) -> Listing[tuple[int, int]]:
     """Return (pid number, task gva or 0) for every struct pid in init_pid_ns's idr (an xarray).
 
     The walk checks the xarray's shape (each node's shift a multiple of the chunk shift, one chunk less
     than its parent's, its offset, count and parent back-pointer where BTF has them) and every entry's
     own claims: its number is the index it is stored at, its namespace is init_pid_ns, and its task (if
     any) points back at it (task->pid, pid_links.pprev, thread_pid). Any break makes the listing
-    incomplete: a garbage page yields an invalid view, never wrong pids. On a running guest that changed
-    mid-walk it looks once more.
+    incomplete: a garbage page yields an invalid view, never wrong pids. `loose` receives the index
+    ranges of nodes that count more allocated slots than they hold (a pid being allocated, or a slot
+    lost to damage): there, a missing pid proves nothing. On a running guest that changed mid-walk it
+    looks once more.
     """
-    listing = _walk_pid_idr(k)
+    ranges: list[tuple[int, int]] = []
+    listing = _walk_pid_idr(k, ranges)
     if not listing.complete:
         k.kernel.flush()
-        listing = _walk_pid_idr(k)
+        ranges.clear()
+        listing = _walk_pid_idr(k, ranges)
+    if loose is not None:
+        loose.extend(ranges)
     return listing
 
 
-def _walk_pid_idr(k: LinuxKernel) -> Listing[tuple[int, int]]:
+def _walk_pid_idr(k: LinuxKernel, loose: list[tuple[int, int]]) -> Listing[tuple[int, int]]:
     o = k.off
     out: Listing[tuple[int, int]] = Listing()
     ns = k.symbols.get("init_pid_ns")
@@ -649,9 +657,19 @@ def _walk_pid_idr(k: LinuxKernel) -> Listing[tuple[int, int]]:
             if problem:
                 return out.fail(f"pid idr: node 0x{node:x} {problem} (not an xarray node)")
             shift = blob[o["xa_node.shift"]]
+            if "xa_node.count" not in o or blob[o["xa_node.count"]] != sum(1 for e in slots if e):
+                loose.append((index, index + (chunk << shift) - 1))
             stack.extend((e, index + (i << shift), node, shift, i) for i, e in reversed(list(enumerate(slots))) if e)
             continue
-        if not entry or entry & 3:  # value entries and internal markers (retry, zero) hold no pid
+        if not entry:
+            continue
+        if entry & 1:
+            return out.fail(f"pid idr: index {index + base} holds a value entry 0x{entry:x} (an idr of struct "
+                            "pid holds only pointers)")
+        if entry & 3 == 2:  # XA_RETRY_ENTRY or XA_ZERO_ENTRY: a slot being changed; a sibling is never a pid
+            if entry not in (XA_RETRY_ENTRY, XA_ZERO_ENTRY):
+                return out.fail(f"pid idr: index {index + base} holds internal entry 0x{entry:x}")
+            loose.append((index, index))
             continue
         if parent_shift > 0:
             return out.fail(f"pid idr: entry 0x{entry:x} sits in a node of shift {parent_shift} (multi-index "
@@ -662,7 +680,34 @@ def _walk_pid_idr(k: LinuxKernel) -> Listing[tuple[int, int]]:
             out.fail(f"pid idr: struct pid 0x{entry:x} at index {index + base}: {exc}")
             continue
         out.items.append((nr, task))
+    if base:
+        loose[:] = [(lo + base, hi + base) for lo, hi in loose]
+    if out.complete:
+        _check_pid_namespace(k, ns, out)
     return out
+
+
+def _check_pid_namespace(k: LinuxKernel, ns: int, out: Listing[tuple[int, int]]) -> None:
+    """Fail `out` unless init_pid_ns agrees with its idr: pid_allocated counts its entries and still has
+    PIDNS_ADDING (only a dying namespace clears it), pid 1 is its child reaper (alloc_pid and free_pid
+    change the idr and the count together under pidmap_lock)."""
+    o = k.off
+    try:
+        if "pid_namespace.pid_allocated" in o:
+            raw = k.u32(ns + o["pid_namespace.pid_allocated"])
+            if not raw & PIDNS_ADDING or raw & ~PIDNS_ADDING != len(out.items):
+                out.fail(f"pid idr: holds {len(out.items)} pids but init_pid_ns.pid_allocated is 0x{raw:x} "
+                         "(entries lost or invented)")
+                return
+        if "pid_namespace.child_reaper" not in o:
+            return
+        reaper = k.u64(ns + o["pid_namespace.child_reaper"])
+    except _BAD as exc:
+        out.fail(f"pid idr: init_pid_ns unreadable ({exc})")
+        return
+    init = next((task for nr, task in out.items if nr == 1), 0)
+    if not reaper or init != reaper:
+        out.fail(f"pid idr: pid 1 is task 0x{init:x}, but init_pid_ns.child_reaper is 0x{reaper:x}")
 
 
 def _xa_node_problem(k: LinuxKernel, blob: bytes, slots: tuple[int, ...], parent: int, parent_shift: int,
@@ -740,7 +785,8 @@ class CrossView:
 def cross_view(k: LinuxKernel) -> CrossView:
     """Compare the task lists with the PID idr; claim a hidden pid only when both views are sound."""
     listed = iter_thread_gvas(k)
-    idr = iter_pid_idr(k)
+    loose: list[tuple[int, int]] = []
+    idr = iter_pid_idr(k, loose)
     hidden: Listing[HiddenPid] = Listing()
     if not listed.complete:
         hidden.fail(f"cross-view unverifiable: the task list walk is incomplete ({listed.problem})")
@@ -761,6 +807,7 @@ def cross_view(k: LinuxKernel) -> CrossView:
             break
         in_list[pid] = gva
     in_idr = {nr: task for nr, task in idr if task}
+    numbers = {nr for nr, _task in idr}
     for pid in sorted(set(in_list) & set(in_idr)):
         if problem:
             break
@@ -769,7 +816,13 @@ def cross_view(k: LinuxKernel) -> CrossView:
     for pid in sorted(set(in_list) - set(in_idr)):
         if problem:
             break
-        problem = _own_pid_problem(k, in_list[pid], pid)
+        if pid in numbers:
+            problem = f"pid {pid} is in the PID idr, but its struct pid does not link task 0x{in_list[pid]:x}"
+        elif any(lo <= pid <= hi for lo, hi in loose):
+            problem = (f"pid {pid} is on the task list but missing from a PID idr node that counts more "
+                       "allocated slots than it holds (a pid being allocated, or a slot lost to damage)")
+        else:
+            problem = _own_pid_problem(k, in_list[pid], pid)
     if problem:
         return CrossView(listed, idr, hidden.fail(f"cross-view unverifiable: the views contradict each other "
                                                   f"({problem})"))
