@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.text import Text
 
 from nephoscope.cli.render import console, emit_json, fail, table
 from nephoscope.core.errors import NephoscopeError
@@ -55,17 +56,17 @@ def ps(vm: str = VM_ARG, threads: bool = typer.Option(False, "--threads", help="
     for name, label in (("task_list", "task list"), ("threads", "thread lists"), ("pid_idr", "PID table")):
         v = views[name]
         line = f"{label}: {v['count']} entries, " + ("complete" if v["complete"] else f"INCOMPLETE: {v['problem']}")
-        console.print(line if v["complete"] else f"[yellow]{line}[/yellow]")
+        console.print(Text(line, style="" if v["complete"] else "yellow"))
     if not listing.complete and any("task_list" not in r["views"] for r in rows):
-        console.print("[yellow]rows marked [pid table] were found only in the PID table, past where the task list "
-                      "walk stopped[/yellow]")
+        console.print("[yellow]rows marked \\[pid table] were found only in the PID table, past where the task "
+                      "list walk stopped[/yellow]")
     if not cross.verified:
-        console.print(f"[yellow]{cross.hidden.problem}: no hidden-process check[/yellow]")
+        console.print(Text(f"{cross.hidden.problem}: no hidden-process check", style="yellow"))
     elif not hidden:
         console.print("cross-view: the task list and the PID table agree")
-    for h in cross.hidden.items:
-        console.print(f"[red]pid {h.pid} ({h.comm}) is in only one kernel view: task list {h.in_task_list}, "
-                      f"PID table {h.in_pid_idr}[/red]")
+    for h in cross.hidden.items:  # comm is guest text: never markup
+        console.print(Text(f"pid {h.pid} ({h.comm}) is in only one kernel view: task list {h.in_task_list}, "
+                           f"PID table {h.in_pid_idr}", style="red"))
 
 
 def _ps_rows(k: LinuxKernel, listing: Listing[Task], cross: CrossView, threads: bool) -> list[dict[str, Any]]:
