@@ -158,6 +158,12 @@ def _btf_shift(member: str, bits: int) -> Callable[[Facts, Copy], None]:
     return damage
 
 
+def _btf_retype(member: str, like: str) -> Callable[[Facts, Copy], None]:
+    def damage(f: Facts, c: Copy) -> None:  # the member's type id (4 bytes before its offset field)
+        c.u32(f.btf_member("task_struct", member) - 4, f.kernel.btf.get_struct("task_struct").member(like).type_id)
+    return damage
+
+
 def _btf_resize(struct_name: str, size: int) -> Callable[[Facts, Copy], None]:
     return lambda f, c: c.u32(f.btf_size(struct_name), size)
 
@@ -185,6 +191,7 @@ CASES: dict[str, Callable[[Facts, Copy], None]] = {
     "btf-pid+8": _btf_shift("pid", 64),
     "btf-pid+4": _btf_shift("pid", 32),
     "btf-tasks+8": _btf_shift("tasks", 64),
+    "btf-pid-typed-as-pointer": _btf_retype("pid", "mm"),
     "btf-mm_struct-size-0": _btf_resize("mm_struct", 0),
     "btf-task_struct-huge": _btf_resize("task_struct", 0x10000000),
     "btf-task_struct-1g": _btf_resize("task_struct", 0x3FFFFFFF),

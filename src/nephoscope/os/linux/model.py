@@ -43,7 +43,7 @@ WANTED: dict[str, list[str]] = {
     "signal_struct": ["thread_head"],
     "cred": ["uid", "gid", "euid", "egid"],
     "list_head": ["next", "prev"],
-    "hlist_node": ["next", "pprev"],
+    "hlist_node": ["pprev"],
     # exe, cmdline, VMAs (read_task, vmas)
     "mm_struct": ["pgd", "arg_start", "arg_end", "exe_file", "start_brk", "brk", "start_stack"],
     "vm_area_struct": ["vm_start", "vm_end", "vm_flags", "vm_pgoff", "vm_file", "vm_mm", "vm_ops?",
@@ -79,6 +79,20 @@ SYMBOLS = ("init_task", "init_pid_ns", "modules")
 # the structs read whole (LinuxKernel.struct) or node by node: each must be a plausible size for this
 MAX_STRUCT_SIZE = 8 * 4096
 READ_WHOLE = ("task_struct", "cred", "mm_struct", "vm_area_struct", "xa_node", "pid", "upid", "maple_node")
+# members the walkers read with a fixed width: BTF must agree (a corrupt type id must not pass as a layout)
+WIDTHS: dict[str, tuple[int, ...]] = {
+    **{f"task_struct.{m}": (4,) for m in ("pid", "tgid", "flags", "exit_state", "__state")},
+    "task_struct.state": (4, 8), "task_struct.comm": (16,),
+    **{f"cred.{m}": (4,) for m in ("uid", "gid", "euid", "egid")},
+    "task_struct.tasks": (16,), "task_struct.thread_node": (16,),
+    **{k: (8,) for k in ("task_struct.real_parent", "task_struct.real_cred", "task_struct.mm", "task_struct.signal",
+                         "task_struct.thread_pid", "task_struct.start_time", "list_head.next", "list_head.prev",
+                         "hlist_node.pprev", "mm_struct.pgd", "xarray.xa_head", "upid.ns", "maple_tree.ma_root")},
+    "signal_struct.thread_head": (16,), "upid.nr": (4,), "pid.level": (4,), "idr.idr_base": (4,),
+    "pid_namespace.level": (4,), "pid_namespace.pid_allocated": (4,), "qstr.len": (4,), "fdtable.max_fds": (4,),
+    "xa_node.shift": (1,), "xa_node.offset": (1,), "xa_node.count": (1,), "maple_range_64.meta.end": (1,),
+    "maple_arange_64.meta.end": (1,),
+}
 SWAPPER = "swapper"  # init_task.comm: "swapper/0" (sched_init names the boot CPU's idle task)
 PF_KTHREAD = 0x00200000
 MAX_U64 = (1 << 64) - 1
@@ -247,6 +261,11 @@ class LinuxKernel:
         if self.btf.find_struct("module_memory") is not None:  # 6.4+: module.mem[MOD_MEM_NUM_TYPES]
             wanted["module_memory"] = ["base", "size"]
         self.off = Offsets(self.btf, wanted, kernel, READ_WHOLE)
+        widths = [f"{key} is {self.off.msize[key]} bytes" for key, allowed in WIDTHS.items()
+                  if key in self.off and self.off.msize[key] not in allowed]
+        if widths:
+            raise GuestDataError(f"kernel {kernel}: BTF member sizes are impossible ({'; '.join(widths[:5])}); "
+                                 "the BTF in guest memory is corrupt")
         self.module_mem_types = self._module_mem_types()
         self.state_member = "task_struct.__state" if "task_struct.__state" in self.off else "task_struct.state"
         if self.state_member not in self.off:
