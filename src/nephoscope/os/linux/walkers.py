@@ -146,6 +146,8 @@ def walk_list(k: LinuxKernel, head: int, link_off: int, limit: int, what: str) -
     out: Listing[int] = Listing()
     seen: set[int] = set()
     next_off, prev_off = k.off["list_head.next"], k.off["list_head.prev"]
+    lo = min(next_off, prev_off)  # one read per entry for both pointers
+    span, at_next, at_prev = abs(next_off - prev_off) + 8, next_off - lo, prev_off - lo
     prev, cur = head, 0
     try:
         cur = k.u64(head + next_off)
@@ -155,7 +157,9 @@ def walk_list(k: LinuxKernel, head: int, link_off: int, limit: int, what: str) -
             if len(out.items) >= limit:
                 return out.fail(f"{what}: more than {limit} entries; stopped")
             k.budget.node()
-            nxt, back = k.u64(cur + next_off), k.u64(cur + prev_off)
+            raw = k.read(cur + lo, span)
+            nxt = int.from_bytes(raw[at_next:at_next + 8], "little")
+            back = int.from_bytes(raw[at_prev:at_prev + 8], "little")
             if back != prev:
                 return out.fail(f"{what}: entry 0x{cur:x} does not point back to 0x{prev:x} (corrupt or changing)")
             seen.add(cur)
