@@ -10,6 +10,7 @@ the comparison is `unverifiable`, naming the view that failed, and makes no clai
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from nephoscope.core.errors import ConnectorError, DetectionError, GuestDataError, MemoryAccessError
@@ -18,8 +19,10 @@ from nephoscope.hypervisor.target import VmTarget
 from nephoscope.introspect.base import observe, unverifiable
 from nephoscope.introspect.kernel import open_kernel, task_cr3
 from nephoscope.os.linux.model import LinuxKernel
+from nephoscope.os.linux.walkers import CrossView, Listing, Task, read_task
 
 NAME = "inspect"
+PID_TABLE_ONLY = "seen in the PID table only: the task list walk stopped before it"
 
 
 class InspectMethod:
@@ -59,7 +62,7 @@ class InspectMethod:
             yield observe(NAME, vm, "cross-view", f"pid:{h.pid}",
                           {"pid": h.pid, "comm": h.comm, "in_task_list": h.in_task_list, "in_pid_idr": h.in_pid_idr,
                            "views_complete": True}, Verdict.VERIFIED)
-        for t in procs.items:
+        for t in procs.items + self._idr_only(k, procs, cross):
             data: dict[str, Any] = {
                 "pid": t.pid, "tgid": t.tgid, "ppid": t.ppid, "comm": t.comm, "exe": t.exe or "",
                 "cmdline": t.cmdline or [], "uid": t.uid, "gid": t.gid, "euid": t.euid, "state": t.state,
@@ -68,6 +71,8 @@ class InspectMethod:
             cross_checked = t.pid not in one_view and hidden.complete
             reason = "" if cross_checked else ("seen on the task list only" if hidden.complete
                                                else "not cross-checked: " + hidden.problem)
+            if t.notes and t.notes[-1] == PID_TABLE_ONLY:
+                reason = PID_TABLE_ONLY
             yield observe(NAME, vm, "process", f"pid:{t.pid}", data,
                           Verdict.VERIFIED if cross_checked else Verdict.REPORTED, reason)
             if self.mappings and not t.kernel_thread:
@@ -89,3 +94,22 @@ class InspectMethod:
             yield unverifiable(NAME, vm, "budget", f"the read budget ran out ({k.budget.exhausted}); "
                                                    "later walks are incomplete")
         self.last_stats = {"reads": float(k.budget.reads), "read_bytes": float(k.budget.bytes)}
+
+    @staticmethod
+    def _idr_only(k: LinuxKernel, procs: Listing[Task], cross: CrossView) -> list[Task]:
+        """Return the processes only the PID table saw when the task-list walk stopped early (what the
+        complete view saw; `reported`, never a hidden-process claim)."""
+        if procs.complete or not cross.pid_idr.complete:
+            return []
+        listed = {t.pid for t in procs.items}
+        found = []
+        for nr, gva in cross.pid_idr.items:
+            if nr in listed or not gva:
+                continue
+            try:
+                task = read_task(k, gva)
+            except (GuestDataError, MemoryAccessError):
+                continue
+            if task.is_process:
+                found.append(replace(task, notes=(*task.notes, PID_TABLE_ONLY)))
+        return found
