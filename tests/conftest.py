@@ -83,7 +83,7 @@ def tampered_dump(tampered_guest: runner.Guest, tmp_path_factory: pytest.TempPat
 
 
 @pytest.fixture(scope="session")
-def clean_dump(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def clean_dump(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Return a QEMU ELF core of the clean lab guest (kernel 6.1): the shared one, else dumped here once.
 
     The shared dump (`$NEPHOSCOPE_DUMPS/clean-6.1.elf`) is read-only: copy it before changing bytes.
@@ -91,12 +91,16 @@ def clean_dump(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     """
     shared = SHARED_DUMPS / "clean-6.1.elf"
     if shared.is_file() and shared.stat().st_size > 64 << 20:
-        return shared
+        yield shared
+        return
     from nephoscope.hypervisor.qmp import Qmp
 
     guest: runner.Guest = request.getfixturevalue("clean_guest")
     path = tmp_path_factory.mktemp("dumps") / "clean-6.1.elf"
     with Qmp(guest.qmp_socket, timeout=300) as qmp:
         qmp.command("dump-guest-memory", paging=False, protocol=f"file:{path}")
-    return path
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # 512 MiB: not left in pytest's kept temporary directories
 

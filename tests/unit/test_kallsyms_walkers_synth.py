@@ -2,34 +2,11 @@
 
 from __future__ import annotations
 
-import struct
 import time
 
-from nephoscope.core.errors import MemoryAccessError
-from nephoscope.os.linux.model import Limits
+from synth_kernel import BASE, FakeKernel
+
 from nephoscope.os.linux.walkers import _state, iter_maple_leaves, walk_list
-
-BASE = 0xFFFF888000000000
-
-
-class FakeKernel:
-    """Just enough of LinuxKernel for the walkers: bounded reads of a bytearray at kernel gva BASE."""
-
-    def __init__(self, size: int = 1 << 16, limits: Limits | None = None) -> None:
-        self.mem = bytearray(size)
-        self.limits = limits or Limits()
-
-    def read(self, gva: int, size: int) -> bytes:
-        off = gva - BASE
-        if off < 0 or off + size > len(self.mem):
-            raise MemoryAccessError(f"0x{gva:x} outside fake RAM")
-        return bytes(self.mem[off:off + size])
-
-    def u64(self, gva: int) -> int:
-        return int.from_bytes(self.read(gva, 8), "little")
-
-    def put(self, gva: int, *values: int) -> None:
-        struct.pack_into(f"<{len(values)}Q", self.mem, gva - BASE, *values)
 
 
 def _ring(k: FakeKernel, nodes: list[int], head: int) -> None:

@@ -19,6 +19,9 @@ from nephoscope.core.records import Finding, Observation, Verdict
 MULTI_CALL = ("busybox",)
 INTERPRETER_PREFIXES = ("python", "perl", "ruby", "php", "node", "java")
 TRUST_ORDER = {"arch": 0, "inspect": 1, "checkpoint": 1, "trap": 2, "agent": 3}
+# a method that says one of these could not be verified has no sound process view: its lists feed no
+# hidden-process claim (a damaged or truncated view differs from every other for no reason at all)
+PROCESS_VIEWS = frozenset({"everything", "kernel", "processes", "threads", "pid-idr", "cross-view"})
 
 
 @dataclass(slots=True)
@@ -116,6 +119,9 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
     agent_credible = "agent" in methods
     by_cr3: dict[int, list[dict[str, Any]]] = defaultdict(list)
     pid_cr3: dict[int, int] = {}
+    unsound = {o.provenance.method for o in observations  # (arch's own "kernel" note is about kernel text)
+               if o.verdict == Verdict.UNVERIFIABLE and o.key in PROCESS_VIEWS and o.provenance.method != "arch"
+               and o.data.get("analysis") != "arch"}
 
     for o in sorted(observations, key=lambda o: TRUST_ORDER.get(o.provenance.method, 9)):
         method = o.provenance.method
@@ -139,6 +145,10 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
                                     f"{int(o.data.get('start', 0)):#x} ({o.data.get('perms')})",
                                     vm, [{"pid": o.data.get("pid"), "method": method, **o.data}]))
         elif o.kind == "cross-view":
+            if o.verdict != Verdict.VERIFIED or method in unsound:
+                unverifiable.append({"method": method, "what": o.key, "reason": "a difference between kernel "
+                                     "views that were not both complete and validated: no hidden-process claim"})
+                continue
             findings.append(Finding("hidden-process", "critical",
                                     f"pid {o.data.get('pid')} ({o.data.get('comm')}) is "
                                     + ("on the task list but not in the PID table" if o.data.get("in_task_list")
@@ -182,7 +192,8 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
             view.verdict = Verdict.VERIFIED.value
         elif view.seen_by:
             view.verdict = Verdict.REPORTED.value
-        if hw and agent_credible and "agent" not in view.seen_by:
+        sound = [m for m in ("inspect", "checkpoint", "trap") if m in view.seen_by and m not in unsound]
+        if sound and agent_credible and "agent" not in view.seen_by:
             findings.append(Finding("hidden-process", "high",
                                     f"pid {view.pid} ({view.comm}) runs but the guest's own tools do not list it",
                                     vm, [{"pid": view.pid, "seen_by": view.seen_by}]))

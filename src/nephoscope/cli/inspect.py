@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
+from rich.text import Text
 
 from nephoscope.cli.render import console, emit_json, fail, table
 from nephoscope.core.errors import NephoscopeError
 from nephoscope.introspect.kernel import open_kernel, task_cr3
 from nephoscope.os.linux.isf import export_isf
 from nephoscope.os.linux.model import LinuxKernel
-from nephoscope.os.linux.walkers import Task
+from nephoscope.os.linux.walkers import CrossView, Listing, Task, read_task
 from nephoscope.service.targets import resolve_target
 
 VM_ARG = typer.Argument(..., help="lab guest name, QMP socket path, or RAM/dump file (raw, QEMU ELF, LiME)")
@@ -28,29 +30,70 @@ def _task(kernel: LinuxKernel, pid: int) -> Task:
 
 def ps(vm: str = VM_ARG, threads: bool = typer.Option(False, "--threads", help="list every thread"),
        json_out: bool = JSON) -> None:
-    """List processes from the kernel's task list (cross-checked against the PID table)."""
+    """List processes from the kernel's task list, cross-checked against the PID table (each view's completeness)."""
     try:
         with open_kernel(resolve_target(vm)) as k:
             listing = k.threads() if threads else k.processes()
-            hidden = {h.pid: h for h in k.hidden_processes().items}
-            rows = [{"pid": t.pid, "tgid": t.tgid, "ppid": t.ppid, "uid": t.uid, "state": t.state, "comm": t.comm,
-                     "exe": t.exe, "cmdline": t.cmdline, "kernel_thread": t.kernel_thread,
-                     "cr3": task_cr3(k, t.mm_gva), "one_view_only": t.pid in hidden} for t in listing.items]
+            cross = k.cross_view()
+            rows = _ps_rows(k, listing, cross, threads)
     except NephoscopeError as exc:
         fail(exc)
+    views = {"task_list": {"count": len(listing), "complete": listing.complete, "problem": listing.problem},
+             **cross.views()}
+    problems = [v["problem"] for v in views.values() if v["problem"]]
+    complete = listing.complete and cross.threads.complete and cross.pid_idr.complete and cross.verified
+    hidden = [{"pid": h.pid, "comm": h.comm, "in_task_list": h.in_task_list, "in_pid_idr": h.in_pid_idr}
+              for h in cross.hidden.items]
     if json_out:
-        emit_json({"processes": rows, "complete": listing.complete, "problem": listing.problem,
-                   "hidden": [h.__dict__ if hasattr(h, "__dict__") else {"pid": h.pid, "comm": h.comm,
-                              "in_task_list": h.in_task_list, "in_pid_idr": h.in_pid_idr} for h in hidden.values()]})
+        emit_json({"processes": rows, "complete": complete, "problem": problems[0] if problems else "",
+                   "views": views, "hidden": hidden})
         return
-    table(f"{vm}: processes ({len(rows)})", ["pid", "ppid", "uid", "state", "comm", "exe", "cmdline"],
-          [[r["pid"], r["ppid"], r["uid"], r["state"], r["comm"] + (" !" if r["one_view_only"] else ""),
+    table(f"{vm}: {'threads' if threads else 'processes'} ({len(rows)})",
+          ["pid", "ppid", "uid", "state", "comm", "exe", "cmdline"],
+          [[r["pid"], r["ppid"], r["uid"], r["state"],
+            r["comm"] + (" !" if r["one_view_only"] else "") + ("" if "task_list" in r["views"] else " [pid table]"),
             r["exe"] or "", " ".join(r["cmdline"] or [])[:80]] for r in rows])
-    if not listing.complete:
-        console.print(f"[yellow]incomplete: {listing.problem}[/yellow]")
-    for h in hidden.values():
-        console.print(f"[red]pid {h.pid} ({h.comm}) is in only one kernel view: task list {h.in_task_list}, "
-                      f"PID table {h.in_pid_idr}[/red]")
+    for name, label in (("task_list", "task list"), ("threads", "thread lists"), ("pid_idr", "PID table")):
+        v = views[name]
+        line = f"{label}: {v['count']} entries, " + ("complete" if v["complete"] else f"INCOMPLETE: {v['problem']}")
+        console.print(Text(line, style="" if v["complete"] else "yellow"))
+    if not listing.complete and any("task_list" not in r["views"] for r in rows):
+        console.print("[yellow]rows marked \\[pid table] were found only in the PID table, past where the task "
+                      "list walk stopped[/yellow]")
+    if not cross.verified:
+        console.print(Text(f"{cross.hidden.problem}: no hidden-process check", style="yellow"))
+    elif not hidden:
+        console.print("cross-view: the task list and the PID table agree")
+    for h in cross.hidden.items:  # comm is guest text: never markup
+        console.print(Text(f"pid {h.pid} ({h.comm}) is in only one kernel view: task list {h.in_task_list}, "
+                           f"PID table {h.in_pid_idr}", style="red"))
+
+
+def _ps_rows(k: LinuxKernel, listing: Listing[Task], cross: CrossView, threads: bool) -> list[dict[str, Any]]:
+    """Return one row per task the task list showed, then (if that walk stopped early) per task only the
+    PID table showed, each saying which views saw it."""
+    hidden = {h.pid for h in cross.hidden.items}
+    in_idr = {nr for nr, task in cross.pid_idr.items if task}
+
+    def row(t: Task, views: list[str]) -> dict[str, Any]:
+        return {"pid": t.pid, "tgid": t.tgid, "ppid": t.ppid, "uid": t.uid, "state": t.state, "comm": t.comm,
+                "exe": t.exe, "cmdline": t.cmdline, "kernel_thread": t.kernel_thread, "cr3": task_cr3(k, t.mm_gva),
+                "one_view_only": t.pid in hidden, "views": views}
+
+    rows = [row(t, ["task_list", "pid_idr"] if t.pid in in_idr else ["task_list"]) for t in listing.items]
+    if listing.complete:
+        return rows
+    listed = {t.pid for t in listing.items}
+    for nr, task in cross.pid_idr.items:
+        if nr in listed or not task:
+            continue
+        try:
+            t = read_task(k, task, details=not threads)
+        except NephoscopeError:
+            continue  # the PID table names a task that cannot be read: nothing to show but its number
+        if threads or t.is_process:
+            rows.append(row(t, ["pid_idr"]))
+    return rows
 
 
 def maps(vm: str = VM_ARG, pid: int = typer.Argument(..., help="process id"), json_out: bool = JSON) -> None:

@@ -2,12 +2,15 @@
 
 Zero configuration: the kernel is recognised and its symbols (kallsyms) and type layouts (BTF) are
 recovered from the guest's RAM. A process seen both on the task list and in the PID idr is `verified`
-(two independent kernel views agree); one seen in only one view is `reported` and becomes a finding.
+(two independent kernel views agree). A pid seen in only one view becomes a `cross-view` observation,
+and so a hidden-process finding, only when both views were complete and passed their checks; otherwise
+the comparison is `unverifiable`, naming the view that failed, and makes no claim.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from nephoscope.core.errors import ConnectorError, DetectionError, GuestDataError, MemoryAccessError
@@ -16,8 +19,10 @@ from nephoscope.hypervisor.target import VmTarget
 from nephoscope.introspect.base import observe, unverifiable
 from nephoscope.introspect.kernel import open_kernel, task_cr3
 from nephoscope.os.linux.model import LinuxKernel
+from nephoscope.os.linux.walkers import CrossView, Listing, Task, read_task
 
 NAME = "inspect"
+PID_TABLE_ONLY = "seen in the PID table only: the task list walk stopped before it"
 
 
 class InspectMethod:
@@ -41,26 +46,35 @@ class InspectMethod:
         yield observe(NAME, vm, "kernel", "kernel", {**k.info.to_dict(), "detection": k.report.to_dict()},
                       Verdict.VERIFIED)
         procs = k.processes()
-        hidden = k.hidden_processes()
+        cross = k.cross_view()
+        hidden = cross.hidden
         one_view = {h.pid: h for h in hidden.items}
         if not procs.complete:
             yield unverifiable(NAME, vm, "processes", f"the task list walk stopped early: {procs.problem}")
+        if not cross.threads.complete:
+            yield unverifiable(NAME, vm, "threads", f"the thread list walk stopped early: {cross.threads.problem}")
+        if not cross.pid_idr.complete:
+            yield unverifiable(NAME, vm, "pid-idr", f"the PID idr walk stopped early or failed its checks: "
+                                                    f"{cross.pid_idr.problem}")
         if not hidden.complete:
-            yield unverifiable(NAME, vm, "pid-idr", f"the PID idr walk stopped early: {hidden.problem}")
-        for h in hidden.items:
+            yield unverifiable(NAME, vm, "cross-view", f"hidden processes cannot be checked: {hidden.problem}")
+        for h in hidden.items:  # only when both views are complete and validated
             yield observe(NAME, vm, "cross-view", f"pid:{h.pid}",
-                          {"pid": h.pid, "comm": h.comm, "in_task_list": h.in_task_list, "in_pid_idr": h.in_pid_idr},
-                          Verdict.VERIFIED)
-        for t in procs.items:
+                          {"pid": h.pid, "comm": h.comm, "in_task_list": h.in_task_list, "in_pid_idr": h.in_pid_idr,
+                           "views_complete": True}, Verdict.VERIFIED)
+        for t in procs.items + self._idr_only(k, procs, cross):
             data: dict[str, Any] = {
                 "pid": t.pid, "tgid": t.tgid, "ppid": t.ppid, "comm": t.comm, "exe": t.exe or "",
                 "cmdline": t.cmdline or [], "uid": t.uid, "gid": t.gid, "euid": t.euid, "state": t.state,
                 "start_boottime_ns": t.start_boottime_ns, "kernel_thread": t.kernel_thread,
                 "cr3": task_cr3(k, t.mm_gva), "notes": list(t.notes)}
             cross_checked = t.pid not in one_view and hidden.complete
+            reason = "" if cross_checked else ("seen on the task list only" if hidden.complete
+                                               else "not cross-checked: " + hidden.problem)
+            if t.notes and t.notes[-1] == PID_TABLE_ONLY:
+                reason = PID_TABLE_ONLY
             yield observe(NAME, vm, "process", f"pid:{t.pid}", data,
-                          Verdict.VERIFIED if cross_checked else Verdict.REPORTED,
-                          "" if cross_checked else "seen on the task list only")
+                          Verdict.VERIFIED if cross_checked else Verdict.REPORTED, reason)
             if self.mappings and not t.kernel_thread:
                 vmas = k.vmas(t)
                 for v in vmas.items:
@@ -76,3 +90,26 @@ class InspectMethod:
                           Verdict.REPORTED)
         if not mods.complete:
             yield unverifiable(NAME, vm, "modules", f"module list walk stopped: {mods.problem}")
+        if k.budget.exhausted:
+            yield unverifiable(NAME, vm, "budget", f"the read budget ran out ({k.budget.exhausted}); "
+                                                   "later walks are incomplete")
+        self.last_stats = {"reads": float(k.budget.reads), "read_bytes": float(k.budget.bytes)}
+
+    @staticmethod
+    def _idr_only(k: LinuxKernel, procs: Listing[Task], cross: CrossView) -> list[Task]:
+        """Return the processes only the PID table saw when the task-list walk stopped early (what the
+        complete view saw; `reported`, never a hidden-process claim)."""
+        if procs.complete or not cross.pid_idr.complete:
+            return []
+        listed = {t.pid for t in procs.items}
+        found = []
+        for nr, gva in cross.pid_idr.items:
+            if nr in listed or not gva:
+                continue
+            try:
+                task = read_task(k, gva)
+            except (GuestDataError, MemoryAccessError):
+                continue
+            if task.is_process:
+                found.append(replace(task, notes=(*task.notes, PID_TABLE_ONLY)))
+        return found

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from nephoscope.core.errors import ConnectorError
+from nephoscope.core.errors import ConnectorError, GuestDataError, MemoryAccessError
 from nephoscope.hypervisor.target import VmTarget
 from nephoscope.memory.physical import open_memory
 from nephoscope.os.linux.model import LinuxKernel
@@ -30,5 +30,5 @@ def task_cr3(kernel: LinuxKernel, mm_gva: int) -> int | None:
     try:
         pgd_gva = kernel.u64(mm_gva + kernel.off["mm_struct.pgd"])
         return kernel.kernel.translate(pgd_gva)
-    except Exception:  # guest data: an unreadable mm gives no root, not a crash
+    except (MemoryAccessError, GuestDataError):  # guest data: an unreadable mm gives no root, not a crash
         return None

@@ -25,12 +25,17 @@ TASK_REPORT = 0x7F
 TASK_IDLE = 0x402
 STATE_LETTERS = "RSDTtXZPI"
 VM_READ, VM_WRITE, VM_EXEC, VM_MAYSHARE = 1, 2, 4, 0x80  # maps shows "s" for VM_MAYSHARE
-MAPLE_NODE_MASK = 0xFF
-MAPLE_LEAF_64, MAPLE_RANGE_64, MAPLE_ARANGE_64 = 1, 2, 3
+# include/linux/maple_tree.h (6.1): an encoded node is node | type << 3 | 4; these are #defines, not in
+# BTF. The node size, the type numbers and every offset come from BTF (model.MapleLayout).
+MAPLE_TYPE_SHIFT, MAPLE_TYPE_MASK = 3, 0xF
 MAX_U64 = (1 << 64) - 1
+MAX_PID_NS_LEVEL = 32  # kernel/pid_namespace.c
+XA_RETRY_ENTRY, XA_ZERO_ENTRY = 0x402, 0x406  # include/linux/xarray.h: xa_mk_internal(256), (257)
+PIDNS_ADDING = 1 << 31  # kernel/pid.c: pid_allocated's flag while the namespace accepts new pids
 PROCTITLE_MAX = 4096  # get_mm_proctitle() reads at most one page
 PSEUDO_FS = {"pipefs": "pipe:[{ino}]", "sockfs": "socket:[{ino}]", "anon_inodefs": "anon_inode:{name}"}
-_BAD = (MemoryAccessError, GuestDataError, struct.error, ValueError)
+# the model turns every failure guest data can cause into one of these, at the source
+_BAD = (MemoryAccessError, GuestDataError)
 
 
 @dataclass(slots=True)
@@ -133,23 +138,37 @@ class HiddenPid:
 
 
 def walk_list(k: LinuxKernel, head: int, link_off: int, limit: int, what: str) -> Listing[int]:
-    """Return container gvas of list `head` (link at `link_off`), checking back-pointers, cycle- and cap-safe."""
+    """Return container gvas of list `head` (link at `link_off`), checking back-pointers, cycle- and cap-safe.
+
+    Every entry's `prev` must name the entry before it, and on return to the head, the head's own `prev`
+    must name the last entry: a list whose last `next` jumps back to the head early is incomplete.
+    """
     out: Listing[int] = Listing()
     seen: set[int] = set()
+    next_off, prev_off = k.off["list_head.next"], k.off["list_head.prev"]
+    lo = min(next_off, prev_off)  # one read per entry for both pointers
+    span, at_next, at_prev = abs(next_off - prev_off) + 8, next_off - lo, prev_off - lo
     prev, cur = head, 0
     try:
-        cur = k.u64(head)
+        cur = k.u64(head + next_off)
         while cur != head:
             if cur in seen:
                 return out.fail(f"{what}: the list revisits 0x{cur:x} (a cycle)")
             if len(out.items) >= limit:
                 return out.fail(f"{what}: more than {limit} entries; stopped")
-            nxt, back = struct.unpack("<QQ", k.read(cur, 16))
+            k.budget.node()
+            raw = k.read(cur + lo, span)
+            nxt = int.from_bytes(raw[at_next:at_next + 8], "little")
+            back = int.from_bytes(raw[at_prev:at_prev + 8], "little")
             if back != prev:
                 return out.fail(f"{what}: entry 0x{cur:x} does not point back to 0x{prev:x} (corrupt or changing)")
             seen.add(cur)
             out.items.append(cur - link_off)
             prev, cur = cur, nxt
+        last = k.u64(head + prev_off)
+        if last != prev:
+            return out.fail(f"{what}: the head's prev is 0x{last:x}, not the last entry 0x{prev:x} "
+                            "(the list is cut short or corrupt)")
     except _BAD as exc:
         return out.fail(f"{what}: unreadable entry at 0x{cur:x} ({exc})")
     return out
@@ -214,9 +233,9 @@ def _cmdline(k: LinuxKernel, mmb: bytes) -> list[str]:
     if end - start > k.limits.max_cmdline:
         raise GuestDataError(f"argument area of {end - start} bytes is absurd")
     user = k.user_space(k.field(mmb, "mm_struct.pgd"))
-    raw = user.read(start, end - start)
+    raw = k.read_in(user, start, end - start)
     if raw[-1:] != b"\0":  # setproctitle() overwrote the area: like /proc, one string up to a NUL
-        title = raw + _read_until_nul(user, end, PROCTITLE_MAX - len(raw))
+        title = raw + _read_until_nul(k, user, end, PROCTITLE_MAX - len(raw))
         return [title.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")]
     parts = raw.split(b"\0")
     while parts and not parts[-1]:
@@ -224,13 +243,13 @@ def _cmdline(k: LinuxKernel, mmb: bytes) -> list[str]:
     return [p.decode("utf-8", "backslashreplace") for p in parts]
 
 
-def _read_until_nul(user: AddressSpace, gva: int, limit: int) -> bytes:
+def _read_until_nul(k: LinuxKernel, user: AddressSpace, gva: int, limit: int) -> bytes:
     """Return user bytes from `gva` up to a NUL, `limit` or the first unmapped page."""
     out = b""
     while len(out) < limit:
         n = min(limit - len(out), 4096 - gva % 4096)
         try:
-            chunk = user.read(gva, n)
+            chunk = k.read_in(user, gva, n)
         except _BAD:
             break
         out += chunk
@@ -362,8 +381,15 @@ def _is_node(entry: int) -> bool:
 
 
 def iter_maple_leaves(k: LinuxKernel, root: int) -> Listing[tuple[int, int, int]]:
-    """Return (entry, first index, last index) of every non-empty leaf slot of a maple tree (6.1+)."""
+    """Return (entry, first index, last index) of every non-empty leaf slot of a maple tree (6.1+).
+
+    Node size, node type numbers, pivot and slot offsets and counts, and the metadata end byte all come
+    from the kernel's BTF (`k.maple_layout`); a node that breaks the tree's invariants stops the walk.
+    """
     out: Listing[tuple[int, int, int]] = Listing()
+    lay = k.maple_layout
+    if lay is None:
+        return out.fail("this kernel's BTF has no maple tree")
     if not _is_node(root):  # the root bit (0x2) is absent: one entry stored directly, for index 0 only
         if root:
             out.items.append((root, 0, 0))
@@ -372,22 +398,28 @@ def iter_maple_leaves(k: LinuxKernel, root: int) -> Listing[tuple[int, int, int]
     seen: set[int] = set()
     while stack:
         entry, lo, hi = stack.pop()
-        node, kind = entry & ~MAPLE_NODE_MASK, (entry >> 3) & 0xF
+        node, kind = entry & ~(lay.node_size - 1), (entry >> MAPLE_TYPE_SHIFT) & MAPLE_TYPE_MASK
         if node in seen or len(seen) >= k.limits.max_tree_nodes:
             return out.fail(f"maple tree: node 0x{node:x} revisited or more than {k.limits.max_tree_nodes} nodes")
         seen.add(node)
-        try:
-            blob = k.read(node, 256)
-        except _BAD as exc:
-            return out.fail(f"maple tree: node 0x{node:x} unreadable ({exc})")
-        if kind in (MAPLE_LEAF_64, MAPLE_RANGE_64):
-            pivots, slots = struct.unpack_from("<15Q", blob, 8), struct.unpack_from("<16Q", blob, 128)
-            end = blob[248] if not pivots[14] else (14 if pivots[14] == hi else 15)
-        elif kind == MAPLE_ARANGE_64:
-            pivots, slots = struct.unpack_from("<9Q", blob, 8), struct.unpack_from("<10Q", blob, 80)
-            end = blob[240]
+        if kind in (lay.leaf_64, lay.range_64):
+            n = lay.range
+        elif kind == lay.arange_64:
+            n = lay.arange
         else:
             return out.fail(f"maple tree: node 0x{node:x} has unexpected type {kind}")
+        try:
+            k.budget.node()
+            blob = k.read(node, lay.node_size)
+        except _BAD as exc:
+            return out.fail(f"maple tree: node 0x{node:x} unreadable ({exc})")
+        pivots = struct.unpack_from(f"<{n.pivots}Q", blob, n.pivot)
+        slots = struct.unpack_from(f"<{n.slots}Q", blob, n.slot)
+        meta = blob[n.end] if n.end is not None else len(pivots)
+        if kind == lay.arange_64:  # ma_data_end(): allocation nodes always keep the end in their metadata
+            end = meta
+        else:
+            end = meta if not pivots[-1] else (len(pivots) - 1 if pivots[-1] == hi else len(pivots))
         if end >= len(slots):
             return out.fail(f"maple tree: node 0x{node:x} claims {end + 1} slots of {len(slots)}")
         first = lo
@@ -398,7 +430,7 @@ def iter_maple_leaves(k: LinuxKernel, root: int) -> Listing[tuple[int, int, int]
             if last < first or last > hi:
                 return out.fail(f"maple tree: node 0x{node:x} pivots out of order")
             if slots[i]:
-                if kind == MAPLE_LEAF_64:
+                if kind == lay.leaf_64:
                     out.items.append((slots[i], first, last))
                 else:
                     stack.append((slots[i], first, last))
@@ -415,19 +447,30 @@ def _vma_gvas(k: LinuxKernel, mm: int) -> Listing[int]:
         leaves = iter_maple_leaves(k, k.u64(mm + o["mm_struct.mm_mt"] + o["maple_tree.ma_root"]))
         out: Listing[int] = Listing(complete=leaves.complete, problem=leaves.problem)
         for vma, first, last in leaves:
-            start, end = struct.unpack("<QQ", k.read(vma + o["vm_area_struct.vm_start"], 16))
-            if start != first or end - 1 != last or k.u64(vma + o["vm_area_struct.vm_mm"]) != mm:
+            try:
+                start, end = k.u64(vma + o["vm_area_struct.vm_start"]), k.u64(vma + o["vm_area_struct.vm_end"])
+                owner = k.u64(vma + o["vm_area_struct.vm_mm"])
+            except _BAD as exc:
+                out.fail(f"maple leaf [0x{first:x}, 0x{last:x}] holds 0x{vma:x}, unreadable ({exc})")
+                continue
+            if start != first or end - 1 != last or owner != mm:
                 out.fail(f"maple leaf [0x{first:x}, 0x{last:x}] holds 0x{vma:x}, not a VMA of this mm")
                 continue
             out.items.append(vma)
         return out
     out = Listing()
-    vma = k.u64(mm + o["mm_struct.mmap"])
-    while vma:
-        if len(out.items) >= k.limits.max_vmas or vma in out.items:
-            return out.fail("mm->mmap list too long or cyclic")
-        out.items.append(vma)
-        vma = k.u64(vma + o["vm_area_struct.vm_next"])
+    seen: set[int] = set()
+    try:
+        vma = k.u64(mm + o["mm_struct.mmap"])
+        while vma:
+            if len(out.items) >= k.limits.max_vmas or vma in seen:
+                return out.fail("mm->mmap list too long or cyclic")
+            k.budget.node()
+            seen.add(vma)
+            out.items.append(vma)
+            vma = k.u64(vma + o["vm_area_struct.vm_next"])
+    except _BAD as exc:
+        return out.fail(f"mm->mmap list unreadable ({exc})")
     return out
 
 
@@ -448,10 +491,10 @@ def vmas(k: LinuxKernel, task: Task) -> Listing[Vma]:
     try:
         gvas = _vma_gvas(k, task.mm_gva)
         mmb = k.struct("mm_struct", task.mm_gva)
+        brk0, brk1 = k.field(mmb, "mm_struct.start_brk"), k.field(mmb, "mm_struct.brk")
+        stack = k.field(mmb, "mm_struct.start_stack")
     except _BAD as exc:
         return Listing[Vma]().fail(f"mm 0x{task.mm_gva:x} unreadable ({exc})")
-    brk0, brk1 = k.field(mmb, "mm_struct.start_brk"), k.field(mmb, "mm_struct.brk")
-    stack = k.field(mmb, "mm_struct.start_stack")
     out: Listing[Vma] = Listing(complete=gvas.complete, problem=gvas.problem)
     for vma in gvas:
         try:
@@ -562,57 +605,261 @@ def module_symbols(k: LinuxKernel, module: Module) -> Listing[tuple[int, str, st
     return out
 
 
-def iter_pid_idr(k: LinuxKernel) -> Listing[tuple[int, int]]:
-    """Return (pid number, task gva or 0) for every struct pid in init_pid_ns's idr (an xarray)."""
+def iter_pid_idr(k: LinuxKernel, loose: list[tuple[int, int]] | None = None) -> Listing[tuple[int, int]]:
+    """Return (pid number, task gva or 0) for every struct pid in init_pid_ns's idr (an xarray).
+
+    The walk checks the xarray's shape (each node's shift a multiple of the chunk shift, one chunk less
+    than its parent's, its offset, count and parent back-pointer where BTF has them) and every entry's
+    own claims: its number is the index it is stored at, its namespace is init_pid_ns, and its task (if
+    any) points back at it (task->pid, pid_links.pprev, thread_pid). Any break makes the listing
+    incomplete: a garbage page yields an invalid view, never wrong pids. `loose` receives the index
+    ranges of nodes that count more allocated slots than they hold (a pid being allocated, or a slot
+    lost to damage): there, a missing pid proves nothing. On a running guest that changed mid-walk it
+    looks once more.
+    """
+    ranges: list[tuple[int, int]] = []
+    listing = _walk_pid_idr(k, ranges)
+    if not listing.complete:
+        k.kernel.flush()
+        ranges.clear()
+        listing = _walk_pid_idr(k, ranges)
+    if loose is not None:
+        loose.extend(ranges)
+    return listing
+
+
+def _walk_pid_idr(k: LinuxKernel, loose: list[tuple[int, int]]) -> Listing[tuple[int, int]]:
     o = k.off
-    head_gva = k.symbols.get("init_pid_ns") + o["pid_namespace.idr"] + o["idr.idr_rt"] + o["xarray.xa_head"]
     out: Listing[tuple[int, int]] = Listing()
-    stack = [k.u64(head_gva)]
+    ns = k.symbols.get("init_pid_ns")
+    idr = ns + o["pid_namespace.idr"]
+    chunk = k.xa_slots
+    chunk_shift = chunk.bit_length() - 1
+    node_size = k.off.size["xa_node"]
+    try:
+        head = k.u64(idr + o["idr.idr_rt"] + o["xarray.xa_head"])
+        base = k.u32(idr + o["idr.idr_base"]) if "idr.idr_base" in o else 0
+    except _BAD as exc:
+        return out.fail(f"pid idr: init_pid_ns unreadable ({exc})")
+    # (entry, first index it covers, gva of the node holding it or 0, that node's shift or -1, its slot)
+    stack: list[tuple[int, int, int, int, int]] = [(head, 0, 0, -1, 0)]
     seen: set[int] = set()
     while stack:
-        entry = stack.pop()
+        entry, index, parent, parent_shift, slot = stack.pop()
         if _is_node(entry):
             node = entry - 2
             if node in seen or len(seen) >= k.limits.max_tree_nodes:
-                return out.fail(f"pid idr: node 0x{node:x} revisited or too many nodes")
+                return out.fail(f"pid idr: node 0x{node:x} revisited or more than {k.limits.max_tree_nodes} nodes")
             seen.add(node)
             try:
-                stack.extend(e for e in struct.unpack("<64Q", k.read(node + o["xa_node.slots"], 512)) if e)
+                k.budget.node()
+                blob = k.read(node, node_size)
+                slots = struct.unpack_from(f"<{chunk}Q", blob, o["xa_node.slots"])
+                problem = _xa_node_problem(k, blob, slots, parent, parent_shift, slot, chunk_shift)
             except _BAD as exc:
                 return out.fail(f"pid idr: node 0x{node:x} unreadable ({exc})")
+            if problem:
+                return out.fail(f"pid idr: node 0x{node:x} {problem} (not an xarray node)")
+            shift = blob[o["xa_node.shift"]]
+            if "xa_node.count" not in o or blob[o["xa_node.count"]] != sum(1 for e in slots if e):
+                loose.append((index, index + (chunk << shift) - 1))
+            stack.extend((e, index + (i << shift), node, shift, i) for i, e in reversed(list(enumerate(slots))) if e)
             continue
-        if entry & 3 or not entry:  # value entries and internal markers (retry, zero) hold no pid
+        if not entry:
             continue
+        if entry & 1:
+            return out.fail(f"pid idr: index {index + base} holds a value entry 0x{entry:x} (an idr of struct "
+                            "pid holds only pointers)")
+        if entry & 3 == 2:  # XA_RETRY_ENTRY or XA_ZERO_ENTRY: a slot being changed; a sibling is never a pid
+            if entry not in (XA_RETRY_ENTRY, XA_ZERO_ENTRY):
+                return out.fail(f"pid idr: index {index + base} holds internal entry 0x{entry:x}")
+            loose.append((index, index))
+            continue
+        if parent_shift > 0:
+            return out.fail(f"pid idr: entry 0x{entry:x} sits in a node of shift {parent_shift} (multi-index "
+                            "entries are never pids)")
         try:
-            nr = k.u32(entry + o["pid.numbers"] + o["upid.nr"])
-            first = k.u64(entry + o["pid.tasks"])  # tasks[PIDTYPE_PID].first
-            out.items.append((nr, first - o["task_struct.pid_links"] if first else 0))
+            nr, task = _pid_entry(k, entry, index + base, ns)
         except _BAD as exc:
-            out.fail(f"pid idr: struct pid 0x{entry:x} unreadable ({exc})")
+            out.fail(f"pid idr: struct pid 0x{entry:x} at index {index + base}: {exc}")
+            continue
+        out.items.append((nr, task))
+    if base:
+        loose[:] = [(lo + base, hi + base) for lo, hi in loose]
+    if out.complete:
+        _check_pid_namespace(k, ns, out)
     return out
 
 
-def hidden_processes(k: LinuxKernel) -> Listing[HiddenPid]:
-    """Return pids whose task is in the PID idr but not on the task lists, or the other way round."""
+def _check_pid_namespace(k: LinuxKernel, ns: int, out: Listing[tuple[int, int]]) -> None:
+    """Fail `out` unless init_pid_ns agrees with its idr: pid_allocated counts its entries and still has
+    PIDNS_ADDING (only a dying namespace clears it), pid 1 is its child reaper (alloc_pid and free_pid
+    change the idr and the count together under pidmap_lock)."""
+    o = k.off
+    try:
+        if "pid_namespace.pid_allocated" in o:
+            raw = k.u32(ns + o["pid_namespace.pid_allocated"])
+            if not raw & PIDNS_ADDING or raw & ~PIDNS_ADDING != len(out.items):
+                out.fail(f"pid idr: holds {len(out.items)} pids but init_pid_ns.pid_allocated is 0x{raw:x} "
+                         "(entries lost or invented)")
+                return
+        if "pid_namespace.child_reaper" not in o:
+            return
+        reaper = k.u64(ns + o["pid_namespace.child_reaper"])
+    except _BAD as exc:
+        out.fail(f"pid idr: init_pid_ns unreadable ({exc})")
+        return
+    init = next((task for nr, task in out.items if nr == 1), 0)
+    if not reaper or init != reaper:
+        out.fail(f"pid idr: pid 1 is task 0x{init:x}, but init_pid_ns.child_reaper is 0x{reaper:x}")
+
+
+def _xa_node_problem(k: LinuxKernel, blob: bytes, slots: tuple[int, ...], parent: int, parent_shift: int,
+                     slot: int, chunk_shift: int) -> str:
+    """Return how an xa_node breaks the xarray's invariants ("" when it fits)."""
+    o = k.off
+    shift = blob[o["xa_node.shift"]]
+    if shift % chunk_shift or shift >= 64:
+        return f"has shift {shift}, not a multiple of {chunk_shift}"
+    if parent_shift >= 0 and shift != parent_shift - chunk_shift:
+        return f"has shift {shift} under a node of shift {parent_shift}"
+    if parent_shift >= 0 and "xa_node.offset" in o and blob[o["xa_node.offset"]] != slot:
+        return f"says it is slot {blob[o['xa_node.offset']]} of its parent, but it is slot {slot}"
+    if "xa_node.parent" in o and k.field(blob, "xa_node.parent") != parent:
+        return f"names parent 0x{k.field(blob, 'xa_node.parent'):x}, not 0x{parent:x}"
+    if "xa_node.count" in o:
+        count, used = blob[o["xa_node.count"]], sum(1 for e in slots if e)
+        if count > len(slots) or used > count or not count:
+            return f"counts {count} entries but holds {used}"
+    return ""
+
+
+def _pid_entry(k: LinuxKernel, pid: int, index: int, ns: int) -> tuple[int, int]:
+    """Return (nr, task gva or 0) of the struct pid stored at idr `index`; GuestDataError if it lies."""
+    o = k.off
+    upid = pid + o["pid.numbers"]
+    nr = k.u32(upid + o["upid.nr"])
+    if nr != index:
+        raise GuestDataError(f"says pid {nr}, but it is stored at index {index}")
+    if k.u64(upid + o["upid.ns"]) != ns:
+        raise GuestDataError("its numbers[0].ns is not init_pid_ns")
+    if "pid.level" in o and not 0 <= k.u32(pid + o["pid.level"]) <= MAX_PID_NS_LEVEL:
+        raise GuestDataError(f"its level {k.u32(pid + o['pid.level'])} is absurd")
+    head = pid + o["pid.tasks"]  # tasks[PIDTYPE_PID].first
+    first = k.u64(head)
+    if not first:  # a process group or session id whose leader has exited: no task of its own
+        return nr, 0
+    task = first - o["task_struct.pid_links"]
+    if k.u64(first + o["hlist_node.pprev"]) != head:
+        raise GuestDataError(f"its task 0x{task:x}'s pid_links do not point back at it")
+    task_pid = k.u32(task + o["task_struct.pid"])
+    if task_pid != nr:
+        raise GuestDataError(f"its task 0x{task:x} says pid {task_pid}")
+    if "task_struct.thread_pid" in o and k.u64(task + o["task_struct.thread_pid"]) != pid:
+        raise GuestDataError(f"its task 0x{task:x}'s thread_pid is another struct pid")
+    return nr, task
+
+
+@dataclass(slots=True)
+class CrossView:
+    """The two kernel views of which tasks exist (task lists, PID idr) and what comparing them showed.
+
+    `hidden` is complete only when both views were complete and every check passed; otherwise it holds
+    no claims and its problem names the view that failed (the comparison is unverifiable).
+    """
+
+    threads: Listing[int]  # task gvas on the task and thread lists
+    pid_idr: Listing[tuple[int, int]]  # (pid, task gva or 0) in init_pid_ns's idr
+    hidden: Listing[HiddenPid]
+
+    @property
+    def verified(self) -> bool:
+        return self.hidden.complete
+
+    def views(self) -> dict[str, dict[str, object]]:
+        """Return each view's completeness (JSON-ready)."""
+        return {"threads": {"count": len(self.threads), "complete": self.threads.complete,
+                            "problem": self.threads.problem},
+                "pid_idr": {"count": len(self.pid_idr), "complete": self.pid_idr.complete,
+                            "problem": self.pid_idr.problem},
+                "cross_view": {"verdict": "verified" if self.verified else "unverifiable",
+                               "problem": self.hidden.problem, "hidden": len(self.hidden)}}
+
+
+def cross_view(k: LinuxKernel) -> CrossView:
+    """Compare the task lists with the PID idr; claim a hidden pid only when both views are sound."""
     listed = iter_thread_gvas(k)
-    idr = iter_pid_idr(k)
-    out: Listing[HiddenPid] = Listing()
+    loose: list[tuple[int, int]] = []
+    idr = iter_pid_idr(k, loose)
+    hidden: Listing[HiddenPid] = Listing()
     if not listed.complete:
-        out.fail(listed.problem)
+        hidden.fail(f"cross-view unverifiable: the task list walk is incomplete ({listed.problem})")
     if not idr.complete:
-        out.fail(idr.problem)
+        hidden.fail(f"cross-view unverifiable: the PID idr walk is incomplete or invalid ({idr.problem})")
+    if not hidden.complete:
+        return CrossView(listed, idr, hidden)
+    problem = ""
     in_list: dict[int, int] = {}
     for gva in listed:
         try:
-            in_list[k.u32(gva + k.off["task_struct.pid"])] = gva
+            pid = k.u32(gva + k.off["task_struct.pid"])
         except _BAD as exc:
-            out.fail(f"task 0x{gva:x} unreadable ({exc})")
+            problem = f"task 0x{gva:x} unreadable ({exc})"
+            break
+        if pid in in_list:
+            problem = f"pid {pid} belongs to two tasks on the task list (0x{in_list[pid]:x}, 0x{gva:x})"
+            break
+        in_list[pid] = gva
     in_idr = {nr: task for nr, task in idr if task}
+    numbers = {nr for nr, _task in idr}
+    for pid in sorted(set(in_list) & set(in_idr)):
+        if problem:
+            break
+        if in_list[pid] != in_idr[pid]:
+            problem = f"pid {pid} is task 0x{in_list[pid]:x} on the task list but 0x{in_idr[pid]:x} in the PID idr"
+    for pid in sorted(set(in_list) - set(in_idr)):
+        if problem:
+            break
+        if pid in numbers:
+            problem = f"pid {pid} is in the PID idr, but its struct pid does not link task 0x{in_list[pid]:x}"
+        elif any(lo <= pid <= hi for lo, hi in loose):
+            problem = (f"pid {pid} is on the task list but missing from a PID idr node that counts more "
+                       "allocated slots than it holds (a pid being allocated, or a slot lost to damage)")
+        else:
+            problem = _own_pid_problem(k, in_list[pid], pid)
+    if problem:
+        return CrossView(listed, idr, hidden.fail(f"cross-view unverifiable: the views contradict each other "
+                                                  f"({problem})"))
     for pid in sorted(set(in_list) ^ set(in_idr)):
         gva = in_list.get(pid) or in_idr[pid]
         try:
             comm = _comm(k.read(gva + k.off["task_struct.comm"], 16))
         except _BAD:
             comm = ""
-        out.items.append(HiddenPid(pid, pid in in_list, pid in in_idr, gva, comm))
-    return out
+        hidden.items.append(HiddenPid(pid, pid in in_list, pid in in_idr, gva, comm))
+    return CrossView(listed, idr, hidden)
+
+
+def _own_pid_problem(k: LinuxKernel, task: int, pid: int) -> str:
+    """Return why a listed task missing from the PID idr is not self-consistent ("" when it is)."""
+    o = k.off
+    if "task_struct.thread_pid" not in o:
+        return ""
+    try:
+        struct_pid = k.u64(task + o["task_struct.thread_pid"])
+        upid = struct_pid + o["pid.numbers"]
+        nr, ns = k.u32(upid + o["upid.nr"]), k.u64(upid + o["upid.ns"])
+    except _BAD as exc:
+        return f"task 0x{task:x} (pid {pid}): its struct pid is unreadable ({exc})"
+    if nr != pid or ns != k.symbols.get("init_pid_ns"):
+        return f"task 0x{task:x} says pid {pid} but its struct pid says {nr}"
+    return ""
+
+
+def hidden_processes(k: LinuxKernel) -> Listing[HiddenPid]:
+    """Return pids whose task is in the PID idr but not on the task lists, or the other way round.
+
+    Incomplete (no items, the problem naming the view that failed) unless both views are complete and
+    consistent: a damaged view must never produce hidden-process claims.
+    """
+    return cross_view(k).hidden
