@@ -127,6 +127,7 @@ class HookDecoder:
         """Return the event at a hit of `kind`'s hook, from registers and guest RAM (VM stopped)."""
         ev = TrapEvent(kind, time.time())
         self.kernel.kernel.flush()  # the guest ran since the last event: page tables may have changed
+        self.kernel.budget.reset()  # each event is its own bounded piece of work, however long the watch
         try:
             cur = self.events.task(regs["gs_base"])
             ev.pid, ev.tid, ev.ppid, ev.comm = cur.pid, cur.tid, cur.ppid, cur.comm
