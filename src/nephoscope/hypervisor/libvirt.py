@@ -8,6 +8,7 @@ Nothing here pauses the VM.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import xml.etree.ElementTree as ET
@@ -49,7 +50,7 @@ def connect(uri: str | None = None, readonly: bool = False) -> Any:
         return libvirt.openReadOnly(uri) if readonly else libvirt.open(uri)
     except libvirt.libvirtError as exc:
         raise ConnectorError(f"cannot connect to libvirt at {uri}: {exc}; is libvirtd running? "
-                             "(`nephoscope lab libvirtd` starts virtlogd and libvirtd on hosts without an init)") from exc
+                             "(`nephoscope lab libvirtd` starts virtlogd and libvirtd where no init does)") from exc
 
 
 def lookup_domain(conn: Any, spec: str) -> Any | None:
@@ -183,10 +184,8 @@ class LibvirtMonitor:
 
     def close(self) -> None:
         """Close the libvirt connection (the VM keeps running)."""
-        try:
+        with contextlib.suppress(self.libvirt.libvirtError):
             self.conn.close()
-        except self.libvirt.libvirtError:
-            pass
 
     def __enter__(self) -> LibvirtMonitor:
         return self
@@ -239,7 +238,5 @@ class LibvirtAgentChannel:
 
     def close(self) -> None:
         """Close the libvirt connection (the agent keeps running)."""
-        try:
+        with contextlib.suppress(self.libvirt.libvirtError):
             self.conn.close()
-        except self.libvirt.libvirtError:
-            pass
