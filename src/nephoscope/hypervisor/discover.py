@@ -97,6 +97,15 @@ def _socket_path(spec: str) -> Path | None:
     return None
 
 
+def _dig(value: Any, *keys: str) -> Any:
+    """Return value[k1][k2]... or None where a level is missing or not a dict (command lines are untrusted)."""
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
 def parse_qemu_cmdline(argv: list[str], pid: int) -> QemuProcess | None:
     """Parse a qemu-system-* argv into a QemuProcess, or None when argv is not a QEMU system emulator."""
     if not argv or not os.path.basename(argv[0]).startswith("qemu-system-"):
@@ -131,10 +140,9 @@ def parse_qemu_cmdline(argv: list[str], pid: int) -> QemuProcess | None:
         elif opt == "-chardev":
             o = split_options(val)
             cid = str(o.get("id", ""))
-            if "backend" in o and isinstance(o.get("backend"), dict):  # JSON form
-                data = o["backend"].get("data", {})
-                o = {"": o["backend"].get("type"), "id": cid, "path": (data.get("addr", {}).get("data", {})
-                                                                        .get("path")), "fd": None}
+            if isinstance(o.get("backend"), dict):  # JSON form (QAPI chardev-add layout)
+                addr = _dig(o, "backend", "data", "addr", "data")
+                o = {"": _dig(o, "backend", "type"), "id": cid, "path": _dig(addr, "path"), "fd": _dig(addr, "str")}
             chardevs[cid] = o
         elif opt == "-mon":
             o = split_options(val)
