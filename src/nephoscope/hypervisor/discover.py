@@ -274,6 +274,11 @@ class HostVm:
     methods: dict[str, str | None] = field(default_factory=dict)  # method -> None or why not
     details: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def running(self) -> bool:
+        """Return whether the VM runs (or is paused): something to scan."""
+        return self.state in ("running", "paused", "blocked")
+
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
         return {"name": self.name, "kind": self.kind, "uuid": self.uuid, "pid": self.pid, "state": self.state,

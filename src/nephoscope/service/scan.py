@@ -137,7 +137,7 @@ def scan_all(methods: list[str] | None = None, *, save: bool = True, progress: P
     store = Store() if save else None
     out = []
     for vm in found.vms:
-        if not vm.target.live:
+        if not vm.running:
             out.append(HostScan(vm.name, vm.kind, error=f"not running ({vm.state})"))
             continue
         progress(f"{vm.name} ({vm.kind})")

@@ -47,7 +47,7 @@ def _host_target(spec: str) -> VmTarget:
     found = discover()
     vm = found.find(spec)
     if vm is not None:
-        if not vm.target.live:
+        if not vm.running:
             raise NephoscopeError(f"VM {spec!r} is {vm.state}; start it before scanning (`virsh start {vm.name}`)")
         return vm.target
     known = ", ".join(v.name for v in found.vms) or "none running"
