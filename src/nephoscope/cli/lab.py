@@ -10,6 +10,7 @@ import sys
 import termios
 import time
 import tty
+from dataclasses import asdict
 
 import typer
 
@@ -167,12 +168,14 @@ def list_cmd(json_out: bool = typer.Option(False, "--json")) -> None:
     stale = runner.cleanup_stale()
     guests = [_describe(g) for g in runner.list_guests()]
     if json_out:
-        emit_json({"guests": guests, "cleaned": stale})
+        emit_json({"guests": guests, "cleaned": stale,
+                   "libvirt": [{**asdict(g), "alive": g.alive()} for g in libvirt_runner.list_guests()]})
         return
     for name in stale:
         err_console.print(f"cleaned up stale guest {name}")
     table("lab guests", ["name", "profile", "pid", "alive", "http", "gdb"],
-          [[g["name"], g["profile"], g["pid"], g["alive"], g["http"], g["gdb"]] for g in guests])
+          [[g["name"], g["profile"], g["pid"], g["alive"], g["http"], g["gdb"]] for g in guests]
+          + [[f"{g.name} (libvirt)", g.profile, g.pid, g.alive(), "", ""] for g in libvirt_runner.list_guests()])
 
 
 @app.command("profiles")
@@ -189,7 +192,8 @@ def profiles(json_out: bool = typer.Option(False, "--json")) -> None:
 def manifest(name: str) -> None:
     """Print a guest's ground-truth manifest (what its init started, as the guest reported it)."""
     try:
-        emit_json(runner.get_guest(name).manifest())
+        lv_guest = libvirt_runner.load(name)
+        emit_json(lv_guest.manifest() if lv_guest is not None else runner.get_guest(name).manifest())
     except NephoscopeError as exc:
         fail(exc)
 
