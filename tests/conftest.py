@@ -104,3 +104,25 @@ def clean_dump(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     finally:
         path.unlink(missing_ok=True)  # 512 MiB: not left in pytest's kept temporary directories
 
+
+
+@pytest.fixture(scope="session")
+def libvirt_guest() -> Iterator[object]:
+    """A lab image booted as a transient libvirt TCG domain (plain RAM); the daemons started if not running.
+
+    Destroyed at the end of the session even when tests fail; the daemons this fixture started are stopped."""
+    from nephoscope.lab import libvirt_runner
+
+    try:
+        daemons = libvirt_runner.start_daemons()
+    except LabError as exc:
+        pytest.skip(f"libvirt unavailable: {exc}")
+    name = f"pt-libvirt-{_SUFFIX}"
+    try:
+        guest = libvirt_runner.start(name, build_image(load_profile("clean")))
+        try:
+            yield guest
+        finally:
+            libvirt_runner.stop(name, quiet=True)
+    finally:
+        libvirt_runner.stop_daemons(daemons)

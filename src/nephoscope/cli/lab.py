@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
@@ -9,12 +10,13 @@ import sys
 import termios
 import time
 import tty
+from dataclasses import asdict
 
 import typer
 
 from nephoscope.cli.render import emit_json, err_console, fail, progress, table
 from nephoscope.core.errors import NephoscopeError
-from nephoscope.lab import runner
+from nephoscope.lab import libvirt_runner, runner
 from nephoscope.lab.build import build_image
 from nephoscope.lab.profile import list_profiles, load_profile
 
@@ -55,9 +57,14 @@ def up(
     http_port: int = typer.Option(None, "--http-port", help="host port forwarded to the guest's port 80"),
     gdb_port: int = typer.Option(None, "--gdb-port", help="host port of the gdbstub"),
     json_out: bool = typer.Option(False, "--json", help="print the guest description as JSON"),
+    libvirt: bool = typer.Option(False, "--libvirt",
+                                 help="boot it as a transient libvirt TCG domain (plain RAM, agent via libvirt)"),
 ) -> None:
     """Build if needed and boot a guest; return once its init reports ready (manifest written)."""
     started = time.monotonic()
+    if libvirt:
+        _up_libvirt(name, profile, kernel, kaslr, mem, smp, cpu, json_out)
+        return
     try:
         runner.check_name(name)
         with progress(f"lab up {name}", quiet=json_out) as log:
@@ -71,6 +78,61 @@ def up(
         emit_json(info)
         return
     table(f"guest {name} ready in {time.monotonic() - started:.1f}s", ["", ""], list(info.items()))
+
+
+def _up_libvirt(name: str, profile: str, kernel: str | None, kaslr: bool, mem: str, smp: int, cpu: str,
+                json_out: bool) -> None:
+    started = time.monotonic()
+    try:
+        runner.check_name(name)
+        with progress(f"lab up {name} --libvirt", quiet=json_out) as log:
+            _remember_daemons(libvirt_runner.start_daemons())
+            image = build_image(load_profile(profile), kernel, log)
+            guest = libvirt_runner.start(name, image, mem=mem, smp=smp, kaslr=kaslr, cpu=cpu, progress=log)
+    except NephoscopeError as exc:
+        fail(exc)
+    info = {"name": guest.name, "domain": guest.name, "uuid": guest.uuid, "uri": guest.uri, "pid": guest.pid,
+            "profile": guest.profile, "mem_mib": guest.mem_mib, "smp": guest.smp, "kaslr": guest.kaslr,
+            "serial": str(guest.serial_log), "manifest": str(guest.manifest_path)}
+    if json_out:
+        emit_json(info)
+        return
+    table(f"libvirt guest {name} ready in {time.monotonic() - started:.1f}s", ["", ""], list(info.items()))
+
+
+def _remember_daemons(pids: list[int]) -> None:
+    """Record the daemons a lab command started, so `lab libvirtd --stop` stops those and only those."""
+    if not pids:
+        return
+    path = libvirt_runner.state_root() / "daemons.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    known = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(sorted(set(known) | set(pids))))
+
+
+@app.command("libvirtd")
+def libvirtd(stop: bool = typer.Option(False, "--stop", help="stop the daemons lab commands started"),
+             json_out: bool = typer.Option(False, "--json")) -> None:
+    """Start virtlogd and libvirtd where no init system runs them (system instances, root only)."""
+    path = libvirt_runner.state_root() / "daemons.json"
+    try:
+        if stop:
+            pids = json.loads(path.read_text()) if path.exists() else []
+            libvirt_runner.stop_daemons(pids)
+            path.unlink(missing_ok=True)
+            started: list[int] = []
+        else:
+            started = libvirt_runner.start_daemons()
+            _remember_daemons(started)
+    except (NephoscopeError, ValueError) as exc:
+        fail(exc if isinstance(exc, NephoscopeError) else NephoscopeError(f"{path} is unreadable: {exc}"))
+    status = {**libvirt_runner.daemon_status(), "started": started}
+    if json_out:
+        emit_json(status)
+    else:
+        note = f" (started {started})" if started else ""
+        err_console.print(f"virtlogd {status['virtlogd'] or 'not running'}, "
+                          f"libvirtd {status['libvirtd'] or 'not running'}{note}")
 
 
 def _describe(guest: runner.Guest) -> dict[str, object]:
@@ -90,6 +152,10 @@ def down(names: list[str] = typer.Argument(..., help="guest names"),
     """Stop guests and remove their sockets, shared RAM and state."""
     try:
         for name in names:
+            if libvirt_runner.load(name) is not None:
+                ran = libvirt_runner.stop(name)
+                err_console.print(f"{name}: {'libvirt domain destroyed' if ran else 'cleaned up (was not running)'}")
+                continue
             ran = runner.stop(name)
             err_console.print(f"{name}: {'stopped' if ran else 'cleaned up (was not running)'}")
     except NephoscopeError as exc:
@@ -102,12 +168,14 @@ def list_cmd(json_out: bool = typer.Option(False, "--json")) -> None:
     stale = runner.cleanup_stale()
     guests = [_describe(g) for g in runner.list_guests()]
     if json_out:
-        emit_json({"guests": guests, "cleaned": stale})
+        emit_json({"guests": guests, "cleaned": stale,
+                   "libvirt": [{**asdict(g), "alive": g.alive()} for g in libvirt_runner.list_guests()]})
         return
     for name in stale:
         err_console.print(f"cleaned up stale guest {name}")
     table("lab guests", ["name", "profile", "pid", "alive", "http", "gdb"],
-          [[g["name"], g["profile"], g["pid"], g["alive"], g["http"], g["gdb"]] for g in guests])
+          [[g["name"], g["profile"], g["pid"], g["alive"], g["http"], g["gdb"]] for g in guests]
+          + [[f"{g.name} (libvirt)", g.profile, g.pid, g.alive(), "", ""] for g in libvirt_runner.list_guests()])
 
 
 @app.command("profiles")
@@ -124,7 +192,8 @@ def profiles(json_out: bool = typer.Option(False, "--json")) -> None:
 def manifest(name: str) -> None:
     """Print a guest's ground-truth manifest (what its init started, as the guest reported it)."""
     try:
-        emit_json(runner.get_guest(name).manifest())
+        lv_guest = libvirt_runner.load(name)
+        emit_json(lv_guest.manifest() if lv_guest is not None else runner.get_guest(name).manifest())
     except NephoscopeError as exc:
         fail(exc)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from nephoscope import __version__
-from nephoscope.cli import arch, demo, evaluate, inspect, kb, lab, report, scan, vulns, watch
+from nephoscope.cli import arch, demo, evaluate, inspect, kb, lab, report, scan, vms, vulns, watch
 
 app = typer.Typer(
     help="nephoscope: see what runs inside virtual machines from the outside.",
@@ -25,6 +25,7 @@ app.command("arch")(arch.arch)
 for _name in ("ps", "maps", "files", "modules", "kernel", "isf"):
     app.command(_name)(getattr(inspect, _name))
 app.command("watch")(watch.watch)
+app.command("vms")(vms.vms)
 
 
 @app.command()

@@ -11,7 +11,7 @@ from nephoscope.cli.render import emit_json, err_console, fail, progress, table
 from nephoscope.cli.views import render_scan
 from nephoscope.core.errors import NephoscopeError
 from nephoscope.service.methods import available_methods
-from nephoscope.service.scan import SEVERITIES, UNVERIFIABLE, diff_latest, scan_vm
+from nephoscope.service.scan import SEVERITIES, UNVERIFIABLE, ScanResult, diff_latest, scan_all, scan_vm
 from nephoscope.service.scan import history as stored_scans
 
 # exit codes of `nephoscope scan` (docs/methods.md, "Exit codes"); 2 is click's usage error
@@ -23,7 +23,8 @@ EXIT_ERROR = 4  # the scan could not run (no such VM, store cannot be opened, ..
 
 
 def scan(
-    vm: str = typer.Argument(..., help="lab guest name, QMP socket path, or RAM/dump file"),
+    vm: str = typer.Argument(None, help="libvirt domain (name or UUID), pid:N, lab guest, QMP socket or RAM/dump file"),
+    all_vms: bool = typer.Option(False, "--all", help="scan every VM on this host (`nephoscope vms`)"),
     methods: str = typer.Option("", "--methods", "-m",
                                 help=f"comma-separated subset of: {','.join(available_methods())}"),
     json_out: bool = typer.Option(False, "--json", help="print the merged result as JSON"),
@@ -41,7 +42,10 @@ def scan(
     1 a finding at or above --fail-on
     2 usage error
     3 nothing could be verified: every method unverifiable (stored flagged "unverifiable")
-    4 the scan could not run (no such VM, store cannot be opened)"""
+    4 the scan could not run (no such VM, store cannot be opened)
+    With --all: the worst of every VM's status (4, then 3, then 1, then 0); shut-off VMs do not count."""
+    if all_vms == (vm is not None):
+        raise typer.BadParameter("name one VM or give --all", param_hint="VM")
     if fail_on is not None and fail_on not in SEVERITIES:
         raise typer.BadParameter(f"{fail_on!r} is not a severity; use one of {', '.join(SEVERITIES)}",
                                  param_hint="--fail-on")
@@ -50,6 +54,8 @@ def scan(
     if unknown:
         raise typer.BadParameter(f"unknown method(s) {', '.join(unknown)}; use some of "
                                  f"{', '.join(available_methods())}", param_hint="--methods")
+    if all_vms:
+        raise SystemExit(_scan_all(chosen, json_out, not no_store, fail_on))
     try:
         with progress(f"scan {vm}", quiet=json_out) as log:
             result = scan_vm(vm, chosen, save=not no_store, rollback=rollback, progress=log)
@@ -68,6 +74,47 @@ def scan(
     if worst:
         err_console.print(Text(f"{len(worst)} finding(s) at or above {fail_on} (exit status {EXIT_FINDINGS})"))
         raise SystemExit(EXIT_FINDINGS)
+
+
+def _exit_of(result: ScanResult, fail_on: str | None) -> int:
+    if result.status == UNVERIFIABLE:
+        return EXIT_UNVERIFIABLE
+    return EXIT_FINDINGS if fail_on and result.findings_at_or_above(fail_on) else EXIT_OK
+
+
+WORST = (EXIT_OK, EXIT_FINDINGS, EXIT_UNVERIFIABLE, EXIT_ERROR)  # later is worse (docs/methods.md, Exit codes)
+
+
+def _scan_all(methods: list[str] | None, json_out: bool, save: bool, fail_on: str | None) -> int:
+    """Scan every VM on the host; render each; return the worst exit status of them."""
+    try:
+        with progress("scan --all", quiet=json_out) as log:
+            scans, skipped = scan_all(methods, save=save, progress=log)
+    except NephoscopeError as exc:
+        err_console.print(Text(f"error: {exc}"), style="bold red")
+        return EXIT_ERROR
+    codes = []
+    rows = []
+    for s in scans:
+        if s.result is None:
+            code = EXIT_OK if s.error and s.error.startswith("not running") else EXIT_ERROR
+            rows.append([s.name, s.kind, "error" if code else "skipped", s.error or "", code])
+        else:
+            code = _exit_of(s.result, fail_on)
+            summary = s.result.view.summary()
+            rows.append([s.name, s.kind, s.result.status, f"{summary.get('processes')} processes, "
+                         f"{summary.get('findings')} findings", code])
+            if not json_out:
+                render_scan(s.result)
+        codes.append(code)
+    worst = max(codes, key=WORST.index, default=EXIT_OK)
+    if json_out:
+        emit_json({"vms": [s.to_dict() for s in scans], "skipped": skipped, "exit": worst})
+    else:
+        table(f"scan --all: {len(scans)} VMs, exit status {worst}", ["vm", "kind", "status", "what", "exit"], rows)
+        for source, why in skipped.items():
+            err_console.print(Text(f"{source} skipped: {why}"), style="yellow")
+    return worst
 
 
 def history(vm: str = typer.Argument(None, help="only this VM"),

@@ -1,4 +1,10 @@
-"""A client for the QEMU guest agent protocol (JSON over the virtio-serial chardev socket)."""
+"""A client for the QEMU guest agent protocol, over a channel: the virtio-serial chardev socket, or libvirt.
+
+`GuestAgent` speaks the commands (exec, file reads) and talks to the agent through an `AgentChannel`:
+`SocketChannel` for a chardev socket QEMU serves, `nephoscope.hypervisor.libvirt.LibvirtAgentChannel` for a
+libvirt domain (libvirtd holds the agent socket itself). `open_agent(vm)` picks the one a VM offers.
+Nothing here pauses the VM.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +14,28 @@ import random
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nephoscope.core.errors import ConnectorError
+
+if TYPE_CHECKING:
+    from nephoscope.hypervisor.target import VmTarget
 
 MAX_REPLY = 64 * 2**20  # a lying agent must not make us buffer without bound
 
 
-class GuestAgent:
-    """A session with qemu-guest-agent; every call has a timeout."""
+class AgentChannel(Protocol):
+    """One way to send guest agent commands; `call` returns the `return` value or raises ConnectorError."""
+
+    timeout: float
+
+    def call(self, name: str, **args: Any) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class SocketChannel:
+    """The agent's virtio-serial chardev socket (QEMU serves it); synchronises on connect."""
 
     def __init__(self, socket_path: str | Path, timeout: float = 10.0) -> None:
         self.path = str(socket_path)
@@ -91,11 +110,31 @@ class GuestAgent:
             if "return" in reply:
                 return reply["return"]
 
+    def close(self) -> None:
+        """Close the connection (the agent keeps running)."""
+        self._sock.close()
+
+
+class GuestAgent:
+    """A session with qemu-guest-agent over a channel (a socket path opens a SocketChannel); calls time out."""
+
+    def __init__(self, channel: AgentChannel | str | Path, timeout: float = 10.0) -> None:
+        self.channel: AgentChannel = (SocketChannel(channel, timeout=timeout) if isinstance(channel, str | Path)
+                                      else channel)
+
+    @property
+    def timeout(self) -> float:
+        return self.channel.timeout
+
+    def call(self, name: str, **args: Any) -> Any:
+        """Run one agent command and return its `return` value."""
+        return self.channel.call(name, **args)
+
     def exec(self, argv: list[str], timeout: float | None = None) -> tuple[int, bytes, bytes]:
         """Run argv in the guest via guest-exec; return (exit code, stdout, stderr)."""
         started = self.call("guest-exec", path=argv[0], arg=argv[1:], **{"capture-output": True})
         pid = started["pid"]
-        deadline = time.monotonic() + (timeout or self.timeout)
+        deadline = time.monotonic() + (timeout or self.channel.timeout)
         while time.monotonic() < deadline:
             status = self.call("guest-exec-status", pid=pid)
             if status.get("exited"):
@@ -103,7 +142,7 @@ class GuestAgent:
                 err = base64.b64decode(status.get("err-data", ""))
                 return int(status.get("exitcode", -1)), out, err
             time.sleep(0.05)
-        raise ConnectorError(f"guest command {argv[0]} did not finish within {timeout or self.timeout:.0f}s")
+        raise ConnectorError(f"guest command {argv[0]} did not finish within {timeout or self.channel.timeout:.0f}s")
 
     def read_file(self, path: str, limit: int = 16 * 2**20) -> bytes:
         """Read a guest file through guest-file-open/read (at most `limit` bytes)."""
@@ -121,10 +160,26 @@ class GuestAgent:
 
     def close(self) -> None:
         """Close the connection (the agent keeps running)."""
-        self._sock.close()
+        self.channel.close()
 
     def __enter__(self) -> GuestAgent:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def has_agent(vm: VmTarget) -> bool:
+    """Return whether `vm` names an agent channel (a chardev socket or a libvirt domain)."""
+    return vm.live and (vm.qga_socket is not None or vm.domain is not None)
+
+
+def open_agent(vm: VmTarget, timeout: float = 10.0) -> GuestAgent:
+    """Return a session with `vm`'s guest agent: through libvirt for libvirt domains, else its chardev socket."""
+    if vm.domain is not None:
+        from nephoscope.hypervisor.libvirt import LibvirtAgentChannel  # libvirt-python only where libvirt is used
+
+        return GuestAgent(LibvirtAgentChannel(vm.domain, vm.libvirt_uri, timeout=timeout))
+    if vm.qga_socket is None:
+        raise ConnectorError(f"{vm.name}: no guest agent channel (neither a chardev socket nor a libvirt domain)")
+    return GuestAgent(vm.qga_socket, timeout=timeout)

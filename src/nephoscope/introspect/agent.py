@@ -16,7 +16,7 @@ from debian import deb822
 
 from nephoscope.core.errors import ConnectorError
 from nephoscope.core.records import Observation, Verdict
-from nephoscope.hypervisor.qga import GuestAgent
+from nephoscope.hypervisor.qga import GuestAgent, has_agent, open_agent
 from nephoscope.hypervisor.target import VmTarget
 from nephoscope.introspect.base import observe, unverifiable
 
@@ -114,7 +114,7 @@ def installed_packages(status_text: str) -> dict[str, dict[str, str]]:
 
 
 class AgentMethod:
-    """The in-guest agent method (qemu-guest-agent over its virtio-serial socket)."""
+    """The in-guest agent method (qemu-guest-agent over its virtio-serial socket or libvirt's agent channel)."""
 
     name = NAME
 
@@ -123,11 +123,11 @@ class AgentMethod:
 
     def collect(self, vm: VmTarget) -> Iterator[Observation]:
         """Yield processes, executable mappings, modules and installed packages as the guest reports them."""
-        if vm.qga_socket is None or not vm.live:
+        if not has_agent(vm):
             yield unverifiable(NAME, vm, "processes", "no guest agent channel for this VM")
             return
         try:
-            agent = GuestAgent(vm.qga_socket, timeout=self.timeout)
+            agent = open_agent(vm, timeout=self.timeout)
         except ConnectorError as exc:
             yield unverifiable(NAME, vm, "processes", f"guest agent unreachable: {exc}")
             return

@@ -109,6 +109,46 @@ def scan_vm(spec: str, methods: list[str] | None = None, *, save: bool = True, r
     return run_scan(target, methods, store=Store() if save else None, options=options, progress=progress)
 
 
+@dataclass(slots=True)
+class HostScan:
+    """One VM's part of `scan --all`: its result, or why it could not be scanned."""
+
+    name: str
+    kind: str
+    result: ScanResult | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        if self.result is None:
+            return {"vm": self.name, "kind": self.kind, "status": "error", "error": self.error}
+        return {**self.result.to_dict(), "kind": self.kind}
+
+
+def scan_all(methods: list[str] | None = None, *, save: bool = True, progress: Progress = lambda _m: None
+             ) -> tuple[list[HostScan], dict[str, str]]:
+    """Scan every running VM on this host, one after another; return per VM its scan and the skipped sources.
+
+    A VM that cannot be scanned gets an error entry and the sweep goes on; shut-off libvirt domains are
+    listed with their state as the error."""
+    from nephoscope.hypervisor.discover import discover
+
+    found = discover()
+    store = Store() if save else None
+    out = []
+    for vm in found.vms:
+        if not vm.running:
+            out.append(HostScan(vm.name, vm.kind, error=f"not running ({vm.state})"))
+            continue
+        progress(f"{vm.name} ({vm.kind})")
+        try:
+            out.append(HostScan(vm.name, vm.kind, run_scan(vm.target, methods, store=store,
+                                                           progress=lambda m, n=vm.name: progress(f"{n}: {m}"))))
+        except NephoscopeError as exc:
+            out.append(HostScan(vm.name, vm.kind, error=str(exc)))
+    return out, found.skipped
+
+
 def history(vm: str | None = None) -> list[ScanRecord]:
     """Return the stored scans (of one VM, or all), newest first."""
     return Store().scans(vm)
