@@ -171,7 +171,7 @@ class Candidate(Record):
 class ModifiedPage(Record):
     """A page of an identified image whose bytes differ from the file (gva virtual, gpa physical)."""
 
-    gva: int
+    gva: int | None = None  # None: a record that names no page (skipped)
     gpa: int | None = None
     vaddr: int | None = None
     file_offset: int | None = None

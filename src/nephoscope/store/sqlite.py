@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nephoscope.core import payloads
 from nephoscope.core.errors import NephoscopeError
 from nephoscope.core.paths import store_path
-from nephoscope.core.records import Finding, Observation
+from nephoscope.core.records import VIA_KEY, Finding, Observation, Provenance, Verdict
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS scans (
@@ -70,7 +71,7 @@ class Store:
             self.db.executemany(
                 "INSERT INTO observations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(scan_id, o.provenance.method, o.kind, o.key, str(o.verdict), o.reason, o.provenance.time,
-                  json.dumps(o.data, default=str)) for o in observations])
+                  json.dumps(o.data)) for o in observations])  # a typed payload's JSON: no default= needed
             self.db.executemany(
                 "INSERT INTO findings VALUES (?, ?, ?, ?, ?)",
                 [(scan_id, f.kind, f.severity, f.title, json.dumps(f.evidence, default=str)) for f in findings])
@@ -103,6 +104,19 @@ class Store:
             args += (kind,)
         return [{"method": r[0], "kind": r[1], "key": r[2], "verdict": r[3], "reason": r[4], "time": r[5],
                  "data": json.loads(r[6])} for r in self.db.execute(query, args)]
+
+    def load_observations(self, scan_id: int, vm: str, kind: str | None = None) -> list[Observation]:
+        """Return a scan's observations rebuilt with typed payloads (a record that does not fit its kind,
+        or a verdict this version does not know, comes back as `Details` naming the problem)."""
+        out = []
+        for o in self.observations(scan_id, kind):
+            verdict = o["verdict"] if o["verdict"] in Verdict.__members__.values() else Verdict.UNVERIFIABLE
+            data = o["data"]
+            via = data.pop(VIA_KEY, "") if isinstance(data, dict) else ""
+            out.append(Observation(o["kind"], o["key"], payloads.parse(o["kind"], data),
+                                   Provenance(o["method"], vm, o["time"]), Verdict(verdict), o["reason"],
+                                   via if isinstance(via, str) else ""))
+        return out
 
     def findings(self, scan_id: int) -> list[dict[str, Any]]:
         """Return a scan's findings as dicts."""
