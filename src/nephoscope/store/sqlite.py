@@ -71,7 +71,7 @@ class Store:
             self.db.executemany(
                 "INSERT INTO observations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(scan_id, o.provenance.method, o.kind, o.key, str(o.verdict), o.reason, o.provenance.time,
-                  json.dumps(o.data)) for o in observations])  # a typed payload's JSON: no default= needed
+                  json.dumps(o.data, default=str)) for o in observations])
             self.db.executemany(
                 "INSERT INTO findings VALUES (?, ?, ?, ?, ?)",
                 [(scan_id, f.kind, f.severity, f.title, json.dumps(f.evidence, default=str)) for f in findings])
