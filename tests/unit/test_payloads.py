@@ -128,3 +128,4 @@ def test_hostile_stored_records_feed_no_analysis(tmp_path) -> None:
     assert report.code == [] and report.vulnerable == []
     view = merge([good, *bad], ["inspect"], "vm")
     assert list(view.processes) == [7] and view.findings == []
+    assert len(view.unverifiable) == len(bad) and all("malformed" in u["reason"] for u in view.unverifiable)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from nephoscope.analysis.facts import dedupe
-from nephoscope.core.payloads import CrossView, Image, Mapping, Process, UnknownCode
+from nephoscope.core.payloads import CrossView, Details, Image, Mapping, Process, UnknownCode
 from nephoscope.core.records import Finding, Observation, Verdict
 
 # binaries whose processes legitimately carry another program's name (multi-call binaries)
@@ -113,7 +113,10 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
             if method == "agent" and o.key == "processes":
                 agent_credible = False
             continue
-        if isinstance(p, Process) and p.is_user_process:
+        if isinstance(p, Details) and p.problem:  # a stored record that does not fit its kind: no claim
+            unverifiable.append({"method": method, "what": o.key,
+                                 "reason": f"the {o.kind} record is malformed ({p.problem})"})
+        elif isinstance(p, Process) and p.is_user_process:
             view = processes.setdefault(p.pid, ProcessView(p.pid))
             view.seen_by[method] = str(o.verdict)
             for key in ("comm", "exe", "cmdline", "ppid"):  # the most trusted method that knows it
