@@ -129,3 +129,21 @@ def test_hostile_stored_records_feed_no_analysis(tmp_path) -> None:
     view = merge([good, *bad], ["inspect"], "vm")
     assert list(view.processes) == [7] and view.findings == []
     assert len(view.unverifiable) == len(bad) and all("malformed" in u["reason"] for u in view.unverifiable)
+
+
+def test_a_damaged_store_row_becomes_details(tmp_path) -> None:
+    store = Store(tmp_path / "s.db")
+    scan_id = store.save_scan("vm", ["inspect"], [], [], {}, 1.0)
+    with store.db:
+        store.db.executemany("INSERT INTO observations VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [
+            (scan_id, "inspect", "process", "pid:1", "verified", "", 1.0, "{not json"),
+            (scan_id, "inspect", "process", "pid:2", "verified", "", 1.0, "[1, 2]"),
+            (scan_id, "inspect", "process", "pid:3", "trust-me", "", 1.0, '{"pid": 3, "exe": "/x"}'),
+            (scan_id, "checkpoint", "process", "pid:4", "verified", "", 1.0, '{"pid": 4, "exe": "/y", "analysis": 7}')])
+    obs = store.load_observations(scan_id, "vm")
+    assert [type(o.payload).__name__ for o in obs] == ["Details", "Details", "Process", "Process"]
+    assert "not JSON" in obs[0].payload.problem and obs[1].payload.problem  # type: ignore[attr-defined]
+    assert obs[2].verdict is Verdict.UNVERIFIABLE and "trust-me" in obs[2].reason
+    assert obs[3].via == ""
+    view = merge(obs, ["inspect", "checkpoint"], "vm")
+    assert list(view.processes) == [4] and view.findings == []
