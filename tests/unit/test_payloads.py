@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from nephoscope.analysis.facts import pids_by_root
+from nephoscope.analysis.malware import regions_from
 from nephoscope.analysis.merge import merge
+from nephoscope.analysis.vulnerable import installed_from, mapped_paths, running_from_arch
 from nephoscope.core.errors import NephoscopeError
 from nephoscope.core.payloads import (
     REGISTRY,
@@ -147,3 +153,24 @@ def test_a_damaged_store_row_becomes_details(tmp_path) -> None:
     assert obs[3].via == ""
     view = merge(obs, ["inspect", "checkpoint"], "vm")
     assert list(view.processes) == [4] and view.findings == []
+
+
+FIELDS = sorted({f for p in SAMPLES.values() for f in p.to_json()} | {"start", "end", "analysis"})  # type: ignore[attr-defined]
+SCALAR = st.none() | st.booleans() | st.integers(-2, 2**64) | st.floats(allow_nan=False) | st.text(max_size=8)
+JSON = st.recursive(SCALAR,
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(FIELDS), inner,
+                                                                                 max_size=3), max_leaves=8)
+RECORD = st.tuples(st.sampled_from(sorted(SAMPLES)), st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=8))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(RECORD, max_size=12), st.sampled_from(["inspect", "arch", "agent", "checkpoint"]))
+def test_any_record_shape_never_crashes_analysis(records: list[tuple[str, dict]], method: str) -> None:
+    obs = []
+    for kind, data in records:
+        with contextlib.suppress(PayloadError):  # the one way a wrong shape leaves from_json
+            from_json(kind, data)
+        obs.append(Observation(kind, "k", json.loads(json.dumps(data)), Provenance(method, "vm"), Verdict.VERIFIED))
+        assert json.loads(json.dumps(obs[-1].to_dict()))  # the JSON edge always serialises
+    merge(obs, [method], "vm")
+    pids_by_root(obs), regions_from(obs), installed_from(obs), mapped_paths(obs), running_from_arch(obs)
