@@ -97,7 +97,9 @@ def test_report_lists_each_fact_once_with_both_methods(tmp_path: Path) -> None:
 
 
 def test_pids_by_root_reads_both_shapes() -> None:
-    assert pids_by_root([*_tampered(), {"kind": "process", "data": {"pid": 5, "cr3": CR3}}]) == {CR3: [5, 42],
+    stored = Observation("process", "pid:5", {"pid": 5, "cr3": CR3}, Provenance("inspect", "vm-a", 1.0),
+                         Verdict.VERIFIED)  # as the store gives it back: a JSON record read into its payload
+    assert pids_by_root([*_tampered(), stored]) == {CR3: [5, 42],
                                                                                                   OTHER: [77]}
 
 

@@ -11,6 +11,7 @@ import pytest
 from nephoscope.analysis.malware import Region, regions_from, scan_regions
 from nephoscope.core.errors import KnowledgeError
 from nephoscope.core.paths import cache_root
+from nephoscope.core.records import Observation, Provenance, Verdict
 from nephoscope.knowledge.debian import archive
 from nephoscope.knowledge.yara_rules import RuleSet, load_hashes, page_digest, scan_physical
 from nephoscope.lab.build import HELPERS_DIR
@@ -104,11 +105,16 @@ def _one_page_space(page: bytes, gva_page: int = 5) -> BufferMemory:
     return BufferMemory(ram)
 
 
+def _stored(records: list[dict]) -> list[Observation]:
+    """Return stored-shape records as the store gives them back: typed observations."""
+    return [Observation(r["kind"], "k", r["data"], Provenance(r["method"], "vm"), Verdict.VERIFIED) for r in records]
+
+
 def test_scan_regions_reads_through_page_tables(rules: RuleSet) -> None:
     phys = _one_page_space(injected_page())
     obs = [{"kind": "process", "method": "inspect", "data": {"pid": 42, "cr3": 0x1000}},
            {"kind": "unknown-code", "method": "arch", "data": {"cr3": 0x1000, "gva_start": 0x5000, "gva_end": 0x7000}}]
-    regions = regions_from(obs)
+    regions = regions_from(_stored(obs))
     assert regions == [Region(0x1000, 0x5000, 0x7000, (42,), "arch")]
     scan = scan_regions(phys, regions, rules, load_hashes(), "vm")
     got = sorted((f.evidence[0].get("rule") or "hash", f.evidence[0]["gva"]) for f in scan.findings)
@@ -128,4 +134,4 @@ def test_scan_physical_finds_across_chunk_seams(rules: RuleSet) -> None:
 def test_modified_pages_become_regions() -> None:
     obs = [{"kind": "modified-binary", "method": "arch",
             "data": {"cr3": 0x1000, "modified_pages": [{"gva": 0x5000, "gpa": 0x9000}, {"bogus": 1}]}}]
-    assert regions_from(obs) == [Region(0x1000, 0x5000, 0x6000, (), "arch")]
+    assert regions_from(_stored(obs)) == [Region(0x1000, 0x5000, 0x6000, (), "arch")]

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from nephoscope.core.payloads import Process
 from nephoscope.core.records import Finding, Observation
 
 # the kinds whose findings are about code at a guest-virtual range, most telling first
@@ -35,13 +36,12 @@ class Location:
     gva_end: int
 
 
-def pids_by_root(observations: Iterable[Observation | dict[str, Any]]) -> dict[int, list[int]]:
+def pids_by_root(observations: Iterable[Observation]) -> dict[int, list[int]]:
     """Return page-table root (gpa) -> pids of the processes running on it, from process observations."""
     out: dict[int, set[int]] = {}
     for o in observations:
-        kind, data = (o.kind, o.data) if isinstance(o, Observation) else (o.get("kind"), o.get("data") or {})
-        if kind == "process" and isinstance(data.get("cr3"), int) and isinstance(data.get("pid"), int):
-            out.setdefault(data["cr3"], set()).add(data["pid"])
+        if isinstance(o.payload, Process) and o.payload.cr3 is not None:
+            out.setdefault(o.payload.cr3, set()).add(o.payload.pid)
     return {cr3: sorted(pids) for cr3, pids in out.items()}
 
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from nephoscope.analysis.facts import dedupe
+from nephoscope.core.payloads import CrossView, Details, Image, Mapping, Process, UnknownCode
 from nephoscope.core.records import Finding, Observation, Verdict
 
 # binaries whose processes legitimately carry another program's name (multi-call binaries)
@@ -79,10 +80,6 @@ class ScanView:
                 "by_verdict": dict(by_verdict), "unverifiable": len(self.unverifiable), "methods": self.methods}
 
 
-def _is_user_process(data: dict[str, Any]) -> bool:
-    return not data.get("kernel_thread") and not data.get("agent_own") and bool(data.get("exe") or data.get("cmdline"))
-
-
 def _masquerading(comm: str, exe: str, cmdline: list[str]) -> bool:
     """Return whether a process's names point at a different program than the binary it executes."""
     base = os.path.basename(exe.removesuffix(" (deleted)"))
@@ -96,20 +93,6 @@ def _masquerading(comm: str, exe: str, cmdline: list[str]) -> bool:
     return not (names_fit and arg_fits)
 
 
-def _roots(data: dict[str, Any]) -> set[int]:
-    """Return the page-table roots an arch observation belongs to (kernel and, with PTI, user PGD)."""
-    return {int(data[k]) for k in ("cr3", "user_cr3") if data.get(k) is not None}
-
-
-def image_identity(data: dict[str, Any]) -> dict[str, Any]:
-    """Return path, package and versions of an arch image observation (versions of its first package)."""
-    pairs = [tuple(v) for v in data.get("versions", []) if isinstance(v, (list, tuple)) and len(v) == 2]
-    package = pairs[0][0] if pairs else (data.get("candidates") or [{}])[0].get("package")
-    versions = sorted({v for p, v in pairs if p == package})
-    return {"path": data.get("path", "?"), "package": package, "versions": versions,
-            "gva_start": data.get("gva_start"), "gva_end": data.get("gva_end")}
-
-
 def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanView:
     """Merge observations of one VM into process and binary views with findings."""
     processes: dict[int, ProcessView] = {}
@@ -121,44 +104,45 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
     pid_cr3: dict[int, int] = {}
     unsound = {o.provenance.method for o in observations  # (arch's own "kernel" note is about kernel text)
                if o.verdict == Verdict.UNVERIFIABLE and o.key in PROCESS_VIEWS and o.provenance.method != "arch"
-               and o.data.get("analysis") != "arch"}
+               and o.via != "arch"}
 
     for o in sorted(observations, key=lambda o: TRUST_ORDER.get(o.provenance.method, 9)):
-        method = o.provenance.method
+        method, p = o.provenance.method, o.payload
         if o.verdict == Verdict.UNVERIFIABLE:
             unverifiable.append({"method": method, "what": o.key, "reason": o.reason})
             if method == "agent" and o.key == "processes":
                 agent_credible = False
             continue
-        if o.kind == "process" and _is_user_process(o.data):
-            pid = int(o.data["pid"])
-            view = processes.setdefault(pid, ProcessView(pid))
+        if isinstance(p, Details) and p.problem:  # a stored record that does not fit its kind: no claim
+            unverifiable.append({"method": method, "what": o.key,
+                                 "reason": f"the {o.kind} record is malformed ({p.problem})"})
+        elif isinstance(p, Process) and p.is_user_process:
+            view = processes.setdefault(p.pid, ProcessView(p.pid))
             view.seen_by[method] = str(o.verdict)
-            for key in ("comm", "exe", "cmdline", "ppid"):
-                if not getattr(view, key) and o.data.get(key):
-                    setattr(view, key, o.data[key])
-            if o.data.get("cr3") is not None:
-                pid_cr3[pid] = int(o.data["cr3"])
-        elif o.kind == "mapping" and "x" in str(o.data.get("perms", "")) and not o.data.get("path"):
+            for key in ("comm", "exe", "cmdline", "ppid"):  # the most trusted method that knows it
+                if not getattr(view, key) and getattr(p, key):
+                    setattr(view, key, list(p.cmdline) if key == "cmdline" else getattr(p, key))
+            if p.cr3 is not None:
+                pid_cr3[p.pid] = p.cr3
+        elif isinstance(p, Mapping) and "x" in p.perms and not p.path:
             findings.append(Finding("anonymous-exec", "high",
-                                    f"pid {o.data.get('pid')} has an anonymous executable mapping at "
-                                    f"{int(o.data.get('start', 0)):#x} ({o.data.get('perms')})",
-                                    vm, [{"pid": o.data.get("pid"), "method": method, **o.data}]))
-        elif o.kind == "cross-view":
+                                    f"pid {p.pid} has an anonymous executable mapping at {p.start:#x} ({p.perms})",
+                                    vm, [{"pid": p.pid, "method": method, **o.data}]))
+        elif isinstance(p, CrossView):
             if o.verdict != Verdict.VERIFIED or method in unsound:
                 unverifiable.append({"method": method, "what": o.key, "reason": "a difference between kernel "
                                      "views that were not both complete and validated: no hidden-process claim"})
                 continue
             findings.append(Finding("hidden-process", "critical",
-                                    f"pid {o.data.get('pid')} ({o.data.get('comm')}) is "
-                                    + ("on the task list but not in the PID table" if o.data.get("in_task_list")
+                                    f"pid {p.pid} ({p.comm}) is "
+                                    + ("on the task list but not in the PID table" if p.in_task_list
                                        else "in the PID table but unlinked from the task list (DKOM)"),
-                                    vm, [{"pid": o.data.get("pid"), "method": method, **o.data}]))
-        elif o.kind in ("binary", "modified-binary"):
-            image = image_identity(o.data)
+                                    vm, [{"pid": p.pid, "method": method, **o.data}]))
+        elif isinstance(p, Image):
+            image = p.identity()
             image["status"] = "modified" if o.kind == "modified-binary" else "identified"
             image["method"] = method
-            for root in _roots(o.data):
+            for root in p.roots:
                 by_cr3[root].append(image)
             key = f"{image['path']}|{image['package']}|{','.join(image['versions'])}|{image['status']}"
             bv = binaries.setdefault(key, BinaryView(image["path"], image["package"], image["versions"],
@@ -168,9 +152,9 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
                 findings.append(Finding("modified-binary", "high",
                                         f"{image['path']} ({image['package']}) is mapped with pages that differ "
                                         "from every known version", vm, [o.to_dict()]))
-        elif o.kind == "unknown-code":
-            start, end = int(o.data.get("gva_start", 0)), int(o.data.get("gva_end", 0))
-            for root in _roots(o.data):
+        elif isinstance(p, UnknownCode):
+            start, end = p.gva_start or 0, p.gva_end or 0
+            for root in p.roots:
                 by_cr3[root].append({"path": "", "package": None, "versions": [], "status": "unknown",
                                      "gva_start": start, "gva_end": end, "method": method})
             findings.append(Finding("unknown-code", "high", f"executable code in no known binary at "

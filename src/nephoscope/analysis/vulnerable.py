@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nephoscope.analysis.merge import ScanView
+from nephoscope.core.payloads import Image, Mapping, Package, Process
 from nephoscope.core.records import Finding, Observation, Verdict
 from nephoscope.knowledge.vulns import Affected, VulnIndex, version_key
 
@@ -45,56 +46,50 @@ class Running:
     verdict: str = Verdict.VERIFIED.value
 
 
-def installed_from(observations: Iterable[Observation | dict[str, Any]]) -> dict[str, Installed]:
-    """Return installed packages from `package` observations (live objects or stored dicts)."""
+def installed_from(observations: Iterable[Observation]) -> dict[str, Installed]:
+    """Return installed packages from `package` observations."""
     out: dict[str, Installed] = {}
     for o in observations:
-        kind, data, method = _fields(o)
-        verdict = str(o.verdict) if isinstance(o, Observation) else o["verdict"]
-        if kind == "package" and verdict != Verdict.UNVERIFIABLE and data.get("name") and data.get("version"):
-            out[data["name"]] = Installed(data["name"], data["version"], data.get("source") or data["name"],
-                                          method, verdict)
+        p = o.payload
+        if isinstance(p, Package) and o.verdict != Verdict.UNVERIFIABLE and p.name and p.version:
+            out[p.name] = Installed(p.name, p.version, p.source or p.name, o.provenance.method, str(o.verdict))
     return out
 
 
-def mapped_paths(observations: Iterable[Observation | dict[str, Any]]) -> dict[int, set[str]]:
+def mapped_paths(observations: Iterable[Observation]) -> dict[int, set[str]]:
     """Return pid -> file paths it executes or maps executable, from process and mapping observations."""
     out: dict[int, set[str]] = {}
     own: set[int] = set()  # the agent's own helpers (its listing shell) are not the customer's code
     for o in observations:
-        kind, data, _method = _fields(o)
-        if kind == "process" and data.get("agent_own"):
-            own.add(int(data.get("pid", -1)))
-        path = data.get("exe") if kind == "process" else data.get("path") if kind == "mapping" else None
-        if path and str(path).startswith("/") and data.get("pid") is not None:
-            out.setdefault(int(data["pid"]), set()).add(str(path).removesuffix(" (deleted)"))
+        p = o.payload
+        if isinstance(p, Process) and p.agent_own:
+            own.add(p.pid)
+        path = p.exe if isinstance(p, Process) else p.path if isinstance(p, Mapping) else None
+        if path and path.startswith("/"):
+            out.setdefault(p.pid, set()).add(path.removesuffix(" (deleted)"))  # type: ignore[union-attr]
     return {pid: paths for pid, paths in out.items() if pid not in own}
 
 
-def _fields(o: Observation | dict[str, Any]) -> tuple[str, dict[str, Any], str]:
-    return (o.kind, o.data, o.provenance.method) if isinstance(o, Observation) else (o["kind"], o["data"], o["method"])
-
-
-def running_from_arch(observations: Iterable[Observation | dict[str, Any]]) -> dict[str, Running]:
+def running_from_arch(observations: Iterable[Observation]) -> dict[str, Running]:
     """Return packages whose pages `arch` identified (`binary` observations), with the pids of their cr3."""
     pids: dict[int, set[int]] = {}
-    images: list[dict[str, Any]] = []
+    images: list[Image] = []
     for o in observations:
-        kind, data, method = _fields(o)
-        if kind == "process" and data.get("cr3") is not None and data.get("pid") is not None:
-            pids.setdefault(int(data["cr3"]), set()).add(int(data["pid"]))
-        elif kind == "binary" and method == "arch" and isinstance(data.get("candidates"), list):
-            images.append(data)
+        p = o.payload
+        if isinstance(p, Process) and p.cr3 is not None:
+            pids.setdefault(p.cr3, set()).add(p.pid)
+        elif isinstance(p, Image) and o.kind == "binary" and o.provenance.method == "arch":
+            images.append(p)
     out: dict[str, Running] = {}
-    for data in images:
-        for cand in data["candidates"]:
-            if not isinstance(cand, dict) or not cand.get("package") or not cand.get("version"):
+    for image in images:
+        for cand in image.candidates:
+            if not cand.package or not cand.version:
                 continue
-            run = out.setdefault(cand["package"], Running(cand["package"], set(), cand.get("source_package") or ""))
-            run.versions.add(str(cand["version"]))
-            run.paths.add(str(cand.get("path", "")))
+            run = out.setdefault(cand.package, Running(cand.package, set(), cand.source_package))
+            run.versions.add(cand.version)
+            run.paths.add(cand.path)
             run.methods.add("arch")
-            run.pids |= pids.get(int(data.get("cr3", -1)), set())
+            run.pids |= pids.get(image.cr3 if image.cr3 is not None else -1, set())
     return out
 
 
@@ -112,7 +107,7 @@ def _versions(package: str | None, raw: Iterable[Any]) -> set[str]:
 
 def running_from_view(view: ScanView, installed: dict[str, Installed], sources: dict[str, str],
                       paths: dict[int, set[str]] | None = None, owner: Owner | None = None,
-                      observations: Iterable[Observation | dict[str, Any]] = ()) -> dict[str, Running]:
+                      observations: Iterable[Observation] = ()) -> dict[str, Running]:
     """Return binary packages executing in the scan: page-identified binaries, then owned paths."""
     out: dict[str, Running] = running_from_arch(observations)
     for bv in view.binaries.values():
@@ -195,7 +190,7 @@ def _installed_finding(pkg: Installed, affected: list[Affected], vm: str) -> Fin
 def vulnerable_findings(view: ScanView, installed: dict[str, Installed], index: VulnIndex, vm: str, *,
                         sources: dict[str, str] | None = None, paths: dict[int, set[str]] | None = None,
                         owner: Owner | None = None,
-                        observations: Iterable[Observation | dict[str, Any]] = ()) -> list[Finding]:
+                        observations: Iterable[Observation] = ()) -> list[Finding]:
     """Return running-vulnerable findings (ranked first) then installed-vulnerable ones."""
     sources = sources or {}
     running = running_from_view(view, installed, sources, paths, owner, observations)

@@ -14,6 +14,7 @@ from typing import Any
 
 from debian import deb822
 
+from nephoscope.core import payloads
 from nephoscope.core.errors import ConnectorError
 from nephoscope.core.records import Observation, Verdict
 from nephoscope.hypervisor.qga import GuestAgent, has_agent, open_agent
@@ -148,13 +149,15 @@ class AgentMethod:
             why = (f"listing exit {code}, {len(procs)} processes, the agent itself "
                    f"{'listed' if agent_seen else 'missing'}; stderr: {err[:200]!r}")
             yield unverifiable(NAME, vm, "processes", f"the guest's process listing is not credible ({why})")
-        yield observe(NAME, vm, "agent", "qemu-ga", {"version": info.get("version"), "shell": shell,
-                                                     "anomalies": anomalies[:20]}, Verdict.REPORTED)
+        yield observe(NAME, vm, "agent", "qemu-ga", payloads.Details({"version": info.get("version"), "shell": shell,
+                                                                      "anomalies": anomalies[:20]}), Verdict.REPORTED)
         for pid, p in sorted(procs.items()):
-            maps = p.pop("maps")
-            yield observe(NAME, vm, "process", f"pid:{pid}", p, Verdict.REPORTED)
-            for m in maps:
-                yield observe(NAME, vm, "mapping", f"pid:{pid}:{m['start']:x}", {"pid": pid, **m}, Verdict.REPORTED)
+            yield observe(NAME, vm, "process", f"pid:{pid}", payloads.Process(
+                pid=pid, ppid=p["ppid"], comm=p["comm"], exe=p["exe"], cmdline=tuple(p["cmdline"]),
+                kernel_thread=p["kernel_thread"], agent_own=p["agent_own"]), Verdict.REPORTED)
+            for m in p["maps"]:
+                yield observe(NAME, vm, "mapping", f"pid:{pid}:{m['start']:x}", payloads.Mapping(
+                    pid, m["start"], m["end"], m["perms"], m["offset"], m["path"]), Verdict.REPORTED)
         yield from self._modules(agent, vm)
         yield from self._packages(agent, vm)
 
@@ -179,7 +182,7 @@ class AgentMethod:
         for line in text.splitlines():
             f = line.split()
             if len(f) >= 2 and f[1].isdigit():
-                yield observe(NAME, vm, "module", f"module:{f[0]}", {"name": f[0], "size": int(f[1])},
+                yield observe(NAME, vm, "module", f"module:{f[0]}", payloads.Module(f[0], size=int(f[1])),
                               Verdict.REPORTED)
 
     @staticmethod
@@ -190,4 +193,5 @@ class AgentMethod:
             yield unverifiable(NAME, vm, "packages", f"no dpkg status database readable: {exc}")
             return
         for name, pkg in sorted(installed_packages(text).items()):
-            yield observe(NAME, vm, "package", f"package:{name}", {"name": name, **pkg}, Verdict.REPORTED)
+            yield observe(NAME, vm, "package", f"package:{name}",
+                          payloads.Package(name, pkg["version"], pkg["source"], pkg["arch"]), Verdict.REPORTED)

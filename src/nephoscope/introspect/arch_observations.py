@@ -9,8 +9,9 @@ modified code, page-matched binaries); only the address spaces and the kernel-co
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
+from nephoscope.core import payloads
+from nephoscope.core.payloads import AddressSpace, Details
 from nephoscope.core.records import Observation, Provenance, Verdict
 from nephoscope.introspect.codepages import ArchReport, Candidate, Image, main_image
 
@@ -23,52 +24,49 @@ def observations(report: ArchReport) -> Iterator[Observation]:
     """Yield the observations of one arch report (addresses as in the report: cr3/gpa physical, gva virtual)."""
     prov = Provenance(METHOD, report.vm)
     if report.problem:
-        yield Observation("scan", report.vm, {"spaces": len(report.spaces), "caps": report.caps}, prov,
+        yield Observation("scan", report.vm, Details({"spaces": len(report.spaces), "caps": report.caps}), prov,
                           Verdict.UNVERIFIABLE, report.problem)
     doubt = bool(report.doubt)
     if doubt:
         yield _inconsistent(report, prov)
     elif report.memory_problems:
-        yield Observation("memory-image", report.vm, {"problems": report.memory_problems}, prov,
+        yield Observation("memory-image", report.vm, Details({"problems": report.memory_problems}), prov,
                           Verdict.UNVERIFIABLE, "parts of the memory image were skipped or cut: "
                           + "; ".join(report.memory_problems))
     for sp in report.spaces:
         space = f"cr3:0x{sp.cr3:x}"
         main = main_image(sp.images, sp.unknown)
-        yield Observation("address-space", space, {
-            "cr3": sp.cr3, "user_cr3": sp.user_cr3, "exec_pages": sp.exec_pages, "vcpus": sp.vcpus,
-            "main": (main.path if isinstance(main, Image) else "unknown") if main else None,
-            "anomalies": sp.anomalies}, prov, Verdict.VERIFIED)
+        yield Observation("address-space", space, AddressSpace(
+            sp.cr3, sp.user_cr3, sp.exec_pages, tuple(sp.vcpus),
+            (main.path if isinstance(main, Image) else "unknown") if main else None, dict(sp.anomalies)),
+            prov, Verdict.VERIFIED)
         if doubt:  # page matches in a misread image say nothing about what runs: summarised above
             continue
         for im in sp.images:
-            data: dict[str, Any] = {"cr3": sp.cr3, "gva_start": im.gva_start, "gva_end": im.gva_end,
-                                    "base": im.base, "pages": im.pages, "path": im.path,
-                                    "versions": sorted(im.versions),
-                                    "candidates": [_cand_dict(c) for c in im.candidates]}
-            if im.modified:
-                data["modified_pages"] = [{"gva": m.gva, "gpa": m.gpa, "vaddr": m.vaddr, "file_offset": m.file_offset}
-                                          for m in im.modified]
-                yield Observation("modified-binary", f"{space}:0x{im.gva_start:x}", data, prov, Verdict.VERIFIED)
-            else:
-                yield Observation("binary", f"{space}:0x{im.gva_start:x}", data, prov, Verdict.VERIFIED)
+            modified = tuple(payloads.ModifiedPage(m.gva, m.gpa, m.vaddr, m.file_offset) for m in im.modified)
+            data = payloads.Image(cr3=sp.cr3, gva_start=im.gva_start, gva_end=im.gva_end, base=im.base,
+                                  pages=im.pages, path=im.path, versions=tuple(sorted(im.versions)),
+                                  candidates=tuple(_candidate(c) for c in im.candidates),
+                                  modified_pages=modified or None)
+            kind = "modified-binary" if modified else "binary"
+            yield Observation(kind, f"{space}:0x{im.gva_start:x}", data, prov, Verdict.VERIFIED)
         for u in sp.unknown:
-            yield Observation("unknown-code", f"{space}:0x{u.gva_start:x}", {
-                "cr3": sp.cr3, "gva_start": u.gva_start, "gva_end": u.gva_end, "pages": u.pages,
-                "writable": u.writable, "gpas": u.gpas[:64], "head": u.head.hex()}, prov, Verdict.VERIFIED)
+            yield Observation("unknown-code", f"{space}:0x{u.gva_start:x}", payloads.UnknownCode(
+                sp.cr3, u.gva_start, u.gva_end, u.pages, u.writable, tuple(u.gpas[:64]), u.head.hex()),
+                prov, Verdict.VERIFIED)
         if sp.vdso:
             v = sp.vdso
-            yield Observation("vdso", f"{space}:0x{v.gva_start:x}", {
-                "cr3": sp.cr3, "gva_start": v.gva_start, "gva_end": v.gva_end, "name": v.name, "kernel": v.kernel},
+            yield Observation("vdso", f"{space}:0x{v.gva_start:x}", payloads.Vdso(
+                sp.cr3, v.gva_start, v.gva_end, v.name, tuple((p, ver) for p, ver in v.kernel)),
                 prov, Verdict.VERIFIED if v.verified else Verdict.UNVERIFIABLE, "" if v.verified else VDSO_REASON)
     if report.kernel:
         k = report.kernel
-        yield Observation("kernel-code", "kernel", {"pages": k.pages, "bytes": k.bytes,
-                                                    "ranges": [[a, b] for a, b in k.ranges[:256]]},
+        yield Observation("kernel-code", "kernel", payloads.KernelCode(k.pages, k.bytes,
+                                                                   tuple((a, b) for a, b in k.ranges[:256])),
                           prov, Verdict.UNVERIFIABLE, k.reason)
     if not doubt:
         for cr3 in report.missing_vcpu_roots:
-            yield Observation("unfound-root", f"cr3:0x{cr3:x}", {"cr3": cr3}, prov, Verdict.VERIFIED,
+            yield Observation("unfound-root", f"cr3:0x{cr3:x}", payloads.UnfoundRoot(cr3), prov, Verdict.VERIFIED,
                               "a vCPU runs on this table but the scan did not accept it as a root")
 
 
@@ -85,8 +83,8 @@ def _inconsistent(report: ArchReport, prov: Provenance) -> Observation:
     reason = (f"image inconsistent: {report.doubt}; so {data['unknown_regions']} unknown region(s), "
               f"{data['modified_images']} modified image(s) and {len(binaries)} page-matched binaries are not "
               "reported one by one")
-    return Observation("image-inconsistent", report.vm, data, prov, Verdict.UNVERIFIABLE, reason)
+    return Observation("image-inconsistent", report.vm, Details(data), prov, Verdict.UNVERIFIABLE, reason)
 
 
-def _cand_dict(c: Candidate) -> dict[str, Any]:
-    return {f: getattr(c, f) for f in Candidate.__slots__}  # type: ignore[attr-defined]
+def _candidate(c: Candidate) -> payloads.Candidate:
+    return payloads.Candidate(c.path, c.package, c.version, c.arch, c.source_package, c.build_id, c.sha256, c.file_id)

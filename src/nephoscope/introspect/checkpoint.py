@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from nephoscope.core.errors import ConnectorError, NephoscopeError
+from nephoscope.core.payloads import Checkpoint
 from nephoscope.core.records import Observation, Provenance, Verdict
 from nephoscope.hypervisor.clone import Clone, clone_argv, new_workdir, qemu_argv, save_device_state
 from nephoscope.hypervisor.control import paused
@@ -120,17 +121,16 @@ class CheckpointMethod:
         self.last_stats = {"pause_s": round(pause, 4)}
         frozen = VmTarget(name=vm.name, ram_path=copy, live=False)
         try:
-            yield observe(NAME, vm, "checkpoint", "snapshot", {
-                "pause_s": pause, "vcpu_cr3": [v.cr3 for v in vcpus], "vcpu_levels": [v.levels for v in vcpus],
-                "bytes": copy.stat().st_size}, Verdict.VERIFIED)
+            yield observe(NAME, vm, "checkpoint", "snapshot", Checkpoint(
+                pause, tuple(v.cr3 for v in vcpus), tuple(v.levels for v in vcpus), copy.stat().st_size),
+                Verdict.VERIFIED)
             for analysis in ANALYSES:
                 method = analyses[analysis]()
                 if hasattr(method, "extra_vcpus"):
                     method.extra_vcpus = vcpus  # the paused vCPUs' CR3/CR4/EFER are hardware truth for arch
                 try:
                     for o in method.collect(frozen):
-                        yield replace(o, provenance=Provenance(NAME, vm.name, o.provenance.time),
-                                      data={**o.data, "analysis": analysis})
+                        yield replace(o, provenance=Provenance(NAME, vm.name, o.provenance.time), via=analysis)
                 except NephoscopeError as exc:
                     yield unverifiable(NAME, vm, analysis, f"{analysis} on the copy failed: {exc}")
             if work is not None and state is not None:
@@ -157,7 +157,6 @@ class CheckpointMethod:
                 target = VmTarget(name=vm.name, qmp_socket=clone.qmp_socket, qga_socket=clone.qga_socket)
                 clone.wait_agent()
                 for o in AgentMethod(timeout=30).collect(target):
-                    yield replace(o, provenance=Provenance(NAME, vm.name, o.provenance.time),
-                                  data={**o.data, "analysis": "agent-in-clone"})
+                    yield replace(o, provenance=Provenance(NAME, vm.name, o.provenance.time), via="agent-in-clone")
         except (ConnectorError, OSError) as exc:
             yield unverifiable(NAME, vm, "agent-in-clone", f"throw-away clone failed: {exc}")

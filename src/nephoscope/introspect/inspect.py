@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
 
+from nephoscope.core import payloads
 from nephoscope.core.errors import ConnectorError, DetectionError, GuestDataError, MemoryAccessError
 from nephoscope.core.records import Observation, Verdict
 from nephoscope.hypervisor.target import VmTarget
@@ -43,8 +43,8 @@ class InspectMethod:
             yield unverifiable(NAME, vm, "kernel", f"the guest kernel could not be read: {exc}")
 
     def _collect(self, k: LinuxKernel, vm: VmTarget) -> Iterator[Observation]:
-        yield observe(NAME, vm, "kernel", "kernel", {**k.info.to_dict(), "detection": k.report.to_dict()},
-                      Verdict.VERIFIED)
+        yield observe(NAME, vm, "kernel", "kernel",
+                      payloads.Details({**k.info.to_dict(), "detection": k.report.to_dict()}), Verdict.VERIFIED)
         procs = k.processes()
         cross = k.cross_view()
         hidden = cross.hidden
@@ -60,14 +60,13 @@ class InspectMethod:
             yield unverifiable(NAME, vm, "cross-view", f"hidden processes cannot be checked: {hidden.problem}")
         for h in hidden.items:  # only when both views are complete and validated
             yield observe(NAME, vm, "cross-view", f"pid:{h.pid}",
-                          {"pid": h.pid, "comm": h.comm, "in_task_list": h.in_task_list, "in_pid_idr": h.in_pid_idr,
-                           "views_complete": True}, Verdict.VERIFIED)
+                          payloads.CrossView(h.pid, h.comm, in_task_list=h.in_task_list, in_pid_idr=h.in_pid_idr,
+                                             views_complete=True), Verdict.VERIFIED)
         for t in procs.items + self._idr_only(k, procs, cross):
-            data: dict[str, Any] = {
-                "pid": t.pid, "tgid": t.tgid, "ppid": t.ppid, "comm": t.comm, "exe": t.exe or "",
-                "cmdline": t.cmdline or [], "uid": t.uid, "gid": t.gid, "euid": t.euid, "state": t.state,
-                "start_boottime_ns": t.start_boottime_ns, "kernel_thread": t.kernel_thread,
-                "cr3": task_cr3(k, t.mm_gva), "notes": list(t.notes)}
+            data = payloads.Process(
+                pid=t.pid, tgid=t.tgid, ppid=t.ppid, comm=t.comm, exe=t.exe or "", cmdline=tuple(t.cmdline or ()),
+                uid=t.uid, gid=t.gid, euid=t.euid, state=t.state, start_boottime_ns=t.start_boottime_ns,
+                kernel_thread=t.kernel_thread, cr3=task_cr3(k, t.mm_gva), notes=tuple(t.notes))
             cross_checked = t.pid not in one_view and hidden.complete
             reason = "" if cross_checked else ("seen on the task list only" if hidden.complete
                                                else "not cross-checked: " + hidden.problem)
@@ -80,13 +79,13 @@ class InspectMethod:
                 for v in vmas.items:
                     if "x" in v.perms:
                         yield observe(NAME, vm, "mapping", f"pid:{t.pid}:{v.start:x}",
-                                      {"pid": t.pid, "start": v.start, "end": v.end, "perms": v.perms,
-                                       "offset": v.offset, "path": v.path}, Verdict.REPORTED)
+                                      payloads.Mapping(t.pid, v.start, v.end, v.perms, v.offset, v.path),
+                                      Verdict.REPORTED)
                 if not vmas.complete:
                     yield unverifiable(NAME, vm, f"maps:{t.pid}", f"mapping walk stopped: {vmas.problem}")
         mods = k.modules()
         for m in mods.items:
-            yield observe(NAME, vm, "module", f"module:{m.name}", {"name": m.name, "base": m.base, "size": m.size},
+            yield observe(NAME, vm, "module", f"module:{m.name}", payloads.Module(m.name, m.base, m.size),
                           Verdict.REPORTED)
         if not mods.complete:
             yield unverifiable(NAME, vm, "modules", f"module list walk stopped: {mods.problem}")

@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from nephoscope.core import payloads
 from nephoscope.core.errors import ConnectorError, NephoscopeError
 from nephoscope.core.records import Observation, Verdict
 from nephoscope.hypervisor.gdbstub import GdbStub, Guard
@@ -350,10 +351,10 @@ def event_observation(vm: VmTarget, ev: TrapEvent, identity: dict[str, Any] | No
     """Turn a trapped event into an observation (verified: seen by the vCPU, read from kernel memory).
 
     `identity` is an exec's code identity (from its identity record), kept in the exec's data."""
-    data = {"pid": ev.pid, "tid": ev.tid, "ppid": ev.ppid, "comm": ev.comm, "time": ev.time, **ev.detail}
-    if identity is not None:
-        data["identity"] = identity
     kind = {"exec": "exec", "exit": "exit", "module": "module-load"}[ev.kind]
+    # the detail dict is this module's own decoding (its JSON shape); the payload checks every field's type
+    data = payloads.from_json(kind, {**ev.detail, "pid": ev.pid, "tid": ev.tid, "ppid": ev.ppid, "comm": ev.comm,
+                                     "time": ev.time, **({"identity": identity} if identity is not None else {})})
     if ev.error:
         return observe(NAME, vm, kind, f"{kind}:{ev.time:.6f}", data, Verdict.UNVERIFIABLE,
                        f"trapped, but the event could not be read: {ev.error}")
@@ -395,4 +396,4 @@ class TrapMethod:
         for gap in stats.gaps:
             yield unverifiable(NAME, vm, f"events {gap['start']:.3f}-{gap['end']:.3f}",
                                f"{gap['reason']}; {gap['forks_missed']} forks happened unseen")
-        yield observe(NAME, vm, "trap-stats", "trap", self.last_stats, Verdict.VERIFIED)
+        yield observe(NAME, vm, "trap-stats", "trap", payloads.Details(self.last_stats), Verdict.VERIFIED)

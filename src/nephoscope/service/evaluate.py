@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from nephoscope.core.errors import ConnectorError
+from nephoscope.core.payloads import Image, Process, UnknownCode
 from nephoscope.core.records import Verdict
 from nephoscope.hypervisor.qga import GuestAgent
 from nephoscope.lab import runner
@@ -253,8 +254,8 @@ def _pid_cr3(name: str, methods: list[str], progress: Progress) -> dict[int, int
     progress("mapping pids to page-table roots (inspect)")
     out = {}
     for o in method.collect(resolve_target(name)):
-        if o.kind == "process" and o.verdict != Verdict.UNVERIFIABLE and o.data.get("cr3") is not None:
-            out[int(o.data["pid"])] = int(o.data["cr3"])
+        if isinstance(o.payload, Process) and o.verdict != Verdict.UNVERIFIABLE and o.payload.cr3 is not None:
+            out[o.payload.pid] = o.payload.cr3
     return out
 
 
@@ -262,16 +263,16 @@ def _link_cr3(result: ScanResult, pid_cr3: dict[int, int]) -> None:
     """Attach arch's per-address-space images to processes when the scan itself could not."""
     if not pid_cr3:
         return
-    from nephoscope.analysis.merge import ProcessView, image_identity
+    from nephoscope.analysis.merge import ProcessView
 
     spaces: dict[int, list[dict[str, Any]]] = {}
     for o in result.observations:
-        if o.kind in ("binary", "modified-binary", "unknown-code") and "cr3" in o.data:
-            image = image_identity(o.data) if o.kind != "unknown-code" else {"path": "", "package": None,
-                                                                               "versions": []}
+        p = o.payload
+        if isinstance(p, (Image, UnknownCode)) and p.cr3 is not None:
+            image = p.identity() if isinstance(p, Image) else {"path": "", "package": None, "versions": []}
             image["status"] = {"binary": "identified", "modified-binary": "modified"}.get(o.kind, "unknown")
-            image["cr3"] = int(o.data["cr3"])
-            spaces.setdefault(int(o.data["cr3"]), []).append(image)
+            image["cr3"] = p.cr3
+            spaces.setdefault(p.cr3, []).append(image)
     for pid, cr3 in pid_cr3.items():
         if cr3 in spaces:
             view = result.view.processes.setdefault(pid, ProcessView(pid))

@@ -19,7 +19,7 @@ from nephoscope.analysis.malware import regions_from, scan_regions
 from nephoscope.analysis.merge import ScanView, merge
 from nephoscope.analysis.vulnerable import RUNNING, Owner, installed_from, mapped_paths, vulnerable_findings
 from nephoscope.core.errors import NephoscopeError
-from nephoscope.core.records import Finding, Observation, Provenance, Verdict
+from nephoscope.core.records import Finding, Observation
 from nephoscope.knowledge.vulns import VulnDB
 from nephoscope.service.scan import scan_status
 
@@ -261,8 +261,7 @@ def report_from_store(vm: str, store: Any, vulns: VulnDB | None = None, ram_path
     if not scans:
         raise NephoscopeError(f"no stored scan of {vm!r}; run `nephoscope scan {vm}` first")
     rec = scans[0]
-    observations = [Observation(o["kind"], o["key"], o["data"], Provenance(o["method"], vm, o["time"]),
-                                Verdict(o["verdict"]), o["reason"]) for o in store.observations(rec.id)]
+    observations = store.load_observations(rec.id, vm)
     view = merge(observations, rec.methods, vm)
     host = (str(ram_path),) if ram_path else ()
     return build_report(vm, view, observations, scan_id=rec.id, scanned_at=rec.started, vulns=vulns,

@@ -9,8 +9,9 @@ from typing import Any
 
 from nephoscope.analysis.code import CodeSummary, summarize_code
 from nephoscope.analysis.facts import SEVERITY_RANK
-from nephoscope.analysis.merge import ScanView, image_identity, merge
+from nephoscope.analysis.merge import ScanView, merge
 from nephoscope.core.errors import NephoscopeError
+from nephoscope.core.payloads import Image, Process
 from nephoscope.core.records import Finding, Observation, Verdict
 from nephoscope.hypervisor.target import VmTarget
 from nephoscope.introspect.base import unverifiable
@@ -176,15 +177,18 @@ def diff_scans(store: Store, old_id: int, new_id: int) -> dict[str, Any]:
     """Return what changed between two stored scans: processes, binaries and findings added or gone."""
     def keyed(scan_id: int) -> tuple[dict[str, dict[str, Any]], set[str], set[str]]:
         procs = {}
-        for o in store.observations(scan_id, "process"):
-            d = o["data"]
-            if d.get("kernel_thread") or d.get("agent_own"):
+        vm = store.get_scan(scan_id).vm
+        for o in store.load_observations(scan_id, vm, "process"):
+            p = o.payload
+            if not isinstance(p, Process) or p.kernel_thread or p.agent_own:
                 continue
-            procs[f"{d.get('pid')}:{d.get('comm')}:{d.get('exe')}"] = d
+            procs[f"{p.pid}:{p.comm}:{p.exe}"] = o.data
         bins = set()
         for kind in ("binary", "modified-binary"):
-            for o in store.observations(scan_id, kind):
-                image = image_identity(o["data"])
+            for o in store.load_observations(scan_id, vm, kind):
+                if not isinstance(o.payload, Image):
+                    continue
+                image = o.payload.identity()
                 bins.add(f"{image['path']} {image['package']} {','.join(image['versions'])}"
                          + (" (modified)" if kind == "modified-binary" else ""))
         finds = {f"{f['kind']}: {f['title']}" for f in store.findings(scan_id)}

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nephoscope.core import payloads
 from nephoscope.core.errors import NephoscopeError
 from nephoscope.core.paths import store_path
-from nephoscope.core.records import Finding, Observation
+from nephoscope.core.records import VIA_KEY, Finding, Observation, Provenance, Verdict
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS scans (
@@ -94,15 +95,40 @@ class Store:
             raise StoreError(f"no scan {scan_id} in {self.path}; `nephoscope history` lists them")
         return ScanRecord(row[0], row[1], row[2], row[3], json.loads(row[4]), json.loads(row[5]))
 
-    def observations(self, scan_id: int, kind: str | None = None) -> list[dict[str, Any]]:
-        """Return a scan's observations as dicts."""
+    def _observation_rows(self, scan_id: int, kind: str | None) -> list[tuple[Any, ...]]:
         query = "SELECT method, kind, key, verdict, reason, time, data FROM observations WHERE scan_id = ?"
         args: tuple[Any, ...] = (scan_id,)
         if kind:
             query += " AND kind = ?"
             args += (kind,)
+        return self.db.execute(query, args).fetchall()
+
+    def observations(self, scan_id: int, kind: str | None = None) -> list[dict[str, Any]]:
+        """Return a scan's observations as stored (JSON dicts)."""
         return [{"method": r[0], "kind": r[1], "key": r[2], "verdict": r[3], "reason": r[4], "time": r[5],
-                 "data": json.loads(r[6])} for r in self.db.execute(query, args)]
+                 "data": json.loads(r[6])} for r in self._observation_rows(scan_id, kind)]
+
+    def load_observations(self, scan_id: int, vm: str, kind: str | None = None) -> list[Observation]:
+        """Return a scan's observations rebuilt with typed payloads through the payload registry.
+
+        A record that does not fit its kind (or is not JSON) comes back as `Details` naming the problem,
+        and a verdict this version does not know counts as unverifiable: a damaged store feeds no finding."""
+        out = []
+        for method, kind_, key, verdict, reason, at, text in self._observation_rows(scan_id, kind):
+            try:
+                data = json.loads(text)
+            except (TypeError, ValueError) as exc:
+                payload: payloads.Payload = payloads.Details({}, f"the stored record is not JSON ({exc})")
+                data = None
+            via = data.pop(VIA_KEY, "") if isinstance(data, dict) else ""
+            if data is not None:
+                payload = payloads.parse(str(kind_), data)
+            known = verdict in set(Verdict)
+            out.append(Observation(str(kind_), str(key), payload, Provenance(str(method), vm, at),
+                                   Verdict(verdict) if known else Verdict.UNVERIFIABLE,
+                                   str(reason) if known else f"unknown verdict {verdict!r} in the store",
+                                   via if isinstance(via, str) else ""))
+        return out
 
     def findings(self, scan_id: int) -> list[dict[str, Any]]:
         """Return a scan's findings as dicts."""
