@@ -28,7 +28,8 @@ bench: $(STAMP)
 	$(VENV)/bin/nephoscope lab up bench --profile tampered >/dev/null
 	status=0; \
 	for cmd in "bench/lab_boot.py" "bench/kb.py" "bench/arch.py --guest bench" "bench/inspect_speed.py bench" \
-	           "bench/methods.py bench" "bench/vulns.py" "bench/trap.py bench" "bench/robustness.py"; do \
+	           "bench/methods.py bench" "bench/vulns.py" "bench/trap.py bench" "bench/robustness.py" \
+	           "bench/cli_start.py --guest bench"; do \
 	  echo "== $$cmd"; $(PY) $$cmd || status=1; \
 	done; \
 	$(VENV)/bin/nephoscope lab down bench; exit $$status

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,23 @@ from rich.text import Text
 from nephoscope.cli.render import console, emit_json, fail, table
 from nephoscope.core.errors import NephoscopeError
 from nephoscope.introspect.kernel import open_kernel, task_cr3
-from nephoscope.os.linux.isf import export_isf
+from nephoscope.os.linux.cache import NO_CACHE_ENV
 from nephoscope.os.linux.model import LinuxKernel
 from nephoscope.os.linux.walkers import CrossView, Listing, Task, read_task
 from nephoscope.service.targets import resolve_target
 
 VM_ARG = typer.Argument(..., help="lab guest name, QMP socket path, or RAM/dump file (raw, QEMU ELF, LiME)")
 JSON = typer.Option(False, "--json", help="print JSON")
+SYMBOLS = typer.Option(None, "--symbols", metavar="FILE",
+                       help="this kernel's types/symbols when RAM lacks them: a Volatility 3 ISF (.json, .json.xz), "
+                            "a vmlinux (BTF or DWARF) or a System.map")
+NO_CACHE = typer.Option(False, "--no-cache", help=f"recover the kernel model from RAM even if a validated cached one "
+                                                  f"exists (also: {NO_CACHE_ENV}=1)")
+
+
+def _open(vm: str, symbols: Path | None, no_cache: bool) -> contextlib.AbstractContextManager[LinuxKernel]:
+    """Open the kernel model of `vm` (a cached model is used only once the image proves it)."""
+    return open_kernel(resolve_target(vm), symbols=symbols, cache=not no_cache)
 
 
 def _task(kernel: LinuxKernel, pid: int) -> Task:
@@ -29,10 +40,10 @@ def _task(kernel: LinuxKernel, pid: int) -> Task:
 
 
 def ps(vm: str = VM_ARG, threads: bool = typer.Option(False, "--threads", help="list every thread"),
-       json_out: bool = JSON) -> None:
+       json_out: bool = JSON, symbols: Path | None = SYMBOLS, no_cache: bool = NO_CACHE) -> None:
     """List processes from the kernel's task list, cross-checked against the PID table (each view's completeness)."""
     try:
-        with open_kernel(resolve_target(vm)) as k:
+        with _open(vm, symbols, no_cache) as k:
             listing = k.threads() if threads else k.processes()
             cross = k.cross_view()
             rows = _ps_rows(k, listing, cross, threads)
@@ -96,10 +107,11 @@ def _ps_rows(k: LinuxKernel, listing: Listing[Task], cross: CrossView, threads: 
     return rows
 
 
-def maps(vm: str = VM_ARG, pid: int = typer.Argument(..., help="process id"), json_out: bool = JSON) -> None:
+def maps(vm: str = VM_ARG, pid: int = typer.Argument(..., help="process id"), json_out: bool = JSON,
+         symbols: Path | None = SYMBOLS, no_cache: bool = NO_CACHE) -> None:
     """List a process's memory mappings (like /proc/PID/maps), from the kernel's VMA tree."""
     try:
-        with open_kernel(resolve_target(vm)) as k:
+        with _open(vm, symbols, no_cache) as k:
             listing = k.vmas(_task(k, pid))
     except NephoscopeError as exc:
         fail(exc)
@@ -112,10 +124,11 @@ def maps(vm: str = VM_ARG, pid: int = typer.Argument(..., help="process id"), js
           [[f"{r['start']:x}", f"{r['end']:x}", r["perms"], f"{r['offset']:08x}", r["path"]] for r in rows])
 
 
-def files(vm: str = VM_ARG, pid: int = typer.Argument(..., help="process id"), json_out: bool = JSON) -> None:
+def files(vm: str = VM_ARG, pid: int = typer.Argument(..., help="process id"), json_out: bool = JSON,
+          symbols: Path | None = SYMBOLS, no_cache: bool = NO_CACHE) -> None:
     """List a process's open file descriptors."""
     try:
-        with open_kernel(resolve_target(vm)) as k:
+        with _open(vm, symbols, no_cache) as k:
             listing = k.files(_task(k, pid))
     except NephoscopeError as exc:
         fail(exc)
@@ -126,10 +139,11 @@ def files(vm: str = VM_ARG, pid: int = typer.Argument(..., help="process id"), j
     table(f"{vm}: open files of {pid}", ["fd", "path"], [[r["fd"], r["path"]] for r in rows])
 
 
-def modules(vm: str = VM_ARG, json_out: bool = JSON) -> None:
+def modules(vm: str = VM_ARG, json_out: bool = JSON, symbols: Path | None = SYMBOLS,
+            no_cache: bool = NO_CACHE) -> None:
     """List loaded kernel modules from the kernel's module list."""
     try:
-        with open_kernel(resolve_target(vm)) as k:
+        with _open(vm, symbols, no_cache) as k:
             listing = k.modules()
     except NephoscopeError as exc:
         fail(exc)
@@ -140,10 +154,11 @@ def modules(vm: str = VM_ARG, json_out: bool = JSON) -> None:
     table(f"{vm}: kernel modules", ["name", "base", "size"], [[r["name"], f"{r['base']:#x}", r["size"]] for r in rows])
 
 
-def kernel(vm: str = VM_ARG, json_out: bool = JSON) -> None:
+def kernel(vm: str = VM_ARG, json_out: bool = JSON, symbols: Path | None = SYMBOLS,
+           no_cache: bool = NO_CACHE) -> None:
     """Show what was detected about the guest kernel, and how (stage by stage, with timings)."""
     try:
-        with open_kernel(resolve_target(vm)) as k:
+        with _open(vm, symbols, no_cache) as k:
             info, report, nsyms = k.info.to_dict(), k.report, len(k.symbols)
     except NephoscopeError as exc:
         fail(exc)
@@ -155,10 +170,16 @@ def kernel(vm: str = VM_ARG, json_out: bool = JSON) -> None:
 
 
 def isf(vm: str = VM_ARG, out: Path = typer.Option(Path("kernel.json.xz"), "--out", "-o",
-                                                     help="ISF file to write (.json or .json.xz)")) -> None:
+                                                     help="ISF file to write (.json or .json.xz)"),
+        symbols: Path | None = SYMBOLS, no_cache: bool = NO_CACHE) -> None:
     """Write a Volatility 3 symbol table (ISF) from the guest's own BTF and kallsyms."""
     try:
-        with open_kernel(resolve_target(vm)) as k:
+        with _open(vm, symbols, no_cache) as k:
+            if k.btf is None:
+                raise NephoscopeError(f"{vm}: no BTF to export (the types came from {symbols}); an ISF is built "
+                                      "from the kernel's BTF")
+            from nephoscope.os.linux.isf import export_isf
+
             path = export_isf(k.btf, k.symbols.symbols, k.info.banner, out, kaslr_shift=k.info.virt_slide)
     except NephoscopeError as exc:
         fail(exc)

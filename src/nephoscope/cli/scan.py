@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 
 import typer
 from rich.text import Text
@@ -34,6 +35,9 @@ def scan(
     fail_on: str = typer.Option(None, "--fail-on", metavar="SEVERITY",
                                 help=f"exit {EXIT_FINDINGS} when a finding is this severe or worse: "
                                      f"{', '.join(SEVERITIES)} (default: findings do not change the exit status)"),
+    symbols: Path | None = typer.Option(None, "--symbols", metavar="FILE",
+                                        help="the kernel's types/symbols for inspect when RAM lacks them: a Volatility "
+                                             "3 ISF, a vmlinux (BTF or DWARF) or a System.map"),
 ) -> None:
     """Run introspection methods on a VM, merge per process and binary, report findings and verdicts.
 
@@ -58,7 +62,8 @@ def scan(
         raise SystemExit(_scan_all(chosen, json_out, not no_store, fail_on))
     try:
         with progress(f"scan {vm}", quiet=json_out) as log:
-            result = scan_vm(vm, chosen, save=not no_store, rollback=rollback, progress=log)
+            result = scan_vm(vm, chosen, save=not no_store, rollback=rollback, symbols=symbols,
+                             progress=log)
     except NephoscopeError as exc:
         err_console.print(Text(f"error: {exc}"), style="bold red")
         raise SystemExit(EXIT_ERROR) from None

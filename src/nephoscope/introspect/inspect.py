@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 from nephoscope.core import payloads
 from nephoscope.core.errors import ConnectorError, DetectionError, GuestDataError, MemoryAccessError
@@ -30,14 +31,16 @@ class InspectMethod:
 
     name = NAME
 
-    def __init__(self, mappings: bool = True) -> None:
+    def __init__(self, mappings: bool = True, symbols: str | Path | None = None, cache: bool = False) -> None:
         self.mappings = mappings
+        self.symbols = symbols  # a --symbols file for kernels whose BTF/kallsyms are not in RAM
+        self.cache = cache  # reuse a validated kernel model of the same build
         self.last_stats: dict[str, float] = {}
 
     def collect(self, vm: VmTarget) -> Iterator[Observation]:
         """Yield the kernel, every process (with cr3), its executable mappings, modules and cross-view gaps."""
         try:
-            with open_kernel(vm) as kernel:
+            with open_kernel(vm, symbols=self.symbols, cache=self.cache) as kernel:
                 yield from self._collect(kernel, vm)
         except (DetectionError, GuestDataError, ConnectorError, MemoryAccessError) as exc:
             yield unverifiable(NAME, vm, "kernel", f"the guest kernel could not be read: {exc}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 from nephoscope.core.errors import ConnectorError, GuestDataError, MemoryAccessError
 from nephoscope.hypervisor.target import VmTarget
@@ -12,13 +13,24 @@ from nephoscope.os.linux.model import LinuxKernel
 
 
 @contextlib.contextmanager
-def open_kernel(vm: VmTarget) -> Iterator[LinuxKernel]:
-    """Yield the kernel model of `vm` read from its RAM (the VM keeps running; nothing is paused)."""
+def open_kernel(vm: VmTarget, *, symbols: Path | str | None = None, cache: bool = False) -> Iterator[LinuxKernel]:
+    """Yield the kernel model of `vm` read from its RAM (the VM keeps running; nothing is paused).
+
+    `symbols`: a Volatility 3 ISF, a vmlinux (BTF or DWARF) or a System.map for kernels whose BTF or
+    kallsyms are not in RAM. `cache`: reuse a validated model of the same kernel build (os/linux/cache.py).
+    """
     if vm.ram_path is None:
         raise ConnectorError(f"{vm.name}: no guest RAM to read (needs a shared RAM file or a dump)")
     phys = open_memory(vm.ram_path)
     try:
-        yield LinuxKernel.open(phys)
+        if symbols is not None:
+            from nephoscope.os.linux.symbols import open_with_symbols
+
+            yield open_with_symbols(phys, symbols)
+        else:
+            from nephoscope.os.linux.cache import open_model
+
+            yield open_model(phys, use_cache=cache)
     finally:
         phys.close()
 

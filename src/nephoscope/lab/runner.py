@@ -14,10 +14,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nephoscope.core.errors import LabError
-from nephoscope.lab.build import Image
 from nephoscope.lab.manifest import parse_report
+
+if TYPE_CHECKING:
+    from nephoscope.lab.build import Image
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 READY_MARK = "NPH-READY"

@@ -11,17 +11,18 @@ import struct
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from nephoscope.core.errors import MemoryAccessError, TranslationError
 from nephoscope.memory.physical import MAX_READ, PhysicalMemory, SegmentedMemory
+
+if TYPE_CHECKING:  # numpy is imported where it is used (iter_mappings), not for translations
+    import numpy as np
 
 PAGE = 4096
 ENTRIES = 512
 P, RW, US, PS, NX = 1, 1 << 1, 1 << 2, 1 << 7, 1 << 63
 ADDR_MASK = ((1 << 52) - 1) & ~(PAGE - 1)  # bits 12..51
-_NP_P, _NP_US, _NP_NX = np.uint64(P), np.uint64(US), np.uint64(NX)
 _U64 = struct.Struct("<Q")
 _MASK64 = (1 << 64) - 1
 
@@ -159,6 +160,7 @@ class AddressSpace:
                                    f"(cr3 0x{self.cr3:x}); the tables are corrupt or cr3 is wrong") from None
 
     def _table(self, gpa: int) -> np.ndarray:
+        import numpy as np
         try:
             return np.frombuffer(self.phys.read(gpa, PAGE), dtype="<u8")
         except MemoryAccessError:
@@ -260,11 +262,12 @@ class AddressSpace:
             self.anomalies["table-outside-ram"] += 1
             return False
         # select in numpy: effective US is an AND and NX an OR over the walk, so an entry's own bits prune
-        sel = (table & _NP_P) != 0
+        import numpy as np
+        sel = (table & np.uint64(P)) != 0
         if user_only:
-            sel &= (table & _NP_US) != 0
+            sel &= (table & np.uint64(US)) != 0
         if exec_only:
-            sel &= (table & _NP_NX) == 0
+            sel &= (table & np.uint64(NX)) == 0
         size = 1 << shift
         path += (table_gpa,)
         wanted = [(idx, gva) for idx in np.flatnonzero(sel).tolist()

@@ -14,11 +14,12 @@ import struct
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol, runtime_checkable
-
-import numpy as np
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from nephoscope.core.errors import ConnectorError, MemoryAccessError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAX_READ = 1 << 30  # one read larger than this is a bug or guest-controlled nonsense
 MAX_GPA = 1 << 52  # x86-64's architectural limit of physical addresses: nothing above is RAM
@@ -163,6 +164,7 @@ class SegmentedMemory:
 
     def pages(self, gpa: int, count: int) -> np.ndarray:
         """Return a zero-copy (count, 4096) uint8 array of the pages at page-aligned `gpa`."""
+        import numpy as np
         return np.frombuffer(self.view(gpa, count * 4096), dtype=np.uint8).reshape(count, 4096)
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from nephoscope.analysis.code import CodeSummary, summarize_code
@@ -101,13 +102,18 @@ def run_scan(vm: VmTarget, methods: list[str] | None = None, *, store: Store | N
 
 
 def scan_vm(spec: str, methods: list[str] | None = None, *, save: bool = True, rollback: bool = False,
-            progress: Progress = lambda _m: None) -> ScanResult:
-    """Scan the VM a user named (lab guest, QMP socket or memory file); store it in the default store."""
+            symbols: str | Path | None = None, progress: Progress = lambda _m: None) -> ScanResult:
+    """Scan the VM a user named (lab guest, QMP socket or memory file); store it in the default store.
+
+    `symbols`: a --symbols file (ISF, vmlinux, System.map) for the inspect method's kernel model.
+    """
     from nephoscope.service.targets import resolve_target
 
     target = resolve_target(spec)
-    options: dict[str, dict[str, object]] | None = {"checkpoint": {"rollback": True}} if rollback else None
-    return run_scan(target, methods, store=Store() if save else None, options=options, progress=progress)
+    options: dict[str, dict[str, object]] = {"checkpoint": {"rollback": True}} if rollback else {}
+    if symbols is not None:
+        options["inspect"] = {"symbols": symbols}
+    return run_scan(target, methods, store=Store() if save else None, options=options or None, progress=progress)
 
 
 @dataclass(slots=True)

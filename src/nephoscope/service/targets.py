@@ -11,6 +11,9 @@ from nephoscope.hypervisor.target import VmTarget
 
 def resolve_target(spec: str) -> VmTarget:
     """Return the VM `spec` names; raise NephoscopeError listing the VMs there are when it names none."""
+    path = Path(spec)
+    if "/" in spec and path.is_file():  # a memory file: no need to load the lab or look at the host
+        return VmTarget(name=path.name, ram_path=path, live=False)
     from nephoscope.lab import runner
 
     guest = runner.load_guest(spec) if "/" not in spec else None

@@ -94,7 +94,8 @@ def get_vmlinux_btf(memory: ScannableMemory) -> LocatedBtf:
         raise DetectionError(
             f"stage btf: no vmlinux BTF in guest RAM ({len(headers)} BTF headers found, none parsed with "
             f"{', '.join(REQUIRED_STRUCTS)}); the kernel may be built without CONFIG_DEBUG_INFO_BTF — "
-            "supply the BTF as a file (/sys/kernel/btf/vmlinux from the same kernel) or a vmlinux")
+            "pass the kernel's types with --symbols FILE (a Volatility 3 ISF, a vmlinux with BTF or DWARF, "
+            "or /sys/kernel/btf/vmlinux of the same kernel)")
     return located
 
 

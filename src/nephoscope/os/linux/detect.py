@@ -8,17 +8,20 @@ Nothing here pauses the VM: on a live guest, pause it first if you need one cons
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nephoscope.core.errors import DetectionError, GuestDataError, MemoryAccessError, NephoscopeError
 from nephoscope.memory.paging import AddressSpace
-from nephoscope.os.btf.reader import Btf
 from nephoscope.os.linux.kallsyms import Kallsyms, Phys, iter_find, recover_kallsyms
+
+if TYPE_CHECKING:  # parsed only when a stage needs it: a cached model does not
+    from nephoscope.os.btf.reader import Btf
 
 START_KERNEL_MAP = 0xFFFFFFFF80000000  # __START_KERNEL_map: gva of physical 0 + phys_base
 LINK_TEXT_GVA = 0xFFFFFFFF81000000  # _text at link time (CONFIG_PHYSICAL_START above the map)
@@ -27,6 +30,8 @@ KERNEL_ALIGN = 0x200000  # CONFIG_PHYSICAL_ALIGN on x86-64 distributions
 BANNER_PREFIX = b"Linux version "
 MAX_BANNER = 512
 MAX_BTF = 64 << 20
+MAX_NOTES = 64 << 10
+NT_GNU_BUILD_ID = 3
 _MASK64 = (1 << 64) - 1
 FIXED_BASES = {4: {"page_offset_base": 0xFFFF888000000000, "vmalloc_base": 0xFFFFC90000000000,
                    "vmemmap_base": 0xFFFFEA0000000000},
@@ -68,9 +73,16 @@ class DetectionReport:
         """Raise DetectionError naming the first of `names` that failed or did not run."""
         for name in names:
             s = self.stage(name)
-            if s is None or not s.ok:
-                why = s.detail if s is not None else "did not run (an earlier stage failed)"
-                raise DetectionError(f"stage {name}: {why}")
+            if s is not None and not s.ok:
+                before = self.stages[:self.stages.index(s)]
+                earlier = next((f for f in before if not f.ok), None)  # e.g. no banner: probably not Linux
+                also = f" (before it, stage {earlier.name} failed: {earlier.detail})" if earlier else ""
+                raise DetectionError(f"stage {name}: {s.detail}{also}")
+            if s is None:
+                first = next(iter(self.failed()), None)
+                if first is not None:  # the cause is the earlier stage: name it, not the one that never ran
+                    raise DetectionError(f"stage {first.name}: {first.detail} (so stage {name} did not run)")
+                raise DetectionError(f"stage {name}: did not run")
 
     def summary(self) -> str:
         """Return one line per stage: ok/FAILED, seconds, detail."""
@@ -101,6 +113,7 @@ class KernelInfo:
     num_syms: int
     btf_gpa: int | None = None
     btf_size: int = 0
+    build_id: str | None = None  # the GNU build id note of vmlinux (hex), when the kernel has one
 
     @property
     def kaslr(self) -> bool:
@@ -161,7 +174,7 @@ def _read_u64(phys: Phys, gpa: int) -> int:
     return int.from_bytes(phys.read(gpa, 8), "little")
 
 
-def _phys_base_ok(phys: Phys, syms: Kallsyms, phys_base: int) -> bool:
+def phys_base_ok(phys: Phys, syms: Kallsyms, phys_base: int) -> bool:
     """Return whether the kernel's `phys_base` variable, read at its gpa under `phys_base`, agrees."""
     gva = syms.find("phys_base")
     if gva is None:
@@ -172,7 +185,8 @@ def _phys_base_ok(phys: Phys, syms: Kallsyms, phys_base: int) -> bool:
         return False
 
 
-def _banner_at(phys: Phys, syms: Kallsyms, phys_base: int) -> bool:
+def banner_at(phys: Phys, syms: Kallsyms, phys_base: int) -> bool:
+    """Return whether "Linux version " sits at linux_banner's gpa under `phys_base` (True without the symbol)."""
     gva = syms.find("linux_banner")
     if gva is None:
         return True  # nothing to contradict
@@ -188,7 +202,7 @@ def find_phys_base(phys: Phys, syms: Kallsyms) -> tuple[int, str]:
     for start, end in phys.ranges:
         for text_gpa in range((start + KERNEL_ALIGN - 1) & ~(KERNEL_ALIGN - 1), end, KERNEL_ALIGN):
             pb = (text_gpa - (text_gva - START_KERNEL_MAP)) & _MASK64
-            if _phys_base_ok(phys, syms, pb) and _banner_at(phys, syms, pb):
+            if phys_base_ok(phys, syms, pb) and banner_at(phys, syms, pb):
                 return pb, f"_text at gpa 0x{text_gpa:x}: the phys_base variable and linux_banner agree"
     raise DetectionError("no physical load address makes the phys_base variable and linux_banner consistent; "
                          "the kallsyms found may belong to a stale copy of another kernel")
@@ -206,13 +220,13 @@ def find_virt_slide(phys: Phys, syms: Kallsyms) -> tuple[Kallsyms, int]:
         if slide % KERNEL_ALIGN or not 0 <= slide < (1 << 30):
             continue
         slid = syms.relocated(slide)
-        if _phys_base_ok(phys, slid, pb):
+        if phys_base_ok(phys, slid, pb):
             return slid, slide
     raise DetectionError("no linux_banner copy in RAM agrees with the symbol file's phys_base; "
                          "the file belongs to another kernel build")
 
 
-def _page_tables(phys: Phys, syms: Kallsyms, phys_base: int) -> tuple[AddressSpace, str]:
+def kernel_page_tables(phys: Phys, syms: Kallsyms, phys_base: int) -> tuple[AddressSpace, str]:
     """Return the kernel address space rooted at init_top_pgt, checked by translating _text and linux_banner."""
     root = (syms.get("init_top_pgt") - START_KERNEL_MAP + phys_base) & _MASK64
     l5_gva = syms.find("__pgtable_l5_enabled")
@@ -231,12 +245,26 @@ def _page_tables(phys: Phys, syms: Kallsyms, phys_base: int) -> tuple[AddressSpa
     raise DetectionError(f"init_top_pgt at gpa 0x{root:x} does not map the kernel ({'; '.join(errors)})")
 
 
-def _btf(phys: Phys, syms: Kallsyms, phys_base: int) -> tuple[tuple[Btf, int, int], str]:
+def btf_location(syms: Kallsyms, phys_base: int) -> tuple[int, int] | None:
+    """Return (gpa, size) of the vmlinux BTF from __start_BTF/__stop_BTF, or None without those symbols."""
     start, stop = syms.find("__start_BTF"), syms.find("__stop_BTF")
     if start is not None and stop is not None and 0 < stop - start <= MAX_BTF:
-        gpa = (start - START_KERNEL_MAP + phys_base) & _MASK64
-        btf = Btf.parse(phys.read(gpa, stop - start), label=f"vmlinux BTF at gpa 0x{gpa:x}")
-        return (btf, gpa, stop - start), f"__start_BTF at gpa 0x{gpa:x}, {stop - start} bytes, {len(btf)} types"
+        return (start - START_KERNEL_MAP + phys_base) & _MASK64, stop - start
+    return None
+
+
+def _btf(phys: Phys, syms: Kallsyms, phys_base: int) -> tuple[tuple[Btf, int, int], str]:
+    from nephoscope.os.btf.reader import Btf
+
+    where = btf_location(syms, phys_base)
+    if where is not None:
+        gpa, size = where
+        try:
+            btf = Btf.parse(phys.read(gpa, size), label=f"vmlinux BTF at gpa 0x{gpa:x}")
+        except GuestDataError as exc:
+            raise DetectionError(f"{exc}; pass this kernel's types with --symbols FILE (a Volatility 3 ISF, "
+                                 "a vmlinux with BTF or DWARF)") from exc
+        return (btf, gpa, size), f"__start_BTF at gpa 0x{gpa:x}, {size} bytes, {len(btf)} types"
     from nephoscope.os.btf.locate import get_vmlinux_btf  # a scan: only when the symbols are missing
 
     located = get_vmlinux_btf(phys)  # type: ignore[arg-type]
@@ -277,7 +305,7 @@ def detect(phys: Phys, *, symbols: Kallsyms | None = None, want_btf: bool = True
     if pb_how is None:
         return det
     phys_base = pb_how
-    space = _run(report, "page-table root", lambda: _page_tables(phys, syms, phys_base))
+    space = _run(report, "page-table root", lambda: kernel_page_tables(phys, syms, phys_base))
     if space is None:
         return det
     det.kernel_space = space
@@ -285,10 +313,43 @@ def detect(phys: Phys, *, symbols: Kallsyms | None = None, want_btf: bool = True
     if btf_found is not None:
         det.btf = btf_found[0]
     try:
-        det.info = _info(phys, syms, phys_base, space, det.banners, btf_found)
+        det.info = kernel_info(phys, syms, phys_base, space, det.banners, btf_found)
     except (MemoryAccessError, DetectionError, GuestDataError) as exc:
         report.stages.append(Stage("kernel info", False, str(exc), 0.0))
     return det
+
+
+def add_btf(phys: Phys, det: Detection) -> None:
+    """Run the btf stage on a detection made with want_btf=False (fills det.btf and the info's BTF fields)."""
+    if det.info is None or det.kallsyms is None or det.report.stage("btf") is not None:
+        return
+    syms, phys_base = det.kallsyms, det.info.phys_base
+    found = _run(det.report, "btf", lambda: _btf(phys, syms, phys_base))
+    if found is not None:
+        det.btf = found[0]
+        det.info = dataclasses.replace(det.info, btf_gpa=found[1], btf_size=found[2])
+
+
+def read_build_id(space: AddressSpace, syms: Kallsyms) -> str | None:
+    """Return the hex GNU build id from the kernel's .notes (kernel gva, via `space`), or None."""
+    start, stop = syms.find("__start_notes"), syms.find("__stop_notes")
+    if start is None or stop is None or not 0 < stop - start <= MAX_NOTES:
+        return None
+    try:
+        notes = space.read(start, stop - start)
+    except MemoryAccessError:
+        return None
+    pos = 0
+    while pos + 12 <= len(notes):
+        namesz, descsz, kind = struct.unpack_from("<III", notes, pos)
+        name_end = pos + 12 + namesz
+        desc_at = pos + 12 + ((namesz + 3) & ~3)
+        if name_end > len(notes) or desc_at + descsz > len(notes):
+            return None
+        if kind == NT_GNU_BUILD_ID and notes[pos + 12:name_end] == b"GNU\0" and 0 < descsz <= 64:
+            return notes[desc_at:desc_at + descsz].hex()
+        pos = desc_at + ((descsz + 3) & ~3)
+    return None
 
 
 def _with_detail(pair: tuple[int, str]) -> tuple[int, str]:
@@ -296,8 +357,9 @@ def _with_detail(pair: tuple[int, str]) -> tuple[int, str]:
     return pb, f"phys_base 0x{pb:x} ({how})"
 
 
-def _info(phys: Phys, syms: Kallsyms, phys_base: int, space: AddressSpace, banners: list[tuple[int, str]],
-          btf_found: tuple[Btf, int, int] | None) -> KernelInfo:
+def kernel_info(phys: Phys, syms: Kallsyms, phys_base: int, space: AddressSpace, banners: list[tuple[int, str]],
+                btf_found: tuple[Btf, int, int] | None) -> KernelInfo:
+    """Return the KernelInfo of a proved kernel: banner through the page tables, slides, bases, build id."""
     text_gva = syms.get("_text")
     text_gpa = (text_gva - START_KERNEL_MAP + phys_base) & _MASK64
     banner_gva = syms.find("linux_banner")
@@ -318,4 +380,5 @@ def _info(phys: Phys, syms: Kallsyms, phys_base: int, space: AddressSpace, banne
         virt_slide=text_gva - LINK_TEXT_GVA, phys_slide=text_gpa - LINK_TEXT_GPA, phys_base=phys_base,
         init_top_pgt_gpa=space.cr3, levels=space.levels, page_offset_base=var("page_offset_base"),
         vmalloc_base=var("vmalloc_base"), vmemmap_base=var("vmemmap_base"), num_syms=len(syms),
-        btf_gpa=btf_found[1] if btf_found else None, btf_size=btf_found[2] if btf_found else 0)
+        btf_gpa=btf_found[1] if btf_found else None, btf_size=btf_found[2] if btf_found else 0,
+        build_id=read_build_id(space, syms))

@@ -20,11 +20,12 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Protocol
 
 from nephoscope.core.errors import DetectionError, GuestDataError, MemoryAccessError
+
+if TYPE_CHECKING:  # numpy is imported where it is used: a cached kernel model needs none of it
+    import numpy as np
 
 DIGITS = b"0\x001\x002\x003\x004\x005\x006\x007\x008\x009\x00"
 MAX_SYMS = 1 << 21  # a kernel with more symbols than this is not one we know
@@ -54,6 +55,7 @@ class Phys(Protocol):
 
 def _searchable(phys: Phys) -> Iterator[tuple[int, object, int, int]]:
     """Yield (gpa_start, buffer with .find or None, offset in it, length) per RAM segment, without copying."""
+    import numpy as np
     segments = getattr(phys, "iter_segments", None)
     if segments is not None:
         for start, view in segments():
@@ -179,6 +181,7 @@ def parse_token_table(phys: Phys, digit_gpa: int) -> tuple[int, int, list[bytes]
 
 def _walk_names(data: bytes, count: int) -> tuple[np.ndarray, int] | None:
     """Return (start offset of each name entry, total size) or None if the entries overrun `data`."""
+    import numpy as np
     starts = np.empty(count + 1, dtype=np.int64)
     pos, size = 0, len(data)
     for i in range(count):
@@ -223,6 +226,7 @@ def _view(phys: Phys, gpa: int, size: int) -> bytes | memoryview | None:
 
 def _marker_candidates(phys: Phys, table_gpa: int, chunk: int = 2 << 20) -> Iterator[_Candidate]:
     """Yield (num_syms, markers) placements before the token table that pass cheap checks, nearest first."""
+    import numpy as np
     floor = max(table_gpa - SEARCH_BEFORE_TOKENS, _segment_start(phys, table_gpa))
     hi = table_gpa & ~7
     # markers end at the token table or 3*N bytes (seqs_of_names) before it: keep that stretch as u32s
@@ -247,6 +251,7 @@ def _marker_candidates(phys: Phys, table_gpa: int, chunk: int = 2 << 20) -> Iter
 
 def _plausible(tail: np.ndarray, tail_lo: int, table_gpa: int, num_gpa: np.ndarray, n: np.ndarray) -> np.ndarray:
     """Return which num_syms candidates have markers[0] == 0 and markers[1] > 0 where some layout puts them."""
+    import numpy as np
     count = (n + 255) // 256
     keep = np.zeros(len(n), dtype=bool)
     for seqs in (False, True):
@@ -289,6 +294,7 @@ def _segment_start(phys: Phys, gpa: int) -> int:
 
 
 def _addresses(offsets: np.ndarray, base: int, absolute_percpu: bool) -> np.ndarray:
+    import numpy as np
     if absolute_percpu:
         rel = np.uint64(base - 1) - offsets.astype(np.int64).astype(np.uint64)
         return np.where(offsets >= 0, offsets.astype(np.int64).astype(np.uint64), rel)
@@ -310,6 +316,7 @@ def _offsets_placements(phys: Phys, names_gpa: int, index_gpa: int, n: int) -> I
 def locate_layout(phys: Phys, table_gpa: int, index_gpa: int,
                   reasons: list[str]) -> tuple[KallsymsLayout, np.ndarray] | None:
     """Return the validated layout around a token table at `table_gpa` and its name offsets, or None."""
+    import numpy as np
     tried = 0
     for cand in _marker_candidates(phys, table_gpa):
         tried += 1
@@ -375,6 +382,7 @@ class Kallsyms:
 
     def relocated(self, virt_slide: int) -> Kallsyms:
         """Return these symbols with kernel-map gvas moved by `virt_slide` (per-cpu offsets stay)."""
+        import numpy as np
         if not 0 <= virt_slide < (1 << 31):
             raise ValueError(f"KASLR slide 0x{virt_slide:x} is outside the kernel map")
         addrs = self.addresses.copy()
@@ -418,6 +426,7 @@ class Kallsyms:
 
 def decode(phys: Phys, layout: KallsymsLayout, tokens: list[bytes], starts: np.ndarray | None = None) -> Kallsyms:
     """Expand every name of `layout` (vectorised; `starts` = name offsets if already walked), compute gvas."""
+    import numpy as np
     n = layout.num_syms
     raw = _read(phys, layout.names_gpa, layout.names_size)
     off_raw = _read(phys, layout.offsets_gpa, 4 * n)
@@ -485,11 +494,13 @@ def recover_kallsyms(phys: Phys, near: list[int] | None = None, window: int = 48
         return found
     why = "; ".join(reasons[-5:]) if reasons else "no kallsyms token table (\"0\"..\"9\" tokens) anywhere in RAM"
     raise DetectionError(f"kallsyms: no valid symbol table found ({why}). Is this a Linux guest with "
-                         "CONFIG_KALLSYMS_ALL? Supply a vmlinux or System.map instead")
+                         "CONFIG_KALLSYMS_ALL? Pass this kernel's symbols with --symbols FILE (a Volatility 3 ISF, "
+                         "a vmlinux with .symtab, or its System.map)")
 
 
 def load_symbol_file(path: str | Path) -> Kallsyms:
     """Read link-time symbols from a vmlinux (ELF .symtab) or a System.map-like "addr type name" file."""
+    import numpy as np
     path = Path(path)
     try:
         with path.open("rb") as fh:

@@ -23,14 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from nephoscope.core.errors import DetectionError, GuestDataError, MemoryAccessError
 from nephoscope.memory.paging import AddressSpace
-from nephoscope.os.btf.layout import member_offsets
-from nephoscope.os.btf.reader import Btf
-from nephoscope.os.btf.types import Array, Enum, Kind
 from nephoscope.os.linux.detect import Detection, DetectionReport, KernelInfo, Stage, detect
 from nephoscope.os.linux.kallsyms import Kallsyms, Phys
 
 if TYPE_CHECKING:
+    from nephoscope.os.btf.reader import Btf
     from nephoscope.os.linux import walkers
+    from nephoscope.os.linux.symbols import TypeSource
 
 # Every member a walker reads, by what reads it; "?" marks members only some kernels have (their absence
 # is handled where they are used). Nothing is required that no code reads: a kernel must not fail to
@@ -173,13 +172,17 @@ class Offsets:
     past its struct, a struct read whole that is larger than a few pages.
     """
 
-    def __init__(self, btf: Btf, wanted: dict[str, list[str]], kernel: str,
+    def __init__(self, types: Btf | TypeSource, wanted: dict[str, list[str]], kernel: str,
                  read_whole: tuple[str, ...] = ()) -> None:
-        layout = member_offsets(btf, wanted, kernel=kernel)
+        """Resolve `wanted` from the guest's BTF or any TypeSource (a Volatility ISF, DWARF, the model cache)."""
+        from nephoscope.os.linux.symbols import BtfTypes
+
+        source = types if hasattr(types, "members") else BtfTypes(types)  # type: ignore[arg-type]
+        layout = source.members(wanted, kernel)
         self._off: dict[str, int] = {}
         self.msize: dict[str, int] = {}  # member size in bytes
         self.count: dict[str, int] = {}  # element count of array members
-        self.size = {s: btf.get_struct(s).size for s in layout}
+        self.size = {s: source.struct_size(s) for s in layout}
         bad: list[str] = []
         for s, members in layout.items():
             size = self.size[s]
@@ -187,17 +190,16 @@ class Offsets:
                 bad.append(f"struct {s} has size {size}")
             for path, m in members.items():
                 key = f"{s}.{path}"
-                msize = btf.sizeof(m.type_id)
+                msize = m.size
                 self._off[key], self.msize[key] = m.offset, msize
-                resolved = btf.resolve(m.type_id)
-                if isinstance(resolved, Array):
-                    self.count[key] = resolved.nelems
+                if m.count is not None:
+                    self.count[key] = m.count
                 end_bits = m.bit_offset + (m.bitfield_size or msize * 8)
                 if m.bit_offset < 0 or end_bits > size * 8:
                     bad.append(f"{key} at {m.offset} (+{msize}) ends past the struct's {size} bytes")
         if bad:
-            raise GuestDataError(f"kernel {kernel}: BTF layout is impossible ({'; '.join(bad[:5])}); the BTF in "
-                                 "guest memory is corrupt, so no structure can be read reliably")
+            raise GuestDataError(f"kernel {kernel}: {source.label} layout is impossible ({'; '.join(bad[:5])}); "
+                                 "the type information is corrupt, so no structure can be read reliably")
 
     def __getitem__(self, key: str) -> int:
         return self._off[key]
@@ -236,31 +238,41 @@ class MapleLayout:
 class LinuxKernel:
     """One guest Linux kernel, ready to walk: info, detection report, symbols, BTF and member offsets."""
 
-    def __init__(self, phys: Phys, detection: Detection, qmp: Any = None, limits: Limits | None = None) -> None:
-        """Build the model from a successful detection; raise GuestDataError naming any missing member."""
-        detection.report.require("kallsyms", "phys/virt base", "page-table root", "btf")
-        assert detection.info and detection.kallsyms and detection.kernel_space and detection.btf
+    def __init__(self, phys: Phys, detection: Detection, qmp: Any = None, limits: Limits | None = None,
+                 types: TypeSource | None = None) -> None:
+        """Build the model from a successful detection; raise GuestDataError naming any missing member.
+
+        Layouts come from `types` (a --symbols file, the model cache) or else the guest's own BTF.
+        """
+        own_btf = () if types is not None else ("btf",)
+        detection.report.require("kallsyms", "phys/virt base", "page-table root", *own_btf)
+        assert detection.info and detection.kallsyms and detection.kernel_space
         self.phys = phys
         self.detection = detection
         self.info: KernelInfo = detection.info
         self.report: DetectionReport = detection.report
         self.symbols: Kallsyms = detection.kallsyms
-        self.btf: Btf = detection.btf
+        self.btf: Btf | None = detection.btf  # None when the types came from a file without BTF
+        if types is None:
+            from nephoscope.os.linux.symbols import BtfTypes
+
+            types = BtfTypes(detection.btf)  # type: ignore[arg-type]
+        self.types: TypeSource = types
         self.kernel: AddressSpace = detection.kernel_space
         self.qmp = qmp
         self.limits = limits or Limits()
         self.budget = Budget(self.limits)
         kernel = self.info.release or "unknown kernel"
-        self.maple = self.btf.find_struct("maple_tree") is not None
+        self.maple = self.types.has_struct("maple_tree")
         wanted = {k: list(v) for k, v in WANTED.items()}
         for name, members in (NEW_VMA if self.maple else OLD_VMA).items():
             wanted.setdefault(name, []).extend(members)
-        if self.btf.find_struct("mod_kallsyms") is not None:
+        if self.types.has_struct("mod_kallsyms"):
             wanted["module"].append("kallsyms")
             wanted["mod_kallsyms"] = ["symtab", "num_symtab", "strtab", "typetab"]
-        if self.btf.find_struct("module_memory") is not None:  # 6.4+: module.mem[MOD_MEM_NUM_TYPES]
+        if self.types.has_struct("module_memory"):  # 6.4+: module.mem[MOD_MEM_NUM_TYPES]
             wanted["module_memory"] = ["base", "size"]
-        self.off = Offsets(self.btf, wanted, kernel, READ_WHOLE)
+        self.off = Offsets(self.types, wanted, kernel, READ_WHOLE)
         widths = [f"{key} is {self.off.msize[key]} bytes" for key, allowed in WIDTHS.items()
                   if key in self.off and self.off.msize[key] not in allowed]
         if widths:
@@ -298,8 +310,7 @@ class LinuxKernel:
     def _maple_layout(self, kernel: str) -> MapleLayout:
         """Return the maple node layouts from BTF; raise GuestDataError if they cannot be a maple tree."""
         o = self.off
-        enum = self.btf.find_by_name("maple_type", frozenset({Kind.ENUM, Kind.ENUM64}))
-        values = dict(enum.values) if isinstance(enum, Enum) else {}
+        values = self.types.enum_values("maple_type") or {}
         names = ("maple_leaf_64", "maple_range_64", "maple_arange_64")
         if any(n not in values for n in names):
             raise GuestDataError(f"kernel {kernel}: BTF enum maple_type lacks one of {', '.join(names)}")
@@ -377,9 +388,12 @@ class LinuxKernel:
 
     @classmethod
     def open(cls, phys: Phys, qmp: Any = None, *, symbols: Kallsyms | None = None,
-             limits: Limits | None = None) -> LinuxKernel:
-        """Detect the kernel in guest-physical `phys` and load the model (does not pause the VM)."""
-        return cls(phys, detect(phys, symbols=symbols), qmp=qmp, limits=limits)
+             limits: Limits | None = None, types: TypeSource | None = None) -> LinuxKernel:
+        """Detect the kernel in guest-physical `phys` and load the model (does not pause the VM).
+
+        `symbols` (link-time, from a file) replace kallsyms recovery; `types` replace the guest's BTF.
+        """
+        return cls(phys, detect(phys, symbols=symbols, want_btf=types is None), qmp=qmp, limits=limits, types=types)
 
     # --- memory ----------------------------------------------------------------------------------
 
