@@ -60,7 +60,8 @@ MAX_RECORDS_TRIED = 16  # most recently used first; each costs a few reads befor
 HOT_SYMBOLS = ("_text", "linux_banner", "phys_base", "init_top_pgt", "__pgtable_l5_enabled", "init_task",
                "init_pid_ns", "modules", "__start_BTF", "__stop_BTF", "__start_notes", "__stop_notes",
                "page_offset_base", "vmalloc_base", "vmemmap_base", "special_mapping_vmops", "total_forks",
-               "current_task", "init_mm", "kallsyms_relative_base")
+               "current_task", "init_mm", "kallsyms_relative_base", "init_cred", "init_struct_pid", "pcpu_hot",
+               "init_signals")
 MAX_BOOTS = 8  # boot positions remembered per build
 SYMS_MAGIC = b"NPSYMS1\0"
 _MASK64 = (1 << 64) - 1
