@@ -15,12 +15,16 @@ from nephoscope.core.errors import DetectionError
 from nephoscope.memory.physical import BufferMemory
 from nephoscope.os.btf.build import BtfBuilder
 from nephoscope.os.btf.reader import Btf
+from nephoscope.os.linux import cache as cache_mod
 from nephoscope.os.linux.cache import (
+    FORMAT,
     CachedKallsyms,
     CacheMiss,
     ModelCache,
     RecordingTypes,
     ReplayTypes,
+    cache_disabled,
+    open_model,
     validate,
 )
 from nephoscope.os.linux.detect import (
@@ -268,3 +272,57 @@ def test_unrecorded_questions_are_answered_from_the_proved_btf_and_learnt() -> N
     assert replay.learnt and replay.log["members"]  # written back into the record's log
     assert replay.enum_values("maple_type") == FakeTypes().enum_values("maple_type")
     assert replay.struct_size("cred") == 4096
+
+
+def test_damaged_cache_files_are_never_trusted(cached: tuple[bytearray, BufferMemory, LinuxKernel, ModelCache]
+                                               ) -> None:
+    _ram, phys, _original, cache = cached
+    syms = next(cache.directory.glob("*.syms"))
+    raw = bytearray(syms.read_bytes())
+    raw[-3] ^= 0xFF  # an address in the symbols file
+    syms.write_bytes(bytes(raw))
+    with pytest.raises(DetectionError):
+        cache.open(phys)
+    assert "changed" in (cache.last_problem or "")
+    record_path = next(cache.directory.glob("*.json"))
+    good = json.loads(record_path.read_bytes())
+    broken = [{**good, "layout_rel": "x"}, {**good, "seen": [[1]]}, {**good, "count": True},
+              {**good, "hot": {"_text": "0x1"}}, {**good, "layout_rel": {**good["layout_rel"], "names_gpa": 1.5}},
+              {**good, "format": FORMAT + 1}, {k: v for k, v in good.items() if k != "types_log"}]
+    for garbage in (b"{not json", b"[]", *(json.dumps(b).encode() for b in broken)):
+        record_path.write_bytes(garbage)
+        assert list(cache._records()) == []
+    record_path.write_bytes(json.dumps({**good, "types_log": {"has_struct": {"maple_tree": "yes"}}}).encode())
+    syms.write_bytes(bytes(raw[:-3]) + bytes([raw[-3] ^ 0xFF]) + bytes(raw[-2:]))  # the original symbols
+    with pytest.raises(DetectionError, match="stage"):  # a malformed recorded answer: rebuilt, not trusted
+        cache.open(phys)
+    assert "malformed" in (cache.last_problem or "")
+
+
+def test_the_cache_can_be_bypassed(cached: tuple[bytearray, BufferMemory, LinuxKernel, ModelCache],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    _ram, phys, _original, cache = cached
+    monkeypatch.setenv(cache_mod.NO_CACHE_ENV, "1")
+    assert cache_disabled()
+    with pytest.raises(DetectionError, match="stage"):  # full detection, although the record would fit
+        open_model(phys, directory=cache.directory)
+    monkeypatch.setenv(cache_mod.NO_CACHE_ENV, "0")
+    assert not cache_disabled()
+    assert open_model(phys, directory=cache.directory).report.stages[0].detail.startswith("cached kernel")
+    with pytest.raises(DetectionError, match="stage"):
+        open_model(phys, use_cache=False, directory=cache.directory)
+
+
+def test_another_boot_is_found_by_probing_aligned_load_addresses(
+        cached: tuple[bytearray, BufferMemory, LinuxKernel, ModelCache]) -> None:
+    _ram, _phys, original, cache = cached
+    ram2, _pb, _rb = build_image(text_gpa=0xA00000, slide=0x2E00000)  # same build, another KASLR boot
+    hit = cache.open(BufferMemory(ram2))  # no banner scan, no kallsyms search: the record's placement fits
+    assert hit.info.text_gpa == 0xA00000 and hit.info.virt_slide == 0x2E00000
+    assert hit.info.banner == original.info.banner and hit.off._off == original.off._off
+    assert hit.report.stage("banner").detail.startswith("cached kernel")  # type: ignore[union-attr]
+    assert next(cache._records()).seen[0] == [0xA00000, 0x2E00000]  # remembered for next time
+    ram3, _pb, _rb = build_image(text_gpa=0xA00000, slide=0x2E00000)
+    _corrupt(ram3, 0xA00000 + NAMES_AT + 5)  # that boot, but its kallsyms differ: probing proves nothing
+    with pytest.raises(DetectionError, match="stage"):
+        cache.open(BufferMemory(ram3))
