@@ -90,3 +90,19 @@ def test_json_is_plain() -> None:
     finally:
         sys.stdout = sys_stdout
     assert json.loads(buffer.getvalue()) == {"a": [1, 2]}
+
+
+def test_plain_lines_to_a_pipe_are_what_rich_prints(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "40")
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    cases: list[tuple[object, dict[str, object]]] = [
+        ("task list: 60 entries, complete", {}), (Text("pid 7 (x) is in one view", style="red"), {}),
+        ("", {}), ("x" * 40, {}), ("x" * 41, {}), ("a " * 30, {"style": "yellow"}), ("[yellow]markup[/yellow]", {}),
+        (":smile: emoji", {}), (Text("ünïcode"), {}), ("vm1: method: reason", {"highlight": False})]
+    for obj, options in cases:
+        ours, theirs = io.StringIO(), Console(file=io.StringIO(), highlight=False, width=40)
+        monkeypatch.setattr(sys, "stdout", ours)
+        render.console.print(obj, **options)
+        monkeypatch.setattr(sys, "stdout", sys.__stdout__)
+        theirs.print(obj, **options)  # type: ignore[arg-type]
+        assert ours.getvalue() == theirs.file.getvalue(), obj  # type: ignore[attr-defined]

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.text import Text
 
 from nephoscope.cli.render import console, emit_json, fail, table
 from nephoscope.core.errors import NephoscopeError
@@ -59,6 +58,8 @@ def ps(vm: str = VM_ARG, threads: bool = typer.Option(False, "--threads", help="
         emit_json({"processes": rows, "complete": complete, "problem": problems[0] if problems else "",
                    "views": views, "hidden": hidden})
         return
+    from rich.text import Text  # people only: --json needs no rich
+
     table(f"{vm}: {'threads' if threads else 'processes'} ({len(rows)})",
           ["pid", "ppid", "uid", "state", "comm", "exe", "cmdline"],
           [[r["pid"], r["ppid"], r["uid"], r["state"],

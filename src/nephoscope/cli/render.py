@@ -23,11 +23,21 @@ from nephoscope.core.text import escape_guest
 
 
 class _LazyConsole:
-    """A rich Console made on first use."""
+    """A rich Console made on first use; a lone plain line to a pipe is written without it."""
 
     def __init__(self, **options: Any) -> None:
         self._options = options
         self._console: Any = None
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        """Print like rich's Console.print (a plain line to a pipe: the same bytes, without importing rich)."""
+        stream = sys.stderr if self._options.get("stderr") else sys.stdout
+        if len(objects) == 1 and set(options) <= {"style", "highlight"} and _plain_stream(self, stream):
+            line = _plain_line(objects[0])
+            if line is not None and len(line) <= _console_width():
+                stream.write(line + "\n")
+                return
+        self._get().print(*objects, **options)
 
     def _get(self) -> Any:
         if self._console is None:
@@ -101,16 +111,34 @@ _TRAILING = re.compile(r"\s+$")
 
 def _plain_stdout() -> bool:
     """Return whether rich would print to stdout without styles (not a terminal), as rich decides it."""
-    if console._console is not None and console._console._file is not None:
+    return _plain_stream(console, sys.stdout)
+
+
+def _plain_stream(lazy: _LazyConsole, stream: Any) -> bool:
+    """Return whether `lazy`'s rich console would write to `stream` without styles (not a terminal)."""
+    if lazy._console is not None and lazy._console._file is not None:
         return False  # someone pointed the console elsewhere: let rich do it
     env = os.environ
     if env.get("TTY_COMPATIBLE") == "1" or env.get("FORCE_COLOR") is not None or "JPY_PARENT_PID" in env:
         return False
-    isatty = getattr(sys.stdout, "isatty", None)
+    isatty = getattr(stream, "isatty", None)
     try:
         return isatty is not None and not isatty()
     except ValueError:
         return False
+
+
+def _plain_line(obj: Any) -> str | None:
+    """Return the text rich prints for a str (no markup or emoji codes) or a rich Text, if plain ASCII."""
+    if isinstance(obj, str):
+        text = obj
+        if _MARKUP.search(text):
+            return None
+    elif type(obj).__module__ == "rich.text" and type(obj).__name__ == "Text" and obj.end == "\n":
+        text = obj.plain
+    else:
+        return None
+    return text if _PRINTABLE.fullmatch(text) else None
 
 
 def _console_width() -> int:
