@@ -23,7 +23,7 @@ import os
 import struct
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -157,10 +157,11 @@ class ReplayTypes:
     it raises CacheMiss.
     """
 
-    def __init__(self, log: Mapping[str, Any], label: str, fallback: TypeSource | None = None) -> None:
+    def __init__(self, log: Mapping[str, Any], label: str,
+                 fallback: TypeSource | Callable[[], TypeSource] | None = None) -> None:
         self.log = log
         self.label = label
-        self.fallback = fallback
+        self.fallback = fallback  # a TypeSource, or a function making one on the first miss
         self.learnt = False
 
     def _get(self, table: str, key: str, ask: Any = None) -> Any:
@@ -169,6 +170,8 @@ class ReplayTypes:
             return entries[key]
         if self.fallback is None or ask is None or not isinstance(entries, dict):
             raise CacheMiss(f"{table}({key[:60]}) was not recorded")
+        if callable(self.fallback) and not hasattr(self.fallback, "members"):
+            self.fallback = self.fallback()
         entries[key] = answer = ask(self.fallback)  # a GuestDataError here is the model's own answer
         self.learnt = True
         return answer
@@ -509,12 +512,13 @@ def validate(phys: Phys, record: Record, directory: Path, text_gpa: int, slide: 
     except (MemoryAccessError, GuestDataError, struct.error, ValueError, OverflowError, OSError) as exc:
         raise CacheMiss(f"{type(exc).__name__}: {exc}") from exc
     det = Detection(report, info=info, kallsyms=syms, kernel_space=space, btf=btf)  # type: ignore[arg-type]
-    fallback = None
-    if btf is not None:
+    def btf_types() -> TypeSource:
         from nephoscope.os.linux.symbols import BtfTypes
 
-        fallback = BtfTypes(btf)  # type: ignore[arg-type]
-    return det, ReplayTypes(record.types_log, f"cached layouts of {record.key}", fallback)
+        return BtfTypes(btf)  # type: ignore[arg-type]
+
+    return det, ReplayTypes(record.types_log, f"cached layouts of {record.key}",
+                            btf_types if btf is not None else None)
 
 
 # --- the cache -----------------------------------------------------------------------------------
