@@ -1,4 +1,9 @@
-"""Start, stop and list lab guests: QEMU with shared RAM, QMP, guest agent, gdbstub and a serial log."""
+"""Start, stop and list lab guests: QEMU with shared RAM, QMP, guest agent, gdbstub and a serial log.
+
+A guest's RAM is a shared file in /dev/shm by default (`ram="file"`, the fast path); `ram="anon"` starts
+QEMU with ordinary anonymous RAM (`-m SIZE` only) and `ram="memfd"` with `memory-backend-memfd`, as a
+provider's VMs run: then nephoscope reads guest RAM from the QEMU process itself.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,9 @@ from nephoscope.lab.manifest import parse_report
 if TYPE_CHECKING:
     from nephoscope.lab.build import Image
 
+RAM_KINDS = ("file", "anon", "memfd")
+MAX_FILE_MIB = 3072  # a shared RAM file maps offset = gpa only below the PCI hole
+MAX_MIB = 16384
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 READY_MARK = "NPH-READY"
 Progress = Callable[[str], None]
@@ -33,14 +41,17 @@ def run_root() -> Path:
     return Path(os.environ.get("NEPHOSCOPE_RUN", default))
 
 
-def parse_size(text: str) -> int:
-    """Parse a memory size such as 512M or 1G into MiB."""
+def parse_size(text: str, ram: str = "file") -> int:
+    """Parse a memory size such as 512M or 1G into MiB (above 3G only for process RAM: `ram` anon/memfd)."""
     m = re.fullmatch(r"\s*(\d+)\s*([MmGg]?)i?[Bb]?\s*", text)
     if not m:
         raise LabError(f"cannot read memory size {text!r}; use e.g. 512M or 1G")
     value = int(m.group(1)) * (1024 if m.group(2).lower() == "g" else 1)
-    if not 128 <= value <= 3072:
-        raise LabError(f"memory {text} is outside 128M..3G (the lab keeps all RAM below the PCI hole)")
+    if ram == "file" and not 128 <= value <= MAX_FILE_MIB:
+        raise LabError(f"memory {text} is outside 128M..3G (a shared RAM file keeps all RAM below the PCI "
+                       "hole; use --ram anon or memfd for larger guests)")
+    if not 128 <= value <= MAX_MIB:
+        raise LabError(f"memory {text} is outside 128M..16G")
     return value
 
 
@@ -61,6 +72,7 @@ class Guest:
     ssh_port: int
     image: str
     started: float
+    ram: str = "file"  # file (shared /dev/shm file), anon (plain -m) or memfd (memory-backend-memfd)
 
     @property
     def directory(self) -> Path:
@@ -87,8 +99,9 @@ class Guest:
         return self.directory / "manifest.json"
 
     @property
-    def ram_path(self) -> Path:
-        return Path("/dev/shm") / f"nephoscope-{self.name}.ram"
+    def ram_path(self) -> Path | None:
+        """Return the shared RAM file (None when RAM lives only in the QEMU process: anon, memfd)."""
+        return _ram_file(self.name) if self.ram == "file" else None
 
     def alive(self) -> bool:
         """Return whether this guest's QEMU process still runs."""
@@ -97,6 +110,10 @@ class Guest:
     def manifest(self) -> dict:
         """Return the ground-truth manifest (for tests and evaluations only)."""
         return json.loads(self.manifest_path.read_text())
+
+
+def _ram_file(name: str) -> Path:
+    return Path("/dev/shm") / f"nephoscope-{name}.ram"
 
 
 def _qemu_alive(pid: int, name: str) -> bool:
@@ -152,7 +169,7 @@ def list_guests() -> list[Guest]:
 
 def _cleanup(name: str, only_unused_ram: bool = False) -> None:
     shutil.rmtree(run_root() / name, ignore_errors=True)
-    ram = Path("/dev/shm") / f"nephoscope-{name}.ram"
+    ram = _ram_file(name)
     if not (only_unused_ram and _in_use(ram)):
         ram.unlink(missing_ok=True)
 
@@ -201,11 +218,18 @@ def qemu_command(guest: Guest, image: Image) -> list[str]:
         raise LabError("qemu-system-x86_64 is missing; run `make setup`")
     d = guest.directory
     append = "console=ttyS0,115200 panic=-1 loglevel=4 " + ("kaslr" if guest.kaslr else "nokaslr")
+    if guest.ram == "file":
+        ram = ["-machine", "pc,memory-backend=ram0", "-object",
+               f"memory-backend-file,id=ram0,size={guest.mem_mib}M,mem-path={guest.ram_path},share=on"]
+    elif guest.ram == "memfd":
+        ram = ["-machine", "pc,memory-backend=ram0", "-object",
+               f"memory-backend-memfd,id=ram0,size={guest.mem_mib}M,share=on"]
+    else:  # anon: QEMU's default, RAM is an anonymous mapping of the QEMU process
+        ram = ["-machine", "pc"]
+    gdb = ["-gdb", f"tcp:127.0.0.1:{guest.gdb_port}"] if guest.gdb_port else []
     return [
-        qemu, "-name", f"nephoscope-{guest.name}",
-        "-machine", "pc,memory-backend=ram0", "-accel", guest.accel, "-cpu", guest.cpu,
+        qemu, "-name", f"nephoscope-{guest.name}", *ram, "-accel", guest.accel, "-cpu", guest.cpu,
         "-m", f"{guest.mem_mib}M", "-smp", str(guest.smp),
-        "-object", f"memory-backend-file,id=ram0,size={guest.mem_mib}M,mem-path={guest.ram_path},share=on",
         "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", append,
         "-display", "none", "-monitor", "none", "-nodefaults", "-no-reboot",
         "-chardev", f"socket,id=ser0,path={guest.console_socket},server=on,wait=off,logfile={guest.serial_log}",
@@ -214,7 +238,7 @@ def qemu_command(guest: Guest, image: Image) -> list[str]:
         "-chardev", f"socket,id=qga0,path={guest.qga_socket},server=on,wait=off",
         "-device", "virtio-serial-pci,id=vser0",
         "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
-        "-gdb", f"tcp:127.0.0.1:{guest.gdb_port}",
+        *gdb,
         "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{guest.http_port}-:80,"
                    f"hostfwd=tcp:127.0.0.1:{guest.ssh_port}-:22",
         "-device", "e1000,netdev=net0",
@@ -230,9 +254,15 @@ def check_name(name: str) -> None:
 
 def start(name: str, image: Image, *, mem: str = "512M", smp: int = 1, kaslr: bool = True,
           accel: str = "tcg", cpu: str = "qemu64", http_port: int | None = None, gdb_port: int | None = None,
-          timeout: float = 180.0, progress: Progress = lambda _m: None) -> Guest:
-    """Boot `image` as guest `name`, wait until its init reports ready, and write its manifest."""
+          timeout: float = 180.0, progress: Progress = lambda _m: None, ram: str = "file",
+          gdb: bool = True) -> Guest:
+    """Boot `image` as guest `name`, wait until its init reports ready, and write its manifest.
+
+    `ram`: "file" (shared /dev/shm RAM file), "anon" (plain `-m`, RAM only in the QEMU process) or "memfd";
+    `gdb` False starts no gdbstub (trap/watch then start one on demand through the monitor)."""
     check_name(name)
+    if ram not in RAM_KINDS:
+        raise LabError(f"--ram must be one of {', '.join(RAM_KINDS)}, not {ram!r}")
     if smp < 1 or smp > 8:
         raise LabError("--smp must be between 1 and 8")
     cleanup_stale()
@@ -240,13 +270,13 @@ def start(name: str, image: Image, *, mem: str = "512M", smp: int = 1, kaslr: bo
     if existing is not None and existing.alive():
         raise LabError(f"guest {name!r} is already running (pid {existing.pid}); "
                        f"use `nephoscope lab down {name}` first or pick another name")
-    mem_mib = parse_size(mem)
-    gdb = _check_port(gdb_port, "gdbstub") if gdb_port else _free_port()
+    mem_mib = parse_size(mem, ram)
+    gdb_at = 0 if not gdb else _check_port(gdb_port, "gdbstub") if gdb_port else _free_port()
     http = _check_port(http_port, "web") if http_port else _free_port()
     ssh = _free_port()
     guest = Guest(name=name, profile=image.meta["profile"], pid=0, mem_mib=mem_mib, smp=smp, kaslr=kaslr,
-                  accel=accel, cpu=cpu, gdb_port=gdb, http_port=http, ssh_port=ssh,
-                  image=str(image.directory), started=time.time())
+                  accel=accel, cpu=cpu, gdb_port=gdb_at, http_port=http, ssh_port=ssh,
+                  image=str(image.directory), started=time.time(), ram=ram)
     try:
         guest.directory.mkdir(parents=True, exist_ok=False)
     except FileExistsError as exc:

@@ -1,0 +1,346 @@
+"""Where a QEMU VM keeps guest RAM in its own process, found from the monitor and proven before use.
+
+The monitor gives the guest-physical layout (HMP `info mtree -f`: which gpa range is which RAM block at
+which offset, e.g. `0x100000000-0x15fffffff → pc.ram @0xc0000000` above the PCI hole), the RAM blocks
+(`info ramblock`) and the memory backends (QMP `query-memdev`); `/proc/PID/maps` gives the process's
+mappings. A RAM block is one mapping of the block's size (anonymous rw-p, memfd, hugetlbfs or a file).
+A candidate mapping is accepted only after HMP `xp` reads of several touched, non-zero pages spread over
+every RAM region equal the bytes in the process at the computed address; anything less is a
+ConnectorError that says why. Every `gpa` is guest-physical, every `hva` host-virtual in the QEMU
+process. Nothing here pauses the VM (the guest runs during the proof: a page that changed between the
+two reads is read again).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from nephoscope.core.errors import ConnectorError
+
+PAGE = 4096
+_PRESENT_OR_SWAPPED = (1 << 63) | (1 << 62)
+_MTREE = re.compile(r"^\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, ([a-z/]+)\): (\S+)(?: @([0-9a-f]+))?", re.M)
+_RAMBLOCK = re.compile(r"^\s*(\S+)\s+(\d+)\s*([KMG]i?B)\s+0x([0-9a-f]+)\s+0x([0-9a-f]+)\s+0x([0-9a-f]+)\s*$", re.M)
+_XP = re.compile(r"^([0-9a-f]+):((?:\s+0x[0-9a-f]+)+)\s*$", re.M)
+SAMPLES_PER_REGION = 3
+
+
+class Hmp(Protocol):
+    """A monitor that runs human monitor commands (nephoscope.hypervisor.monitor.Monitor)."""
+
+    def hmp(self, line: str) -> str: ...
+
+    def command(self, name: str, **args: object) -> object: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FlatRange:
+    """One line of the system address space's flat view: [gpa_start, gpa_end) → region `name` at `offset`."""
+
+    gpa_start: int
+    gpa_end: int
+    kind: str  # ram, rom, romd, i/o
+    name: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class RamBlock:
+    """One QEMU RAM block (`info ramblock`): its name, page size, used and allocated length."""
+
+    name: str
+    page_size: int
+    used: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class HostMapping:
+    """One line of /proc/PID/maps."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    inode: int
+    path: str
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def backing(self) -> str:
+        """Return anonymous, memfd, hugetlbfs or file."""
+        if not self.path:
+            return "anonymous"
+        if self.path.startswith("/memfd:"):
+            return "memfd"
+        if self.path.startswith(("/dev/hugepages", "/anon_hugepage")) or "hugetlb" in self.path:
+            return "hugetlbfs"
+        return "file"
+
+
+@dataclass(frozen=True, slots=True)
+class GuestRamRange:
+    """A guest-physical range [gpa_start, gpa_end) held in RAM block `block` at `block_offset`; `hva` once mapped."""
+
+    gpa_start: int
+    gpa_end: int
+    block: str
+    block_offset: int
+    hva: int = 0
+
+
+@dataclass(slots=True)
+class ProcessRam:
+    """Proven guest RAM of a QEMU process: its ranges (with host addresses) and how they were proven."""
+
+    pid: int
+    ranges: list[GuestRamRange]
+    backing: dict[str, str]  # block → anonymous/memfd/hugetlbfs/file (path)
+    proof: list[str] = field(default_factory=list)  # "gpa 0x…: 16 bytes equal (xp)" lines
+
+    def describe(self) -> dict[str, object]:
+        """Return the layout as plain values (for JSON and logs)."""
+        return {"pid": self.pid, "backing": self.backing, "proof": len(self.proof),
+                "ranges": [{"gpa": f"{r.gpa_start:#x}-{r.gpa_end - 1:#x}", "block": r.block,
+                            "offset": f"{r.block_offset:#x}", "hva": f"{r.hva:#x}"} for r in self.ranges]}
+
+
+# --- parsers (monitor and /proc text) ------------------------------------------------------------------
+
+
+def parse_mtree(text: str) -> list[FlatRange]:
+    """Return the ranges of the flat view that renders AS "memory" (HMP `info mtree -f`)."""
+    views = re.split(r"^FlatView #\d+\s*$", text, flags=re.M)
+    chosen = next((v for v in views if re.search(r'^\s*AS "memory"', v, re.M)), None)
+    if chosen is None:
+        chosen = views[1] if len(views) > 1 else text
+    out = []
+    for m in _MTREE.finditer(chosen):
+        start, last = int(m.group(1), 16), int(m.group(2), 16)
+        if last < start:
+            continue
+        out.append(FlatRange(start, last + 1, m.group(3), m.group(4), int(m.group(5) or "0", 16)))
+    return out
+
+
+def parse_ramblocks(text: str) -> dict[str, RamBlock]:
+    """Return the RAM blocks of HMP `info ramblock` by name."""
+    units = {"KiB": 1 << 10, "KB": 1 << 10, "MiB": 1 << 20, "MB": 1 << 20, "GiB": 1 << 30, "GB": 1 << 30}
+    out = {}
+    for m in _RAMBLOCK.finditer(text):
+        out[m.group(1)] = RamBlock(m.group(1), int(m.group(2)) * units[m.group(3)], int(m.group(5), 16),
+                                   int(m.group(6), 16))
+    return out
+
+
+def parse_maps(text: str) -> list[HostMapping]:
+    """Return the mappings of /proc/PID/maps text."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 5 or "-" not in parts[0]:
+            continue
+        start, _, end = parts[0].partition("-")
+        try:
+            out.append(HostMapping(int(start, 16), int(end, 16), parts[1], int(parts[2], 16), int(parts[4]),
+                                   parts[5].strip() if len(parts) > 5 else ""))
+        except ValueError:
+            continue
+    return out
+
+
+def parse_xp(text: str) -> bytes:
+    """Return the bytes of HMP `xp /Ngx GPA` output (little-endian 64-bit words)."""
+    words = [int(w, 16) for m in _XP.finditer(text) for w in m.group(2).split()]
+    return b"".join(struct.pack("<Q", w & ((1 << 64) - 1)) for w in words)
+
+
+def ram_ranges(flat: list[FlatRange], names: set[str]) -> list[GuestRamRange]:
+    """Join the flat view's RAM/ROM ranges of the regions in `names` into contiguous guest RAM ranges."""
+    out: list[GuestRamRange] = []
+    for r in flat:
+        if r.name not in names or r.kind not in ("ram", "rom", "romd", "ramd"):
+            continue
+        if out and out[-1].block == r.name and out[-1].gpa_end == r.gpa_start and \
+                out[-1].block_offset + (out[-1].gpa_end - out[-1].gpa_start) == r.offset:
+            last = out[-1]
+            out[-1] = GuestRamRange(last.gpa_start, r.gpa_end, last.block, last.block_offset)
+        else:
+            out.append(GuestRamRange(r.gpa_start, r.gpa_end, r.name, r.offset))
+    return out
+
+
+# --- the QEMU process ----------------------------------------------------------------------------------
+
+
+def find_qemu_pid(qmp_socket: str | Path) -> int | None:
+    """Return the pid of the process serving `qmp_socket` (SO_PEERCRED), or None (connect before the monitor)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        try:
+            s.connect(str(qmp_socket))
+            creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+    pid = struct.unpack("3i", creds)[0]
+    return pid if pid > 0 else None
+
+
+class _ProcessBytes:
+    """The few reads the proof needs, straight from the process (pagemap first: never fault a page in)."""
+
+    def __init__(self, pid: int) -> None:
+        try:
+            self.mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+            self.pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+        except OSError as exc:
+            raise ConnectorError(f"cannot read the memory of QEMU process {pid}: {exc.strerror} (run as root or "
+                                 "as the QEMU process's user)") from exc
+
+    def touched_pages(self, hva: int, pages: int, limit: int = 1 << 18) -> list[int]:
+        """Return the indexes of touched pages among `pages` pages from `hva` (sampled: at most `limit`)."""
+        stride = max(1, pages // limit)
+        out = []
+        for first in range(0, pages, 1 << 16):
+            n = min(1 << 16, pages - first)
+            raw = os.pread(self.pagemap, n * 8, (hva // PAGE + first) * 8)
+            ents = struct.unpack(f"<{len(raw) // 8}Q", raw)
+            out += [first + i for i in range(0, len(ents), stride) if ents[i] & _PRESENT_OR_SWAPPED]
+        return out
+
+    def read(self, hva: int, n: int) -> bytes:
+        return os.pread(self.mem, n, hva)
+
+    def close(self) -> None:
+        os.close(self.mem)
+        os.close(self.pagemap)
+
+
+def _memdev_names(monitor: Hmp) -> set[str]:
+    try:
+        devs = monitor.command("query-memdev") or []
+    except ConnectorError:
+        return set()
+    return {str(d.get("id")) for d in devs if isinstance(d, dict) and d.get("id")}  # type: ignore[union-attr]
+
+
+def _candidates(block: RamBlock, maps: list[HostMapping]) -> list[HostMapping]:
+    """Return the writable mappings that could hold `block`: its exact size first, then larger (merged) ones."""
+    sizes = {block.total, block.used, -(-block.total // block.page_size) * block.page_size}
+    exact = [m for m in maps if m.size in sizes and m.perms.startswith("rw")]
+    if exact:
+        return exact
+    out = []
+    for m in maps:  # the kernel may merge the block's VMA with a neighbour: try both ends
+        if m.perms.startswith("rw") and m.size > block.total:
+            out.append(HostMapping(m.start, m.start + block.total, m.perms, m.offset, m.inode, m.path))
+            out.append(HostMapping(m.end - block.total, m.end, m.perms, m.offset, m.inode, m.path))
+    return out
+
+
+def _prove(monitor: Hmp, proc: _ProcessBytes, ranges: list[GuestRamRange], base: int) -> tuple[bool, list[str], str]:
+    """Compare xp reads with the process at `base` + block offset; return (proven, proof lines, why not)."""
+    proof: list[str] = []
+    for r in ranges:
+        pages = (r.gpa_end - r.gpa_start) // PAGE
+        hva = base + r.block_offset
+        touched = proc.touched_pages(hva, pages)
+        if not touched:
+            # nothing touched: the whole range reads as zeros; the monitor must agree at a sample
+            gpa = r.gpa_start + (pages // 2) * PAGE
+            if parse_xp(monitor.hmp(f"xp /2gx {gpa:#x}")) != bytes(16):
+                return False, proof, f"gpa {gpa:#x} is non-zero to the monitor but untouched at host {hva:#x}"
+            proof.append(f"gpa {gpa:#x}: untouched, zero to the monitor")
+            continue
+        picks = [touched[i * (len(touched) - 1) // max(1, 2 * SAMPLES_PER_REGION - 1)]
+                 for i in range(2 * SAMPLES_PER_REGION)]
+        matched = mismatched = 0
+        for page in dict.fromkeys(picks):
+            page_hva = hva + page * PAGE
+            try:
+                data = proc.read(page_hva, PAGE)
+            except OSError as exc:
+                return False, proof, f"cannot read host {page_hva:#x}: {exc.strerror}"
+            nz = next((o for o in range(0, PAGE, 16) if any(data[o: o + 16])), None)
+            if nz is None:
+                continue
+            gpa = r.gpa_start + page * PAGE + nz
+            for _attempt in range(3):  # the guest runs: a page may change between the two reads
+                mine = proc.read(page_hva + nz, 16)
+                theirs = parse_xp(monitor.hmp(f"xp /2gx {gpa:#x}"))
+                if theirs in (mine, proc.read(page_hva + nz, 16)):
+                    matched += 1
+                    proof.append(f"gpa {gpa:#x}: 16 bytes equal at host {page_hva + nz:#x}")
+                    break
+            else:
+                mismatched += 1
+            if matched >= SAMPLES_PER_REGION:
+                break
+        if matched == 0 or mismatched > matched:
+            return False, proof, (f"{r.block} at host {hva:#x}: {matched} of {matched + mismatched} monitor reads "
+                                  f"in gpa {r.gpa_start:#x}-{r.gpa_end - 1:#x} equal the process's bytes")
+    return True, proof, ""
+
+
+def find_process_ram(monitor: Hmp, pid: int) -> ProcessRam:
+    """Return the proven guest RAM layout of QEMU process `pid` (asks `monitor`; does not pause the VM).
+
+    Raises ConnectorError saying why when the layout cannot be found or proven."""
+    flat = parse_mtree(monitor.hmp("info mtree -f"))
+    blocks = parse_ramblocks(monitor.hmp("info ramblock"))
+    names = _memdev_names(monitor) & set(blocks)
+    if not names:  # no memory backend reported: the largest RAM block is the guest's RAM
+        if not blocks:
+            raise ConnectorError(f"QEMU process {pid}: the monitor lists no RAM blocks (info ramblock)")
+        names = {max(blocks.values(), key=lambda b: b.used).name}
+    ranges = ram_ranges(flat, names)
+    if not ranges:
+        raise ConnectorError(f"QEMU process {pid}: no guest-physical range of {', '.join(sorted(names))} in "
+                             "`info mtree -f`")
+    try:
+        maps = parse_maps(Path(f"/proc/{pid}/maps").read_text())
+    except OSError as exc:
+        raise ConnectorError(f"cannot read /proc/{pid}/maps: {exc.strerror}") from exc
+    proc = _ProcessBytes(pid)
+    try:
+        placed: list[GuestRamRange] = []
+        backing: dict[str, str] = {}
+        proof: list[str] = []
+        for name in sorted({r.block for r in ranges}):
+            block = blocks[name]
+            mine = [r for r in ranges if r.block == name]
+            if max(r.block_offset + r.gpa_end - r.gpa_start for r in mine) > block.total:
+                raise ConnectorError(f"QEMU process {pid}: `info mtree -f` maps past the end of RAM block {name}")
+            cands = _candidates(block, maps)
+            if not cands:
+                raise ConnectorError(f"QEMU process {pid}: no mapping of {block.total:#x} bytes for RAM block "
+                                     f"{name} in /proc/{pid}/maps")
+            proven, why_not = [], []
+            for cand in cands:
+                ok, lines, why = _prove(monitor, proc, mine, cand.start)
+                if ok:
+                    proven.append((cand, lines))
+                else:
+                    why_not.append(f"host {cand.start:#x}: {why}")
+            if len(proven) != 1:
+                detail = "; ".join(why_not[:3]) if not proven else \
+                    f"{len(proven)} mappings agree with the monitor ({', '.join(hex(c.start) for c, _ in proven)})"
+                raise ConnectorError(f"QEMU process {pid}: the host mapping of RAM block {name} cannot be proven "
+                                     f"({detail})")
+            cand, lines = proven[0]
+            backing[name] = cand.backing + (f" {cand.path}" if cand.path else "")
+            proof += lines
+            placed += [GuestRamRange(r.gpa_start, r.gpa_end, r.block, r.block_offset, cand.start + r.block_offset)
+                       for r in mine]
+    finally:
+        proc.close()
+    return ProcessRam(pid, sorted(placed, key=lambda r: r.gpa_start), backing, proof)
