@@ -19,7 +19,7 @@ import typer
 from rich.text import Text
 
 from nephoscope.cli.render import console, err_console, fail
-from nephoscope.core.errors import ConnectorError, NephoscopeError
+from nephoscope.core.errors import NephoscopeError
 from nephoscope.core.text import escape_guest
 from nephoscope.hypervisor.gdbstub import repair
 from nephoscope.introspect.trap import EVENTS, TrapEvent, Watcher
@@ -63,7 +63,7 @@ def _line(ev: TrapEvent) -> Text:
 
 
 def watch(
-    vm: str = typer.Argument(..., help="lab guest name (a VM with a gdbstub and a shared RAM file)"),
+    vm: str = typer.Argument(..., help="lab guest name or QMP socket (a VM without a gdbstub gets one on demand)"),
     events: str = typer.Option("exec,module", "--events", "-e",
                                help=f"comma-separated subset of {','.join(EVENTS)} (each stop costs guest time)"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object per event (and stats last)"),
@@ -95,7 +95,12 @@ def _watch(vm: str, events: str, json_out: bool, duration: float, budget: int, n
         target = resolve_target(vm)
         if stop:
             if target.gdb_port is None:
-                raise ConnectorError(f"{target.name} has no gdbstub")
+                from nephoscope.hypervisor.gdbstub import remove_stub
+
+                removed = remove_stub(target)  # a stub left by a watch that was started on demand
+                err_console.print(f"{target.name}: no gdbstub of its own; " + (
+                    "removed any on-demand gdbstub" if removed else "the monitor did not answer"))
+                raise SystemExit(0 if removed else 1)
             ok = repair("127.0.0.1", target.gdb_port, attempts=20)
             err_console.print(f"{target.name}: " + ("detached; no breakpoints left, VM running" if ok
                                                      else "could not reach the gdbstub"))
@@ -134,11 +139,11 @@ def _watch(vm: str, events: str, json_out: bool, duration: float, budget: int, n
 
     def on_ready() -> None:
         if json_out:
-            write(json.dumps({"ready": {"vm": target.name, "events": watcher.events,
+            write(json.dumps({"ready": {"vm": target.name, "events": watcher.events, "gdbstub": watcher.stats.gdbstub,
                                         "hooks": {k: hex(a) for a, k in watcher.hooks.items()}}}))
         else:
-            err_console.print(Text(f"watching {target.name} ({', '.join(watcher.events)}); Ctrl-C stops",
-                                   style="dim"))
+            err_console.print(Text(f"watching {target.name} ({', '.join(watcher.events)}; gdbstub "
+                                   f"{watcher.stats.gdbstub}); Ctrl-C stops", style="dim"))
 
     def should_stop() -> bool:
         if log is not None:

@@ -5,11 +5,14 @@ is no no-ack mode; any byte sent while the VM runs pauses it (so only 0x03 is se
 supported, and `g` omits ss/ds/es_base although the target XML lists them; `D` removes every breakpoint
 and resumes; resuming from a breakpoint re-hits it unless it is removed for one single-step.
 A closed connection leaves breakpoints and a paused VM behind: `Guard` repairs that after a crash.
+A VM without a gdbstub gets one on demand (`start_stub`: HMP `gdbserver` on a loopback port), removed
+afterwards (`remove_stub`: `gdbserver none`), by the Guard too when nephoscope dies in between.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import socket
 import subprocess
@@ -18,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from nephoscope.core.errors import ConnectorError
+from nephoscope.hypervisor.target import VmTarget
 
 MAX_PACKET = 1 << 20  # a stub that sends more than this without a '#' is broken or hostile
 INTERRUPT = b"\x03"
@@ -371,32 +375,78 @@ def repair(host: str, port: int, attempts: int = 50, timeout: float = 5.0) -> bo
     return False
 
 
+def start_stub(vm: VmTarget, host: str = "127.0.0.1") -> int:
+    """Start a gdbstub for `vm` through its monitor (HMP `gdbserver tcp:HOST:PORT`, a free port); return the port.
+
+    Does not pause the VM (a gdb client connecting does)."""
+    from nephoscope.hypervisor.monitor import open_monitor
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = int(s.getsockname()[1])
+    with open_monitor(vm) as monitor:
+        reply = monitor.hmp(f"gdbserver tcp:{host}:{port}")
+    if "waiting for gdb connection" not in reply.lower():
+        raise ConnectorError(f"{vm.name}: could not start a gdbstub through the monitor: {reply.strip() or 'no reply'}")
+    return port
+
+
+def remove_stub(vm: VmTarget) -> bool:
+    """Remove `vm`'s gdbstub through its monitor (HMP `gdbserver none`); return whether the monitor agreed."""
+    from nephoscope.hypervisor.monitor import open_monitor
+
+    try:
+        with open_monitor(vm, timeout=5) as monitor:
+            reply = monitor.hmp("gdbserver none")
+    except ConnectorError:
+        return False
+    return "disabled" in reply.lower() or not reply.strip()
+
+
+def _vm_json(vm: VmTarget) -> str:
+    return json.dumps({"name": vm.name, "qmp_socket": str(vm.qmp_socket) if vm.qmp_socket else None,
+                       "domain": vm.domain, "libvirt_uri": vm.libvirt_uri})
+
+
+def _vm_from_json(text: str) -> VmTarget:
+    d = json.loads(text)
+    from pathlib import Path
+
+    return VmTarget(name=d["name"], qmp_socket=Path(d["qmp_socket"]) if d["qmp_socket"] else None,
+                    domain=d["domain"], libvirt_uri=d["libvirt_uri"])
+
+
 class Guard:
-    """A helper process that repairs the gdbstub (detach: no breakpoints, VM running) if we die."""
+    """A helper process that repairs the gdbstub (detach: no breakpoints, VM running) if we die.
 
-    def __init__(self, host: str, port: int) -> None:
-        self._proc = subprocess.Popen([sys.executable, "-m", "nephoscope.hypervisor.gdbstub", host, str(port)],
-                                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+    With `remove` (a VM whose gdbstub was started on demand) it also removes the stub unless told it was."""
 
-    def release(self, detached: bool = True) -> None:
-        """Let the guard go: it exits if we `detached`, otherwise it repairs first (waits for it)."""
+    def __init__(self, host: str, port: int, remove: VmTarget | None = None) -> None:
+        argv = [sys.executable, "-m", "nephoscope.hypervisor.gdbstub", host, str(port)]
+        if remove is not None:
+            argv.append(_vm_json(remove))
+        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+
+    def release(self, detached: bool = True, removed: bool = True) -> None:
+        """Let the guard go: it exits if we `detached` (and `removed` an on-demand stub), else it repairs first."""
         with contextlib.suppress(OSError):
             assert self._proc.stdin is not None
-            if detached:
-                self._proc.stdin.write(b"detached\n")
+            said = (b"detached\n" if detached else b"") + (b"removed\n" if removed else b"")
+            if said:
+                self._proc.stdin.write(said)
             self._proc.stdin.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self._proc.wait(timeout=5 if detached else 30)
+            self._proc.wait(timeout=5 if detached and removed else 30)
 
 
-def _guard_main(host: str, port: int) -> int:
-    """Block until the parent closes stdin; unless it said it detached, repair the gdbstub."""
+def _guard_main(host: str, port: int, remove: str | None = None) -> int:
+    """Block until the parent closes stdin; repair the gdbstub unless it detached, remove an on-demand one."""
     said = sys.stdin.buffer.read()  # EOF when the parent exits, however it dies
-    if b"detached" in said:
-        return 0
-    return 0 if repair(host, port) else 1
+    ok = b"detached" in said or repair(host, port)
+    if remove is not None and b"removed" not in said:
+        ok = remove_stub(_vm_from_json(remove)) and ok
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(_guard_main(sys.argv[1], int(sys.argv[2])))
-
+    sys.exit(_guard_main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None))

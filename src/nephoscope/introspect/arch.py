@@ -46,7 +46,7 @@ __all__ = ["METHOD", "SCAN_BUDGET", "USER_TOP", "VDSO_PATH", "VDSO_REASON", "Arc
 
 def scan_target(vm: VmTarget, kb_path: Path | None = None, *, pause: bool = False,
                 cr3: Sequence[int] = ()) -> ArchReport:
-    """Scan `vm` (live RAM file or dump; a QMP-only VM's RAM file is asked of its monitor).
+    """Scan `vm` (RAM file, dump, or the QEMU process's memory, found through its monitor).
 
     A live VM's vCPU registers are read over HMP; it is paused for the scan only when `pause` is true and
     it was running (a VM its operator paused stays paused). `cr3` adds known roots (guest-physical)."""
@@ -54,7 +54,6 @@ def scan_target(vm: VmTarget, kb_path: Path | None = None, *, pause: bool = Fals
 
     method = ArchMethod(kb_path, pause=pause)
     method.extra_roots = list(cr3)
-    vm = _with_ram(vm)
     db = CodePageDB.open(kb_path)
     try:
         phys = _open(vm)
@@ -74,19 +73,10 @@ def scan_file(path: str | Path, kb_path: Path | None = None, *, cr3: Sequence[in
     return scan_target(VmTarget(name=str(path), ram_path=Path(path), live=False), kb_path, cr3=cr3)
 
 
-def _with_ram(vm: VmTarget) -> VmTarget:
-    from nephoscope.hypervisor.ramfile import with_ram
-
-    return with_ram(vm)
-
-
 def _open(vm: VmTarget) -> PhysicalMemory:
-    from nephoscope.memory.physical import open_memory
+    from nephoscope.introspect.ram import open_ram
 
-    if vm.ram_path is None:
-        raise ConnectorError(f"{vm.name}: arch needs guest RAM (a shared RAM file or a dump) and this VM offers "
-                             "none")
-    return open_memory(vm.ram_path)
+    return open_ram(vm)
 
 
 class ArchMethod:
@@ -110,15 +100,6 @@ class ArchMethod:
         """Yield arch observations of `vm`; failures become `unverifiable` observations."""
         from nephoscope.knowledge.binaries import CodePageDB
 
-        try:
-            vm = _with_ram(vm)
-        except ConnectorError as exc:
-            yield unverifiable(METHOD, vm, "memory", str(exc))
-            return
-        if vm.ram_path is None:
-            yield unverifiable(METHOD, vm, "memory", "arch needs guest RAM (a shared RAM file or a dump) and "
-                                                     "this VM offers none")
-            return
         try:
             db = CodePageDB.open(self.kb)
         except NephoscopeError as exc:
@@ -149,14 +130,14 @@ class ArchMethod:
         Returns the report and a note saying what was missing ("" when nothing was)."""
         extra = [VcpuState(1000 + i, cr3, 0, 0, 0, 0) for i, cr3 in enumerate(self.extra_roots)]
         extra += [VcpuState(2000 + v.index, v.cr3, v.cr4, v.efer, v.rip, v.rsp) for v in self.extra_vcpus]
-        if not vm.live or vm.qmp_socket is None:
+        if not vm.live or (vm.qmp_socket is None and vm.domain is None):
             return scan(phys, db, vcpus=extra, vm=vm.name), ""
         from nephoscope.hypervisor.control import paused
-        from nephoscope.hypervisor.qmp import Qmp
+        from nephoscope.hypervisor.monitor import open_monitor
         from nephoscope.memory.roots import read_vcpu_states
 
         try:
-            qmp = Qmp(vm.qmp_socket)
+            qmp = open_monitor(vm)
         except ConnectorError as exc:
             note = f"vCPU registers unavailable ({exc}); roots come from the RAM scan alone"
             return scan(phys, db, vcpus=extra, vm=vm.name), note

@@ -1,4 +1,4 @@
-"""Open the Linux kernel model of a VM (live RAM file or dump) for the inspect faces and methods."""
+"""Open the Linux kernel model of a VM (RAM file, dump or the QEMU process) for the inspect faces and methods."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from nephoscope.core.errors import ConnectorError, GuestDataError, MemoryAccessError
+from nephoscope.core.errors import GuestDataError, MemoryAccessError
 from nephoscope.hypervisor.target import VmTarget
-from nephoscope.memory.physical import open_memory
+from nephoscope.introspect.ram import open_ram
 from nephoscope.os.linux.model import LinuxKernel
 
 
@@ -16,12 +16,11 @@ from nephoscope.os.linux.model import LinuxKernel
 def open_kernel(vm: VmTarget, *, symbols: Path | str | None = None, cache: bool = False) -> Iterator[LinuxKernel]:
     """Yield the kernel model of `vm` read from its RAM (the VM keeps running; nothing is paused).
 
-    `symbols`: a Volatility 3 ISF, a vmlinux (BTF or DWARF) or a System.map for kernels whose BTF or
-    kallsyms are not in RAM. `cache`: reuse a validated model of the same kernel build (os/linux/cache.py).
+    RAM comes from `open_ram`: the RAM or dump file, else the QEMU process. `symbols`: a Volatility 3 ISF,
+    a vmlinux (BTF or DWARF) or a System.map for kernels whose BTF or kallsyms are not in RAM. `cache`:
+    reuse a validated model of the same kernel build (os/linux/cache.py).
     """
-    if vm.ram_path is None:
-        raise ConnectorError(f"{vm.name}: no guest RAM to read (needs a shared RAM file or a dump)")
-    phys = open_memory(vm.ram_path)
+    phys = open_ram(vm)
     try:
         if symbols is not None:
             from nephoscope.os.linux.symbols import open_with_symbols

@@ -2,10 +2,11 @@
 
 Symbols come from the kallsyms tables recovered from RAM and struct offsets from the kernel's own BTF
 (never from the guest agent): the one kernel model, `os.linux.model.LinuxKernel`, with the event decoding
-of `os.linux.events`. At a hit the VM is stopped; the event is read from the shared RAM file through the
-kernel page tables, and the VM resumes (rip moved past a no-op, or remove → single-step → re-insert →
-continue). Every event is delivered as soon as the VM runs again; an exec's code identity follows later as
-a second record (kind `identity`) that names the exec by `exec_seq` and `exec_time` + pid.
+of `os.linux.events`. At a hit the VM is stopped; the event is read from guest RAM (RAM file or QEMU
+process) through the kernel page tables, and the VM resumes (rip moved past a no-op, or remove →
+single-step → re-insert → continue). Every event is delivered as soon as the VM runs again; an exec's
+code identity follows later as a second record (kind `identity`) that names the exec by `exec_seq` and
+`exec_time` + pid.
 A guest that traps faster than `budget` events per second loses its breakpoints for `cooldown` seconds;
 the gap is reported as unverifiable, with the number of forks the kernel counted meanwhile.
 """
@@ -22,12 +23,12 @@ from typing import Any
 from nephoscope.core import payloads
 from nephoscope.core.errors import ConnectorError, NephoscopeError
 from nephoscope.core.records import Observation, Verdict
-from nephoscope.hypervisor.gdbstub import GdbStub, Guard
+from nephoscope.hypervisor.gdbstub import GdbStub, Guard, remove_stub, start_stub
 from nephoscope.hypervisor.target import VmTarget
 from nephoscope.introspect.base import observe, unverifiable
 from nephoscope.introspect.exectrack import ExecTracker
 from nephoscope.introspect.identify import Identifier, open_kb
-from nephoscope.memory.physical import open_memory
+from nephoscope.introspect.ram import open_ram
 from nephoscope.os.linux import events as kevents
 from nephoscope.os.linux.model import LinuxKernel
 
@@ -80,6 +81,7 @@ class WatchStats:
     max_paused_s: float = 0.0
     watched_s: float = 0.0
     gaps: list[dict[str, Any]] = field(default_factory=list)  # budget cool-downs: start, end, forks missed
+    gdbstub: str = ""  # "the VM's" or "on demand at HOST:PORT, removed afterwards"
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict (with mean per-event pause)."""
@@ -175,14 +177,15 @@ class Watcher:
         bad = sorted(set(events) - set(HOOKS))
         if bad:
             raise NephoscopeError(f"unknown trap event(s) {', '.join(bad)}; choose from {', '.join(EVENTS)}")
-        if vm.gdb_port is None or vm.ram_path is None or not vm.live:
-            raise ConnectorError(f"trap needs a live VM with a gdbstub and a shared RAM file; {vm.name} has "
-                                 f"gdb_port={vm.gdb_port}, ram={vm.ram_path}")
+        if not vm.live or (vm.gdb_port is None and vm.qmp_socket is None and vm.domain is None):
+            raise ConnectorError(f"trap needs a live VM with a gdbstub or a monitor to start one; {vm.name} has "
+                                 f"gdb_port={vm.gdb_port}, monitor={vm.qmp_socket or vm.domain}")
         self.vm, self.events, self.host = vm, list(dict.fromkeys(events)), host
         self.budget, self.cooldown, self.use_guard = Budget(budget), cooldown, guard
         self.skip_nops = skip_nops
+        self.on_demand = vm.gdb_port is None  # no gdbstub of its own: start one through the monitor in run()
         self.stats = WatchStats()
-        self.phys = open_memory(vm.ram_path)
+        self.phys = open_ram(vm, cache=False)  # read at stops, after the guest ran: never serve stale bytes
         try:
             self.kernel = LinuxKernel.open(self.phys)  # before attaching: detection must not stretch the pause
             self.decoder = HookDecoder(self.kernel, self.events)
@@ -233,15 +236,26 @@ class Watcher:
             on_ready: Callable[[], None] = lambda: None) -> WatchStats:
         """Watch until `duration` elapses or `should_stop()`; call `on_event` per event (pauses the VM briefly).
 
-        `on_ready` is called once the breakpoints are in and the VM runs again."""
-        guard = Guard(self.host, self.vm.gdb_port) if self.use_guard else None  # type: ignore[arg-type]
+        `on_ready` is called once the breakpoints are in and the VM runs again. A VM without a gdbstub gets one
+        on demand (HMP `gdbserver` on a loopback port), removed afterwards, also when this process dies."""
+        port = start_stub(self.vm, self.host) if self.on_demand else self.vm.gdb_port
+        assert port is not None
+        self.stats.gdbstub = (f"on demand at {self.host}:{port}, removed afterwards" if self.on_demand
+                              else f"the VM's own at {self.host}:{port}")
+        try:
+            guard = Guard(self.host, port, self.vm if self.on_demand else None) if self.use_guard else None
+        except BaseException:
+            if self.on_demand:
+                remove_stub(self.vm)
+            raise
         start = time.monotonic()
         t0 = time.perf_counter()
         try:
-            stub = GdbStub(self.host, self.vm.gdb_port)  # type: ignore[arg-type]
+            stub = GdbStub(self.host, port)
         except BaseException:
+            removed = remove_stub(self.vm) if self.on_demand else True
             if guard is not None:
-                guard.release()  # nothing was inserted: nothing to repair
+                guard.release(True, removed)  # nothing was inserted: nothing to repair
             raise
         try:
             self._insert(stub)
@@ -260,10 +274,13 @@ class Watcher:
                 pass  # the guard reconnects and detaches
             finally:
                 stub.close()
+                # an on-demand stub goes once detached; if detaching failed the guard repairs, then removes it
+                removed = remove_stub(self.vm) if self.on_demand and (detached or guard is None) else \
+                    not self.on_demand
                 self.stats.detach_s = time.perf_counter() - t1
                 self.stats.watched_s = time.monotonic() - start
                 if guard is not None:
-                    guard.release(detached)
+                    guard.release(detached, removed)
             self._deliver(ev, on_event)
             if self.tracker is not None:  # still-running processes: their page tables, read from RAM
                 self._emit(self.tracker.finish(self.decoder.task_mm), on_event)

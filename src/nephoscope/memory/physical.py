@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import mmap
 import os
 import struct
@@ -206,13 +207,108 @@ def _map_file(path: Path) -> mmap.mmap:
         os.close(fd)
 
 
+def data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
+    """Return the [start, end) file ranges that hold data (SEEK_DATA/SEEK_HOLE), or None if unknown.
+
+    A hole of a sparse file (a tmpfs RAM file: guest RAM never touched) reads as zeros; reading it through
+    `read()` does not allocate it, faulting it in through a shared mmap does."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos
+                break
+            return None
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+        pos = end
+    return out
+
+
 class RawMemory(SegmentedMemory):
-    """A raw image: file offset = guest-physical address (the lab's live /dev/shm RAM file or a raw dump)."""
+    """A raw image: file offset = guest-physical address (the lab's live /dev/shm RAM file or a raw dump).
+
+    Holes of a sparse file (RAM the guest never touched) read as zeros without being allocated: reads
+    that touch a hole go through `pread`, and `iter_segments`/`iter_range_views` yield only the data
+    extents (what lies between them is zeros). Holes are learnt when the file is opened; a hole the guest
+    fills later is still read correctly (pread sees the new data)."""
 
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         mm = _map_file(path)
         super().__init__(mm, [(0, len(mm), 0)], source=str(path))
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            mm.close()
+            raise ConnectorError(f"cannot open memory image {path}: {exc.strerror}") from exc
+        extents = data_extents(self._fd, len(mm))
+        self.data: list[tuple[int, int]] | None = None if extents is None or extents == [(0, len(mm))] else extents
+        self._data_starts = [s for s, _ in self.data or []]
+
+    @property
+    def holes(self) -> bool:
+        """Return whether the file has holes (never-touched RAM) that reads skip."""
+        return self.data is not None
+
+    def _in_data(self, gpa: int, size: int) -> bool:
+        if self.data is None:
+            return True
+        i = bisect.bisect_right(self._data_starts, gpa) - 1
+        return i >= 0 and gpa + size <= self.data[i][1]
+
+    def data_bytes(self) -> int:
+        """Return how many bytes of the file hold data (all of it when it has no holes)."""
+        return sum(e - s for s, e in self.data) if self.data is not None else self.size
+
+    def read(self, gpa: int, size: int) -> bytes:
+        """Return `size` bytes at guest-physical `gpa`; holes read as zeros without being allocated."""
+        if self.data is None or self._in_data(gpa, size) or not 0 <= size <= MAX_READ or not self.contains(gpa, size):
+            return super().read(gpa, size)
+        try:
+            data = os.pread(self._fd, size, gpa)
+        except OSError as exc:
+            raise MemoryAccessError(f"cannot read 0x{size:x} bytes at 0x{gpa:x} of {self.source}: {exc.strerror}") \
+                from exc
+        return data + bytes(size - len(data))
+
+    def view(self, gpa: int, size: int) -> memoryview:
+        """Return a view of [gpa, gpa+size) in one segment (a copy where it touches a hole)."""
+        if self._in_data(gpa, size) or not self.contains(gpa, size):
+            return super().view(gpa, size)
+        return memoryview(self.read(gpa, size))
+
+    def iter_segments(self) -> Iterator[tuple[int, memoryview]]:
+        """Yield (gpa_start, zero-copy view) of each data extent (everything between them reads as zeros)."""
+        if self.data is None:
+            yield from super().iter_segments()
+            return
+        for start, end in self.data:
+            yield start, self._view[start:end]
+
+    def iter_range_views(self, copy_limit: int = 64 << 20) -> Iterator[tuple[int, memoryview]]:
+        """Yield (gpa_start, zero-copy view) of each data extent (holes read as zeros and are skipped)."""
+        if self.data is None:
+            yield from super().iter_range_views(copy_limit)
+            return
+        yield from self.iter_segments()
+
+    def flat_view(self) -> memoryview | None:
+        """Return the whole file as one view where it has no holes (None otherwise: a hole would be faulted in)."""
+        return super().flat_view() if self.data is None else None
+
+    def close(self) -> None:
+        """Release the mapping and the file."""
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        super().close()
 
 
 class ElfCoreMemory(SegmentedMemory):

@@ -19,7 +19,7 @@ import numpy as np
 
 from nephoscope.core.errors import MemoryAccessError
 from nephoscope.memory.paging import ADDR_MASK, NX, PS, RW, US, Budget, P
-from nephoscope.memory.physical import MAX_GPA, PhysicalMemory, SegmentedMemory
+from nephoscope.memory.physical import MAX_GPA, PhysicalMemory
 
 PAGE = 4096
 CR4_LA57 = 1 << 12
@@ -270,9 +270,10 @@ def pti_twin(phys: PhysicalMemory, gpa: int, page: np.ndarray | None = None, ram
 
 
 def _iter_scan_views(phys: PhysicalMemory) -> Iterator[tuple[int, memoryview]]:
-    """Yield (gpa, view) covering RAM in few large pieces (adjacent segments joined)."""
-    if isinstance(phys, SegmentedMemory):
-        yield from phys.iter_range_views()
+    """Yield (gpa, view) covering RAM in few large pieces (adjacent segments joined; untouched RAM skipped)."""
+    range_views = getattr(phys, "iter_range_views", None)  # SegmentedMemory, ProcessMemory: holes are skipped
+    if range_views is not None:
+        yield from range_views()
         return
     for start, end in phys.ranges:  # a generic PhysicalMemory: copy in chunks
         for s in range(start, end, 64 << 20):

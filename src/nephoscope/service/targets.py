@@ -18,8 +18,9 @@ def resolve_target(spec: str) -> VmTarget:
 
     guest = runner.load_guest(spec) if "/" not in spec else None
     if guest is not None and guest.alive():
+        # ram_path None (a guest with anonymous or memfd RAM): methods read RAM from the QEMU process
         return VmTarget(name=guest.name, ram_path=guest.ram_path, qmp_socket=guest.qmp_socket,
-                        qga_socket=guest.qga_socket, gdb_port=guest.gdb_port, qemu_pid=guest.pid, live=True)
+                        qga_socket=guest.qga_socket, gdb_port=guest.gdb_port or None, qemu_pid=guest.pid, live=True)
     path = Path(spec)
     if "/" in spec or path.exists():
         if path.is_socket():
