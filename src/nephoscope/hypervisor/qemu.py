@@ -250,6 +250,7 @@ def _candidates(block: RamBlock, maps: list[HostMapping]) -> list[HostMapping]:
 def _prove(monitor: Hmp, proc: _ProcessBytes, ranges: list[GuestRamRange], base: int) -> tuple[bool, list[str], str]:
     """Compare xp reads with the process at `base` + block offset; return (proven, proof lines, why not)."""
     proof: list[str] = []
+    compared = 0
     for r in ranges:
         pages = (r.gpa_end - r.gpa_start) // PAGE
         hva = base + r.block_offset
@@ -288,6 +289,9 @@ def _prove(monitor: Hmp, proc: _ProcessBytes, ranges: list[GuestRamRange], base:
         if matched == 0 or mismatched > matched:
             return False, proof, (f"{r.block} at host {hva:#x}: {matched} of {matched + mismatched} monitor reads "
                                   f"in gpa {r.gpa_start:#x}-{r.gpa_end - 1:#x} equal the process's bytes")
+        compared += matched
+    if not compared:  # zeros agree with anything untouched: no evidence that this is the block
+        return False, proof, "no touched non-zero page to compare with the monitor"
     return True, proof, ""
 
 

@@ -170,6 +170,7 @@ class Watcher:
 
     tracker: ExecTracker | None = None  # identifies exec'd processes; their identity records follow later
     _seq = 0  # records delivered so far
+    on_demand = False  # the VM has no gdbstub of its own: run() starts one through the monitor and removes it
 
     def __init__(self, vm: VmTarget, events: Iterable[str] = EVENTS, *, budget: int = 200, cooldown: float = 1.0,
                  guard: bool = True, skip_nops: bool = True, host: str = "127.0.0.1", identify: bool = True,
