@@ -337,13 +337,16 @@ class ModuleLoad(TrapEvent):
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint(Payload):
-    """A consistent copy of the VM's RAM: pause time, the paused vCPUs' roots and paging levels, its size."""
+    """A consistent copy of the VM's RAM: pause time, the paused vCPUs' roots and paging levels, its size,
+    how much of it was copied (touched RAM only: the copy is sparse) and where RAM came from."""
 
     KINDS = ("checkpoint",)
     pause_s: float = 0.0
     vcpu_cr3: tuple[int, ...] = ()
     vcpu_levels: tuple[int, ...] = ()
     bytes: int = 0
+    bytes_copied: int = 0
+    ram_from: str = ""  # "RAM file" or "QEMU process"
 
 
 @dataclass(frozen=True, slots=True)

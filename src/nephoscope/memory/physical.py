@@ -249,9 +249,22 @@ class RawMemory(SegmentedMemory):
         except OSError as exc:
             mm.close()
             raise ConnectorError(f"cannot open memory image {path}: {exc.strerror}") from exc
-        extents = data_extents(self._fd, len(mm))
-        self.data: list[tuple[int, int]] | None = None if extents is None or extents == [(0, len(mm))] else extents
+        self.data: list[tuple[int, int]] | None = None
+        self._data_starts: list[int] = []
+        self.refresh()
+
+    def refresh(self) -> list[tuple[int, int]]:
+        """Learn the file's data extents again (the guest touched more RAM); return them."""
+        size = len(self._view)
+        extents = data_extents(self._fd, size)
+        self.data = None if extents is None or extents == [(0, size)] else extents
         self._data_starts = [s for s, _ in self.data or []]
+        return self.data if self.data is not None else [(0, size)]
+
+    def iter_touched(self) -> Iterator[tuple[int, int]]:
+        """Yield (gpa, size) of each data extent (all of the file when it has no holes)."""
+        for start, end in self.data if self.data is not None else [(0, len(self._view))]:
+            yield start, end - start
 
     @property
     def holes(self) -> bool:

@@ -236,22 +236,30 @@ class ProcessMemory:
         """Forget cached blocks (after the guest ran, e.g. at a breakpoint)."""
         self._blocks.clear()
 
+    def iter_touched(self) -> Iterator[tuple[int, int]]:
+        """Yield (gpa, size) of each run of touched pages (present or swapped), in address order."""
+        step = 1 << 18  # pages per pagemap read (2 MiB of entries)
+        for r in self.regions:
+            pages = r.size // PAGE
+            if not pages:
+                continue
+            present = np.concatenate([present_pages(self.pagemap(r.hva + p * PAGE, min(step, pages - p)))
+                                      for p in range(0, pages, step)])
+            for a, b in page_runs(present):
+                yield r.gpa_start + a * PAGE, (b - a) * PAGE
+
     def iter_segments(self, limit: int = SEGMENT_LIMIT) -> Iterator[tuple[int, memoryview]]:
         """Yield (gpa_start, copied view) of the runs of touched pages, in address order; gaps read as zeros.
 
         A run longer than `limit` comes in several adjacent views."""
-        step = 1 << 18  # pages per pagemap read (2 MiB of entries)
-        for r in self.regions:
-            pages = r.size // PAGE
-            present = np.concatenate([present_pages(self.pagemap(r.hva + p * PAGE, min(step, pages - p)))
-                                      for p in range(0, pages, step)]) if pages else np.zeros(0, bool)
-            for a, b in page_runs(present):
-                for p in range(a, b, limit // PAGE):
-                    n = min(b, p + limit // PAGE) - p
-                    buf = bytearray(n * PAGE)
-                    self._read_runs(buf, [(0, r.hva + p * PAGE, n * PAGE)])
-                    self.stats["pages_read"] += n
-                    yield r.gpa_start + p * PAGE, memoryview(buf)
+        for gpa, size in self.iter_touched():
+            for off in range(0, size, limit):
+                n = min(limit, size - off)
+                r = self._region(gpa + off)
+                buf = bytearray(n)
+                self._read_runs(buf, [(0, r.hva + gpa + off - r.gpa_start, n)])
+                self.stats["pages_read"] += n // PAGE
+                yield gpa + off, memoryview(buf)
 
     def iter_range_views(self, copy_limit: int = SEGMENT_LIMIT) -> Iterator[tuple[int, memoryview]]:
         """Yield (gpa_start, view) of touched RAM (as iter_segments); untouched pages hold zeros."""
@@ -259,11 +267,7 @@ class ProcessMemory:
 
     def touched_bytes(self) -> int:
         """Return how many bytes of guest RAM the guest has touched (present or swapped pages)."""
-        total = 0
-        for r in self.regions:
-            for p in range(0, r.size // PAGE, 1 << 18):
-                total += int(present_pages(self.pagemap(r.hva + p * PAGE, min(1 << 18, r.size // PAGE - p))).sum())
-        return total * PAGE
+        return sum(n for _, n in self.iter_touched())
 
     def close(self) -> None:
         """Close the process handles (the VM keeps running)."""
