@@ -152,7 +152,8 @@ def main() -> None:
         after = {g.name: host_bytes(g) for g in (file_guest, proc_guest)}
         tf, tp = statistics.median(scans_file), statistics.median(scans_proc)
         result = {
-            "bulk": {"touched_bytes": n, "process_GBps": round(proc_bps / 1e9, 2), "file_GBps": round(file_bps / 1e9, 2),
+            "bulk": {"touched_bytes": n, "process_GBps": round(proc_bps / 1e9, 2),
+                     "file_GBps": round(file_bps / 1e9, 2),
                      "ratio": round(proc_bps / file_bps, 2), "goal": ">= 0.5 and >= 2 GB/s",
                      "process_vm_readv_64MiB_GBps": round(readv / 1e9, 2), "proc_mem_64MiB_GBps": round(mem / 1e9, 2)},
             "arch_scan": {"file_s": round(tf, 3), "process_s": round(tp, 3), "ratio": round(tp / tf, 2),

@@ -61,6 +61,24 @@ def clean_guest_612() -> Iterator[runner.Guest]:
 
 
 @pytest.fixture(scope="session")
+def bare_guest() -> Iterator[runner.Guest]:
+    """The clean profile as a provider's VM runs: default anonymous RAM (plain -m), no RAM file, no gdbstub."""
+    yield from _boot("clean", tag="bare", ram="anon", gdb=False)
+
+
+@pytest.fixture(scope="session")
+def big_guest() -> Iterator[runner.Guest]:
+    """The clean profile with 4608 MiB of anonymous RAM: RAM above the PCI hole (pc.ram split at 3 GiB / 4 GiB)."""
+    yield from _boot("clean", tag="big", mem="4608M", ram="anon", gdb=False)
+
+
+@pytest.fixture(scope="session")
+def memfd_guest() -> Iterator[runner.Guest]:
+    """The clean profile with memory-backend-memfd RAM (shared, but no file nephoscope can name)."""
+    yield from _boot("clean", tag="memfd", ram="memfd", gdb=False)
+
+
+@pytest.fixture(scope="session")
 def tampered_guest() -> Iterator[runner.Guest]:
     yield from _boot("tampered", kaslr=True)
 
