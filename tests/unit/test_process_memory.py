@@ -114,8 +114,11 @@ def test_process_reads_touched_pages_and_never_touches_the_others(anon, method: 
         expected[40 * PAGE: 41 * PAGE] = b"NEPHOSC!" + b"\x33" * (PAGE - 8)
         assert whole == bytes(expected), "untouched pages read as the zeros they are"
         assert phys.read(base + 5 * PAGE - 2, 4) == b"\x22\x22\0\0"
-        segs = [(gpa, len(v)) for gpa, v in phys.iter_segments()]
+        segs = [(gpa, len(v)) for gpa, v in phys.iter_segments(gap=0)]
         assert segs == [(base + 3 * PAGE, 2 * PAGE), (base + 40 * PAGE, PAGE)]
+        [(gpa, view)] = list(phys.iter_segments())  # runs 35 pages apart share one view, zeros between
+        assert gpa == base + 3 * PAGE and bytes(view) == bytes(expected[3 * PAGE: 41 * PAGE])
+        assert [len(v) for _, v in phys.iter_segments(limit=PAGE, gap=0)] == [PAGE] * 3  # a long run is cut
         assert phys.touched_bytes() == 3 * PAGE
         assert phys.stats["pages_skipped"] >= 64
         with pytest.raises(MemoryAccessError):

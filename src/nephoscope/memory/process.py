@@ -30,7 +30,7 @@ PAGE = 4096
 PM_PRESENT = np.uint64(1 << 63)
 PM_SWAPPED = np.uint64(1 << 62)
 BLOCK = 64 << 10  # the small-read cache's unit: one pagemap read and one memory read fill it
-SEGMENT_LIMIT = 256 << 20  # iter_segments copies at most this much per view
+SEGMENT_LIMIT = 16 << 20  # per iter_segments view: below glibc's mmap threshold, so buffers are reused (no faults)
 _IOV_MAX = 1024
 
 
@@ -236,30 +236,47 @@ class ProcessMemory:
         """Forget cached blocks (after the guest ran, e.g. at a breakpoint)."""
         self._blocks.clear()
 
+    def _region_runs(self, r: RamRegion) -> list[tuple[int, int]]:
+        """Return [(first_page, end_page)) runs of touched pages of region `r` (pagemap, 2 MiB of entries a read)."""
+        step = 1 << 18
+        pages = r.size // PAGE
+        if not pages:
+            return []
+        return page_runs(np.concatenate([present_pages(self.pagemap(r.hva + p * PAGE, min(step, pages - p)))
+                                         for p in range(0, pages, step)]))
+
     def iter_touched(self) -> Iterator[tuple[int, int]]:
         """Yield (gpa, size) of each run of touched pages (present or swapped), in address order."""
-        step = 1 << 18  # pages per pagemap read (2 MiB of entries)
         for r in self.regions:
-            pages = r.size // PAGE
-            if not pages:
-                continue
-            present = np.concatenate([present_pages(self.pagemap(r.hva + p * PAGE, min(step, pages - p)))
-                                      for p in range(0, pages, step)])
-            for a, b in page_runs(present):
+            for a, b in self._region_runs(r):
                 yield r.gpa_start + a * PAGE, (b - a) * PAGE
 
-    def iter_segments(self, limit: int = SEGMENT_LIMIT) -> Iterator[tuple[int, memoryview]]:
-        """Yield (gpa_start, copied view) of the runs of touched pages, in address order; gaps read as zeros.
+    def iter_segments(self, limit: int = SEGMENT_LIMIT, gap: int = 1 << 20) -> Iterator[tuple[int, memoryview]]:
+        """Yield (gpa_start, copied view) covering the touched pages, in address order; the rest reads as zeros.
 
-        A run longer than `limit` comes in several adjacent views."""
-        for gpa, size in self.iter_touched():
-            for off in range(0, size, limit):
-                n = min(limit, size - off)
-                r = self._region(gpa + off)
-                buf = bytearray(n)
-                self._read_runs(buf, [(0, r.hva + gpa + off - r.gpa_start, n)])
-                self.stats["pages_read"] += n // PAGE
-                yield gpa + off, memoryview(buf)
+        Runs closer than `gap` share one view (the untouched pages between them are zeros in it, never read);
+        a view spans at most `limit` bytes. One process_vm_readv call reads up to 1024 runs."""
+        limit_pages, gap_pages = max(1, limit // PAGE), gap // PAGE
+        for r in self.regions:
+            runs = self._region_runs(r)
+            i = 0
+            while i < len(runs):
+                first, end = runs[i]
+                if end - first > limit_pages:  # one long run: cut it
+                    end = first + limit_pages
+                    runs[i] = (end, runs[i][1])
+                    group = [(first, end)]
+                else:
+                    group = [runs[i]]
+                    i += 1
+                    while i < len(runs) and runs[i][0] - end <= gap_pages and runs[i][1] - first <= limit_pages:
+                        group.append(runs[i])
+                        end = runs[i][1]
+                        i += 1
+                buf = bytearray((end - first) * PAGE)
+                self._read_runs(buf, [((a - first) * PAGE, r.hva + a * PAGE, (b - a) * PAGE) for a, b in group])
+                self.stats["pages_read"] += sum(b - a for a, b in group)
+                yield r.gpa_start + first * PAGE, memoryview(buf)
 
     def iter_range_views(self, copy_limit: int = SEGMENT_LIMIT) -> Iterator[tuple[int, memoryview]]:
         """Yield (gpa_start, view) of touched RAM (as iter_segments); untouched pages hold zeros."""
