@@ -249,3 +249,14 @@ def test_a_file_without_holes_keeps_the_flat_view(tmp_path: Path) -> None:
     path.write_bytes(b"\x01" * 8 * PAGE)
     with RawMemory(path) as phys:
         assert not phys.holes and phys.flat_view() is not None and len(list(phys.iter_segments())) == 1
+
+
+def test_the_qemu_pid_is_asked_of_its_qmp_socket(tmp_path: Path) -> None:
+    import socket
+
+    path = tmp_path / "qmp.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(1)
+        assert qemu.find_qemu_pid(path) == os.getpid()
+    assert qemu.find_qemu_pid(tmp_path / "missing.sock") is None

@@ -1,4 +1,4 @@
-"""Find the host file that holds a QEMU VM's guest RAM, asking its monitor (QMP qom-list / qom-get).
+"""Find the host file that holds a QEMU VM's guest RAM, asking its monitor (QMP qom-list / qom-get): the fast path.
 
 A VM started with `-object memory-backend-file,mem-path=FILE,share=on` (the lab's guests, and any VM an
 operator configured so) keeps guest-physical RAM in FILE: file offset = gpa below the PCI hole. Nothing
@@ -40,15 +40,17 @@ def find_shared_ram(qmp: Commands) -> Path | None:
 
 
 def with_ram(vm: VmTarget) -> VmTarget:
-    """Return `vm` with its RAM file filled in from its monitor when only a QMP socket was given."""
-    if vm.ram_path is not None or vm.qmp_socket is None or not vm.live:
-        return vm
-    from nephoscope.hypervisor.qmp import Qmp
+    """Return `vm` with its RAM file filled in from its monitor when it has none (ConnectorError if it has none).
 
-    with Qmp(vm.qmp_socket) as qmp:
-        ram = find_shared_ram(qmp)
+    Methods read RAM through `nephoscope.introspect.ram.open_ram`, which also reads a VM without a RAM file
+    from its QEMU process; this is for callers that need the file itself."""
+    if vm.ram_path is not None or (vm.qmp_socket is None and vm.domain is None) or not vm.live:
+        return vm
+    from nephoscope.hypervisor.monitor import open_monitor
+
+    with open_monitor(vm) as monitor:
+        ram = find_shared_ram(monitor)
     if ram is None:
-        raise ConnectorError(f"{vm.name}: the VM at {vm.qmp_socket} has no shared file-backed RAM to read "
-                             "(start it with -object memory-backend-file,...,share=on, or dump it with QMP "
-                             "dump-guest-memory and pass the dump file)")
+        raise ConnectorError(f"{vm.name}: the VM has no shared file-backed RAM (its RAM lives in the QEMU process; "
+                             "read it with open_ram, or dump it with QMP dump-guest-memory and pass the dump file)")
     return replace(vm, ram_path=ram)
