@@ -106,6 +106,20 @@ class ProcessRam:
     ranges: list[GuestRamRange]
     backing: dict[str, str]  # block → anonymous/memfd/hugetlbfs/file (path)
     proof: list[str] = field(default_factory=list)  # "gpa 0x…: 16 bytes equal (xp)" lines
+    mappings: dict[str, HostMapping] = field(default_factory=dict)  # block → its proven mapping
+
+    def shared_file(self) -> Path | None:
+        """Return a path that opens the file behind the RAM (memfd, file, hugetlbfs) when it holds all guest RAM
+        at file offset = gpa (one block, a shared mapping from offset 0, no RAM above the PCI hole), else None."""
+        if len(self.mappings) != 1:
+            return None
+        m = next(iter(self.mappings.values()))
+        if m.backing == "anonymous" or m.perms[3:4] != "s" or m.offset != 0:
+            return None
+        if not all(r.gpa_start == r.block_offset for r in self.ranges):
+            return None
+        path = Path(f"/proc/{self.pid}/map_files/{m.start:x}-{m.end:x}")  # the mapping's own file (needs root)
+        return path if path.exists() else None
 
     def describe(self) -> dict[str, object]:
         """Return the layout as plain values (for JSON and logs)."""
@@ -318,6 +332,7 @@ def find_process_ram(monitor: Hmp, pid: int) -> ProcessRam:
     try:
         placed: list[GuestRamRange] = []
         backing: dict[str, str] = {}
+        mapped: dict[str, HostMapping] = {}
         proof: list[str] = []
         for name in sorted({r.block for r in ranges}):
             block = blocks[name]
@@ -342,9 +357,10 @@ def find_process_ram(monitor: Hmp, pid: int) -> ProcessRam:
                                      f"({detail})")
             cand, lines = proven[0]
             backing[name] = cand.backing + (f" {cand.path}" if cand.path else "")
+            mapped[name] = cand
             proof += lines
             placed += [GuestRamRange(r.gpa_start, r.gpa_end, r.block, r.block_offset, cand.start + r.block_offset)
                        for r in mine]
     finally:
         proc.close()
-    return ProcessRam(pid, sorted(placed, key=lambda r: r.gpa_start), backing, proof)
+    return ProcessRam(pid, sorted(placed, key=lambda r: r.gpa_start), backing, proof, mapped)

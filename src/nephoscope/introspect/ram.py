@@ -2,7 +2,9 @@
 
 `open_ram` picks, in this order: the VmTarget's RAM/dump file; a shared file-backed RAM the monitor names
 (when it holds all of RAM at offset = gpa); the QEMU process's own memory, found and proven with
-`nephoscope.hypervisor.qemu.find_process_ram`. All addresses are guest-physical. Nothing here pauses the VM.
+`nephoscope.hypervisor.qemu.find_process_ram` — read through the mapping's file where the proven mapping
+is a shared memfd/file holding all RAM at offset = gpa (zero-copy, holes skipped), else with the process
+reader (pagemap + process_vm_readv). All addresses are guest-physical. Nothing here pauses the VM.
 """
 
 from __future__ import annotations
@@ -52,5 +54,11 @@ def open_ram(vm: VmTarget, *, cache: bool = True) -> PhysicalMemory:
             raise ConnectorError(f"{vm.name}: guest RAM lives only in the QEMU process and its pid is unknown "
                                  "(name the VM as pid:N or by its lab/libvirt name)")
         layout = find_process_ram(monitor, pid)
+    shared_file = layout.shared_file()
+    if shared_file is not None:  # memfd or file RAM, proven at this mapping: read the file (zero-copy, holes)
+        try:
+            return open_memory(shared_file)
+        except ConnectorError:
+            pass  # the process reader below needs no file
     backing = ", ".join(f"{b} {k}" for b, k in layout.backing.items())
     return process_memory(layout, f"{vm.name} (QEMU pid {pid}: {backing})", cache=cache)
