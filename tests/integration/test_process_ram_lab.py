@@ -46,9 +46,13 @@ def _running(guest: runner.Guest) -> bool:
 
 
 def host_bytes(guest: runner.Guest) -> int:
-    """Return the host memory that holds the guest's RAM: the RAM file's blocks, else QEMU's anon+shmem RSS."""
+    """Return the host memory that holds the guest's RAM: the RAM file's (or memfd's) blocks, else QEMU's
+    anon+shmem RSS."""
     if guest.ram_path is not None:
         return guest.ram_path.stat().st_blocks * 512
+    if guest.ram == "memfd":  # our own mapping of the memfd would not show in QEMU's RSS: count its blocks
+        with open_ram(resolve_target(guest.name)) as phys:
+            return os.stat(phys.source).st_blocks * 512  # type: ignore[attr-defined]
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{guest.pid}/status").read_text().splitlines())
     return sum(int(fields[k].split()[0]) << 10 for k in ("RssAnon", "RssShmem"))
 
@@ -69,7 +73,11 @@ def test_the_target_has_no_ram_file_and_reads_from_the_process(guest: runner.Gue
     vm = resolve_target(guest.name)
     assert vm.ram_path is None and vm.qemu_pid == guest.pid and vm.gdb_port is None
     with open_ram(vm) as phys:
-        assert isinstance(phys, ProcessMemory)
+        if guest.ram == "memfd":  # the proven mapping's own file: zero-copy reads, holes skipped
+            assert isinstance(phys, RawMemory) and phys.source.startswith(f"/proc/{guest.pid}/map_files/")
+            assert phys.holes
+        else:
+            assert isinstance(phys, ProcessMemory)
         assert sum(e - s for s, e in phys.ranges) == guest.mem_mib << 20
         # spot checks against the monitor at every range, where the guest wrote something
         with Qmp(guest.qmp_socket) as qmp:
@@ -125,14 +133,14 @@ def test_arch_identifies_what_it_identifies_on_the_shared_file_guest(guest: runn
     assert _running(guest) and _running(clean_guest)
 
 
-@pytest.mark.parametrize("which", ["big_guest", "clean_guest"])
+@pytest.mark.parametrize("which", ["big_guest", "memfd_guest", "clean_guest"])
 def test_a_full_scan_does_not_inflate_the_guest_on_the_host(which: str, request: pytest.FixtureRequest,
                                                             default_kb: None) -> None:
     guest: runner.Guest = request.getfixturevalue(which)
     vm = resolve_target(guest.name)
     with open_ram(vm) as phys:
         touched = sum(n for _, n in phys.iter_touched())  # type: ignore[attr-defined]
-        assert isinstance(phys, ProcessMemory if guest.ram_path is None else RawMemory)
+        assert isinstance(phys, ProcessMemory if guest.ram == "anon" else RawMemory)
     assert touched < (guest.mem_mib << 20) // 2, "the guest should have touched little of its RAM"
     before = host_bytes(guest)
     scan_target(vm, pause=False)
