@@ -121,8 +121,14 @@ def test_ps_matches_manifest(guest: runner.Guest) -> None:
 def test_arch_identifies_what_it_identifies_on_the_shared_file_guest(guest: runner.Guest, clean_guest: runner.Guest,
                                                                      default_kb: None) -> None:
     assert clean_guest.ram_path is not None
-    mains_file, on_file = _identified(clean_guest)
-    mains_process, on_process = _identified(guest)
+    for attempt in range(3):  # guests booted side by side under load may still fault library pages in
+        mains_file, on_file = _identified(clean_guest)
+        mains_process, on_process = _identified(guest)
+        print(f"{guest.name}: only here {sorted(on_process - on_file)}; only on the file guest "
+              f"{sorted(on_file - on_process)}")
+        if mains_process == mains_file and len(on_process ^ on_file) <= 2:
+            break
+        time.sleep(5 * (attempt + 1))
     assert mains_file, "the shared-file guest identified nothing"
     assert mains_process == mains_file, (sorted(mains_process - mains_file), sorted(mains_file - mains_process))
     # a library page the guest has not (yet) faulted in on one of the two guests is not there to identify
