@@ -16,6 +16,7 @@ import bisect
 import contextlib
 import ctypes
 import ctypes.util
+import mmap
 import os
 import time
 from collections.abc import Iterator
@@ -154,7 +155,7 @@ class ProcessMemory:
 
     # --- reading -----------------------------------------------------------------------------------
 
-    def _read_runs(self, buf: bytearray | memoryview, runs: list[tuple[int, int, int]]) -> None:
+    def _read_runs(self, buf: bytearray | memoryview | mmap.mmap, runs: list[tuple[int, int, int]]) -> None:
         """Fill `buf` from the process: runs = [(buffer_offset, hva, length)]."""
         if not runs:
             return
@@ -273,7 +274,7 @@ class ProcessMemory:
                         group.append(runs[i])
                         end = runs[i][1]
                         i += 1
-                buf = bytearray((end - first) * PAGE)
+                buf = _scratch((end - first) * PAGE)
                 self._read_runs(buf, [((a - first) * PAGE, r.hva + a * PAGE, (b - a) * PAGE) for a, b in group])
                 self.stats["pages_read"] += sum(b - a for a, b in group)
                 yield r.gpa_start + first * PAGE, memoryview(buf)
@@ -302,6 +303,19 @@ class ProcessMemory:
 
     def __repr__(self) -> str:
         return f"ProcessMemory({self.source!r}, {self.size >> 20} MiB in {len(self.regions)} regions, {self.method})"
+
+
+def _scratch(size: int) -> mmap.mmap | bytearray:
+    """Return a zeroed writable buffer of `size` bytes: a transparent-huge-page mapping when large.
+
+    Callers keep many of these at once (a RAM scan lists its views), so they cannot reuse one buffer;
+    faulting 4 KiB pages in one by one costs more than reading the guest's RAM, huge pages do not."""
+    if size < 1 << 21:
+        return bytearray(size)
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(AttributeError, OSError):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    return buf
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
