@@ -153,8 +153,12 @@ def test_a_full_scan_does_not_inflate_the_guest_on_the_host(which: str, request:
     with open_kernel(vm) as kernel:
         assert kernel.processes().complete
     after = host_bytes(guest)
-    print(f"{guest.name}: host memory {before >> 20} MiB -> {after >> 20} MiB, configured {guest.mem_mib} MiB")
+    with open_ram(vm) as phys:
+        touched_after = sum(n for _, n in phys.iter_touched())  # type: ignore[attr-defined]
+    print(f"{guest.name}: host memory {before >> 20} MiB -> {after >> 20} MiB, guest RAM touched "
+          f"{touched >> 20} -> {touched_after >> 20} MiB, configured {guest.mem_mib} MiB")
     assert after <= before * 1.01, (before, after)
+    assert touched_after <= touched * 1.01, (touched, touched_after)  # the RAM itself, without QEMU's own heap
 
 
 def test_checkpoint_copies_ram_out_of_the_process(bare_guest: runner.Guest, tmp_path: Path) -> None:
