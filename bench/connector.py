@@ -50,7 +50,7 @@ def bulk_process(phys: ProcessMemory) -> tuple[int, float]:
     for gpa, size in phys.iter_touched():
         for off in range(0, size, len(buf)):
             k = min(len(buf), size - off)
-            phys.read_into(view[:k], gpa + off)  # type: ignore[arg-type]
+            phys.read_into(view[:k], gpa + off)
             n += k
     return n, time.perf_counter() - t
 
@@ -102,7 +102,7 @@ def bulk_chunks(phys: ProcessMemory, method: str, nbytes: int = 256 << 20) -> fl
         for gpa, n in runs:
             for off in range(0, n, len(buf)):
                 k = min(len(buf), n - off)
-                reader.read_into(memoryview(buf)[:k], gpa + off)  # type: ignore[arg-type]
+                reader.read_into(memoryview(buf)[:k], gpa + off)
                 done += k
                 if done >= nbytes:
                     break

@@ -180,7 +180,7 @@ class ProcessMemory:
                 raise MemoryAccessError(f"{self.source}: process_vm_readv read {got} of {want} bytes "
                                         f"({os.strerror(err) if got < 0 else 'short'}); did the QEMU process exit?")
 
-    def _fill(self, buf: bytearray, gpa: int, size: int) -> None:
+    def _fill(self, buf: bytearray | memoryview, gpa: int, size: int) -> None:
         """Read [gpa, gpa+size) into zeroed `buf`, skipping pages the guest never touched."""
         runs: list[tuple[int, int, int]] = []
         pos = 0
@@ -229,7 +229,7 @@ class ProcessMemory:
         self._fill(buf, gpa, size)
         return bytes(buf)
 
-    def read_into(self, buf: bytearray, gpa: int) -> None:
+    def read_into(self, buf: bytearray | memoryview, gpa: int) -> None:
         """Fill `buf` (zeroed by the caller) from guest-physical `gpa`, uncached: the bulk path."""
         self._fill(buf, gpa, len(buf))
 
