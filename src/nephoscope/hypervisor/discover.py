@@ -210,12 +210,13 @@ def iter_qemu_processes(proc_root: Path = Path("/proc")) -> Iterator[QemuProcess
 # ------------------------------------------------------------------------------------ capabilities
 
 def process_ram_reader() -> Any | None:
-    """Return the process RAM opener (`nephoscope.hypervisor.qemu.open_ram`) if this build has it, else None."""
+    """Return the process RAM finder (`nephoscope.hypervisor.qemu.find_process_ram`; methods open RAM with
+    `nephoscope.introspect.ram.open_ram`) if this build has it, else None."""
     try:
         module = importlib.import_module("nephoscope.hypervisor.qemu")
     except ImportError:
         return None
-    return getattr(module, "open_ram", None)
+    return getattr(module, "find_process_ram", None)
 
 
 def capabilities(vm: VmTarget, *, agent_channel: bool | None = None, monitor: str | None = None
@@ -255,7 +256,7 @@ def capabilities(vm: VmTarget, *, agent_channel: bool | None = None, monitor: st
     elif not has_monitor:
         out["trap"] = f"no gdbstub and {no_monitor}"
     else:
-        out["trap"] = "no gdbstub (-gdb); starting one on demand through the monitor needs the conn connector"
+        out["trap"] = None  # no -gdb: trap/watch start a gdbstub on demand through the monitor and remove it
     return out
 
 
