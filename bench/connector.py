@@ -9,7 +9,11 @@
    it must not grow by more than 1%; and the pages of the process guest's RAM the guest touched (pagemap),
    which excludes QEMU's own heap and translation cache.
 
+4. With --libvirt: the same arch scan of a 512 MiB libvirt TCG domain (plain RAM, monitor through libvirt)
+   against the shared-file guest. Goal: <= 1.5x the time.
+
 Usage: .venv/bin/python bench/connector.py [--file-guest NAME --proc-guest NAME] [--mem 512M] [--repeat 3]
+       [--libvirt]
 Without guest names it boots both (clean profile, TCG) and stops them afterwards.
 """
 
@@ -142,6 +146,24 @@ def guests(args: argparse.Namespace) -> Iterator[tuple[runner.Guest, runner.Gues
             runner.stop(n, quiet=True)
 
 
+def libvirt_scan(args: argparse.Namespace, file_s: float) -> dict[str, object]:
+    """Boot a libvirt TCG domain (clean profile, plain RAM), time its arch scans, destroy it."""
+    from nephoscope.lab import libvirt_runner
+    from nephoscope.lab.build import build_image
+    from nephoscope.lab.profile import load_profile
+
+    name = f"bench-libvirt-{os.getpid()}"
+    with libvirt_runner.libvirt_daemons():
+        libvirt_runner.start(name, build_image(load_profile("clean")), mem=args.mem)
+        try:
+            runs = timed_scans(name, args.kb, args.repeat)
+        finally:
+            libvirt_runner.stop(name, quiet=True)
+    t = statistics.median(runs)
+    return {"libvirt_s": round(t, 3), "file_s": round(file_s, 3), "ratio": round(t / file_s, 2), "goal": "<= 1.5",
+            "runs": [round(x, 3) for x in runs]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--file-guest")
@@ -149,6 +171,7 @@ def main() -> None:
     ap.add_argument("--mem", default="512M")
     ap.add_argument("--kb", type=Path)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--libvirt", action="store_true", help="also scan a transient libvirt domain")
     args = ap.parse_args()
     with guests(args) as (file_guest, proc_guest):
         assert file_guest.ram_path is not None and proc_guest.ram_path is None
@@ -185,6 +208,8 @@ def main() -> None:
                             for name in before},
             "process_guest_ram_touched": {"before_MiB": touched_before >> 20, "after_MiB": touched_after >> 20},
         }
+        if args.libvirt:
+            result["libvirt_arch_scan"] = libvirt_scan(args, tf)
     print(json.dumps(result, indent=1))
 
 
