@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -258,8 +259,10 @@ class ProcessMemory:
         Runs closer than `gap` share one view (the untouched pages between them are zeros in it, never read);
         a view spans at most `limit` bytes. One process_vm_readv call reads up to 1024 runs."""
         limit_pages, gap_pages = max(1, limit // PAGE), gap // PAGE
-        for r in self.regions:
-            runs = self._region_runs(r)
+        plan = [(r, self._region_runs(r)) for r in self.regions]
+        wanted = sum(b - a for _, runs in plan for a, b in runs) // 512 + len(plan) * 16
+        huge = free_huge_blocks() > 2 * wanted + 256  # plenty free: no compaction stall, and others keep theirs
+        for r, runs in plan:
             i = 0
             while i < len(runs):
                 first, end = runs[i]
@@ -274,7 +277,7 @@ class ProcessMemory:
                         group.append(runs[i])
                         end = runs[i][1]
                         i += 1
-                buf = _scratch((end - first) * PAGE)
+                buf = _scratch((end - first) * PAGE, huge)
                 self._read_runs(buf, [((a - first) * PAGE, r.hva + a * PAGE, (b - a) * PAGE) for a, b in group])
                 self.stats["pages_read"] += sum(b - a for a, b in group)
                 yield r.gpa_start + first * PAGE, memoryview(buf)
@@ -305,17 +308,36 @@ class ProcessMemory:
         return f"ProcessMemory({self.source!r}, {self.size >> 20} MiB in {len(self.regions)} regions, {self.method})"
 
 
-def _scratch(size: int) -> mmap.mmap | bytearray:
-    """Return a zeroed writable buffer of `size` bytes: a transparent-huge-page mapping when large.
+def free_huge_blocks(buddyinfo: str | None = None) -> int:
+    """Return how many free 2 MiB blocks the kernel's buddy allocator holds (/proc/buddyinfo, orders >= 9)."""
+    if buddyinfo is None:
+        try:
+            buddyinfo = Path("/proc/buddyinfo").read_text()
+        except OSError:
+            return 0
+    total = 0
+    for line in buddyinfo.splitlines():
+        counts = line.split()[4:]
+        total += sum(int(c) << (order - 9) for order, c in enumerate(counts) if order >= 9 and c.isdigit())
+    return total
 
-    Callers keep many of these at once (a RAM scan lists its views), so they cannot reuse one buffer;
-    faulting 4 KiB pages in one by one costs more than reading the guest's RAM, huge pages do not."""
+
+def _scratch(size: int, huge: bool = False) -> mmap.mmap | bytearray:
+    """Return a zeroed writable buffer of `size` bytes: huge pages when `huge`, else pre-faulted when large.
+
+    Callers keep many of these at once (a RAM scan lists its views), so they cannot reuse one buffer, and
+    faulting 4 KiB pages in one by one costs more than reading the guest's RAM. Transparent huge pages are
+    fastest while free 2 MiB blocks exist (the caller checks `free_huge_blocks`): on a fragmented host a
+    madvise'd region stalls in direct compaction (0.6 s instead of 0.02 s for 240 MiB, measured here), so
+    then the kernel's batch populate (MAP_POPULATE, 4 KiB pages) is used."""
     if size < 1 << 21:
         return bytearray(size)
-    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(AttributeError, OSError):
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    return buf
+    if huge:
+        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        with contextlib.suppress(AttributeError, OSError):
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        return buf
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0))
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
