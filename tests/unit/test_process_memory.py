@@ -260,3 +260,12 @@ def test_the_qemu_pid_is_asked_of_its_qmp_socket(tmp_path: Path) -> None:
         server.listen(1)
         assert qemu.find_qemu_pid(path) == os.getpid()
     assert qemu.find_qemu_pid(tmp_path / "missing.sock") is None
+
+
+def test_free_huge_blocks_counts_orders_from_9_up() -> None:
+    from nephoscope.memory.process import free_huge_blocks
+
+    info = ("Node 0, zone      DMA      0      0      0      0      0      0      0      0      1      1      3 \n"
+            "Node 0, zone   Normal   3271   4699    660   2332   6454   3040    803   1761   1000    351   1112 \n")
+    assert free_huge_blocks(info) == 1 + 3 * 2 + 351 + 1112 * 2
+    assert free_huge_blocks("") == 0
