@@ -73,6 +73,12 @@ def big_guest() -> Iterator[runner.Guest]:
 
 
 @pytest.fixture(scope="session")
+def fresh_file_guest() -> Iterator[runner.Guest]:
+    """The clean profile with a shared RAM file that no other test reads whole (dumps and copies touch every page)."""
+    yield from _boot("clean", tag="fresh", mem="1G")
+
+
+@pytest.fixture(scope="session")
 def memfd_guest() -> Iterator[runner.Guest]:
     """The clean profile with memory-backend-memfd RAM (shared, but no file nephoscope can name)."""
     yield from _boot("clean", tag="memfd", ram="memfd", gdb=False)

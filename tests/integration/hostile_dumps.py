@@ -123,6 +123,9 @@ def _file_offset(mem: ElfCoreMemory, gpa: int) -> int:
 VDSO = b"\x7fELF\x02\x01\x01" + bytes(100) + b"linux-vdso.so.1\0"
 
 
+FAKE_VDSO_GPA = 0x1400_0000  # somewhere in RAM: the look-alike's content
+
+
 def fake_vdsos(path: Path, tables: int = 4) -> int:
     """In one process, turn `tables` of its user page tables (PTs) into vdso look-alikes at every other slot.
 
@@ -147,7 +150,7 @@ def fake_vdsos(path: Path, tables: int = 4) -> int:
                 pts.append(table)
         if len(pts) >= tables:
             break
-    page_gpa = 0x1400_0000  # somewhere in RAM: the look-alike's content
+    page_gpa = FAKE_VDSO_GPA
     writes = [(_file_offset(mem, page_gpa), VDSO.ljust(PAGE, b"\0"))]
     count = 0
     for pt in pts:

@@ -113,4 +113,6 @@ def test_vdso_lookalikes_at_every_other_slot(copy: Path, clean_report: ArchRepor
     # maps that once), the rest counted as aliases
     assert 1 <= kinds["unknown-code"] <= 2, kinds
     aliases = sum(sp.anomalies.get("unknown-region-aliases", 0) for sp in report.spaces)
-    assert aliases >= fakes - 2
+    # a look-alike that lands inside an identified image's extent is that image's modified page instead
+    inside = sum(1 for sp in report.spaces for im in sp.images for m in im.modified if m.gpa == hd.FAKE_VDSO_GPA)
+    assert aliases + inside >= fakes - 2, (aliases, inside, fakes)

@@ -139,7 +139,7 @@ def test_arch_identifies_what_it_identifies_on_the_shared_file_guest(guest: runn
     assert _running(guest) and _running(clean_guest)
 
 
-@pytest.mark.parametrize("which", ["big_guest", "memfd_guest", "clean_guest"])
+@pytest.mark.parametrize("which", ["big_guest", "memfd_guest", "fresh_file_guest"])
 def test_a_full_scan_does_not_inflate_the_guest_on_the_host(which: str, request: pytest.FixtureRequest,
                                                             default_kb: None) -> None:
     guest: runner.Guest = request.getfixturevalue(which)
