@@ -67,3 +67,12 @@ def test_names_resolve_through_discovery(tmp_path: Path, monkeypatch: pytest.Mon
         resolve_target("off")
     with pytest.raises(NephoscopeError, match=r"neither a running lab guest.*dumpvm, broken, off.*libvirt not asked"):
         resolve_target("nothing-like-this")
+
+
+def test_a_missing_path_is_named_as_a_path_not_as_a_guest_to_boot(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEPHOSCOPE_RUN", str(tmp_path / "run"))
+    fake_host(tmp_path, monkeypatch)
+    with pytest.raises(NephoscopeError, match="does not exist or is neither a QMP socket") as err:
+        resolve_target(str(tmp_path / "no-such.elf"))
+    assert "lab up" not in str(err.value)

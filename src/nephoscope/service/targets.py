@@ -56,6 +56,9 @@ def _host_target(spec: str) -> VmTarget:
         return vm.target
     known = ", ".join(v.name for v in found.vms) or "none running"
     skipped = "".join(f"; {src} not asked: {why}" for src, why in found.skipped.items())
+    if "/" in spec:  # meant as a path: say what is wrong with the path, not how to boot a guest of that name
+        raise NephoscopeError(f"{spec!r} does not exist or is neither a QMP socket nor a memory file "
+                              f"(raw RAM, QEMU ELF core, LiME); `nephoscope vms` lists the VMs on this host")
     raise NephoscopeError(f"{spec!r} is neither a running lab guest nor a VM on this host ({known}), a QMP socket "
                           f"nor a memory file"
                           f"{skipped}; `nephoscope vms` lists the VMs, `nephoscope lab up {spec}` starts a lab guest")
