@@ -32,7 +32,10 @@ def test_a_closed_connection_is_reopened() -> None:
 def test_a_forked_child_opens_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
     conn = lv.shared_connection(URI)
     monkeypatch.setattr(lv.os, "getpid", lambda: -1)
-    assert lv.shared_connection(URI) is not conn
+    child = lv.shared_connection(URI)
+    assert child is not conn and conn.isAlive(), "the parent's connection is left alone"
+    child.close()
+    lv._SHARED.pop(URI)
 
 
 def test_an_unknown_domain_is_still_an_error_naming_the_domains() -> None:

@@ -8,6 +8,7 @@ Nothing here pauses the VM.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -76,8 +77,20 @@ def shared_connection(uri: str | None = None) -> Any:
             with contextlib.suppress(libvirt.libvirtError, AttributeError, TypeError):
                 held[1].close()
         conn = connect(uri)
+        if not _SHARED:
+            atexit.register(_close_shared)
         _SHARED[uri] = (os.getpid(), conn)
         return conn
+
+
+def _close_shared() -> None:
+    """Close this process's shared connections before the interpreter unloads libvirt's module."""
+    with _SHARED_LOCK:
+        for pid, conn in _SHARED.values():
+            if pid == os.getpid():
+                with contextlib.suppress(Exception):
+                    conn.close()
+        _SHARED.clear()
 
 
 def lookup_domain(conn: Any, spec: str) -> Any | None:
