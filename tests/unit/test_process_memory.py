@@ -269,3 +269,101 @@ def test_free_huge_blocks_counts_orders_from_9_up() -> None:
             "Node 0, zone   Normal   3271   4699    660   2332   6454   3040    803   1761   1000    351   1112 \n")
     assert free_huge_blocks(info) == 1 + 3 * 2 + 351 + 1112 * 2
     assert free_huge_blocks("") == 0
+
+
+# --- a proven layout remembered per QEMU process, re-proved on reuse ------------------------------------------
+
+
+@pytest.fixture
+def proven(anon):
+    """The anon block's layout proven once (then remembered for this process); forgotten afterwards."""
+    mm, address = anon
+    qemu.forget_process_ram()
+    layout = qemu.find_process_ram(FakeMonitor(mm, 67 * PAGE), os.getpid())
+    yield mm, address, layout
+    qemu.forget_process_ram()
+
+
+def test_a_remembered_layout_is_reused_after_one_xp_per_region(proven) -> None:
+    mm, address, layout = proven
+    monitor = FakeMonitor(mm, 67 * PAGE)
+    again = qemu.recall_process_ram(monitor, os.getpid())
+    assert again is not None and again.ranges == layout.ranges and again.mappings == layout.mappings
+    xps = [line for line in monitor.lines if line.startswith("xp ")]
+    assert monitor.lines[0] == "info mtree -f" and 1 <= len(xps) <= 2, monitor.lines
+    assert "info ramblock" not in monitor.lines
+    assert _touched(address, 67).count(True) == 3, "the re-proof reads only touched pages"
+
+
+def test_a_changed_start_time_forgets_the_layout(proven, monkeypatch: pytest.MonkeyPatch) -> None:
+    mm, _address, _layout = proven
+    start = qemu.process_start_time(os.getpid())
+    assert start is not None and start > 0
+    monkeypatch.setattr(qemu, "process_start_time", lambda pid: start + 1)  # another process with this pid
+    monitor = FakeMonitor(mm, 67 * PAGE)
+    assert qemu.recall_process_ram(monitor, os.getpid()) is None
+    assert not any(line.startswith("xp ") for line in monitor.lines)
+    monkeypatch.setattr(qemu, "process_start_time", lambda pid: start)
+    assert qemu.recall_process_ram(monitor, os.getpid()) is None, "a stale layout is forgotten, not kept"
+
+
+@pytest.mark.parametrize("change", ["dev", "inode", "perms", "moved"])
+def test_a_changed_mapping_forgets_the_layout(proven, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    from dataclasses import replace
+
+    mm, address, _layout = proven
+    parse = qemu.parse_maps
+
+    def altered(text: str) -> list[qemu.HostMapping]:
+        out = []
+        for m in parse(text):
+            if m.start <= address < m.end:
+                m = {"dev": replace(m, dev="ff:01"), "inode": replace(m, inode=m.inode + 7),
+                     "perms": replace(m, perms="r--p"),
+                     "moved": replace(m, start=m.start + PAGE, end=m.end + PAGE)}[change]
+            out.append(m)
+        return out
+
+    monkeypatch.setattr(qemu, "parse_maps", altered)
+    assert qemu.recall_process_ram(FakeMonitor(mm, 67 * PAGE), os.getpid()) is None
+
+
+def test_an_xp_mismatch_forgets_the_layout_and_discovery_starts_over(proven) -> None:
+    mm, address, _layout = proven
+    assert qemu.recall_process_ram(FakeMonitor(mm, 67 * PAGE, lie=True), os.getpid()) is None
+    honest = FakeMonitor(mm, 67 * PAGE)
+    assert qemu.recall_process_ram(honest, os.getpid()) is None, "forgotten after the mismatch"
+    assert not any(line.startswith("xp ") for line in honest.lines)
+    layout = qemu.find_process_ram(honest, os.getpid())  # full discovery, remembered again
+    assert "info ramblock" in honest.lines and layout.ranges[0].hva == address
+    assert qemu.recall_process_ram(FakeMonitor(mm, 67 * PAGE), os.getpid()) is not None
+
+
+class _GrownMonitor(FakeMonitor):
+    """The same block, but the flat view shows another RAM region (a hot-plugged DIMM)."""
+
+    def hmp(self, line: str) -> str:
+        text = super().hmp(line)
+        if line == "info mtree -f":
+            text += "  0000000100000000-00000001000fffff (prio 0, ram): dimm0\n"
+        return text
+
+
+def test_a_changed_flat_view_forgets_the_layout(proven) -> None:
+    mm, _address, _layout = proven
+    monitor = _GrownMonitor(mm, 67 * PAGE)
+    assert qemu.recall_process_ram(monitor, os.getpid()) is None
+    assert not any(line.startswith("xp ") for line in monitor.lines)
+
+
+def test_an_unknown_process_has_no_remembered_layout(anon) -> None:
+    mm, _ = anon
+    qemu.forget_process_ram()
+    monitor = FakeMonitor(mm, 67 * PAGE)
+    assert qemu.recall_process_ram(monitor, os.getpid()) is None and monitor.lines == []
+
+
+def test_the_start_time_is_field_22_of_proc_stat() -> None:
+    fields = Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()
+    assert qemu.process_start_time(os.getpid()) == int(fields[19])
+    assert qemu.process_start_time(2**22 + 12345) is None

@@ -8,9 +8,11 @@ Nothing here pauses the VM.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,44 @@ def connect(uri: str | None = None, readonly: bool = False) -> Any:
     except libvirt.libvirtError as exc:
         raise ConnectorError(f"cannot connect to libvirt at {uri}: {exc}; is libvirtd running? "
                              "(`nephoscope lab libvirtd` starts virtlogd and libvirtd where no init does)") from exc
+
+
+_SHARED: dict[str, tuple[int, Any]] = {}  # uri → (pid that opened it, connection)
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_connection(uri: str | None = None) -> Any:
+    """Return this process's one open connection to `uri` (opened on first use, reopened once it died).
+
+    Monitors and agent channels share it: opening a libvirt connection costs more than a monitor command.
+    Callers must not close it. A forked child opens its own (never reuses the parent's socket)."""
+    libvirt, _ = _modules()
+    uri = uri or default_uri()
+    with _SHARED_LOCK:
+        held = _SHARED.get(uri)
+        if held is not None and held[0] == os.getpid():
+            try:
+                if held[1].isAlive():
+                    return held[1]
+            except (libvirt.libvirtError, AttributeError, TypeError):
+                pass  # closed behind our back or dead: open a new one
+            with contextlib.suppress(libvirt.libvirtError, AttributeError, TypeError):
+                held[1].close()
+        conn = connect(uri)
+        if not _SHARED:
+            atexit.register(_close_shared)
+        _SHARED[uri] = (os.getpid(), conn)
+        return conn
+
+
+def _close_shared() -> None:
+    """Close this process's shared connections before the interpreter unloads libvirt's module."""
+    with _SHARED_LOCK:
+        for pid, conn in _SHARED.values():
+            if pid == os.getpid():
+                with contextlib.suppress(Exception):
+                    conn.close()
+        _SHARED.clear()
 
 
 def lookup_domain(conn: Any, spec: str) -> Any | None:
@@ -145,12 +185,8 @@ class LibvirtMonitor:
     def __init__(self, domain: str, uri: str | None = None, timeout: float = 10.0) -> None:
         self.libvirt, self.libvirt_qemu = _modules()
         self.timeout = timeout  # libvirt bounds monitor jobs itself (its job timeout); kept for the interface
-        self.conn = connect(uri)
-        try:
-            self.dom = get_domain(self.conn, domain)
-        except BaseException:
-            self.conn.close()
-            raise
+        self.conn = shared_connection(uri)
+        self.dom = get_domain(self.conn, domain)  # looked up each time: a redefined domain is another one
         self.name = self.dom.name()
 
     def _raw(self, text: str, flags: int) -> str:
@@ -183,9 +219,8 @@ class LibvirtMonitor:
         return self._raw(line, self.libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
 
     def close(self) -> None:
-        """Close the libvirt connection (the VM keeps running)."""
-        with contextlib.suppress(self.libvirt.libvirtError):
-            self.conn.close()
+        """Let go of the domain (the shared libvirt connection stays open for the next monitor; the VM runs on)."""
+        self.dom = None
 
     def __enter__(self) -> LibvirtMonitor:
         return self
@@ -200,16 +235,11 @@ class LibvirtAgentChannel:
     def __init__(self, domain: str, uri: str | None = None, timeout: float = 10.0) -> None:
         self.libvirt, self.libvirt_qemu = _modules()
         self.timeout = timeout
-        self.conn = connect(uri)
-        try:
-            self.dom = get_domain(self.conn, domain)
-            info = describe_domain(self.dom)
-        except BaseException:
-            self.conn.close()
-            raise
+        self.conn = shared_connection(uri)
+        self.dom = get_domain(self.conn, domain)
+        info = describe_domain(self.dom)
         self.name = info.name
         if not info.agent_channel:
-            self.conn.close()
             raise ConnectorError(f"libvirt domain {info.name} has no guest agent channel ({AGENT_CHANNEL}); "
                                  "add a <channel type='unix'> with that target name to its XML")
 
@@ -237,6 +267,5 @@ class LibvirtAgentChannel:
         return reply.get("return")
 
     def close(self) -> None:
-        """Close the libvirt connection (the agent keeps running)."""
-        with contextlib.suppress(self.libvirt.libvirtError):
-            self.conn.close()
+        """Let go of the domain (the shared libvirt connection stays open; the agent keeps running)."""
+        self.dom = None

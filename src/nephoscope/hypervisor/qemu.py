@@ -14,12 +14,15 @@ two reads is read again).
 from __future__ import annotations
 
 import os
+import random
 import re
 import socket
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+import numpy as np
 
 from nephoscope.core.errors import ConnectorError
 
@@ -70,6 +73,7 @@ class HostMapping:
     offset: int
     inode: int
     path: str
+    dev: str = ""  # major:minor of the backing file's device ("00:00" for anonymous memory)
 
     @property
     def size(self) -> int:
@@ -166,7 +170,7 @@ def parse_maps(text: str) -> list[HostMapping]:
         start, _, end = parts[0].partition("-")
         try:
             out.append(HostMapping(int(start, 16), int(end, 16), parts[1], int(parts[2], 16), int(parts[4]),
-                                   parts[5].strip() if len(parts) > 5 else ""))
+                                   parts[5].strip() if len(parts) > 5 else "", parts[3]))
         except ValueError:
             continue
     return out
@@ -223,12 +227,12 @@ class _ProcessBytes:
     def touched_pages(self, hva: int, pages: int, limit: int = 1 << 18) -> list[int]:
         """Return the indexes of touched pages among `pages` pages from `hva` (sampled: at most `limit`)."""
         stride = max(1, pages // limit)
-        out = []
+        out: list[int] = []
         for first in range(0, pages, 1 << 16):
             n = min(1 << 16, pages - first)
             raw = os.pread(self.pagemap, n * 8, (hva // PAGE + first) * 8)
-            ents = struct.unpack(f"<{len(raw) // 8}Q", raw)
-            out += [first + i for i in range(0, len(ents), stride) if ents[i] & _PRESENT_OR_SWAPPED]
+            ents = np.frombuffer(raw, dtype="<u8", count=len(raw) // 8)[::stride]
+            out += (np.flatnonzero(ents & np.uint64(_PRESENT_OR_SWAPPED)) * stride + first).tolist()
         return out
 
     def read(self, hva: int, n: int) -> bytes:
@@ -256,13 +260,16 @@ def _candidates(block: RamBlock, maps: list[HostMapping]) -> list[HostMapping]:
     out = []
     for m in maps:  # the kernel may merge the block's VMA with a neighbour: try both ends
         if m.perms.startswith("rw") and m.size > block.total:
-            out.append(HostMapping(m.start, m.start + block.total, m.perms, m.offset, m.inode, m.path))
-            out.append(HostMapping(m.end - block.total, m.end, m.perms, m.offset, m.inode, m.path))
+            out.append(HostMapping(m.start, m.start + block.total, m.perms, m.offset, m.inode, m.path, m.dev))
+            out.append(HostMapping(m.end - block.total, m.end, m.perms, m.offset, m.inode, m.path, m.dev))
     return out
 
 
-def _prove(monitor: Hmp, proc: _ProcessBytes, ranges: list[GuestRamRange], base: int) -> tuple[bool, list[str], str]:
-    """Compare xp reads with the process at `base` + block offset; return (proven, proof lines, why not)."""
+def _prove(monitor: Hmp, proc: _ProcessBytes, ranges: list[GuestRamRange], base: int, samples: int = SAMPLES_PER_REGION,
+           strict: bool = False, start: int = 0) -> tuple[bool, list[str], str]:
+    """Compare xp reads with the process at `base` + block offset; return (proven, proof lines, why not).
+
+    `samples` equal reads are wanted per region; `strict` fails on any unequal read; `start` rotates the picks."""
     proof: list[str] = []
     compared = 0
     for r in ranges:
@@ -276,8 +283,9 @@ def _prove(monitor: Hmp, proc: _ProcessBytes, ranges: list[GuestRamRange], base:
                 return False, proof, f"gpa {gpa:#x} is non-zero to the monitor but untouched at host {hva:#x}"
             proof.append(f"gpa {gpa:#x}: untouched, zero to the monitor")
             continue
-        picks = [touched[i * (len(touched) - 1) // max(1, 2 * SAMPLES_PER_REGION - 1)]
-                 for i in range(2 * SAMPLES_PER_REGION)]
+        # strict (a re-proof): more candidate pages, since touched pages that read as zero prove nothing
+        tries = 2 * samples * (4 if strict else 1)
+        picks = [touched[(start + i * (len(touched) - 1) // max(1, tries - 1)) % len(touched)] for i in range(tries)]
         matched = mismatched = 0
         for page in dict.fromkeys(picks):
             page_hva = hva + page * PAGE
@@ -298,7 +306,9 @@ def _prove(monitor: Hmp, proc: _ProcessBytes, ranges: list[GuestRamRange], base:
                     break
             else:
                 mismatched += 1
-            if matched >= SAMPLES_PER_REGION:
+                if strict:
+                    return False, proof, f"gpa {gpa:#x}: the monitor's bytes differ from host {page_hva + nz:#x}"
+            if matched >= samples:
                 break
         if matched == 0 or mismatched > matched:
             return False, proof, (f"{r.block} at host {hva:#x}: {matched} of {matched + mismatched} monitor reads "
@@ -309,11 +319,13 @@ def _prove(monitor: Hmp, proc: _ProcessBytes, ranges: list[GuestRamRange], base:
     return True, proof, ""
 
 
-def find_process_ram(monitor: Hmp, pid: int) -> ProcessRam:
+def find_process_ram(monitor: Hmp, pid: int, flat: list[FlatRange] | None = None) -> ProcessRam:
     """Return the proven guest RAM layout of QEMU process `pid` (asks `monitor`; does not pause the VM).
 
-    Raises ConnectorError saying why when the layout cannot be found or proven."""
-    flat = parse_mtree(monitor.hmp("info mtree -f"))
+    `flat` is the flat view when the caller already asked for it. The proven layout is remembered for
+    `recall_process_ram`. Raises ConnectorError saying why when the layout cannot be found or proven."""
+    if flat is None:
+        flat = parse_mtree(monitor.hmp("info mtree -f"))
     blocks = parse_ramblocks(monitor.hmp("info ramblock"))
     names = _memdev_names(monitor) & set(blocks)
     if not names:  # no memory backend reported: the largest RAM block is the guest's RAM
@@ -363,4 +375,114 @@ def find_process_ram(monitor: Hmp, pid: int) -> ProcessRam:
                        for r in mine]
     finally:
         proc.close()
-    return ProcessRam(pid, sorted(placed, key=lambda r: r.gpa_start), backing, proof, mapped)
+    layout = ProcessRam(pid, sorted(placed, key=lambda r: r.gpa_start), backing, proof, mapped)
+    _remember(layout, flat)
+    return layout
+
+
+# --- proven layouts, remembered per QEMU process and re-proved on reuse ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Remembered:
+    """A proven layout and what identifies the process and mappings it was proven for."""
+
+    start_time: int  # /proc/PID/stat field 22: a reused pid has another
+    ram_names: frozenset[str]  # every RAM region of the flat view then (a hot-plugged block changes it)
+    layout: ProcessRam
+
+
+_REMEMBERED: dict[int, _Remembered] = {}
+_RECALL_SAMPLES = 1  # equal xp reads per region on reuse (every other fact is compared exactly)
+
+
+def process_start_time(pid: int) -> int | None:
+    """Return the start time of process `pid` in clock ticks since boot (/proc/PID/stat field 22), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()  # the command name may hold spaces and parentheses
+    try:
+        return int(fields[19])  # field 22 overall; fields[0] is field 3 (state)
+    except (IndexError, ValueError):
+        return None
+
+
+def _ram_names(flat: list[FlatRange]) -> frozenset[str]:
+    return frozenset(r.name for r in flat if r.kind in ("ram", "ramd"))
+
+
+def _remember(layout: ProcessRam, flat: list[FlatRange]) -> None:
+    start = process_start_time(layout.pid)
+    if start is not None:
+        _REMEMBERED[layout.pid] = _Remembered(start, _ram_names(flat), layout)
+
+
+def forget_process_ram(pid: int | None = None) -> None:
+    """Forget the remembered layout of QEMU process `pid` (every process when None)."""
+    if pid is None:
+        _REMEMBERED.clear()
+    else:
+        _REMEMBERED.pop(pid, None)
+
+
+def _same_mapping(was: HostMapping, maps: list[HostMapping]) -> bool:
+    """Return whether one mapping of `maps` still holds `was`: same file (inode, device, path) and permissions."""
+    return any(m.start <= was.start and was.end <= m.end and m.inode == was.inode and m.dev == was.dev
+               and m.path == was.path and m.perms == was.perms for m in maps)
+
+
+def recall_process_ram(monitor: Hmp, pid: int, flat: list[FlatRange] | None = None) -> ProcessRam | None:
+    """Return the layout proven earlier for QEMU process `pid` once re-proved, else None (then discover anew).
+
+    Reused only when the process (pid and start time), each RAM mapping (address, inode, device, path,
+    permissions) and the flat view (every RAM region, the same gpa ranges at the same block offsets) are
+    unchanged and `xp` reads of touched non-zero pages in every region equal the process's bytes; any
+    difference forgets it. Asks `monitor` (`info mtree -f` unless `flat` is given, and xp); does not pause."""
+    was = _REMEMBERED.get(pid)
+    if was is None:
+        return None
+    if not _still_valid(monitor, pid, was, flat):
+        _REMEMBERED.pop(pid, None)
+        return None
+    old = was.layout
+    return ProcessRam(pid, list(old.ranges), dict(old.backing), list(old.proof), dict(old.mappings))
+
+
+def _still_valid(monitor: Hmp, pid: int, was: _Remembered, flat: list[FlatRange] | None) -> bool:
+    if process_start_time(pid) != was.start_time:
+        return False
+    try:
+        maps = parse_maps(Path(f"/proc/{pid}/maps").read_text())
+    except OSError:
+        return False
+    layout = was.layout
+    if not layout.mappings or not all(_same_mapping(m, maps) for m in layout.mappings.values()):
+        return False
+    try:
+        flat = flat if flat is not None else parse_mtree(monitor.hmp("info mtree -f"))
+    except ConnectorError:
+        return False
+    if _ram_names(flat) != was.ram_names:
+        return False
+    now = ram_ranges(flat, set(layout.backing))
+    if [(r.gpa_start, r.gpa_end, r.block, r.block_offset) for r in now] != \
+            [(r.gpa_start, r.gpa_end, r.block, r.block_offset) for r in layout.ranges]:
+        return False
+    try:
+        proc = _ProcessBytes(pid)
+    except ConnectorError:
+        return False
+    try:
+        for name, mapping in layout.mappings.items():
+            mine = [r for r in layout.ranges if r.block == name]
+            ok, _lines, _why = _prove(monitor, proc, mine, mapping.start, samples=_RECALL_SAMPLES, strict=True,
+                                      start=random.randrange(1 << 20))
+            if not ok:
+                return False
+    except (ConnectorError, OSError):
+        return False
+    finally:
+        proc.close()
+    return True

@@ -4,13 +4,21 @@
 (when it holds all of RAM at offset = gpa); the QEMU process's own memory, found and proven with
 `nephoscope.hypervisor.qemu.find_process_ram` — read through the mapping's file where the proven mapping
 is a shared memfd/file holding all RAM at offset = gpa (zero-copy, holes skipped), else with the process
-reader (pagemap + process_vm_readv). All addresses are guest-physical. Nothing here pauses the VM.
+reader (pagemap + process_vm_readv). A layout proven earlier in this process is reused once re-proved
+(`recall_process_ram`). All addresses are guest-physical. Nothing here pauses the VM.
 """
 
 from __future__ import annotations
 
 from nephoscope.core.errors import ConnectorError
-from nephoscope.hypervisor.qemu import ProcessRam, find_process_ram, find_qemu_pid, parse_mtree, ram_ranges
+from nephoscope.hypervisor.qemu import (
+    ProcessRam,
+    find_process_ram,
+    find_qemu_pid,
+    parse_mtree,
+    ram_ranges,
+    recall_process_ram,
+)
 from nephoscope.hypervisor.target import VmTarget
 from nephoscope.memory.physical import PhysicalMemory, open_memory
 from nephoscope.memory.process import ProcessMemory, RamRegion
@@ -44,16 +52,21 @@ def open_ram(vm: VmTarget, *, cache: bool = True) -> PhysicalMemory:
 
     pid = find_qemu_process(vm)  # before the monitor: a QMP socket serves one client at a time
     with open_monitor(vm) as monitor:
-        shared = find_shared_ram(monitor)
-        if shared is not None:
-            flat = parse_mtree(monitor.hmp("info mtree -f"))
-            # the file is offset = gpa only when no RAM sits above the PCI hole
-            if all(r.gpa_start == r.block_offset for r in ram_ranges(flat, {f.name for f in flat if f.kind == "ram"})):
-                return open_memory(shared)
-        if pid is None:
-            raise ConnectorError(f"{vm.name}: guest RAM lives only in the QEMU process and its pid is unknown "
-                                 "(name the VM as pid:N or by its lab/libvirt name)")
-        layout = find_process_ram(monitor, pid)
+        # a layout proven earlier in this process, re-proved with the flat view and one xp per region
+        layout = recall_process_ram(monitor, pid) if pid is not None else None
+        if layout is None:
+            flat = None
+            shared = find_shared_ram(monitor)
+            if shared is not None:
+                flat = parse_mtree(monitor.hmp("info mtree -f"))
+                # the file is offset = gpa only when no RAM sits above the PCI hole
+                if all(r.gpa_start == r.block_offset
+                       for r in ram_ranges(flat, {f.name for f in flat if f.kind == "ram"})):
+                    return open_memory(shared)
+            if pid is None:
+                raise ConnectorError(f"{vm.name}: guest RAM lives only in the QEMU process and its pid is unknown "
+                                     "(name the VM as pid:N or by its lab/libvirt name)")
+            layout = find_process_ram(monitor, pid, flat)
     shared_file = layout.shared_file()
     if shared_file is not None:  # memfd or file RAM, proven at this mapping: read the file (zero-copy, holes)
         try:
