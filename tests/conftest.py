@@ -85,6 +85,25 @@ def memfd_guest() -> Iterator[runner.Guest]:
 
 
 @pytest.fixture(scope="session")
+def hugetlb_guest() -> Iterator[runner.Guest]:
+    """The clean profile on 2 MiB huge pages (memory-backend-memfd hugetlb=on), reserved here and given back."""
+    pool = Path("/proc/sys/vm/nr_hugepages")
+    before = int(pool.read_text())
+    need = before + 512 // 2 + 16  # 512 MiB of 2 MiB pages, and a little slack
+    try:
+        pool.write_text(str(need))
+    except OSError as exc:
+        pytest.skip(f"cannot reserve huge pages ({exc}); hugepage-backed RAM needs root and a free pool")
+    if int(pool.read_text()) < need:
+        pool.write_text(str(before))
+        pytest.skip(f"the kernel gave only {pool.read_text().strip()} of {need} huge pages (memory fragmented)")
+    try:
+        yield from _boot("clean", tag="huge", ram="hugetlb", gdb=False)
+    finally:
+        pool.write_text(str(before))
+
+
+@pytest.fixture(scope="session")
 def tampered_guest() -> Iterator[runner.Guest]:
     yield from _boot("tampered", kaslr=True)
 

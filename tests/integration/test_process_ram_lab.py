@@ -32,7 +32,7 @@ from nephoscope.memory.process import ProcessMemory
 from nephoscope.service.targets import resolve_target
 
 pytestmark = pytest.mark.guest
-PROCESS_GUESTS = ["bare_guest", "big_guest", "memfd_guest"]
+PROCESS_GUESTS = ["bare_guest", "big_guest", "memfd_guest", "hugetlb_guest"]
 
 
 @pytest.fixture(params=PROCESS_GUESTS)
@@ -54,6 +54,8 @@ def host_bytes(guest: runner.Guest) -> int:
         with open_ram(resolve_target(guest.name)) as phys:
             return os.stat(phys.source).st_blocks * 512  # type: ignore[attr-defined]
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{guest.pid}/status").read_text().splitlines())
+    if guest.ram == "hugetlb":  # huge pages are not in RSS
+        return int(fields["HugetlbPages"].split()[0]) << 10
     return sum(int(fields[k].split()[0]) << 10 for k in ("RssAnon", "RssShmem"))
 
 
@@ -139,14 +141,14 @@ def test_arch_identifies_what_it_identifies_on_the_shared_file_guest(guest: runn
     assert _running(guest) and _running(clean_guest)
 
 
-@pytest.mark.parametrize("which", ["big_guest", "memfd_guest", "fresh_file_guest"])
+@pytest.mark.parametrize("which", ["big_guest", "memfd_guest", "hugetlb_guest", "fresh_file_guest"])
 def test_a_full_scan_does_not_inflate_the_guest_on_the_host(which: str, request: pytest.FixtureRequest,
                                                             default_kb: None) -> None:
     guest: runner.Guest = request.getfixturevalue(which)
     vm = resolve_target(guest.name)
     with open_ram(vm) as phys:
         touched = sum(n for _, n in phys.iter_touched())  # type: ignore[attr-defined]
-        assert isinstance(phys, ProcessMemory if guest.ram == "anon" else RawMemory)
+        assert isinstance(phys, ProcessMemory if guest.ram in ("anon", "hugetlb") else RawMemory)
     assert touched < (guest.mem_mib << 20) // 2, "the guest should have touched little of its RAM"
     before = host_bytes(guest)
     scan_target(vm, pause=False)

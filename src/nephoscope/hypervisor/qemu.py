@@ -122,6 +122,8 @@ class ProcessRam:
             return None
         if not all(r.gpa_start == r.block_offset for r in self.ranges):
             return None
+        if kernel_page_kib(self.pid, m.start) != 4:
+            return None  # hugetlb: a read through our own mapping of a hole allocates a huge page; use pagemap
         path = Path(f"/proc/{self.pid}/map_files/{m.start:x}-{m.end:x}")  # the mapping's own file (needs root)
         return path if path.exists() else None
 
@@ -130,6 +132,20 @@ class ProcessRam:
         return {"pid": self.pid, "backing": self.backing, "proof": len(self.proof),
                 "ranges": [{"gpa": f"{r.gpa_start:#x}-{r.gpa_end - 1:#x}", "block": r.block,
                             "offset": f"{r.block_offset:#x}", "hva": f"{r.hva:#x}"} for r in self.ranges]}
+
+
+def kernel_page_kib(pid: int, start: int) -> int | None:
+    """Return the kernel page size (KiB) of the mapping of process `pid` that starts at host address `start`
+    (/proc/PID/smaps `KernelPageSize`: 4, or 2048 for hugetlb), or None when it cannot be read."""
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return None
+    header = re.search(rf"^{start:x}-", text, re.M)
+    if header is None:
+        return None
+    m = re.compile(r"^KernelPageSize:\s+(\d+) kB", re.M).search(text, header.end())
+    return int(m.group(1)) if m else None
 
 
 # --- parsers (monitor and /proc text) ------------------------------------------------------------------

@@ -27,7 +27,7 @@ from nephoscope.lab.manifest import parse_report
 if TYPE_CHECKING:
     from nephoscope.lab.build import Image
 
-RAM_KINDS = ("file", "anon", "memfd")
+RAM_KINDS = ("file", "anon", "memfd", "hugetlb")
 MAX_FILE_MIB = 3072  # a shared RAM file maps offset = gpa only below the PCI hole
 MAX_MIB = 16384
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
@@ -224,6 +224,9 @@ def qemu_command(guest: Guest, image: Image) -> list[str]:
     elif guest.ram == "memfd":
         ram = ["-machine", "pc,memory-backend=ram0", "-object",
                f"memory-backend-memfd,id=ram0,size={guest.mem_mib}M,share=on"]
+    elif guest.ram == "hugetlb":  # 2 MiB huge pages from the host's pool (vm.nr_hugepages), no hugetlbfs mount
+        ram = ["-machine", "pc,memory-backend=ram0", "-object",
+               f"memory-backend-memfd,id=ram0,size={guest.mem_mib}M,share=on,hugetlb=on,hugetlbsize=2M"]
     else:  # anon: QEMU's default, RAM is an anonymous mapping of the QEMU process
         ram = ["-machine", "pc"]
     gdb = ["-gdb", f"tcp:127.0.0.1:{guest.gdb_port}"] if guest.gdb_port else []
@@ -258,7 +261,8 @@ def start(name: str, image: Image, *, mem: str = "512M", smp: int = 1, kaslr: bo
           gdb: bool = True) -> Guest:
     """Boot `image` as guest `name`, wait until its init reports ready, and write its manifest.
 
-    `ram`: "file" (shared /dev/shm RAM file), "anon" (plain `-m`, RAM only in the QEMU process) or "memfd";
+    `ram`: "file" (shared /dev/shm RAM file), "anon" (plain `-m`, RAM only in the QEMU process), "memfd", or
+    "hugetlb" (memfd on 2 MiB huge pages from vm.nr_hugepages);
     `gdb` False starts no gdbstub (trap/watch then start one on demand through the monitor)."""
     check_name(name)
     if ram not in RAM_KINDS:
