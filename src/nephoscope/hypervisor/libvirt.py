@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from nephoscope.core.errors import ConnectorError
+from nephoscope.hypervisor.qga import parse_reply
 
 DEFAULT_URI = "qemu:///system"
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
@@ -256,15 +257,7 @@ class LibvirtAgentChannel:
             raise ConnectorError(f"guest agent {name} on {self.name}: libvirt returned nothing")
         if len(text) > 64 * 2**20:
             raise ConnectorError("guest agent reply exceeds 64 MiB; refusing it")
-        try:
-            reply = json.loads(text)
-        except ValueError as exc:
-            raise ConnectorError(f"guest agent sent invalid JSON: {text[:200]!r}") from exc
-        if not isinstance(reply, dict):
-            raise ConnectorError("guest agent sent a non-object reply")
-        if "error" in reply:
-            raise ConnectorError(f"guest agent {name} failed: {reply['error']}")
-        return reply.get("return")
+        return parse_reply(text, name).get("return")
 
     def close(self) -> None:
         """Let go of the domain (the shared libvirt connection stays open; the agent keeps running)."""

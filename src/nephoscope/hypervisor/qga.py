@@ -24,6 +24,19 @@ if TYPE_CHECKING:
 MAX_REPLY = 64 * 2**20  # a lying agent must not make us buffer without bound
 
 
+def parse_reply(raw: bytes | str, name: str) -> dict[str, Any]:
+    """Return one guest-agent JSON reply as a dict; ConnectorError for invalid JSON, a non-object or an error reply."""
+    try:
+        reply = json.loads(raw)
+    except ValueError as exc:
+        raise ConnectorError(f"guest agent sent invalid JSON: {raw[:200]!r}") from exc
+    if not isinstance(reply, dict):
+        raise ConnectorError("guest agent sent a non-object reply")
+    if "error" in reply:
+        raise ConnectorError(f"guest agent {name} failed: {reply['error']}")
+    return reply
+
+
 class AgentChannel(Protocol):
     """One way to send guest agent commands; `call` returns the `return` value or raises ConnectorError."""
 
@@ -99,14 +112,7 @@ class SocketChannel:
             line = self._read_line(deadline).strip(b"\xff \r")
             if not line:
                 continue
-            try:
-                reply = json.loads(line)
-            except ValueError as exc:
-                raise ConnectorError(f"guest agent sent invalid JSON: {line[:200]!r}") from exc
-            if not isinstance(reply, dict):
-                raise ConnectorError("guest agent sent a non-object reply")
-            if "error" in reply:
-                raise ConnectorError(f"guest agent {name} failed: {reply['error']}")
+            reply = parse_reply(line, name)
             if "return" in reply:
                 return reply["return"]
 
