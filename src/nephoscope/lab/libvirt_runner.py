@@ -112,7 +112,7 @@ def libvirt_daemons() -> Iterator[list[int]]:
 # ---------------------------------------------------------------------------------------------- domains
 
 @dataclass(slots=True)
-class LibvirtGuest:
+class LibvirtGuest(runner.GuestFiles):
     """A lab guest that runs as a transient libvirt domain (libvirt.json in its state directory)."""
 
     name: str
@@ -130,18 +130,6 @@ class LibvirtGuest:
     @property
     def directory(self) -> Path:
         return state_root() / self.name
-
-    @property
-    def serial_log(self) -> Path:
-        return self.directory / "serial.log"
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.directory / "manifest.json"
-
-    def manifest(self) -> dict[str, Any]:
-        """Return the ground-truth manifest (for tests and evaluations only)."""
-        return dict(json.loads(self.manifest_path.read_text()))
 
     def alive(self) -> bool:
         """Return whether the domain's QEMU process still runs."""

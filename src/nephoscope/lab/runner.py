@@ -55,8 +55,30 @@ def parse_size(text: str, ram: str = "file") -> int:
     return value
 
 
+class GuestFiles:
+    """The files every lab guest keeps in its state directory (serial log, ground-truth manifest)."""
+
+    __slots__ = ()
+
+    @property
+    def directory(self) -> Path:
+        raise NotImplementedError
+
+    @property
+    def serial_log(self) -> Path:
+        return self.directory / "serial.log"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / "manifest.json"
+
+    def manifest(self) -> dict:
+        """Return the ground-truth manifest (for tests and evaluations only)."""
+        return dict(json.loads(self.manifest_path.read_text()))
+
+
 @dataclass(slots=True)
-class Guest:
+class Guest(GuestFiles):
     """A lab guest's runtime description (state.json in its run directory)."""
 
     name: str
@@ -91,14 +113,6 @@ class Guest:
         return self.directory / "console.sock"
 
     @property
-    def serial_log(self) -> Path:
-        return self.directory / "serial.log"
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.directory / "manifest.json"
-
-    @property
     def ram_path(self) -> Path | None:
         """Return the shared RAM file (None when RAM lives only in the QEMU process: anon, memfd)."""
         return _ram_file(self.name) if self.ram == "file" else None
@@ -106,10 +120,6 @@ class Guest:
     def alive(self) -> bool:
         """Return whether this guest's QEMU process still runs."""
         return _qemu_alive(self.pid, self.name)
-
-    def manifest(self) -> dict:
-        """Return the ground-truth manifest (for tests and evaluations only)."""
-        return json.loads(self.manifest_path.read_text())
 
 
 def _ram_file(name: str) -> Path:
