@@ -102,11 +102,26 @@ def _ram_view(path: Path) -> tuple[ElfCoreMemory, int]:
     return mem, start
 
 
-def pgd_flood(path: Path, nbytes: int = 64 << 20, at: int = 0x1000_0000) -> None:
-    """Fill `nbytes` of RAM from gpa `at` with copies of one process's real top-level page table."""
+def pgd_flood(path: Path, nbytes: int = 64 << 20, at: int | None = None) -> None:
+    """Fill `nbytes` of RAM from gpa `at` with copies of one process's real top-level page table.
+
+    Without `at`, the flood goes where it destroys the least of what the guest runs: the `nbytes`-aligned
+    window holding the fewest page-table roots and user executable pages (where those lie depends on the
+    moment the dump was taken; the test is about the flood of fake roots, not about lost code)."""
     mem = ElfCoreMemory(path)
-    root = scan_roots(mem).process_roots[0]
+    roots = scan_roots(mem).process_roots
+    root = roots[0]
     pgd = mem.read(root.gpa, PAGE)
+    if at is None:
+        used: dict[int, int] = {}
+        for r in roots:
+            for gpa in (r.gpa, r.user_gpa):
+                used[gpa // nbytes] = used.get(gpa // nbytes, 0) + 1
+            for m in AddressSpace(mem, r.user_gpa).iter_mappings(user_only=True, exec_only=True, end=1 << 47):
+                used[m.gpa // nbytes] = used.get(m.gpa // nbytes, 0) + 1
+        windows = [w for w in range(1, max(e for _, e in mem.ranges) // nbytes)
+                   if any(s <= w * nbytes and (w + 1) * nbytes <= e for s, e in mem.ranges)]
+        at = min(windows, key=lambda w: (used.get(w, 0), w)) * nbytes
     offset = _file_offset(mem, at)
     mem.close()
     with path.open("r+b") as fh, mmap.mmap(fh.fileno(), 0) as mm:
