@@ -436,7 +436,8 @@ def _walk_chain(k: LinuxKernel, head: int, link_off: int, nulls: int | None, wha
     return ""
 
 
-def _buckets(k: LinuxKernel, name: str, kind: str, base: int, lay: NetLayout) -> tuple[list[tuple[int, int | None]], str]:
+def _buckets(k: LinuxKernel, name: str, kind: str, base: int, lay: NetLayout
+             ) -> tuple[list[tuple[int, int | None]], str]:
     """Return (head gva, expected nulls marker or None) per bucket of table `name`, and a problem or ""."""
     o = lay.off
     heads: list[tuple[int, int | None]] = []
