@@ -188,7 +188,7 @@ def analyze(facts: NetworkFacts, policy: Policy, vm: str) -> list[Finding]:
     inet = [r for r in facts.sockets if r.get("family") in ("inet", "inet6")]
     outbound = [r for r in inet if r.get("state") in OUTBOUND_STATES and r.get("remote_port")
                 and str(r.get("proto", "")).startswith("tcp")]
-    for pid, (owner, rows) in sorted(_by_owner(outbound).items()):
+    for _pid, (owner, rows) in sorted(_by_owner(outbound).items()):
         who = _who(owner, ids)
         smtp = [r for r in rows if r["remote_port"] in policy.smtp_ports]
         if smtp and who["binary"] not in policy.mail_servers:
@@ -221,7 +221,7 @@ def analyze(facts: NetworkFacts, policy: Policy, vm: str) -> list[Finding]:
                                         f"blocklist, from {names}", vm, [{"owners": who, **_evidence(row)}]))
     listening = [r for r in inet if r.get("state") == "LISTEN" or
                  (str(r.get("proto", "")).startswith("udp") and r.get("local_port") and not r.get("remote_port"))]
-    for pid, (owner, rows) in sorted(_by_owner(listening).items()):
+    for _pid, (owner, rows) in sorted(_by_owner(listening).items()):
         who = _who(owner, ids)
         if who["identity"] == "unknown":
             ports = sorted({f"{r['proto']}/{r['local_port']}" for r in rows})
@@ -229,7 +229,7 @@ def analyze(facts: NetworkFacts, policy: Policy, vm: str) -> list[Finding]:
                                     f"{_label(who)} listens on {', '.join(ports)}, and its code is in no known "
                                     "package", vm, [{**who, "sockets": [_evidence(r) for r in rows]}]))
     raw = [r for r in facts.sockets if r.get("type") == "raw" or r.get("family") == "packet"]
-    for pid, (owner, rows) in sorted(_by_owner(raw).items()):
+    for _pid, (owner, rows) in sorted(_by_owner(raw).items()):
         who = _who(owner, ids)
         if who["binary"] not in policy.raw_allowed:
             kinds = sorted({f"{r['family']}/{r['type']}" for r in rows})

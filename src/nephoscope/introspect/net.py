@@ -22,8 +22,15 @@ from typing import Any
 from nephoscope.analysis.network import NetworkFacts, Policy, analyze, load_policy
 from nephoscope.core.errors import ConnectorError, GuestDataError, MemoryAccessError
 from nephoscope.core.records import Finding
-from nephoscope.hypervisor.flows import PROC_NET, SLIRP_ALIASES, HostFlow, NetEntry, parse_proc_net, \
-    parse_proc_unix, qemu_flows
+from nephoscope.hypervisor.flows import (
+    PROC_NET,
+    SLIRP_ALIASES,
+    HostFlow,
+    NetEntry,
+    parse_proc_net,
+    parse_proc_unix,
+    qemu_flows,
+)
 from nephoscope.hypervisor.target import VmTarget
 from nephoscope.introspect.kernel import open_kernel, task_cr3
 from nephoscope.os.linux.model import LinuxKernel
@@ -265,7 +272,7 @@ def collect_net(vm: VmTarget, *, identify: bool = True, agent: bool = True, host
 
 def _kernel_only(view: NetView, agent: AgentNet) -> list[dict[str, Any]]:
     """Return table sockets (with an inode) the guest's /proc/net does not list (only if that view was read)."""
-    if agent.problem or not agent.entries and not agent.unix_inodes:
+    if agent.problem or (not agent.entries and not agent.unix_inodes):
         return []
     shown = agent.inodes
     return [row_of(e) for e in view.tables.items if e.socket.inode and e.socket.inode not in shown]
