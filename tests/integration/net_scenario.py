@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from nephoscope.core.errors import ConnectorError
 from nephoscope.hypervisor.qga import GuestAgent
 
 HELPERS = Path(__file__).resolve().parents[2] / "src" / "nephoscope" / "lab" / "helpers"
@@ -78,7 +79,7 @@ def wait_for(agent: GuestAgent, script: str, word: str, timeout: float = 60) -> 
     while time.monotonic() < deadline:
         try:
             log = agent.read_file(f"/tmp/{script}.log").decode("utf-8", "replace")
-        except Exception:  # noqa: BLE001  (not written yet)
+        except ConnectorError:  # not written yet
             log = ""
         if word in log or "Error" in log:
             return log
