@@ -21,11 +21,12 @@ from nephoscope.cli.main import app
 from nephoscope.core.errors import ConnectorError
 from nephoscope.hypervisor.flows import parse_proc_net, parse_proc_unix
 from nephoscope.hypervisor.qga import GuestAgent
-from nephoscope.introspect.net import AGENT_TABLES, collect_net
+from nephoscope.introspect.net import AGENT_TABLES
 from nephoscope.lab.runner import Guest
 from nephoscope.memory.physical import open_memory, parse_elf_segments
 from nephoscope.os.linux.model import LinuxKernel
 from nephoscope.os.linux.net import net_view
+from nephoscope.service.net import network_report
 from nephoscope.service.targets import resolve_target
 
 pytestmark = pytest.mark.guest
@@ -112,7 +113,7 @@ def scenario(tampered_guest: Guest) -> Any:
 
 def test_spammer_and_raw_socket_found_with_pid_and_identity(tampered_guest: Guest, default_kb: None,
                                                           scenario: dict[str, int]) -> None:
-    report = collect_net(resolve_target(tampered_guest.name))
+    report = network_report(resolve_target(tampered_guest.name))
     by_kind: dict[str, list[Any]] = {}
     for f in report.findings:
         by_kind.setdefault(f.kind, []).append(f)

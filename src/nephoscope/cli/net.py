@@ -51,11 +51,11 @@ def net(vm: str = VM_ARG, json_out: bool = typer.Option(False, "--json", help="p
         no_cache: bool = typer.Option(False, "--no-cache", help="recover the kernel model from RAM afresh")) -> None:
     """List every socket of every process (like netstat -tuanpx) from kernel memory, with code identity and findings."""
     from nephoscope.analysis.network import load_policy
-    from nephoscope.introspect.net import collect_net
+    from nephoscope.service.net import network_report
 
     try:
         rules = load_policy(policy, blocklist)
-        report = collect_net(resolve_target(vm), identify=not no_identify, agent=not no_agent, host=not no_host,
+        report = network_report(resolve_target(vm), identify=not no_identify, agent=not no_agent, host=not no_host,
                              kb=kb, policy=rules, symbols=symbols, cache=not no_cache)
     except NephoscopeError as exc:
         fail(exc)

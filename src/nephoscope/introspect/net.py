@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nephoscope.analysis.network import NetworkFacts, Policy, analyze, load_policy
 from nephoscope.core.errors import ConnectorError, GuestDataError, MemoryAccessError
 from nephoscope.core.records import Finding
 from nephoscope.hypervisor.flows import (
@@ -184,10 +183,13 @@ class NetReport:
     views: dict[str, dict[str, Any]]
     identities: dict[int, dict[str, Any]]
     flows: list[dict[str, Any]]
-    findings: list[Finding]
     unowned: list[dict[str, Any]]
     agent: dict[str, Any]
     timings: dict[str, float]
+    hidden: list[dict[str, Any]] = field(default_factory=list)  # confirmed: in the tables, in no file table
+    not_in_guest_view: list[dict[str, Any]] = field(default_factory=list)  # confirmed: /proc/net hides them
+    unexplained_flows: list[dict[str, Any]] = field(default_factory=list)  # confirmed: no guest socket explains
+    findings: list[Finding] = field(default_factory=list)  # set by the analysis (service.net)
 
     @property
     def complete(self) -> bool:
@@ -202,10 +204,8 @@ class NetReport:
 
 
 def collect_net(vm: VmTarget, *, identify: bool = True, agent: bool = True, host: bool = True,
-                kb: Path | None = None, policy: Policy | None = None, symbols: Path | None = None,
-                cache: bool = True) -> NetReport:
-    """Collect and compare every view of `vm`'s sockets and flows, and judge them by `policy` (no pause)."""
-    policy = policy or load_policy()
+                kb: Path | None = None, symbols: Path | None = None, cache: bool = True) -> NetReport:
+    """Collect and compare every view of `vm`'s sockets and flows (no pause); the findings are left empty."""
     timings: dict[str, float] = {}
     live = vm.live
     t0 = time.perf_counter()
@@ -263,11 +263,10 @@ def collect_net(vm: VmTarget, *, identify: bool = True, agent: bool = True, host
     views["host"] = {"complete": flows1 is not None, "problem": flow_problem, "count": len(flows1 or []),
                      "unexplained": len(unexplained) if flows1 is not None else 0}
     views["budget"] = budget
-    facts = NetworkFacts(rows, ids, hidden, kernel_only, unexplained if flows1 is not None else [])
-    findings = analyze(facts, policy, vm.name)
     unowned = [row_of(e) for e in view.unowned]
-    return NetReport(vm.name, rows, views, ids, flows, findings, unowned,
-                     {"entries": [e.to_dict() for e in agent1.entries], "problem": agent1.problem}, timings)
+    return NetReport(vm.name, rows, views, ids, flows, unowned,
+                     {"entries": [e.to_dict() for e in agent1.entries], "problem": agent1.problem}, timings,
+                     hidden, kernel_only, unexplained if flows1 is not None else [])
 
 
 def _kernel_only(view: NetView, agent: AgentNet) -> list[dict[str, Any]]:
