@@ -255,3 +255,69 @@ def analyze(facts: NetworkFacts, policy: Policy, vm: str) -> list[Finding]:
                                 f"{flow.get('remote_port')} ({flow.get('source')}) that no guest socket explains "
                                 "(a hidden socket, a raw-packet sender, or a lying kernel)", vm, [dict(flow)]))
     return findings
+
+
+# --- the scan: socket observations merged with the process views ----------------------------------
+
+KERNEL_METHODS = ("inspect", "checkpoint")
+UNSOUND_KEYS = frozenset({"sockets", "socket-tables", "budget", "everything", "kernel"})
+
+
+def _identity_of(view: Any) -> dict[str, Any]:
+    """Return a merged process view's code identity from the images arch found in its address space."""
+    images = list(getattr(view, "binaries", []) or [])
+    exe = str(getattr(view, "exe", "") or "").removesuffix(" (deleted)")
+    main = next((im for im in images if im.get("path") and im.get("path") == exe), None)
+    if main is None and exe:
+        base = exe.rsplit("/", 1)[-1]
+        main = next((im for im in images if str(im.get("path", "")).rsplit("/", 1)[-1] == base), None)
+    if main is not None:
+        return {"path": main.get("path"), "package": main.get("package"), "verdict": "verified",
+                "status": "modified" if main.get("status") == "modified" else "identified"}
+    if any(im.get("status") == "unknown" for im in images):
+        return {"status": "unknown", "verdict": "verified", "package": None}
+    return {"status": "unverifiable", "verdict": "unverifiable",
+            "reason": "no code identity (arch did not run or found no image of its binary)"}
+
+
+def scan_findings(sockets: list[tuple[str, Any]], processes: Mapping[int, Any], unverifiable: list[dict[str, str]],
+                  vm: str, agent_credible: bool, policy: Policy | None = None) -> list[Finding]:
+    """Return the network findings of a scan from its socket observations ((method, payloads.Socket) pairs).
+
+    The kernel view is the inspect (else checkpoint) method's; owners come from the merged process views
+    and their identity from the images arch found. A listening socket the kernel's tables hold but the
+    guest's /proc/net does not show is a hidden socket only when both views were complete (the methods run
+    one after the other: only long-lived listeners are compared). An unsound view makes no claim.
+    """
+    try:
+        policy = policy or load_policy()
+    except KnowledgeError as exc:
+        unverifiable.append({"method": "analysis", "what": "network policy", "reason": str(exc)})
+        return []
+    method = next((m for m in KERNEL_METHODS if any(src == m for src, _ in sockets)), None)
+    if method is None:
+        return []
+    unsound = {u["method"] for u in unverifiable if u.get("what") in UNSOUND_KEYS}
+    kernel_sound = method not in unsound
+    agent_sound = agent_credible and "agent" not in unsound and any(src == "agent" for src, _ in sockets)
+    rows: list[dict[str, Any]] = []
+    hidden: list[dict[str, Any]] = []
+    for src, s in sockets:
+        if src != method:
+            continue
+        owners = [{"pid": pid, "comm": getattr(processes.get(pid), "comm", ""),
+                   "exe": getattr(processes.get(pid), "exe", "")} for pid in s.owners]
+        row = {"proto": s.proto, "family": s.family, "type": s.type, "state": s.state, "local": s.local,
+               "local_port": s.local_port, "remote": s.remote, "remote_port": s.remote_port, "inode": s.inode,
+               "views": list(s.views), "owners": owners}
+        rows.append(row)
+        if s.hidden and kernel_sound:
+            hidden.append(row)
+    ids = {pid: _identity_of(processes[pid]) for pid in {o["pid"] for r in rows for o in r["owners"]}
+           if pid in processes}
+    not_shown: list[dict[str, Any]] = []
+    if kernel_sound and agent_sound:
+        shown = {s.inode for src, s in sockets if src == "agent" and s.inode}
+        not_shown = [r for r in rows if r["state"] == "LISTEN" and r["inode"] and r["inode"] not in shown
+                     and any(v != "files" for v in r["views"])]
+    return analyze(NetworkFacts(rows, ids, hidden, not_shown), policy, vm)

@@ -548,3 +548,21 @@ def net_view(k: LinuxKernel, tasks: Listing[Task] | None = None) -> NetView:
     if not hidden.complete:
         hidden.items.clear()
     return NetView(files, tables, hidden, unowned)
+
+
+def confirmed_view(k: LinuxKernel, tasks: Listing[Task] | None = None) -> NetView:
+    """Return `net_view`, with every hidden-socket claim confirmed by a second, fresh walk of both views.
+
+    On a running guest a socket opened between the file-table walk and the table walk looks hidden once;
+    only a socket hidden in both passes is kept.
+    """
+    view = net_view(k, tasks)
+    if view.hidden.items:
+        k.kernel.flush()
+        again = net_view(k)
+        still = {e.socket.sock_gva for e in again.hidden.items}
+        if not again.hidden.complete:
+            view.hidden = Listing[Endpoint]().fail(f"the confirming pass failed: {again.hidden.problem}")
+        else:
+            view.hidden.items = [e for e in view.hidden.items if e.socket.sock_gva in still]
+    return view
