@@ -139,32 +139,66 @@ def test_spammer_and_raw_socket_found_with_pid_and_identity(tampered_guest: Gues
     assert all([o["pid"] for o in f["attributed"]] == [scenario["spam"]] for f in out)
 
 
-def test_corrupt_socket_in_a_real_dump_is_unverifiable(clean_dump: Path, tmp_path: Path) -> None:
+def _listen_80(clean_dump: Path) -> tuple[int, int, int]:
+    """Return the gpas of the port-80 listening sock's skc_family and skc_node, and its kernel gva."""
+    from nephoscope.os.linux.net import net_layout
+
     phys = open_memory(clean_dump)
     try:
         k = LinuxKernel.open(phys)
         view = net_view(k)
         assert view.files.complete and view.tables.complete, view.views()
         target = next(e for e in view.files if e.socket.local_port == 80 and e.socket.state == "LISTEN")
-        from nephoscope.os.linux.net import net_layout
-
-        gpa = k.kernel.translate(target.socket.sock_gva + net_layout(k).off["sock_common.skc_family"])
+        off = net_layout(k).off
+        sk = target.socket.sock_gva
+        return (k.kernel.translate(sk + off["sock_common.skc_family"]),
+                k.kernel.translate(sk + off["sock_common.skc_node"]), sk + off["sock_common.skc_node"])
     finally:
         phys.close()
+
+
+def _corrupt(clean_dump: Path, tmp_path: Path, edits: list[tuple[int, bytes]]) -> dict[str, Any]:
+    """Copy the dump, write `edits` (gpa, bytes), run `net --json` on the copy and return its output."""
     copy = tmp_path / "corrupt.elf"
     shutil.copyfile(clean_dump, copy)
     copy.chmod(0o600)
     with copy.open("r+b") as fh:
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            offset = next(off + gpa - s for s, e, off in parse_elf_segments(mm, str(copy)) if s <= gpa < e)
-        fh.seek(offset)
-        fh.write(struct.pack("<H", 0xBEEF))
+            segments = parse_elf_segments(mm, str(copy))
+        for gpa, data in edits:
+            fh.seek(next(off + gpa - s for s, e, off in segments if s <= gpa < e))
+            fh.write(data)
     result = CliRunner().invoke(app, ["net", str(copy), "--json", "--no-identify"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    return json.loads(result.output)
+
+
+def test_corrupt_socket_in_a_real_dump_is_unverifiable(clean_dump: Path, tmp_path: Path) -> None:
+    family, _node, _gva = _listen_80(clean_dump)
+    data = _corrupt(clean_dump, tmp_path, [(family, struct.pack("<H", 0xBEEF))])
     assert not data["complete"]
     assert "unverifiable" in data["views"]["files"]["problem"] and "family" in data["views"]["files"]["problem"]
     assert data["views"]["cross_view"]["verdict"] == "unverifiable" and data["views"]["cross_view"]["hidden"] == 0
     assert 80 not in {r["local_port"] for r in data["sockets"]}  # left out, not made up
     assert {r["local_port"] for r in data["sockets"] if r["state"] == "LISTEN"} >= {22, 8000}
     assert not [f for f in data["findings"] if f["kind"] == "hidden-socket"]
+
+
+def test_cyclic_listen_chain_in_a_real_dump_makes_no_claim(clean_dump: Path, tmp_path: Path) -> None:
+    _family, node, node_gva = _listen_80(clean_dump)
+    data = _corrupt(clean_dump, tmp_path, [(node, struct.pack("<Q", node_gva))])  # next -> itself
+    assert not data["views"]["tables"]["complete"] and "revisits" in data["views"]["tables"]["problem"]
+    assert data["views"]["cross_view"]["verdict"] == "unverifiable"
+    assert not [f for f in data["findings"] if f["kind"] == "hidden-socket"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_garbage_over_a_real_sock_never_crashes_or_claims(clean_dump: Path, tmp_path: Path, seed: int) -> None:
+    import random
+
+    family, _node, _gva = _listen_80(clean_dump)
+    rng = random.Random(seed)
+    start = family - 16 + 8 * rng.randrange(0, 12)
+    data = _corrupt(clean_dump, tmp_path, [(start, rng.randbytes(rng.choice([8, 64, 256])))])
+    assert not [f for f in data["findings"] if f["kind"] == "hidden-socket"]
+    assert {r["local_port"] for r in data["sockets"] if r["state"] == "LISTEN"} >= {22, 8000}

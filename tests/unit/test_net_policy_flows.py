@@ -130,3 +130,22 @@ def test_bad_blocklist_line_is_rejected(tmp_path: Path) -> None:
     block.write_text("10.0.0.0/8\nnot-an-address\n")
     with pytest.raises(KnowledgeError, match=r"b.txt:2"):
         load_policy(blocklist=block)
+
+
+def test_net_terminal_output_escapes_guest_strings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from nephoscope.cli import net as net_cli
+    from nephoscope.cli.main import app
+    from nephoscope.introspect.net import NetReport
+
+    evil = "\x1b]0;pwned\x07evil"
+    row = {**_row(7, evil, "10.0.2.2", 25, exe="/tmp/\x1b[31mx"), "rx_queue": 0, "tx_queue": 0}
+    report = NetReport("vm", [row], {"files": {"count": 1, "complete": True, "problem": ""}}, {}, [], [], {}, {})
+    report.findings = analyze(NetworkFacts([row], {}), load_policy(), "vm")
+    monkeypatch.setattr("nephoscope.service.net.network_report", lambda *a, **k: report)
+    monkeypatch.setattr(net_cli, "resolve_target", lambda vm: vm)
+    result = CliRunner().invoke(app, ["net", "vm"])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert "\\x1b" in result.output and "outbound-smtp" in result.output

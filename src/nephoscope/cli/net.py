@@ -9,6 +9,7 @@ import typer
 
 from nephoscope.cli.render import console, emit_json, fail, table
 from nephoscope.core.errors import NephoscopeError
+from nephoscope.core.text import escape_guest
 from nephoscope.service.targets import resolve_target
 
 VM_ARG = typer.Argument(..., help="lab guest name, QMP socket path, or RAM/dump file (raw, QEMU ELF, LiME)")
@@ -91,9 +92,9 @@ def net(vm: str = VM_ARG, json_out: bool = typer.Option(False, "--json", help="p
                                                              f", {v['hidden']} hidden")
         else:
             line = f"{name}: {v.get('count', '')} entries, " + ("complete" if not problem else f"INCOMPLETE: {problem}")
-        console.print(Text(line, style="yellow" if problem else ""))
+        console.print(Text(escape_guest(line), style="yellow" if problem else ""))
     for f in report.findings:  # titles carry guest text: never markup
-        console.print(Text(f"[{f.severity}] {f.kind}: {f.title}", style="red" if f.severity in ("critical", "high")
-                           else "yellow"))
+        console.print(Text(escape_guest(f"[{f.severity}] {f.kind}: {f.title}"),
+                           style="red" if f.severity in ("critical", "high") else "yellow"))
     if not report.findings:
         console.print("no network finding")
