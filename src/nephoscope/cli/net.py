@@ -49,6 +49,9 @@ def net(vm: str = VM_ARG, json_out: bool = typer.Option(False, "--json", help="p
         kb: Path | None = typer.Option(None, "--kb", metavar="FILE", help="code-page DB (default: the shared one)"),
         symbols: Path | None = typer.Option(None, "--symbols", metavar="FILE",
                                             help="this kernel's types/symbols when RAM lacks them (ISF, vmlinux)"),
+        guest_ip: str | None = typer.Option(None, "--guest-ip", metavar="ADDR",
+                                            help="the guest's address on a tap device (from libvirt or ARP, not "
+                                                 "the guest): read its flows from the host's conntrack table"),
         no_cache: bool = typer.Option(False, "--no-cache", help="recover the kernel model from RAM afresh")) -> None:
     """List every socket of every process (like netstat -tuanpx) from kernel memory, with code identity and findings."""
     from nephoscope.analysis.network import load_policy
@@ -57,7 +60,8 @@ def net(vm: str = VM_ARG, json_out: bool = typer.Option(False, "--json", help="p
     try:
         rules = load_policy(policy, blocklist)
         report = network_report(resolve_target(vm), identify=not no_identify, agent=not no_agent, host=not no_host,
-                             kb=kb, policy=rules, symbols=symbols, cache=not no_cache)
+                             kb=kb, policy=rules, symbols=symbols, cache=not no_cache,
+                                guest_ip=guest_ip)
     except NephoscopeError as exc:
         fail(exc)
     if json_out:

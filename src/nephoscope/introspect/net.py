@@ -26,6 +26,7 @@ from nephoscope.hypervisor.flows import (
     SLIRP_ALIASES,
     HostFlow,
     NetEntry,
+    conntrack_flows,
     parse_proc_net,
     parse_proc_unix,
     qemu_flows,
@@ -203,9 +204,22 @@ class NetReport:
                 "timings": self.timings}
 
 
+def _host_flows(vm: VmTarget, guest_ip: str | None) -> list[HostFlow]:
+    """Return the flows the host sees: QEMU's own sockets (slirp), plus conntrack's for `guest_ip` (tap)."""
+    flows = qemu_flows(vm.qemu_pid) if vm.qemu_pid else []
+    if guest_ip:
+        flows += conntrack_flows(guest_ip)
+    return flows
+
+
 def collect_net(vm: VmTarget, *, identify: bool = True, agent: bool = True, host: bool = True,
-                kb: Path | None = None, symbols: Path | None = None, cache: bool = True) -> NetReport:
-    """Collect and compare every view of `vm`'s sockets and flows (no pause); the findings are left empty."""
+                kb: Path | None = None, symbols: Path | None = None, cache: bool = True,
+                guest_ip: str | None = None) -> NetReport:
+    """Collect and compare every view of `vm`'s sockets and flows (no pause); the findings are left empty.
+
+    `guest_ip`: the guest's address on a tap device, as the operator knows it (never from the guest), to
+    read its flows from the host's conntrack table.
+    """
     timings: dict[str, float] = {}
     live = vm.live
     t0 = time.perf_counter()
@@ -213,9 +227,9 @@ def collect_net(vm: VmTarget, *, identify: bool = True, agent: bool = True, host
     timings["agent_s"] = time.perf_counter() - t0
     flows1: list[HostFlow] | None = None
     flow_problem = ""
-    if host and live and vm.qemu_pid:
+    if host and live and (vm.qemu_pid or guest_ip):
         try:
-            flows1 = qemu_flows(vm.qemu_pid)
+            flows1 = _host_flows(vm, guest_ip)
         except ConnectorError as exc:
             flow_problem = str(exc)
     elif not host:
@@ -223,7 +237,7 @@ def collect_net(vm: VmTarget, *, identify: bool = True, agent: bool = True, host
     elif not live:
         flow_problem = "a dump: no host flows"
     else:
-        flow_problem = "no QEMU process known for this VM (libvirt tap networking: see docs/net.md, conntrack)"
+        flow_problem = "no QEMU process known for this VM (tap networking: give --guest-ip for conntrack)"
     with open_kernel(vm, symbols=symbols, cache=cache) as k:
         t1 = time.perf_counter()
         tasks, view = _kernel_pass(k)
@@ -234,7 +248,10 @@ def collect_net(vm: VmTarget, *, identify: bool = True, agent: bool = True, host
         kernel_only = _kernel_only(view, agent1)
         if live and (hidden or kernel_only or unexplained):  # confirm every claim on a second pass
             agent2 = read_agent_net(vm) if agent else agent1
-            flows2 = qemu_flows(vm.qemu_pid) if flows1 is not None and vm.qemu_pid else []
+            try:
+                flows2 = _host_flows(vm, guest_ip) if flows1 is not None else []
+            except ConnectorError:
+                flows2 = []  # the confirming read failed: no unexplained-flow claim
             _tasks2, view2 = _kernel_pass(k)
             rows2 = [row_of(e) for e in view2.endpoints()]
             still_hidden = {e.socket.sock_gva for e in view2.hidden.items}
