@@ -153,3 +153,24 @@ def test_random_bytes_on_socket_pages_never_crash_or_claim_wrongly() -> None:
         for e in view.endpoints():
             assert e.socket.family in ("inet", "inet6", "unix", "netlink", "packet") or \
                 e.socket.family.startswith("af:")
+
+
+def test_confirmation_walks_every_thread_before_calling_a_socket_hidden() -> None:
+    from synth_net import task_of
+
+    from nephoscope.os.linux.net import confirmed_view
+    from nephoscope.os.linux.walkers import Listing
+
+    k = SynthNet()
+    ghost = k.add("tcp", "10.0.2.15", 43000, "203.0.113.9", 6667, 1, owner=None, bucket=7)
+    k.threads = lambda: k.process_list()  # type: ignore[method-assign]
+    view = confirmed_view(k, k.process_list())  # type: ignore[arg-type]
+    assert [e.socket.sock_gva for e in view.hidden] == [ghost.sk]  # hidden in both passes
+    # a thread of pid 100 that unshared its file table holds it: not hidden
+    thread = k._task(101, 100, "client")
+    k.tasks.append(thread)
+    k.fds[101] = [ghost.file]
+    k._files(101)
+    k.threads = lambda: Listing([*k.process_list().items, task_of(thread.gva, 101, "client")])  # type: ignore
+    view = confirmed_view(k, k.process_list())  # type: ignore[arg-type]
+    assert view.hidden.complete and view.hidden.items == []

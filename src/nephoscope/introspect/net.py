@@ -252,7 +252,8 @@ def collect_net(vm: VmTarget, *, identify: bool = True, agent: bool = True, host
                 flows2 = _host_flows(vm, guest_ip) if flows1 is not None else []
             except ConnectorError:
                 flows2 = []  # the confirming read failed: no unexplained-flow claim
-            _tasks2, view2 = _kernel_pass(k)
+            k.kernel.flush()
+            view2 = net_view(k, k.threads())  # every thread's file table (unshare(CLONE_FILES))
             rows2 = [row_of(e) for e in view2.endpoints()]
             still_hidden = {e.socket.sock_gva for e in view2.hidden.items}
             hidden = [r for r in hidden if int(r["sock"], 16) in still_hidden]

@@ -554,12 +554,14 @@ def confirmed_view(k: LinuxKernel, tasks: Listing[Task] | None = None) -> NetVie
     """Return `net_view`, with every hidden-socket claim confirmed by a second, fresh walk of both views.
 
     On a running guest a socket opened between the file-table walk and the table walk looks hidden once;
-    only a socket hidden in both passes is kept.
+    only a socket hidden in both passes (the second over every thread's file table) is kept.
     """
     view = net_view(k, tasks)
     if view.hidden.items:
         k.kernel.flush()
-        again = net_view(k)
+        # every thread this time: a thread that unshared its file table (unshare(CLONE_FILES)) holds
+        # sockets no thread-group leader's table shows
+        again = net_view(k, k.threads())
         still = {e.socket.sock_gva for e in again.hidden.items}
         if not again.hidden.complete:
             view.hidden = Listing[Endpoint]().fail(f"the confirming pass failed: {again.hidden.problem}")
