@@ -76,10 +76,12 @@ def _damage(k: SynthNet, what: str) -> None:
         k.put32(k.conn.sk + o["sock_common.skc_family"], 0xBEEF)
     elif what == "state":
         k.mem[k.conn.sk - BASE + o["sock_common.skc_state"]] = 99
+    elif what == "udp-odd":
+        k.put(k.udp + 16 * 9, 0x4141414141414141)
 
 
 TABLE_DAMAGE = ["cycle", "self-loop", "pprev", "wrong-nulls", "garbage-chain", "absurd-mask", "not-power-of-two",
-                "empty-bucket-marker", "unreadable-table", "family", "state"]
+                "empty-bucket-marker", "unreadable-table", "family", "state", "udp-odd"]
 
 
 @pytest.mark.parametrize("what", TABLE_DAMAGE)

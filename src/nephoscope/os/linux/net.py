@@ -406,7 +406,8 @@ def process_sockets(k: LinuxKernel, tasks: Iterable[Task], complete: bool = True
 # --- the kernel's tables -------------------------------------------------------------------------
 
 
-def _walk_chain(k: LinuxKernel, head: int, link_off: int, nulls: int | None, what: str, out: list[int]) -> str:
+def _walk_chain(k: LinuxKernel, head: int, link_off: int, nulls: int | None, what: str, out: list[int],
+                nulls_ok: bool = True) -> str:
     """Append the container gvas of the hlist (nulls) chain at `head`; return a problem or "".
 
     Each node's pprev must name the previous link; a nulls chain must end in the marker `nulls` (the
@@ -431,8 +432,8 @@ def _walk_chain(k: LinuxKernel, head: int, link_off: int, nulls: int | None, wha
         prev_next, node, count = node, nxt, count + 1
     if node & 1 and nulls is not None and node >> 1 != nulls:
         return f"{what}: the chain ends in bucket {node >> 1}'s marker, not {nulls} (corrupt or changing)"
-    if node & 1 and nulls is None:
-        return ""
+    if node & 1 and not nulls_ok:
+        return f"{what}: a plain hlist holds the odd pointer 0x{node:x} (corrupt)"
     return ""
 
 
@@ -501,7 +502,9 @@ def table_sockets(k: LinuxKernel) -> Listing[Endpoint]:
         for head, nulls in heads:
             gvas: list[int] = []
             try:
-                problem = _walk_chain(k, head, link, nulls, f"{name} bucket at 0x{head:x}", gvas)
+                # udp chains are plain hlists; raw ones are nulls lists on some 6.x kernels, plain on others
+                problem = _walk_chain(k, head, link, nulls, f"{name} bucket at 0x{head:x}", gvas,
+                                      nulls_ok=kind != "udp")
             except _BAD as exc:
                 problem = f"{name}: chain at 0x{head:x} unreadable ({exc})"
             if problem:
