@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from nephoscope.analysis.facts import dedupe
-from nephoscope.core.payloads import CrossView, Details, Image, Mapping, Process, UnknownCode
+from nephoscope.analysis.network import scan_findings
+from nephoscope.core.payloads import CrossView, Details, Image, Mapping, Process, Socket, UnknownCode
 from nephoscope.core.records import Finding, Observation, Verdict
 
 # binaries whose processes legitimately carry another program's name (multi-call binaries)
@@ -102,6 +103,7 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
     agent_credible = "agent" in methods
     by_cr3: dict[int, list[dict[str, Any]]] = defaultdict(list)
     pid_cr3: dict[int, int] = {}
+    sockets: list[tuple[str, Socket]] = []
     unsound = {o.provenance.method for o in observations  # (arch's own "kernel" note is about kernel text)
                if o.verdict == Verdict.UNVERIFIABLE and o.key in PROCESS_VIEWS and o.provenance.method != "arch"
                and o.via != "arch"}
@@ -152,6 +154,8 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
                 findings.append(Finding("modified-binary", "high",
                                         f"{image['path']} ({image['package']}) is mapped with pages that differ "
                                         "from every known version", vm, [o.to_dict()]))
+        elif isinstance(p, Socket):
+            sockets.append((method, p))
         elif isinstance(p, UnknownCode):
             start, end = p.gva_start or 0, p.gva_end or 0
             for root in p.roots:
@@ -192,6 +196,7 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
                                     f"pid {view.pid} calls itself {view.comm!r} but executes {view.exe}", vm,
                                     [{"pid": view.pid, "comm": view.comm, "cmdline": view.cmdline,
                                       "exe": view.exe}]))
+    findings += scan_findings(sockets, processes, unverifiable, vm, agent_credible)
     pids_of_root: dict[int, list[int]] = defaultdict(list)
     for pid, cr3 in sorted(pid_cr3.items()):
         pids_of_root[cr3].append(pid)

@@ -58,6 +58,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "maps": ("nephoscope.cli.inspect", "maps",
              "List a process's memory mappings (like /proc/PID/maps), from the kernel's VMA tree."),
     "files": ("nephoscope.cli.inspect", "files", "List a process's open file descriptors."),
+    "net": ("nephoscope.cli.net", "net", "List every socket of every process (like netstat -tuanpx) from kernel "
+            "memory, with code identity and findings."),
     "modules": ("nephoscope.cli.inspect", "modules", "List loaded kernel modules from the kernel's module list."),
     "kernel": ("nephoscope.cli.inspect", "kernel",
                "Show what was detected about the guest kernel, and how (stage by stage, with timings)."),

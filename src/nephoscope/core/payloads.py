@@ -151,6 +151,27 @@ class CrossView(Payload):
     views_complete: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Socket(Payload):
+    """A socket (inspect: from kernel memory, the views that saw it and its owning pids; agent: /proc/net)."""
+
+    KINDS = ("socket",)
+    proto: str
+    family: str = ""
+    type: str = ""
+    state: str = ""
+    local: str = ""
+    local_port: int = 0
+    remote: str = ""
+    remote_port: int = 0
+    rx_queue: int = 0
+    tx_queue: int = 0
+    inode: int = 0
+    views: tuple[str, ...] = ()  # files, tcp-established, tcp-listen, udp, raw, ... (agent: proc-net)
+    owners: tuple[int, ...] = ()  # pids whose file tables hold it
+    hidden: bool = False  # in the kernel's tables, in no file table: both views complete, confirmed twice
+
+
 # --- arch: code identified from page tables and page contents --------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -385,7 +406,7 @@ class Details(Payload):
 
 PAYLOADS: tuple[type[Payload], ...] = (Process, Mapping, Module, Package, CrossView, Image, UnknownCode, Vdso,
                                        KernelCode, AddressSpace, UnfoundRoot, Exec, Exit, ModuleLoad, Checkpoint,
-                                       Unverifiable, Details)
+                                       Unverifiable, Details, Socket)
 REGISTRY: dict[str, type[Payload]] = {kind: cls for cls in PAYLOADS for kind in cls.KINDS}
 
 

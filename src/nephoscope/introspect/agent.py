@@ -159,6 +159,7 @@ class AgentMethod:
                 yield observe(NAME, vm, "mapping", f"pid:{pid}:{m['start']:x}", payloads.Mapping(
                     pid, m["start"], m["end"], m["perms"], m["offset"], m["path"]), Verdict.REPORTED)
         yield from self._modules(agent, vm)
+        yield from self._sockets(agent, vm)
         yield from self._packages(agent, vm)
 
     @staticmethod
@@ -184,6 +185,26 @@ class AgentMethod:
             if len(f) >= 2 and f[1].isdigit():
                 yield observe(NAME, vm, "module", f"module:{f[0]}", payloads.Module(f[0], size=int(f[1])),
                               Verdict.REPORTED)
+
+    @staticmethod
+    def _sockets(agent: GuestAgent, vm: VmTarget) -> Iterator[Observation]:
+        """Yield the sockets the guest's /proc/net/{tcp,udp,raw,udplite}{,6} tables show (its own account)."""
+        from nephoscope.hypervisor.flows import parse_proc_net
+
+        for name in ("tcp", "tcp6", "udp", "udp6", "raw", "raw6", "udplite", "udplite6"):
+            try:
+                text = agent.read_file(f"/proc/net/{name}").decode("utf-8", "replace")
+            except ConnectorError as exc:
+                if name in ("tcp", "udp"):
+                    yield unverifiable(NAME, vm, "sockets", f"cannot read /proc/net/{name}: {exc}")
+                continue
+            entries, bad = parse_proc_net(name, text)
+            if bad:
+                yield unverifiable(NAME, vm, "sockets", f"/proc/net/{name} has {len(bad)} malformed line(s)")
+            for e in entries:
+                yield observe(NAME, vm, "socket", f"{name}:{e.inode or e.key()}", payloads.Socket(
+                    e.proto, "inet6" if e.proto.endswith("6") else "inet", "", e.state, e.local, e.local_port,
+                    e.remote, e.remote_port, e.rx_queue, e.tx_queue, e.inode, ("proc-net",)), Verdict.REPORTED)
 
     @staticmethod
     def _packages(agent: GuestAgent, vm: VmTarget) -> Iterator[Observation]:

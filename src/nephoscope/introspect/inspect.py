@@ -92,10 +92,34 @@ class InspectMethod:
                           Verdict.REPORTED)
         if not mods.complete:
             yield unverifiable(NAME, vm, "modules", f"module list walk stopped: {mods.problem}")
+        yield from self._sockets(k, vm, procs)
         if k.budget.exhausted:
             yield unverifiable(NAME, vm, "budget", f"the read budget ran out ({k.budget.exhausted}); "
                                                    "later walks are incomplete")
         self.last_stats = {"reads": float(k.budget.reads), "read_bytes": float(k.budget.bytes)}
+
+    @staticmethod
+    def _sockets(k: LinuxKernel, vm: VmTarget, procs: Listing[Task]) -> Iterator[Observation]:
+        """Yield every socket of both kernel views (file tables, hash tables) with its owners (os/linux/net.py)."""
+        from nephoscope.os.linux.net import confirmed_view
+
+        try:
+            view = confirmed_view(k, procs)
+        except (GuestDataError, MemoryAccessError) as exc:
+            yield unverifiable(NAME, vm, "sockets", f"the socket walk failed: {exc}")
+            return
+        for name, listing in (("sockets", view.files), ("socket-tables", view.tables)):
+            if not listing.complete:
+                yield unverifiable(NAME, vm, name, f"socket walk incomplete: {listing.problem}")
+        hidden = {e.socket.sock_gva for e in view.hidden.items}
+        for e in view.endpoints():
+            s = e.socket
+            data = payloads.Socket(s.proto, s.family, s.type, s.state, s.local, s.local_port, s.remote,
+                                   s.remote_port, s.rx_queue, s.tx_queue, s.inode, tuple(e.views),
+                                   tuple(o.pid for o in e.owners), s.sock_gva in hidden)
+            both = "files" in e.views and len(e.views) > 1
+            yield observe(NAME, vm, "socket", f"sock:{s.sock_gva:x}", data,
+                          Verdict.VERIFIED if both or s.sock_gva in hidden else Verdict.REPORTED)
 
     @staticmethod
     def _idr_only(k: LinuxKernel, procs: Listing[Task], cross: CrossView) -> list[Task]:

@@ -521,10 +521,10 @@ def vmas(k: LinuxKernel, task: Task) -> Listing[Vma]:
 # --- files, modules, pid idr -------------------------------------------------------------------
 
 
-def files(k: LinuxKernel, task: Task) -> Listing[OpenFile]:
-    """Return the open descriptors of `task` (files->fdt->fd[0..max_fds))."""
+def fd_table(k: LinuxKernel, task: Task) -> Listing[tuple[int, int]]:
+    """Return (fd, struct file gva) of every open descriptor of `task` (files->fdt->fd[0..max_fds))."""
     o = k.off
-    out: Listing[OpenFile] = Listing()
+    out: Listing[tuple[int, int]] = Listing()
     try:
         fs = k.u64(task.gva + o["task_struct.files"])
         if not fs:
@@ -536,12 +536,19 @@ def files(k: LinuxKernel, task: Task) -> Listing[OpenFile]:
         array = k.read(k.u64(fdt + o["fdtable.fd"]), 8 * max_fds)
     except _BAD as exc:
         return out.fail(f"file table of pid {task.pid} unreadable ({exc})")
-    for fd, file in enumerate(struct.unpack(f"<{max_fds}Q", array)):
-        if file:
-            try:
-                out.items.append(OpenFile(fd, file_path(k, file), file))
-            except _BAD as exc:
-                out.fail(f"fd {fd} of pid {task.pid}: file 0x{file:x} unreadable ({exc})")
+    out.items.extend((fd, file) for fd, file in enumerate(struct.unpack(f"<{max_fds}Q", array)) if file)
+    return out
+
+
+def files(k: LinuxKernel, task: Task) -> Listing[OpenFile]:
+    """Return the open descriptors of `task` (files->fdt->fd[0..max_fds))."""
+    table = fd_table(k, task)
+    out: Listing[OpenFile] = Listing(complete=table.complete, problem=table.problem)
+    for fd, file in table:
+        try:
+            out.items.append(OpenFile(fd, file_path(k, file), file))
+        except _BAD as exc:
+            out.fail(f"fd {fd} of pid {task.pid}: file 0x{file:x} unreadable ({exc})")
     return out
 
 
