@@ -48,6 +48,10 @@ WANTED: dict[str, list[str]] = {
     "module_kobject": ["kobj", "mod"],
     "kobject": ["entry", "name"],
     "kset": ["list"],
+    # the pointer checks (introspect/kernelhooks.py)
+    "kprobe": ["hlist", "addr", "pre_handler", "post_handler"],
+    "hlist_node": ["next"],
+    "file_operations": ["owner"],
 }
 # the kernel's own allocators of executable module-area memory that is no module (each keeps a list)
 KNOWN_ALLOCATORS: dict[str, list[str]] = {
@@ -75,16 +79,9 @@ def layout(k: LinuxKernel) -> Offsets:
     for name, members in KNOWN_ALLOCATORS.items():
         if k.types.has_struct(name):
             wanted[name] = list(members)
-    for name, members in EXTRA_WANTED.items():
-        if k.types.has_struct(name):
-            wanted.setdefault(name, []).extend(members)
     off = Offsets(k.types, wanted, k.info.release or "unknown kernel")
     k._crossview_offsets = off  # type: ignore[attr-defined]
     return off
-
-
-# filled by introspect.kernelhooks (the structs its pointer checks read), resolved in the same Offsets
-EXTRA_WANTED: dict[str, list[str]] = {}
 
 
 # --- per-CPU ------------------------------------------------------------------------------------
