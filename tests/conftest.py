@@ -109,6 +109,12 @@ def tampered_guest() -> Iterator[runner.Guest]:
 
 
 @pytest.fixture(scope="session")
+def rootkit_guest() -> Iterator[runner.Guest]:
+    """The rootkit lab guest (kernel 6.1, KASLR): nphrk hides a task and itself and hooks the kernel."""
+    yield from _boot("rootkit", kaslr=True)
+
+
+@pytest.fixture(scope="session")
 def tampered_dump(tampered_guest: runner.Guest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Return a QEMU ELF core of the tampered guest (dump-guest-memory, VM stopped for it, run state kept)."""
     from nephoscope.hypervisor.qmp import Qmp

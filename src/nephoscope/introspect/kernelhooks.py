@@ -164,7 +164,7 @@ def check_lstar(k: LinuxKernel, lstar: int | None, cmap: CodeMap) -> tuple[list[
     if lstar is None:
         return [], LSTAR_UNAVAILABLE
     expected = {k.symbols.find(n) for n in ("entry_SYSCALL_64", "entry_SYSCALL_64_trampoline")} - {None}
-    if lstar in expected or cmap.classify(lstar) == CORE and _symbol_at(k, lstar).startswith("entry_SYSCALL"):
+    if lstar in expected or (cmap.classify(lstar) == CORE and _symbol_at(k, lstar).startswith("entry_SYSCALL")):
         return [], ""
     return [Hook("syscall-hook", "LSTAR", lstar, cmap.classify(lstar),
                  f"LSTAR is {_describe(k, cmap, lstar)}, not entry_SYSCALL_64")], ""

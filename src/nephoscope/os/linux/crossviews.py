@@ -566,7 +566,7 @@ def _find_module_struct(k: LinuxKernel, text_gva: int) -> tuple[str, int]:
                 try:
                     raw = k.read(cand + name_off, 56)
                     name = raw.split(b"\0", 1)[0]
-                    ok = b"\0" in raw and 0 < len(name) and all(32 < c < 127 for c in name)
+                    ok = b"\0" in raw and len(name) > 0 and all(32 < c < 127 for c in name)
                     if ok:
                         return name.decode(), cand
                 except _BAD:
