@@ -119,3 +119,14 @@ def test_shared_dumps_have_no_kernel_finding(dump: str) -> None:
     doubts = {u["what"] for u in result.view.unverifiable if u["what"].startswith(("task-views", "module-views",
                                                                                   "kernel-hooks"))}
     assert doubts <= {"kernel-hooks:lstar"}, doubts
+
+
+def test_rootkit_on_612_every_technique_found(rootkit_guest_612: runner.Guest) -> None:
+    """6.12: module.mem[] (the struct module in its own allocation), pcpu_hot, ptdesc, x64_sys_call dispatch."""
+    manifest = rootkit_guest_612.manifest()
+    result = _scan(rootkit_guest_612, ["inspect"])
+    kinds = {f.kind for f in result.view.findings}
+    assert {"hidden-module", "syscall-hook", "inline-hook", "ftrace-hook"} <= kinds, kinds
+    pid = next(t["pid"] for t in manifest["techniques"] if t["id"] == "dkom-hidden-task")
+    assert pid in {f.evidence[0].get("pid") for f in result.view.findings if f.kind == "hidden-process"}
+    assert [f.evidence[0]["module"] for f in result.view.findings if f.kind == "hidden-module"] == ["nphrk"]

@@ -556,7 +556,10 @@ def module_area_exec(k: LinuxKernel, texts: list[ModuleText]) -> Listing[ExecReg
 
 
 def _find_module_struct(k: LinuxKernel, text_gva: int) -> tuple[str, int]:
-    """Return (name, gva) of a struct module in the pages after `text_gva` whose core text starts there."""
+    """Return (name, gva) of a struct module whose core text starts at `text_gva`, or ("", 0).
+
+    Up to 6.3 the struct sits in the module's own core image, after its text; from 6.4 (module.mem[])
+    it is in the separate MOD_DATA allocation, so the writable pages of the module area are searched."""
     off = layout(k)
     key = off.get("module.core_layout.base")
     if key is None:
@@ -564,28 +567,31 @@ def _find_module_struct(k: LinuxKernel, text_gva: int) -> tuple[str, int]:
         if key is None:
             return "", 0
         key += off["module_memory.base"]
+        pages = [m.gva + i for m in k.kernel.iter_mappings(start=MODULE_AREA[0], end=MODULE_AREA[1])
+                 if m.writable and m.nx for i in range(0, m.size, 4096)][:MAX_MODULE_STRUCT_SCAN // 256]
+    else:
+        pages = list(range(text_gva, text_gva + MAX_MODULE_STRUCT_SCAN, 4096))
     needle = text_gva.to_bytes(8, "little")
     name_off = off["module.name"]
-    pos = text_gva
-    while pos < text_gva + MAX_MODULE_STRUCT_SCAN:
+    for pos in pages:
         try:
             page = k.read(pos, 4096)
         except _BAD:
-            break
+            if off.get("module.core_layout.base") is not None:
+                break  # the end of this module's image
+            continue
         at = page.find(needle)
         while at >= 0:
-            if at % 8 == (key % 8):
+            if at % 8 == key % 8:
                 cand = pos + at - key
                 try:
                     raw = k.read(cand + name_off, 56)
                     name = raw.split(b"\0", 1)[0]
-                    ok = b"\0" in raw and len(name) > 0 and all(32 < c < 127 for c in name)
-                    if ok:
+                    if b"\0" in raw and len(name) > 0 and all(32 < c < 127 for c in name):
                         return name.decode(), cand
                 except _BAD:
                     pass
             at = page.find(needle, at + 1)
-        pos += 4096
     return "", 0
 
 
