@@ -130,3 +130,13 @@ def test_rootkit_on_612_every_technique_found(rootkit_guest_612: runner.Guest) -
     pid = next(t["pid"] for t in manifest["techniques"] if t["id"] == "dkom-hidden-task")
     assert pid in {f.evidence[0].get("pid") for f in result.view.findings if f.kind == "hidden-process"}
     assert [f.evidence[0]["module"] for f in result.view.findings if f.kind == "hidden-module"] == ["nphrk"]
+
+
+def test_evaluate_scores_the_kernel_techniques(rootkit_guest: runner.Guest, tmp_path: Path) -> None:
+    from nephoscope.service.evaluate import DETECTED, MISSED, score_guest
+    from nephoscope.store.sqlite import Store
+
+    scores = {s.method: s for s in score_guest(rootkit_guest, ["agent", "inspect"], store=Store(tmp_path / "s.sqlite"))}
+    kernel = ("dkom-hidden-task", "ftrace-hidden-process", "hidden-module", "syscall-hook", "inline-patch")
+    assert {t: scores["inspect"].techniques.get(t) for t in kernel} == dict.fromkeys(kernel, DETECTED)
+    assert {t: scores["agent"].techniques.get(t) for t in kernel} == dict.fromkeys(kernel, MISSED)
