@@ -6,7 +6,9 @@ venv=${1:-.venv}
 # init; the test fixtures start virtlogd/libvirtd themselves), virsh, and libvirt-dev + pkg-config so pip builds
 # libvirt-python into the venv (Debian's python3-libvirt is built for /usr/bin/python3 and the venv does not
 # see system site-packages)
-apt_packages=(qemu-system-x86 qemu-utils busybox-static cpio zstd gcc libc6-dev bpftool python3 python3-venv
+# gcc, make and libelf1 also build the rootkit profile's kernel module against the lab kernel's Debian headers
+# (lab/kmodules.py downloads linux-headers-<release>, its -common and linux-kbuild into the cache, not the host)
+apt_packages=(qemu-system-x86 qemu-utils busybox-static cpio zstd gcc make libelf1 libc6-dev bpftool python3 python3-venv
               python3-dev binutils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config)
 missing=()
 for p in "${apt_packages[@]}"; do

@@ -109,6 +109,22 @@ def tampered_guest() -> Iterator[runner.Guest]:
 
 
 @pytest.fixture(scope="session")
+def rootkit_guest() -> Iterator[runner.Guest]:
+    """The rootkit lab guest (kernel 6.1, KASLR): nphrk hides a task and itself and hooks the kernel."""
+    yield from _boot("rootkit", kaslr=True)
+
+
+@pytest.fixture(scope="session")
+def rootkit_guest_612() -> Iterator[runner.Guest]:
+    """The rootkit lab guest on the Debian 6.12 kernel (nphrk built against its headers)."""
+    try:
+        choose_kernel(KERNEL_612, lambda _m: None)
+    except (LabError, KnowledgeError) as exc:
+        pytest.skip(f"the Debian {KERNEL_612} kernel cannot be fetched: {exc}")
+    yield from _boot("rootkit", KERNEL_612, tag="rk612", kaslr=True)
+
+
+@pytest.fixture(scope="session")
 def tampered_dump(tampered_guest: runner.Guest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Return a QEMU ELF core of the tampered guest (dump-guest-memory, VM stopped for it, run state kept)."""
     from nephoscope.hypervisor.qmp import Qmp

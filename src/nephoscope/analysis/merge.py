@@ -14,7 +14,7 @@ from typing import Any
 
 from nephoscope.analysis.facts import dedupe
 from nephoscope.analysis.network import scan_findings
-from nephoscope.core.payloads import CrossView, Details, Image, Mapping, Process, Socket, UnknownCode
+from nephoscope.core.payloads import CrossView, Details, Image, KernelTamper, Mapping, Process, Socket, UnknownCode
 from nephoscope.core.records import Finding, Observation, Verdict
 
 # binaries whose processes legitimately carry another program's name (multi-call binaries)
@@ -94,6 +94,28 @@ def _masquerading(comm: str, exe: str, cmdline: list[str]) -> bool:
     return not (names_fit and arg_fits)
 
 
+# kernel-tamper technique -> (finding kind, severity); a hidden task is a hidden process (found by pid)
+KERNEL_FINDINGS = {"hidden-task": ("hidden-process", "critical"), "hidden-module": ("hidden-module", "critical"),
+                   "syscall-hook": ("syscall-hook", "critical"), "idt-hook": ("idt-hook", "critical"),
+                   "inline-hook": ("inline-hook", "critical"), "ftrace-hook": ("ftrace-hook", "high"),
+                   "kprobe-hook": ("kprobe-hook", "high"), "ops-hook": ("ops-hook", "critical")}
+
+
+def _kernel_finding(p: KernelTamper, o: Observation, vm: str, method: str) -> Finding | None:
+    """Return the finding a verified kernel-tamper observation makes (None for an unknown technique)."""
+    if o.verdict != Verdict.VERIFIED or p.technique not in KERNEL_FINDINGS:
+        return None
+    kind, severity = KERNEL_FINDINGS[p.technique]
+    evidence: dict[str, Any] = {"method": method, "check": p.check, **o.data}
+    if p.technique == "hidden-task":
+        title = f"pid {p.pid} is hidden from both the task list and the PID table (DKOM), seen by {p.check}"
+    elif p.technique == "hidden-module":
+        title = f"module {p.module or '?'} runs code in the module area but is hidden ({p.check})"
+    else:
+        title = f"{p.where} is hooked: {p.evidence}"
+    return Finding(kind, severity, title, vm, [evidence])
+
+
 def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanView:
     """Merge observations of one VM into process and binary views with findings."""
     processes: dict[int, ProcessView] = {}
@@ -140,6 +162,10 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
                                     + ("on the task list but not in the PID table" if p.in_task_list
                                        else "in the PID table but unlinked from the task list (DKOM)"),
                                     vm, [{"pid": p.pid, "method": method, **o.data}]))
+        elif isinstance(p, KernelTamper):
+            finding = _kernel_finding(p, o, vm, method)
+            if finding is not None:
+                findings.append(finding)
         elif isinstance(p, Image):
             image = p.identity()
             image["status"] = "modified" if o.kind == "modified-binary" else "identified"

@@ -354,6 +354,26 @@ class ModuleLoad(TrapEvent):
     init_size: int | None = None
 
 
+# --- kernel integrity --------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class KernelTamper(Payload):
+    """Kernel-level tampering one cross-view or pointer check found, with the check and its evidence.
+
+    `technique`: hidden-task, hidden-module, syscall-hook, idt-hook, inline-hook, ftrace-hook, kprobe-hook,
+    ops-hook; `check` names the view or check that saw it; `target` is the code pointer (kernel gva)."""
+
+    KINDS = ("kernel-tamper",)
+    technique: str = ""
+    check: str = ""
+    where: str = ""
+    target: int | None = None
+    owner: str = ""  # core-text, module:NAME or elsewhere
+    pid: int | None = None
+    module: str = ""
+    evidence: str = ""
+
+
 # --- method bookkeeping -----------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -406,7 +426,7 @@ class Details(Payload):
 
 PAYLOADS: tuple[type[Payload], ...] = (Process, Mapping, Module, Package, CrossView, Image, UnknownCode, Vdso,
                                        KernelCode, AddressSpace, UnfoundRoot, Exec, Exit, ModuleLoad, Checkpoint,
-                                       Unverifiable, Details, Socket)
+                                       KernelTamper, Unverifiable, Details, Socket)
 REGISTRY: dict[str, type[Payload]] = {kind: cls for cls in PAYLOADS for kind in cls.KINDS}
 
 

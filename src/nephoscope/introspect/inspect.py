@@ -36,6 +36,27 @@ class InspectMethod:
         self.symbols = symbols  # a --symbols file for kernels whose BTF/kallsyms are not in RAM
         self.cache = cache  # reuse a validated kernel model of the same build
         self.last_stats: dict[str, float] = {}
+        self.kernel_integrity = True  # task/module cross-views and kernel pointer checks (kernel_integrity.py)
+
+    @staticmethod
+    def _idtr_base(vm: VmTarget) -> int | None:
+        """Return vCPU 0's IDTR base from HMP `info registers` of a live VM (None for dumps or no monitor)."""
+        if not vm.live or (vm.qmp_socket is None and vm.domain is None):
+            return None
+        import re
+
+        from nephoscope.hypervisor.monitor import open_monitor
+
+        try:
+            monitor = open_monitor(vm)
+            try:
+                text = monitor.hmp("info registers")
+            finally:
+                monitor.close()
+        except ConnectorError:
+            return None
+        m = re.search(r"^IDT=\s*([0-9a-fA-F]+)", text, re.M)
+        return int(m.group(1), 16) if m else None
 
     def collect(self, vm: VmTarget) -> Iterator[Observation]:
         """Yield the kernel, every process (with cr3), its executable mappings, modules and cross-view gaps."""
@@ -93,6 +114,10 @@ class InspectMethod:
         if not mods.complete:
             yield unverifiable(NAME, vm, "modules", f"module list walk stopped: {mods.problem}")
         yield from self._sockets(k, vm, procs)
+        if self.kernel_integrity:
+            from nephoscope.introspect import kernel_integrity
+
+            yield from kernel_integrity.collect(k, vm, idtr_base=self._idtr_base(vm))
         if k.budget.exhausted:
             yield unverifiable(NAME, vm, "budget", f"the read budget ran out ({k.budget.exhausted}); "
                                                    "later walks are incomplete")

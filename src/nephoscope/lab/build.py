@@ -467,6 +467,10 @@ def image_key(profile: Profile, packages: dict[str, str], kernel: KernelChoice) 
         h.update((Path(__file__).parent / module).read_bytes())
     for helper in sorted(HELPERS_DIR.iterdir()):
         h.update(helper.name.encode() + helper.read_bytes())
+    if any(a.kind == "kmodule" for a in profile.artifacts):  # only profiles with kernel modules
+        from nephoscope.lab.kmodules import sources_hash
+
+        h.update(b"kmodules:" + sources_hash().encode())
     return h.hexdigest()[:16]
 
 
@@ -514,6 +518,10 @@ def build_image(profile: Profile, kernel_spec: str | None = None, progress: Prog
             progress(f"making {artifact.output}")
             if artifact.kind == "compile":
                 tree.add(artifact.output, _compile(artifact, Path(tmp)), 0o755)
+            elif artifact.kind == "kmodule":  # a module of lab/rootkit, built against the kernel's headers
+                from nephoscope.lab.kmodules import build_module
+
+                tree.add(artifact.output, build_module(artifact.source, kernel), 0o644)
             else:
                 original = tree.read(_normalise(artifact.source))
                 tree.add(artifact.output, patch_text_padding(original), 0o755)
@@ -545,6 +553,7 @@ def build_image(profile: Profile, kernel_spec: str | None = None, progress: Prog
         "packages": packages,
         "services": [{"tag": s.tag, "command": s.command, "binary": s.binary, "technique": s.technique,
                       "expect": s.expect} for s in profile.services],
+        "kernel_techniques": list(profile.kernel_techniques),
         "files": {"/" + p: list(o) for p, o in sorted(tree.owners.items())},
         "unpackaged": sorted("/" + a.output.strip("/") for a in profile.artifacts),
         "initrd_bytes": (tmpdir / "initrd.cpio").stat().st_size,

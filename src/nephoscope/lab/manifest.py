@@ -50,7 +50,10 @@ def parse_report(report: str, guest: Guest, image: Image) -> dict[str, Any]:
     tags: dict[int, str] = {}
     procs: list[dict[str, Any]] = []
     kernel: dict[str, Any] = {}
+    kernel_log: list[str] = []
     for kind, fields in _records(report):
+        if kind == "NPH-KLOG":  # what a lab kernel module said it did (dmesg lines, addresses included)
+            kernel_log.append(" ".join(fields))
         if kind == "NPH-KERNEL" and len(fields) >= 2:
             kernel = {"release": _b64(fields[0]).strip(), "cmdline": _b64(fields[1]).strip()}
         elif kind == "NPH-TAG" and len(fields) == 2 and fields[1].isdigit():
@@ -92,6 +95,8 @@ def parse_report(report: str, guest: Guest, image: Image) -> dict[str, Any]:
             techniques.append({"id": svc["technique"], "tag": tag, "pid": pid, "expect": svc.get("expect", ""),
                                "binary": svc.get("binary") or (by_pid.get(pid) or {}).get("exe", ""),
                                "alive": pid in by_pid})
+    for kt in image.meta.get("kernel_techniques", []):
+        techniques.append({**kt, "kind": "kernel", "expect": kt.get("expect", "")})
     return {
         "name": guest.name,
         "profile": guest.profile,
@@ -104,4 +109,5 @@ def parse_report(report: str, guest: Guest, image: Image) -> dict[str, Any]:
         "unpackaged": image.meta.get("unpackaged", []),
         "processes": sorted(procs, key=lambda p: p["pid"]),
         "techniques": techniques,
+        "kernel_log": kernel_log,
     }

@@ -37,9 +37,9 @@ class Service:
 class Artifact:
     """A file made on the host at build time: a compiled helper or a trojaned copy of a binary."""
 
-    kind: str  # "compile" | "trojan"
+    kind: str  # "compile" | "trojan" | "kmodule"
     output: str  # path inside the guest
-    source: str  # helper source file name (compile) or guest path of the original (trojan)
+    source: str  # helper source file name (compile), guest path of the original (trojan), module name (kmodule)
     flags: tuple[str, ...] = ()
 
 
@@ -56,6 +56,8 @@ class Profile:
     services: tuple[Service, ...]
     artifacts: tuple[Artifact, ...]
     source: str = field(default="", compare=False)
+    # techniques without a process of their own (kernel-level: a hidden module, a hook): id, expect, module
+    kernel_techniques: tuple[dict[str, str], ...] = ()
 
     def package(self, name: str) -> PackageSpec | None:
         """Return the spec for package `name`, if the profile lists it."""
@@ -132,8 +134,8 @@ def load_profile(name_or_path: str) -> Profile:
     if len(set(tags)) != len(tags):
         raise ProfileError(f"{where}: service tags must be unique, got {tags}")
     for a in artifacts:
-        if a.kind not in ("compile", "trojan"):
-            raise ProfileError(f"{where}: artifact kind {a.kind!r} is not compile or trojan")
+        if a.kind not in ("compile", "trojan", "kmodule"):
+            raise ProfileError(f"{where}: artifact kind {a.kind!r} is not compile, trojan or kmodule")
     files = raw.get("files", {})
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise ProfileError(f"{where}: `files` must map guest paths to file contents")
@@ -147,4 +149,16 @@ def load_profile(name_or_path: str) -> Profile:
         services=tuple(services),
         artifacts=tuple(artifacts),
         source=text,
+        kernel_techniques=tuple(_kernel_techniques(raw, where)),
     )
+
+
+def _kernel_techniques(raw: dict[str, Any], where: Path) -> list[dict[str, str]]:
+    """Return the profile's `kernel_techniques` entries (each needs an `id`; values are strings)."""
+    out = []
+    for entry in _as_list(raw, "kernel_techniques", where):
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or \
+                not all(isinstance(v, str) for v in entry.values()):
+            raise ProfileError(f"{where}: each kernel_techniques entry needs a string `id` (got {entry!r})")
+        out.append(dict(entry))
+    return out

@@ -129,11 +129,31 @@ def score_techniques(result: ScanResult, manifest: dict[str, Any]) -> dict[str, 
         "preload-hidden": lambda f: bool(f & set(procs)),
         "unpackaged-binary": lambda f: bool(f & (unknown | _finding_pids(result, "unknown-code"))),
     }
+    kinds = {f.kind for f in result.view.findings}
+    hidden_modules = {str(ev.get("module")) for f in result.view.findings if f.kind == "hidden-module"
+                      for ev in f.evidence}
+    hidden_pids = _finding_pids(result, "hidden-process")
+    rules.update({  # the rootkit profile's kernel techniques (lab/rootkit/nphrk.c)
+        "dkom-hidden-task": lambda f: bool(f & hidden_pids),
+        # the /proc entry is gone but the task list keeps it: a hidden-process finding (the guest's ls misses
+        # a task a kernel view has), or the ftrace hook itself
+        "ftrace-hidden-process": lambda f: bool(f & hidden_pids) or bool(kinds & {"ftrace-hook", "kprobe-hook"}),
+    })
+    kernel_rules: dict[str, Callable[[dict[str, Any]], bool]] = {
+        "hidden-module": lambda t: t.get("module", "") in hidden_modules or "?" in hidden_modules,
+        "syscall-hook": lambda t: "syscall-hook" in kinds,
+        "inline-patch": lambda t: "inline-hook" in kinds,
+    }
     out = {}
     nothing_seen = not procs
     masq = next((t for t in manifest.get("techniques", []) if t["id"] == "masquerade"), None)
     true_binary_seen = identified_as(result, _basename(masq["binary"])) if masq else set()
     for tech in manifest.get("techniques", []):
+        if tech.get("kind") == "kernel":  # no process of its own: judged by the kernel findings
+            if tech["id"] in kernel_rules:
+                out[tech["id"]] = DETECTED if kernel_rules[tech["id"]](tech) else \
+                    (UNVERIFIABLE if nothing_seen else MISSED)
+            continue
         rule = rules.get(tech["id"])
         if rule is None:
             continue

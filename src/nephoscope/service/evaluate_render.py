@@ -29,8 +29,10 @@ def markdown(scores: list[MethodScore]) -> str:
     tampered = [s for s in scores if s.techniques]
     if tampered:
         techniques = sorted({t for s in tampered for t in s.techniques})
-        lines += ["", "## Robustness (tampered guest)", "",
-                  "| technique | " + " | ".join(s.method for s in tampered) + " |",
+        several = len({s.profile for s in tampered}) > 1
+        lines += ["", "## Robustness (" + ", ".join(dict.fromkeys(s.profile for s in tampered)) + " guest)", "",
+                  "| technique | " + " | ".join(f"{s.profile}/{s.method}" if several else s.method
+                                              for s in tampered) + " |",
                   "|---|" + "---|" * len(tampered)]
         for t in techniques:
             lines.append(f"| {t} | " + " | ".join(SYMBOL.get(s.techniques.get(t, ""), s.techniques.get(t, "–"))
