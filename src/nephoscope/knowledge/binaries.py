@@ -234,6 +234,11 @@ class CodePageDB:
         return self._conn.execute("SELECT 1 FROM packages WHERE name=? AND version=?",
                                   (name, version)).fetchone() is not None
 
+    def package_versions(self, name: str) -> list[str]:
+        """Return the versions of package `name` the KB holds, sorted as text."""
+        return [v for (v,) in self._conn.execute("SELECT DISTINCT version FROM packages WHERE name=? ORDER BY version",
+                                                  (name,))]
+
     def has_file(self, package_id: int, path: str, sha256: bytes) -> bool:
         """Return whether this exact file (package, path, content) is already stored."""
         return self._conn.execute("SELECT 1 FROM files WHERE package_id=? AND path=? AND sha256=?",
