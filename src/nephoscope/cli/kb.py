@@ -127,23 +127,40 @@ def which(
 
 
 SYNC_METHODS = "inspect,agent,arch"
+SYNC_ROUNDS = 3
 
 
 def sync_and_rescan(vm: str, methods: list[str] | None, jobs: int, log: Callable[[str], None], *,
                     save: bool = False, symbols: Path | None = None) -> tuple[ScanResult, SyncReport, ScanResult]:
-    """Scan `vm`, ingest what it maps (kb sync), scan again with the unverifiable rule; return both and the sync."""
+    """Scan `vm`, ingest what it maps (kb sync), scan again with the unverifiable rule; return both and the sync.
+
+    A guest that is still starting maps new files between scans: the sync repeats on the new scan's hints
+    (at most SYNC_ROUNDS scans after the first) until a scan brings no package version the KB lacks."""
+    import time as clock
+
     from nephoscope.knowledge.debian.contents import ContentsIndex
     from nephoscope.knowledge.sync import mark_unverifiable, sync
-    from nephoscope.service.scan import scan_vm
+    from nephoscope.service.scan import save_result, scan_vm
+    from nephoscope.store.sqlite import Store
 
     first = scan_vm(vm, methods, save=False, symbols=symbols, progress=log)
     log("reading the archive's Contents index")
     contents = ContentsIndex.open()
     db = CodePageDB.open()
-    report = sync(db, first.observations, contents=contents, jobs=jobs, progress=log)
-    second = scan_vm(vm, methods, save=save, symbols=symbols, progress=log,
-                     refine=lambda obs: mark_unverifiable(obs, db, contents))
-    return first, report, second
+    total = sync(db, first.observations, contents=contents, jobs=jobs, progress=log)
+    result = first
+    for _ in range(SYNC_ROUNDS):
+        started = clock.time()
+        result = scan_vm(vm, methods, save=False, symbols=symbols, progress=log,
+                         refine=lambda obs: mark_unverifiable(obs, db, contents))
+        again = sync(db, result.observations, contents=contents, jobs=jobs, progress=log)
+        total.merge(again)
+        if not again.ingest.packages:
+            break
+        log(f"{len(again.ingest.packages)} more package versions mapped since the last scan; scanning again")
+    if save:
+        save_result(result, Store(), started)
+    return first, total, result
 
 
 @app.command("sync")
@@ -176,6 +193,7 @@ def sync_cmd(
     mains = {pid: c.main for pid, c in second.code().items() if c.main is not None}
     data = {"sync": report.to_dict(), "seconds": round(time.monotonic() - started, 1),
             "before": before, "after": after, "unknown_code": len(unknown),
+            "unknown": [f.to_dict() for f in unknown[:64]],
             "unverifiable": unverifiable,
             "main_binaries": {str(pid): {"path": m.path, "package": m.package, "versions": list(m.versions)}
                               for pid, m in sorted(mains.items())}}

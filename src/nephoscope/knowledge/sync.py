@@ -91,7 +91,7 @@ def collect_hints(observations: Iterable[Observation]) -> Hints:
         elif isinstance(p, payloads.UnknownCode) and p.head.startswith("7f454c46"):
             hints.elf_headers += 1
         for r in raw:
-            if not r:
+            if not r or (isinstance(r, str) and r.startswith("[")):  # [vdso], [heap]: no file
                 continue
             path = clean_path(r)
             if path is None or (path not in hints.paths and len(hints.paths) >= MAX_PATHS):
@@ -135,6 +135,17 @@ class SyncReport:
     def to_dict(self) -> dict[str, object]:
         """Return a JSON-ready dict."""
         return dataclasses.asdict(self)
+
+    def merge(self, other: SyncReport) -> None:
+        """Add a later round's sync to this one."""
+        self.paths = max(self.paths, other.paths)
+        self.unowned = sorted(set(self.unowned) | set(other.unowned))
+        for name, versions in other.packages.items():
+            self.packages.setdefault(name, versions)
+        self.not_downloadable.update(other.not_downloadable)
+        self.ingest.merge(other.ingest)
+        self.rejected_hints = max(self.rejected_hints, other.rejected_hints)
+        self.errors += other.errors
 
 
 def fetch_unpacked(name: str, version: str) -> Path:

@@ -104,10 +104,16 @@ def run_scan(vm: VmTarget, methods: list[str] | None = None, *, store: Store | N
     view = merge(observations, names, vm.name)
     result = ScanResult(vm, view, observations, timings)
     if store is not None:
-        result.scan_id = store.save_scan(vm.name, names, observations, view.findings,
-                                         {**view.summary(), "status": result.status, "timings": timings},
-                                         started)
+        save_result(result, store, started)
     return result
+
+
+def save_result(result: ScanResult, store: Store, started: float) -> int:
+    """Store a finished scan with its summary status and timings; set and return its id."""
+    result.scan_id = store.save_scan(result.vm.name, result.view.methods, result.observations, result.view.findings,
+                                     {**result.view.summary(), "status": result.status, "timings": result.timings},
+                                     started)
+    return result.scan_id
 
 
 def scan_vm(spec: str, methods: list[str] | None = None, *, save: bool = True, rollback: bool = False,
