@@ -113,7 +113,7 @@ def which(
         hits = db.lookup_digests([d for _, d in queries])
     except NephoscopeError as exc:
         fail(exc)
-    rows = [{"query_offset": off, "digest": d.hex(), **dataclasses.asdict(h)}
+    rows = [{"query_offset": off, "digest": d.hex(), **h._asdict()}
             for (off, d), hs in zip(queries, hits, strict=True) for h in hs]
     found = sum(1 for hs in hits if hs)
     if json_out:
