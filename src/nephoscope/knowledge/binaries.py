@@ -203,7 +203,8 @@ class _Index:
     def load(cls, directory: Path, generation: str) -> _Index | None:
         """Return the index saved under `directory`, memory-mapped (read on demand), or None."""
         try:
-            arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            # plain ndarray views of the maps: numpy.memmap's own indexing adds ~20% to a lookup
+            arrays = {name: np.asarray(np.load(directory / f"{name}.npy", mmap_mode="r", allow_pickle=False))
                       for name in _ARRAYS}
         except (OSError, ValueError):
             return None
