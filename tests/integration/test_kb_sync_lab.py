@@ -32,7 +32,7 @@ OWNER_PACKAGE = "pv"  # in no lab profile; Depends: libc6 only (apt-cache show p
 def _run(args: list[str], kb: Path) -> dict:
     result = CliRunner().invoke(app, args, env={"NEPHOSCOPE_KB": str(kb)}, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    (kb.parent / f"{args[0]}-{args[1]}.json").write_text(result.stdout)  # kept with the test's tmp_path
+    (kb.parent / f"{args[0]}-{Path(args[1]).name}.json").write_text(result.stdout)  # kept in the test's tmp_path
     return json.loads(result.stdout)
 
 
@@ -124,3 +124,23 @@ def test_a_package_the_owner_installs_is_identified_after_kb_sync(owner_guest: r
     assert synced["unknown_code"] == 0, synced["unknown"]
     pv = [m for m in synced["main_binaries"].values() if m["path"].endswith("/pv")]
     assert pv and all((m["package"], m["versions"]) == (OWNER_PACKAGE, [version]) for m in pv), synced["main_binaries"]
+
+
+def test_scan_sync_kb_on_dumps_identifies_clean_code_and_keeps_every_tampered_finding(
+        clean_dump: Path, tmp_path: Path) -> None:
+    kb = tmp_path / "kb.sqlite"
+    scan = _run(["scan", str(clean_dump), "--methods", "inspect,arch", "--sync-kb", "--no-store", "--json"], kb)
+    truth = clean_dump.with_name(clean_dump.name.replace(".elf", ".manifest.json"))
+    manifest = json.loads(truth.read_text()) if truth.is_file() else None
+    assert not [f for f in scan["findings"] if f["kind"] in ("unknown-code", "modified-binary")]
+    if manifest is not None:  # the shared dump comes with the manifest of the guest it was taken from
+        _check_against_manifest(scan, manifest)
+    tampered = clean_dump.with_name("tampered-6.1.elf")
+    if not tampered.is_file():
+        pytest.skip("no shared tampered dump beside the clean one")
+    scan = _run(["scan", str(tampered), "--methods", "inspect,arch", "--sync-kb", "--no-store", "--json"], kb)
+    kinds = {f["kind"] for f in scan["findings"]}
+    # a trojaned copy and a local binary are in no package: the sync fetches nothing for them and their
+    # code stays a finding; nothing is turned into "not downloadable"
+    assert {"unknown-code", "modified-binary", "fileless", "deleted-binary", "masquerading"} <= kinds, kinds
+    assert not [u for u in scan["unverifiable"] if str(u.get("reason", "")).startswith("unverifiable:")]
