@@ -201,8 +201,8 @@ def sync_cmd(
         emit_json(data)
         return
     ingest = report.ingest
-    table(f"kb sync {vm}", ["paths", "packages", "versions", "skipped (in KB)", "files added", "pages added",
-                            "errors", "unknown code before", "after", "seconds"],
+    table(f"kb sync {vm}", ["paths", "packages", "versions", "in KB", "files+", "pages+", "errors",
+                            "unknown before", "unknown after", "s"],
           [[report.paths, len(report.packages), sum(map(len, report.packages.values())),
             report.skipped, ingest.files_added, ingest.pages_added, len(report.errors),
             sum(f.kind == "unknown-code" for f in first.view.findings), len(unknown), data["seconds"]]])
