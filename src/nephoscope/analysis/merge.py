@@ -182,6 +182,9 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
                                         "from every known version", vm, [o.to_dict()]))
         elif isinstance(p, Socket):
             sockets.append((method, p))
+        elif isinstance(p, UnknownCode) and o.verdict == Verdict.UNVERIFIABLE:
+            # kb sync: code in a packaged file whose installed version the archive no longer offers
+            unverifiable.append({"method": method, "what": o.key, "reason": o.reason})
         elif isinstance(p, UnknownCode):
             start, end = p.gva_start or 0, p.gva_end or 0
             for root in p.roots:

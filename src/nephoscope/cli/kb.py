@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -13,6 +15,10 @@ from nephoscope.core.errors import KnowledgeError, NephoscopeError
 from nephoscope.knowledge.binaries import CodePageDB
 from nephoscope.knowledge.elfpages import exec_pages
 from nephoscope.knowledge.ingest import IngestReport, ingest_path, ingest_specs
+
+if TYPE_CHECKING:
+    from nephoscope.knowledge.sync import SyncReport
+    from nephoscope.service.scan import ScanResult
 
 app = typer.Typer(help="The code-page knowledge base: executable pages of known binaries.", no_args_is_help=True)
 KB_OPTION = typer.Option(None, "--kb", help="KB path (default: NEPHOSCOPE_KB or ~/.cache/nephoscope/kb.sqlite)")
@@ -107,7 +113,7 @@ def which(
         hits = db.lookup_digests([d for _, d in queries])
     except NephoscopeError as exc:
         fail(exc)
-    rows = [{"query_offset": off, "digest": d.hex(), **dataclasses.asdict(h)}
+    rows = [{"query_offset": off, "digest": d.hex(), **h._asdict()}
             for (off, d), hs in zip(queries, hits, strict=True) for h in hs]
     found = sum(1 for hs in hits if hs)
     if json_out:
@@ -118,3 +124,138 @@ def which(
         groups.setdefault((r["package"], r["version"], r["path"]), []).append(r["file_offset"])
     table(f"{found}/{len(queries)} pages known", ["package", "version", "path", "pages", "file offsets"],
           [[*key, len(offs), f"{min(offs):#x}..{max(offs):#x}"] for key, offs in sorted(groups.items())])
+
+
+SYNC_METHODS = "inspect,agent,arch"
+SYNC_ROUNDS = 3
+
+
+def sync_and_rescan(vm: str, methods: list[str] | None, jobs: int, log: Callable[[str], None], *,
+                    save: bool = False, symbols: Path | None = None) -> tuple[ScanResult, SyncReport, ScanResult]:
+    """Scan `vm`, ingest what it maps (kb sync), scan again with the unverifiable rule; return both and the sync.
+
+    A guest that is still starting maps new files between scans: the sync repeats on the new scan's hints
+    (at most SYNC_ROUNDS scans after the first) until a scan brings no package version the KB lacks."""
+    import time as clock
+
+    from nephoscope.knowledge.debian.contents import ContentsIndex
+    from nephoscope.knowledge.sync import mark_unverifiable, sync
+    from nephoscope.service.scan import save_result, scan_vm
+    from nephoscope.store.sqlite import Store
+
+    first = scan_vm(vm, methods, save=False, symbols=symbols, progress=log)
+    log("reading the archive's Contents index")
+    contents = ContentsIndex.open()
+    db = CodePageDB.open()
+    total = sync(db, first.observations, contents=contents, jobs=jobs, progress=log)
+    result = first
+    for _ in range(SYNC_ROUNDS):
+        started = clock.time()
+        result = scan_vm(vm, methods, save=False, symbols=symbols, progress=log,
+                         refine=lambda obs: mark_unverifiable(obs, db, contents))
+        again = sync(db, result.observations, contents=contents, jobs=jobs, progress=log)
+        total.merge(again)
+        if not again.ingest.packages:
+            break
+        log(f"{len(again.ingest.packages)} more package versions mapped since the last scan; scanning again")
+    if save:
+        save_result(result, Store(), started)
+    return first, total, result
+
+
+@app.command("sync")
+def sync_cmd(
+    vm: str = typer.Argument(..., help="libvirt domain, pid:N, lab guest, QMP socket or RAM/dump file"),
+    methods: str = typer.Option(SYNC_METHODS, "--methods", "-m",
+                                help="methods whose observations give the hints, and that identify again"),
+    jobs: int = typer.Option(4, "--jobs", "-j", min=1, max=32, help="parallel downloads"),
+    kb: Path = KB_OPTION,
+    json_out: bool = typer.Option(False, "--json", help="print the sync report and what is identified as JSON"),
+) -> None:
+    """Fill the KB with every version of each package that ships a file the VM maps, then identify again.
+
+    Hints (mapped file paths, dpkg status through the agent) only choose what to download; identity is
+    decided by page hashes. The methods pause the VM as they do in `scan`."""
+    import os
+
+    if kb is not None:
+        os.environ["NEPHOSCOPE_KB"] = str(kb)  # the methods open the KB by its default path
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    started = time.monotonic()
+    try:
+        with progress(f"kb sync {vm}", quiet=json_out) as log:
+            first, report, second = sync_and_rescan(vm, chosen, jobs, log)
+    except NephoscopeError as exc:
+        fail(exc)
+    before, after = first.view.summary(), second.view.summary()
+    unknown = [f for f in second.view.findings if f.kind == "unknown-code"]
+    unverifiable = [u for u in second.view.unverifiable if str(u.get("reason", "")).startswith("unverifiable:")]
+    mains = {pid: c.main for pid, c in second.code().items() if c.main is not None}
+    data = {"sync": report.to_dict(), "seconds": round(time.monotonic() - started, 1),
+            "before": before, "after": after, "unknown_code": len(unknown),
+            "unknown": [f.to_dict() for f in unknown[:64]],
+            "unverifiable": unverifiable,
+            "main_binaries": {str(pid): {"path": m.path, "package": m.package, "versions": list(m.versions)}
+                              for pid, m in sorted(mains.items())}}
+    if json_out:
+        emit_json(data)
+        return
+    ingest = report.ingest
+    table(f"kb sync {vm}", ["paths", "packages", "versions", "in KB", "files+", "pages+", "errors",
+                            "unknown before", "unknown after", "s"],
+          [[report.paths, len(report.packages), sum(map(len, report.packages.values())),
+            report.skipped, ingest.files_added, ingest.pages_added, len(report.errors),
+            sum(f.kind == "unknown-code" for f in first.view.findings), len(unknown), data["seconds"]]])
+    for where, why in report.errors[:20]:
+        err_console.print(f"skipped {where}: {why}", markup=False, highlight=False)
+    for u in unverifiable[:20]:
+        err_console.print(str(u["reason"]), markup=False, highlight=False)
+
+
+@app.command("add-archive")
+def add_archive(
+    packages: list[str] = typer.Argument(None, help="package names (every version apt offers of each)"),
+    from_file: Path | None = typer.Option(None, "--from-file", help="a file of package names, one per line"),
+    priority: str = typer.Option("", "--priority", help="also every package of this priority and the more "
+                                 "important ones: required, important, standard, optional"),
+    section: str = typer.Option("", "--section", help="also (or, with --priority, only) packages of this section"),
+    newest: bool = typer.Option(False, "--newest", help="only the newest version of each package"),
+    jobs: int = typer.Option(4, "--jobs", "-j", min=1, max=32, help="parallel downloads"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list what would be ingested, do nothing"),
+    kb: Path = KB_OPTION,
+    json_out: bool = typer.Option(False, "--json", help="print the ingest report as JSON"),
+) -> None:
+    """Ingest packages of the archive in bulk: parallel downloads, resumable (a rerun skips what is stored)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from nephoscope.knowledge.sync import archive_selection, ingest_versions
+
+    names = list(packages or [])
+    try:
+        if from_file is not None:
+            try:
+                text = from_file.read_text()
+            except OSError as exc:
+                raise KnowledgeError(f"cannot read {from_file}: {exc}") from exc
+            names += [ln.split("#", 1)[0].strip() for ln in text.splitlines() if ln.split("#", 1)[0].strip()]
+        if not names and not priority and not section:
+            raise KnowledgeError("nothing to add: name packages, --from-file FILE, --priority or --section")
+        specs = archive_selection(priority, section, names, newest)
+        if dry_run:
+            if json_out:
+                emit_json([{"package": n, "version": v} for n, v in specs])
+            else:
+                table(f"{len(specs)} package versions", ["package", "version"], [list(s) for s in specs])
+            return
+        started = time.monotonic()
+        db = CodePageDB.open(kb)
+        with Progress(TextColumn("kb add-archive"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      TextColumn("{task.description}"), console=err_console, disable=json_out) as bar:
+            task = bar.add_task("", total=len(specs))
+            report, skipped = ingest_versions(db, specs, jobs, advance=lambda s: bar.update(task, advance=1,
+                                                                                            description=s))
+    except NephoscopeError as exc:
+        fail(exc)
+    if not json_out and skipped:
+        err_console.print(f"{skipped} of {len(specs)} package versions were already in the KB (skipped)")
+    _report(report, time.monotonic() - started, json_out)

@@ -38,6 +38,8 @@ def scan(
     symbols: Path | None = typer.Option(None, "--symbols", metavar="FILE",
                                         help="the kernel's types/symbols for inspect when RAM lacks them: a Volatility "
                                              "3 ISF, a vmlinux (BTF or DWARF) or a System.map"),
+    sync_kb: bool = typer.Option(False, "--sync-kb", help="first fill the KB with every version of the packages "
+                                 "that ship the files the VM maps (`kb sync`), then scan with it"),
 ) -> None:
     """Run introspection methods on a VM, merge per process and binary, report findings and verdicts.
 
@@ -58,12 +60,20 @@ def scan(
     if unknown:
         raise typer.BadParameter(f"unknown method(s) {', '.join(unknown)}; use some of "
                                  f"{', '.join(available_methods())}", param_hint="--methods")
+    if all_vms and sync_kb:
+        raise typer.BadParameter("--sync-kb scans one VM; name it instead of --all", param_hint="--sync-kb")
     if all_vms:
         raise SystemExit(_scan_all(chosen, json_out, not no_store, fail_on))
     try:
         with progress(f"scan {vm}", quiet=json_out) as log:
-            result = scan_vm(vm, chosen, save=not no_store, rollback=rollback, symbols=symbols,
-                             progress=log)
+            if sync_kb:
+                from nephoscope.cli.kb import sync_and_rescan
+
+                _first, report, result = sync_and_rescan(vm, chosen, 4, log, save=not no_store, symbols=symbols)
+                log(f"kb sync: {len(report.packages)} packages, {report.ingest.pages_added} pages added")
+            else:
+                result = scan_vm(vm, chosen, save=not no_store, rollback=rollback, symbols=symbols,
+                                 progress=log)
     except NephoscopeError as exc:
         err_console.print(Text(f"error: {exc}"), style="bold red")
         raise SystemExit(EXIT_ERROR) from None

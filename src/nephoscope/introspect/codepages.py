@@ -322,7 +322,9 @@ def _identify_space(phys: PhysicalMemory, root: Root, levels: int, db: CodePageL
     stats.walk_seconds += time.perf_counter() - t
     page_digests = digests.get([p.gpa for p in pages])
     t = time.perf_counter()
-    hits = db.lookup_digests(page_digests) if db is not None and pages else [[] for _ in pages]
+    # the KB's shared-tuple lookup when it has one (no copy per page: CodePageDB.lookup_shared)
+    lookup = (getattr(db, "lookup_shared", None) or db.lookup_digests) if db is not None else None
+    hits = lookup(page_digests) if lookup is not None and pages else [[] for _ in pages]
     stats.lookup_seconds += time.perf_counter() - t
     images, claimed = _identify(pages, page_digests, hits, files)
     rest = [p for i, p in enumerate(pages) if i not in claimed]
@@ -357,7 +359,7 @@ def _split(m: Mapping) -> Iterator[Mapping]:
         yield Mapping(m.gva + off, m.gpa + off, PAGE_SIZE, m.writable, m.user, m.nx)
 
 
-def _identify(pages: list[Mapping], page_digests: list[bytes], hits: list[list[PageHit]], files: FileCache,
+def _identify(pages: list[Mapping], page_digests: list[bytes], hits: Sequence[Sequence[PageHit]], files: FileCache,
               ) -> tuple[list[Image], set[int]]:
     """Group identified pages into images (one per file and load bias) and claim the pages each explains."""
     support: dict[tuple[int, int], list[int]] = {}

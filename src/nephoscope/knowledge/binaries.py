@@ -7,12 +7,17 @@ changes. Every key hit is verified against the full 32-byte digest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import os
+import secrets
+import shutil
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -61,9 +66,11 @@ class PackageMeta:
     origin: str = ""  # the .deb, directory or file it was read from
 
 
-@dataclass(frozen=True, slots=True)
-class PageHit:
-    """One place a page digest occurs: a file offset and vaddr (ELF virtual space) in a packaged file."""
+class PageHit(NamedTuple):
+    """One place a page digest occurs: a file offset and vaddr (ELF virtual space) in a packaged file.
+
+    Immutable (lookups share them) and a named tuple rather than a frozen dataclass: a scan's first
+    lookup builds one per hit, and a tuple builds ~10x faster."""
 
     file_id: int
     file_offset: int
@@ -89,6 +96,12 @@ class KbStats:
     db_bytes: int
 
 
+_INDEX_FORMAT = "2"  # bump when the on-disk index layout changes
+_ARRAYS = ("group_keys", "group_digests", "group_starts", "group_counts", "file_ids", "offsets", "vaddrs",
+           "bucket_starts")
+_CHUNK = 1 << 18  # page rows read from SQLite at a time while building the index
+
+
 @dataclass(slots=True)
 class _Index:
     """Pages sorted by digest, grouped so that each distinct digest is one group of rows."""
@@ -101,21 +114,25 @@ class _Index:
     file_ids: np.ndarray  # per row
     offsets: np.ndarray
     vaddrs: np.ndarray
+    bucket_starts: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     bucket_shift: int = 64
-    bucket_starts: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(2, np.int64))
 
     def __post_init__(self) -> None:
-        # A direct-mapped table over the keys' top bits (about two buckets per group) replaces a
-        # binary search: one random read finds the few groups whose key can match.
-        bits = max(1, len(self.group_keys).bit_length() + 1)
+        # A direct-mapped table over the keys' top bits (about one bucket per group) replaces a binary
+        # search: one random read finds the few groups whose key can match.
+        groups = len(self.group_keys)
+        bits = max(1, groups.bit_length())
         self.bucket_shift = 64 - bits
-        bounds = np.arange(1 << bits, dtype=np.uint64) << np.uint64(self.bucket_shift)
-        self.bucket_starts = np.append(np.searchsorted(self.group_keys, bounds, "left"), len(self.group_keys))
+        if len(self.bucket_starts) != (1 << bits) + 1:
+            bounds = np.arange(1 << bits, dtype=np.uint64) << np.uint64(self.bucket_shift)
+            starts = np.append(np.searchsorted(self.group_keys, bounds, "left"), groups)
+            self.bucket_starts = starts.astype(np.int32 if groups < 1 << 31 else np.int64)
 
     def lower_bound(self, qkeys: np.ndarray) -> np.ndarray:
         """Return the first group index whose key is >= each query key (like searchsorted 'left')."""
         buckets = (qkeys >> np.uint64(self.bucket_shift)).astype(np.intp)
-        pos, end = self.bucket_starts[buckets], self.bucket_starts[buckets + 1]
+        pos = self.bucket_starts[buckets].astype(np.intp)
+        end = self.bucket_starts[buckets + 1]
         active = np.flatnonzero(pos < end)
         while active.size:
             p = pos[active]
@@ -130,11 +147,19 @@ class _Index:
         """Sort page rows (file_id, file_offset, vaddr, digest) into digest groups."""
         n = len(rows)
         digests = digests_to_array([r[3] for r in rows]) if n else np.zeros((0, DIGEST_SIZE), np.uint8)
+        column = lambda i: np.fromiter((r[i] for r in rows), np.int64, n)  # noqa: E731
+        return cls.from_columns(generation, column(0), column(1), column(2).view(np.uint64), digests)
+
+    @classmethod
+    def from_columns(cls, generation: str, file_ids: np.ndarray, offsets: np.ndarray, vaddrs: np.ndarray,
+                     digests: np.ndarray) -> _Index:
+        """Sort page columns (file_id, file_offset, vaddr as uint64, (n, 32) digests) into digest groups."""
+        n = len(file_ids)
         keys = _keys(digests)
         order = np.argsort(keys, kind="stable")
         keys, digests = keys[order], digests[order]
         same_key = keys[1:] == keys[:-1]
-        same_digest = same_key & (digests[1:] == digests[:-1]).all(axis=1)
+        same_digest = same_key & (_words(digests[1:]) == _words(digests[:-1])).all(axis=1)
         if (same_key & ~same_digest).any():  # a 64-bit key collision: order by the whole digest
             words = np.ascontiguousarray(digests).view(">u8").astype(np.uint64)
             fix = np.lexsort(words.T[::-1])
@@ -142,9 +167,53 @@ class _Index:
             same_digest = (digests[1:] == digests[:-1]).all(axis=1)
         starts = np.flatnonzero(np.concatenate(([True], ~same_digest))) if n else np.zeros(0, np.int64)
         counts = np.diff(np.append(starts, n))
-        column = lambda i, dtype: np.fromiter((r[i] for r in rows), dtype, n)[order]  # noqa: E731
-        return cls(generation, keys[starts], digests[starts], starts, counts, column(0, np.int64),
-                   column(1, np.int64), column(2, np.int64).view(np.uint64))
+        return cls(generation, keys[starts], np.ascontiguousarray(digests[starts]), _narrow(starts), _narrow(counts),
+                   _narrow(file_ids[order]), _narrow(offsets[order]), vaddrs[order])
+
+    @classmethod
+    def from_sql(cls, generation: str, conn: sqlite3.Connection) -> _Index:
+        """Build the index from the pages table, reading it in chunks (no Python object per page kept)."""
+        cols: list[list[np.ndarray]] = [[], [], [], []]
+        cur = conn.execute("SELECT file_id, file_offset, vaddr, digest FROM pages")
+        while rows := cur.fetchmany(_CHUNK):
+            n = len(rows)
+            for i in range(3):
+                cols[i].append(np.fromiter((r[i] for r in rows), np.int64, n))
+            cols[3].append(digests_to_array([r[3] for r in rows]).copy())
+        if not cols[0]:
+            empty = np.zeros(0, np.int64)
+            return cls.from_columns(generation, empty, empty, empty.view(np.uint64),
+                                    np.zeros((0, DIGEST_SIZE), np.uint8))
+        fids, offs, vas, digs = (np.concatenate(c) for c in cols)
+        return cls.from_columns(generation, fids, offs, vas.view(np.uint64), digs)
+
+    def save(self, directory: Path) -> None:
+        """Write the arrays as .npy files under `directory` (atomically: a temporary directory renamed)."""
+        tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in _ARRAYS:
+            np.save(tmp / f"{name}.npy", getattr(self, name), allow_pickle=False)
+        for old in directory.parent.iterdir():  # one index per KB: older generations go
+            if old.is_dir() and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, directory)
+
+    @classmethod
+    def load(cls, directory: Path, generation: str) -> _Index | None:
+        """Return the index saved under `directory`, memory-mapped (read on demand), or None."""
+        try:
+            # plain ndarray views of the maps: numpy.memmap's own indexing adds ~20% to a lookup
+            arrays = {name: np.asarray(np.load(directory / f"{name}.npy", mmap_mode="r", allow_pickle=False))
+                      for name in _ARRAYS}
+        except (OSError, ValueError):
+            return None
+        rows = len(arrays["file_ids"])
+        if not (len(arrays["offsets"]) == len(arrays["vaddrs"]) == rows
+                and len(arrays["group_keys"]) == len(arrays["group_starts"]) == len(arrays["group_counts"])
+                == len(arrays["group_digests"])):
+            return None
+        return cls(generation, **arrays)
 
     def groups_of(self, query: np.ndarray) -> np.ndarray:
         """Return the group index of each queried digest, or -1 when it is unknown."""
@@ -156,7 +225,7 @@ class _Index:
         key_ok = self.group_keys[lo] == qkeys
         ok = key_ok.copy()
         cand = np.flatnonzero(key_ok)  # compare whole digests only where the 64-bit key matched
-        ok[cand] = (_words(self.group_digests)[lo[cand]] == _words(query)[cand]).all(axis=1)
+        ok[cand] = (_words(self.group_digests[lo[cand]]) == _words(query[cand])).all(axis=1)
         out = np.where(ok, lo, -1)
         for i in np.flatnonzero(key_ok & ~ok):  # key collision: try the next groups with this key
             g = int(lo[i]) + 1
@@ -166,6 +235,13 @@ class _Index:
                     break
                 g += 1
         return out
+
+
+def _narrow(values: np.ndarray) -> np.ndarray:
+    """Return int64 `values` as int32 when they fit (a smaller index on disk and in the page cache)."""
+    if not values.size or (int(values.min()) >= -(1 << 31) and int(values.max()) < 1 << 31):
+        return values.astype(np.int32)
+    return values
 
 
 def digests_to_array(digests: list[bytes]) -> np.ndarray:
@@ -192,9 +268,11 @@ class CodePageDB:
         self.path = path
         self._conn = conn
         self._index: _Index | None = None
-        self._group_hits: list[list[PageHit]] = [[]]
+        self._group_hits: list[tuple[PageHit, ...] | None] = [()]
         self._filled = np.zeros(0, bool)
         self._files: dict[int, tuple] = {}
+        self.index_seconds = 0.0  # time the last index load or build took
+        self.index_source = ""  # "mmap" (saved index) or "sqlite" (built from the pages table)
 
     @classmethod
     def open(cls, path: Path | None = None) -> CodePageDB:
@@ -206,6 +284,7 @@ class CodePageDB:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('identity', ?)", (secrets.token_hex(8),))
             conn.commit()
         except (sqlite3.Error, OSError) as exc:
             raise KnowledgeError(f"cannot open the code-page DB {path}: {exc}; "
@@ -233,6 +312,11 @@ class CodePageDB:
         """Return whether a package version is stored (ingest commits whole packages)."""
         return self._conn.execute("SELECT 1 FROM packages WHERE name=? AND version=?",
                                   (name, version)).fetchone() is not None
+
+    def package_versions(self, name: str) -> list[str]:
+        """Return the versions of package `name` the KB holds, sorted as text."""
+        return [v for (v,) in self._conn.execute("SELECT DISTINCT version FROM packages WHERE name=? ORDER BY version",
+                                                  (name,))]
 
     def has_file(self, package_id: int, path: str, sha256: bytes) -> bool:
         """Return whether this exact file (package, path, content) is already stored."""
@@ -262,16 +346,31 @@ class CodePageDB:
     def _generation(self) -> str:
         return str(self._conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
 
+    def index_dir(self) -> Path:
+        """Return where the memory-mapped lookup index of this KB is kept (beside the SQLite file)."""
+        return self.path.with_name(self.path.name + ".index")
+
     def _load(self) -> _Index:
         gen = self._generation()
         if self._index is None or self._index.generation != gen:
-            rows = self._conn.execute("SELECT file_id, file_offset, vaddr, digest FROM pages").fetchall()
-            self._index = _Index.build(gen, rows)
-            self._group_hits = [[] for _ in range(len(self._index.group_keys) + 1)]
-            self._filled = np.zeros(len(self._index.group_keys), bool)
-            self._files = {r[0]: r[1:] for r in self._conn.execute(
+            started = time.perf_counter()
+            identity = self._conn.execute("SELECT value FROM meta WHERE key='identity'").fetchone()
+            stamp = f"{_INDEX_FORMAT}-{identity[0] if identity else 'none'}-{gen}"
+            directory = self.index_dir() / stamp
+            idx = _Index.load(directory, gen)
+            self.index_source = "mmap"
+            if idx is None:
+                idx = _Index.from_sql(gen, self._conn)
+                self.index_source = "sqlite"
+                with contextlib.suppress(OSError):  # a read-only place: lookups still work, from memory
+                    idx.save(directory)
+            self._index = idx
+            self._group_hits = [None] * len(idx.group_keys) + [()]
+            self._filled = np.zeros(len(idx.group_keys), bool)
+            self._files = {r[0]: (r[1], r[2], r[3], r[4], r[5], r[6], bytes(r[7]).hex()) for r in self._conn.execute(
                 "SELECT f.id, f.path, p.name, p.version, p.arch, p.source, f.build_id, f.sha256 FROM files f "
                 "JOIN packages p ON p.id = f.package_id")}
+            self.index_seconds = time.perf_counter() - started
         return self._index
 
     def match(self, digests: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -291,31 +390,50 @@ class CodePageDB:
 
     def _row_hit(self, idx: _Index, row: int) -> PageHit:
         file_id = int(idx.file_ids[row])
-        path, name, version, arch, source, build_id, sha = self._files[file_id]
-        return PageHit(file_id, int(idx.offsets[row]), int(idx.vaddrs[row]), path, name, version, arch, source,
-                       build_id, bytes(sha).hex())
+        return PageHit(file_id, int(idx.offsets[row]), int(idx.vaddrs[row]), *self._files[file_id])
 
     def _fill(self, groups: np.ndarray) -> None:
-        """Build the PageHit lists of the given groups that have none yet."""
+        """Build the PageHit tuples of the given groups that have none yet (vectorised over their rows)."""
         idx = self._index
         assert idx is not None
-        for group in np.unique(groups[~self._filled[groups]]).tolist():
-            start = int(idx.group_starts[group])
-            rows = range(start, start + int(idx.group_counts[group]))
-            self._group_hits[group] = [self._row_hit(idx, r) for r in rows]
-        self._filled[groups] = True
-
-    def lookup_digests(self, digests: list[bytes]) -> list[list[PageHit]]:
-        """Return, for each 32-byte page digest, every place it occurs (empty list when unknown)."""
-        groups = self._load().groups_of(digests_to_array(digests))
-        self._fill(groups[groups >= 0])
-        cache = self._group_hits  # its last entry is an empty list, so group -1 (unknown) maps to []
-        # building a million small lists would trigger the cyclic GC over every cached PageHit again
-        # and again (3x slower); the lists hold no cycles, so pause it for this comprehension
+        need = np.unique(groups[~self._filled[groups]])
+        if not need.size:
+            return
+        counts = idx.group_counts[need].astype(np.int64)
+        firsts = np.cumsum(counts) - counts
+        rows = np.repeat(idx.group_starts[need].astype(np.int64) - firsts, counts) + np.arange(int(counts.sum()))
+        files, cache = self._files, self._group_hits
+        # the new tuples hold no cycles; letting the cyclic GC rescan the growing cache while they are
+        # built made this 5-15x slower
         paused = gc.isenabled()
         gc.disable()
         try:
-            return [cache[g][:] for g in groups.tolist()]
+            hits = [PageHit(f, o, v, *files[f]) for f, o, v in zip(idx.file_ids[rows].tolist(),
+                                                                      idx.offsets[rows].tolist(),
+                                                                      idx.vaddrs[rows].tolist(), strict=True)]
+            for g, first, n in zip(need.tolist(), firsts.tolist(), counts.tolist(), strict=True):
+                cache[g] = tuple(hits[first:first + n])
+        finally:
+            if paused:
+                gc.enable()
+        self._filled[need] = True
+
+    def lookup_shared(self, digests: list[bytes]) -> list[tuple[PageHit, ...]]:
+        """Return, for each 32-byte page digest, every place it occurs: shared immutable tuples (() when
+        unknown). The scan's call: no per-query copy, so it runs at numpy speed."""
+        groups = self._load().groups_of(digests_to_array(digests))
+        self._fill(groups[groups >= 0])
+        return list(map(self._group_hits.__getitem__, groups.tolist()))  # type: ignore[arg-type]
+
+    def lookup_digests(self, digests: list[bytes]) -> list[list[PageHit]]:
+        """Return, for each 32-byte page digest, every place it occurs (a fresh list each; empty when unknown)."""
+        shared = self.lookup_shared(digests)
+        # building a million small lists would trigger the cyclic GC over every cached PageHit again
+        # and again (3x slower); the lists hold no cycles, so pause it for this
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            return list(map(list, shared))
         finally:
             if paused:
                 gc.enable()

@@ -68,9 +68,16 @@ class ScanResult:
         }
 
 
+Refine = Callable[[list[Observation]], list[Observation]]
+
+
 def run_scan(vm: VmTarget, methods: list[str] | None = None, *, store: Store | None = None,
-             options: dict[str, dict[str, object]] | None = None, progress: Progress = lambda _m: None) -> ScanResult:
+             options: dict[str, dict[str, object]] | None = None, progress: Progress = lambda _m: None,
+             refine: Refine | None = None) -> ScanResult:
     """Run `methods` (default: all available but trap) on `vm`, merge, and store the result.
+
+    `refine` sees every observation before the merge (kb sync: unknown code in a file whose installed
+    version cannot be downloaded becomes unverifiable).
 
     A scan in which no method obtained anything is stored with summary status "unverifiable", so
     `history` shows it and `diff` does not take it for a scan in which every process had gone."""
@@ -92,17 +99,26 @@ def run_scan(vm: VmTarget, methods: list[str] | None = None, *, store: Store | N
         extra = getattr(method, "last_stats", None)
         if isinstance(extra, dict):
             timings[name].update(extra)
+    if refine is not None:
+        observations = refine(observations)
     view = merge(observations, names, vm.name)
     result = ScanResult(vm, view, observations, timings)
     if store is not None:
-        result.scan_id = store.save_scan(vm.name, names, observations, view.findings,
-                                         {**view.summary(), "status": result.status, "timings": timings},
-                                         started)
+        save_result(result, store, started)
     return result
 
 
+def save_result(result: ScanResult, store: Store, started: float) -> int:
+    """Store a finished scan with its summary status and timings; set and return its id."""
+    result.scan_id = store.save_scan(result.vm.name, result.view.methods, result.observations, result.view.findings,
+                                     {**result.view.summary(), "status": result.status, "timings": result.timings},
+                                     started)
+    return result.scan_id
+
+
 def scan_vm(spec: str, methods: list[str] | None = None, *, save: bool = True, rollback: bool = False,
-            symbols: str | Path | None = None, progress: Progress = lambda _m: None) -> ScanResult:
+            symbols: str | Path | None = None, progress: Progress = lambda _m: None,
+            refine: Refine | None = None) -> ScanResult:
     """Scan the VM a user named (lab guest, QMP socket or memory file); store it in the default store.
 
     `symbols`: a --symbols file (ISF, vmlinux, System.map) for the inspect method's kernel model.
@@ -113,7 +129,8 @@ def scan_vm(spec: str, methods: list[str] | None = None, *, save: bool = True, r
     options: dict[str, dict[str, object]] = {"checkpoint": {"rollback": True}} if rollback else {}
     if symbols is not None:
         options["inspect"] = {"symbols": symbols}
-    return run_scan(target, methods, store=Store() if save else None, options=options or None, progress=progress)
+    return run_scan(target, methods, store=Store() if save else None, options=options or None, progress=progress,
+                    refine=refine)
 
 
 @dataclass(slots=True)
