@@ -36,6 +36,7 @@ PAGE = 4096
 MAX_CHANGES = 64  # changed byte runs listed per image (the rest are counted)
 MAX_TEXT = 256 << 20  # no kernel text is this large
 MAX_MODULE_SECTIONS = 256
+BPF_PACK_SIZE = 2 << 20  # BPF_PROG_PACK_SIZE with huge vmalloc pages on one NUMA node
 THUNKS = ("__x86_return_thunk", "srso_return_thunk", "srso_alias_return_thunk", "retbleed_return_thunk",
           "its_return_thunk", "entry_untrain_ret", "zen_untrain_ret", "call_depth_return_thunk", "srso_untrain_ret",
           "retbleed_untrain_ret", "__ret")
@@ -562,11 +563,156 @@ class KernelVerifier:
                 images.append(self.verify_module(m, symbols))
             except (*_BAD, NephoscopeError) as exc:
                 images.append(ImageVerdict(m.name, "module", UNVERIFIABLE, f"verification failed: {exc}"))
+        images.append(self.verify_realmode())
+        bpf = self.bpf_programs()
+        if bpf is not None:
+            images.append(bpf)
         unknown, exec_pages = self._unknown(images, budget)
+        if bpf is not None:
+            self._bpf_pages(bpf)
         report = KernelCodeReport(self.release, images, unknown, exec_pages, time.perf_counter() - started)
         if not mods.complete:
             report.problem = f"the module list is incomplete ({mods.problem}); unlisted modules show as unknown code"
         return report
+
+    # --- code the kernel generates or copies at boot -----------------------------------------------------
+
+    def verify_realmode(self) -> ImageVerdict:
+        """Return the verdict on the real-mode trampoline: vmlinux's real_mode_blob copied below 1 MiB (direct
+        map) with its segment and linear relocations applied (arch/x86/realmode/init.c)."""
+        out = ImageVerdict("realmode trampoline", "vmlinux", UNVERIFIABLE)
+        k, sym = self.k, self.k.symbols
+        names = ("real_mode_header", "real_mode_blob", "real_mode_blob_end", "real_mode_relocs")
+        where = {n: sym.find(n) for n in names}
+        if any(v is None for v in where.values()):
+            out.reason = "kallsyms lacks " + ", ".join(n for n, v in where.items() if v is None)
+            return out
+        try:
+            base = k.u64(where["real_mode_header"])  # type: ignore[arg-type]
+            phys = self.space.translate(base) if base else 0
+            # struct real_mode_header starts with u32 text_start, a physical address after relocation
+            text_start = (k.u32(base) - phys) & 0xFFFF_FFFF if base else 0
+            ro_end = (k.u32(base + 4) - phys) & 0xFFFF_FFFF if base else 0  # the text pages end with rodata
+        except (*_BAD, NephoscopeError) as exc:
+            out.reason = f"real_mode_header is unreadable ({exc})"
+            return out
+        size = where["real_mode_blob_end"] - where["real_mode_blob"]  # type: ignore[operator]
+        if not base or base & (PAGE - 1) or not 0 < size <= 1 << 20 or not 0 < text_start < ro_end <= size:
+            out.reason = (f"real_mode_header 0x{base:x} (text +0x{text_start:x}..+0x{ro_end:x}, {size} bytes) "
+                          "is implausible")
+            return out
+        out.ranges = [((base + text_start) & ~(PAGE - 1), (base + ro_end + PAGE - 1) & ~(PAGE - 1))]
+        out.pages = (out.ranges[0][1] - out.ranges[0][0]) // PAGE
+        image = self._vmlinux_image(out)
+        if image is None:
+            return out
+        slide = self.text_range[0] - image.sections[".text"].addr
+        blob = self._link_bytes(image, where["real_mode_blob"] - slide, size)  # type: ignore[operator]
+        relocs = self._link_bytes(image, where["real_mode_relocs"] - slide, 1 << 16)  # type: ignore[operator]
+        if blob is None or relocs is None:
+            out.reason = "real_mode_blob is in no stored section of the package's vmlinux"
+            return out
+        try:
+            expected = bytearray(blob)
+            pos = 0
+            for width in (2, 4):
+                count, = struct.unpack_from("<I", relocs, pos)
+                if count > 1 << 14:
+                    raise GuestDataError(f"real_mode_relocs counts {count} entries")
+                offs = struct.unpack_from(f"<{count}I", relocs, pos + 4)
+                pos += 4 + 4 * count
+                for off in offs:
+                    if width == 2 and off + 2 <= size:
+                        struct.pack_into("<H", expected, off, (phys >> 4) & 0xFFFF)
+                    elif off + 4 <= size:
+                        old, = struct.unpack_from("<I", expected, off)
+                        struct.pack_into("<I", expected, off, (old + phys) & 0xFFFF_FFFF)
+        except (*_BAD, NephoscopeError) as exc:
+            out.reason = f"could not relocate the real-mode blob ({exc})"
+            return out
+        a, b = out.ranges[0]
+        got, missing = _read(self.space, a, b - a)
+        want = bytearray(got)  # bytes past the blob's end in its last page: not the blob's, compared to themselves
+        lo, hi = a - base, min(b - base, size)
+        want[0:hi - lo] = expected[lo:hi]
+        if missing:
+            out.reason = f"{len(missing)} trampoline pages are not mapped"
+            return out
+        out.symbols = [(base, "real_mode_blob")]
+        self._compare(out, a, want, got, [], lambda gva: f"real_mode_blob+0x{gva - base:x}")
+        return out
+
+    def _vmlinux_image(self, out: ImageVerdict) -> KernelImageFile | None:
+        cached = getattr(self, "_vmlinux", None)
+        if cached is None and self.store is not None:
+            try:
+                cached = self._vmlinux = self.store.find_vmlinux(self.release)
+            except KnowledgeError as exc:
+                out.reason = str(exc)
+                return None
+        if cached is None:
+            out.reason = f"package linux-image-{self.release} not in KB (kernel {self.release})"
+            return None
+        out.package, out.version = cached.package, cached.version
+        return cached
+
+    @staticmethod
+    def _link_bytes(image: KernelImageFile, link: int, size: int) -> bytes | None:
+        for sec in image.sections.values():
+            if sec.addr <= link < sec.addr + len(sec.data) and sec.name != "relocs":
+                return sec.data[link - sec.addr: link - sec.addr + size]
+        return None
+
+    def bpf_programs(self) -> ImageVerdict | None:
+        """Return the BPF JIT memory: bpf_prog_pack chunks (kernel/bpf/core.c pack_list, 2 MiB each) and the
+        images on the bpf_kallsyms list; None when the kernel has neither."""
+        from nephoscope.os.linux.model import Offsets
+        from nephoscope.os.linux.walkers import walk_list
+
+        out = ImageVerdict("bpf-jit", "bpf", UNVERIFIABLE, "JIT-compiled BPF programs are generated in the guest at "
+                           "run time; no package holds their bytes")
+        sym = self.k.symbols
+        try:
+            if (packs := sym.find("pack_list")) is not None and self.k.types.has_struct("bpf_prog_pack"):
+                off = Offsets(self.k.types, {"bpf_prog_pack": ["list", "ptr"]}, self.release)
+                for e in walk_list(self.k, packs, off["bpf_prog_pack.list"], 4096, "bpf pack_list"):
+                    ptr = self.k.u64(e + off["bpf_prog_pack.ptr"])
+                    if ptr and not ptr & (PAGE - 1):
+                        out.ranges.append((ptr, ptr + BPF_PACK_SIZE))
+                        out.symbols.append((ptr, "bpf_prog_pack"))
+            if (head := sym.find("bpf_kallsyms")) is not None:
+                off = Offsets(self.k.types, {"bpf_ksym": ["start", "end", "lnode", "name"]}, self.release)
+                for e in walk_list(self.k, head, off["bpf_ksym.lnode"], 4096, "bpf_kallsyms"):
+                    a, b = self.k.u64(e + off["bpf_ksym.start"]), self.k.u64(e + off["bpf_ksym.end"])
+                    if a < b <= a + (16 << 20):
+                        out.symbols.append((a, self.k.cstr(e + off["bpf_ksym.name"], 128)))
+                        out.ranges.append((a & ~(PAGE - 1), (b + PAGE - 1) & ~(PAGE - 1)))
+        except (*_BAD, NephoscopeError) as exc:
+            out.reason = f"the BPF JIT lists are unreadable ({exc})"
+            return out
+        if not out.ranges:
+            return None
+        out.symbols.sort()
+        out.ranges = self._module_ranges(out.ranges)
+        out.pages = sum((b - a) // PAGE for a, b in out.ranges)
+        return out
+
+    def _bpf_pages(self, bpf: ImageVerdict) -> None:
+        """Count BPF pack pages that hold only int3 (bpf_prog_pack's filler: no code) and list the others."""
+        jit = 0
+        for a, b in bpf.ranges:
+            for page in range(a, b, PAGE):
+                try:
+                    data = self.space.read(page, PAGE)
+                except NephoscopeError:
+                    continue  # not mapped: nothing executes there
+                if data == b"\xcc" * PAGE:
+                    bpf.pages_verified += 1
+                else:
+                    jit += 1
+                    bpf.modified_pages.append(page)
+        bpf.normalised["int3 filler pages"] = bpf.pages_verified
+        bpf.reason += f" ({jit} page(s) hold JIT code; {bpf.pages_verified} pages are int3 filler)"
 
     def _unknown(self, images: list[ImageVerdict], budget: Budget | None) -> tuple[list[tuple[int, int]], int]:
         """Return executable supervisor ranges of the kernel page tables that no image explains."""
