@@ -13,7 +13,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from nephoscope.analysis.facts import dedupe
-from nephoscope.core.payloads import CrossView, Details, Image, Mapping, Process, UnknownCode
+from nephoscope.core.payloads import (
+    CrossView,
+    Details,
+    Image,
+    KernelImage,
+    Mapping,
+    Process,
+    UnknownCode,
+    UnknownKernelCode,
+)
 from nephoscope.core.records import Finding, Observation, Verdict
 
 # binaries whose processes legitimately carry another program's name (multi-call binaries)
@@ -152,6 +161,15 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
                 findings.append(Finding("modified-binary", "high",
                                         f"{image['path']} ({image['package']}) is mapped with pages that differ "
                                         "from every known version", vm, [o.to_dict()]))
+        elif isinstance(p, KernelImage) and o.kind == "modified-kernel-image":
+            where = ", ".join(c.function for c in p.changes[:4]) or f"{len(p.modified_pages)} page(s)"
+            findings.append(Finding("modified-kernel-code", "critical",
+                                    f"kernel image {p.name} ({p.package} {p.version}) differs from its package "
+                                    f"outside every legitimate patch site: {where}", vm, [o.to_dict()]))
+        elif isinstance(p, UnknownKernelCode):
+            findings.append(Finding("unknown-kernel-code", "critical",
+                                    f"executable kernel memory in no kernel image or known module at "
+                                    f"{p.gva_start:#x}-{p.gva_end:#x} ({p.pages} pages)", vm, [o.to_dict()]))
         elif isinstance(p, UnknownCode):
             start, end = p.gva_start or 0, p.gva_end or 0
             for root in p.roots:

@@ -108,8 +108,9 @@ class KernelCodeReport:
 
     @property
     def verified(self) -> bool:
-        """Return whether every image is verified and no unknown kernel code exists."""
-        return not self.problem and not self.unknown and all(i.status == VERIFIED for i in self.images)
+        """Return whether every packaged image (all but BPF JIT memory) is verified and no unknown kernel code exists."""
+        return not self.problem and not self.unknown and all(i.status == VERIFIED for i in self.images
+                                                             if i.kind != "bpf")
 
     def image(self, name: str) -> ImageVerdict | None:
         """Return the verdict of image `name` ("vmlinux" or a module name), or None."""

@@ -13,12 +13,16 @@ import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from nephoscope.core.errors import KnowledgeError
 from nephoscope.core.paths import cache_root
 from nephoscope.knowledge.elfpages import ElfPages, PageInfo
+
+if TYPE_CHECKING:
+    from nephoscope.knowledge.kernelpkg import KernelStore
 
 __all__ = ["CodePageDB", "KbStats", "PackageMeta", "PageHit", "PageInfo", "default_path"]
 
@@ -195,6 +199,7 @@ class CodePageDB:
         self._group_hits: list[list[PageHit]] = [[]]
         self._filled = np.zeros(0, bool)
         self._files: dict[int, tuple] = {}
+        self._kernel_store: KernelStore | None = None
 
     @classmethod
     def open(cls, path: Path | None = None) -> CodePageDB:
@@ -215,6 +220,14 @@ class CodePageDB:
     def close(self) -> None:
         """Close the database connection."""
         self._conn.close()
+
+    def kernel_store(self) -> KernelStore:
+        """Return the kernel images of this KB (vmlinux and modules of ingested linux-image packages)."""
+        from nephoscope.knowledge.kernelpkg import KernelStore
+
+        if self._kernel_store is None:
+            self._kernel_store = KernelStore(self._conn)
+        return self._kernel_store
 
     # --- writing ---------------------------------------------------------------------------
 

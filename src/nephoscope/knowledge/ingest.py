@@ -153,6 +153,11 @@ def ingest_unpacked(db: CodePageDB, unpacked: Path, origin: str, progress: Progr
     report = ingest_tree(db, unpacked / "root", meta, progress)
     if name.startswith("linux-image-"):
         package_id = db.package_id(meta)
+        from nephoscope.knowledge.kernelpkg import ingest_kernel_tree
+
+        progress(f"storing the kernel code of {name} (vmlinux and modules, for kernel-code verification)")
+        _added, errors = ingest_kernel_tree(db.kernel_store(), package_id, unpacked / "root", progress)
+        report.errors += errors
         for vmlinuz in sorted((unpacked / "root" / "boot").glob("vmlinuz-*")):
             progress(f"extracting the vdso from {vmlinuz.name}")
             try:

@@ -190,10 +190,13 @@ def read_module_file(path: Path) -> bytes:
         if path.name.endswith(".ko.xz"):
             return lzma.decompress(data)
         if path.name.endswith(".ko.zst"):
-            from nephoscope.knowledge.ingest import _unzstd
+            import subprocess
 
-            return _unzstd(data)
-    except lzma.LZMAError as exc:
+            proc = subprocess.run(["zstd", "-dcq"], input=data, capture_output=True, check=False)
+            if proc.returncode != 0:
+                raise GuestDataError(f"{path}: does not decompress with zstd ({proc.stderr[:200]!r})")
+            return proc.stdout
+    except (lzma.LZMAError, OSError) as exc:
         raise GuestDataError(f"{path}: does not decompress ({exc})") from exc
     return data
 

@@ -229,15 +229,18 @@ def nop_length(code: bytes | memoryview, at: int) -> int:
     return i + length - at if i + length <= n else 0
 
 
-def is_padding(code: bytes | memoryview) -> bool:
-    """Return whether `code` is only NOP instructions, int3 bytes, or a short jmp over int3/NOPs to its end."""
+def is_padding(code: bytes | memoryview, after_branch: bool = False) -> bool:
+    """Return whether `code` is only NOP instructions, or a jmp to its end over int3/NOPs (6.6+ add_nop).
+
+    int3 bytes count as padding only where no instruction runs into them: after a jmp or ret
+    (`after_branch`); elsewhere an int3 is a breakpoint, not padding."""
     i, n = 0, len(code)
     if n >= 2 and code[0] == JMP8 and code[1] == n - 2:  # 6.6+ add_nop(): jmp.d8 over int3 padding
-        i = 2
+        i, after_branch = 2, True
     elif n >= 5 and code[0] == JMP32 and int.from_bytes(code[1:5], "little", signed=True) == n - 5:
-        i = 5
+        i, after_branch = 5, True
     while i < n:
-        if code[i] == INT3:
+        if code[i] == INT3 and after_branch:
             i += 1
             continue
         step = nop_length(code, i)
@@ -260,7 +263,7 @@ def pad_run(code: bytes | memoryview, at: int) -> int:
     n = len(code)
     if at + 1 < n and code[at] == JMP8 and at + 2 + code[at + 1] <= n and code[at + 1] < 0x80:
         end = at + 2 + code[at + 1]
-        if is_padding(code[at + 2:end]) or all(b == INT3 for b in code[at + 2:end]):
+        if is_padding(code[at + 2:end], after_branch=True):
             return end - at
     i = at
     while i < n and (step := nop_length(code, i)):
@@ -366,19 +369,19 @@ def accepts(site: Site, orig: bytes, got: bytes, slide: int, targets: Targets) -
             t_repl = branch_target(site.repl, site.repl_addr + slide)
             t_got = branch_target(got, at)
             if t_repl is not None and t_got is not None and t_repl == t_got and got[:1] == bytes([JMP8]):
-                return is_padding(got[2:])
+                return is_padding(got[2:], True)
             if len(site.repl) == 0 or is_padding(site.repl):
                 return is_padding(got)
         # 6.1 paravirt sites and 6.12 ALT_FLAG_DIRECT_CALL ("call *pv_ops[n]"): a direct call to what the
         # pv_ops slot holds, or NOPs when that is a no-op function
         indirect = orig[:2] == b"\xff\x15" or site.repl[:2] == b"\xff\x15"
-        return _direct_call(got, at, targets) or ((kind == "paravirt" or indirect) and is_padding(got))
+        return indirect and (_direct_call(got, at, targets) or is_padding(got))
     if kind == "jump_label":
         if is_padding(got):
             return True
         return branch_target(got, at) == site.target + slide and len(got) in (2, 5) and got[0] in (JMP8, JMP32)
     if kind in ("static_call", "static_call_tramp"):
-        if is_padding(got) or (got[:1] == bytes([RET]) and is_padding(got[1:])) or got == XOR5RAX:
+        if is_padding(got) or (got[:1] == bytes([RET]) and is_padding(got[1:], True)) or got == XOR5RAX:
             return True
         target = branch_target(got, at)
         return (got[0] in (CALL32, JMP32) and target is not None
@@ -387,7 +390,7 @@ def accepts(site: Site, orig: bytes, got: bytes, slide: int, targets: Targets) -
         target = branch_target(got, at)
         return is_padding(got) or (got[:1] == bytes([CALL32]) and target is not None and targets.is_ftrace(target))
     if kind == "return":
-        if got[:1] == bytes([RET]) and is_padding(got[1:]):
+        if got[:1] == bytes([RET]) and is_padding(got[1:], True):
             return True
         target = branch_target(got, at)
         return got[:1] == bytes([JMP32]) and target is not None and targets.is_thunk(target)
@@ -426,7 +429,7 @@ def _indirect(got: bytes) -> bool:
         if len(got) == 6 and 0x70 <= got[0] <= 0x7F:
             return _indirect(got[2:])
         return False
-    return is_padding(got[i + 2:])
+    return is_padding(got[i + 2:], True)
 
 
 def sort_sites(sites: Sequence[Site]) -> tuple[list[Site], np.ndarray]:
