@@ -14,7 +14,8 @@ from nephoscope.os.linux import patchsites as ps
 TEXT = (0xFFFF_FFFF_8100_0000, 0xFFFF_FFFF_8200_0000)
 TABLE = 0xFFFF_FFFF_8300_0000
 NOP5 = bytes.fromhex("0f1f440000")
-ANY = ps.Targets(lambda a: TEXT[0] <= a < TEXT[1], lambda a: a == 0xFFFF_FFFF_8150_0000, lambda a: a == 0xFFFF_FFFF_8160_0000)
+THUNK, FENTRY = 0xFFFF_FFFF_8150_0000, 0xFFFF_FFFF_8160_0000
+ANY = ps.Targets(lambda a: TEXT[0] <= a < TEXT[1], lambda a: a == THUNK, lambda a: a == FENTRY)
 
 
 def _rel(addrs: list[int], table: int = TABLE, stride: int = 4) -> bytes:

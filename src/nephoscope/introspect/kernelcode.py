@@ -108,7 +108,7 @@ class KernelCodeReport:
 
     @property
     def verified(self) -> bool:
-        """Return whether every packaged image (all but BPF JIT memory) is verified and no unknown kernel code exists."""
+        """Return whether every packaged image (all but BPF JIT memory) is verified and no unknown code exists."""
         return not self.problem and not self.unknown and all(i.status == VERIFIED for i in self.images
                                                              if i.kind != "bpf")
 
