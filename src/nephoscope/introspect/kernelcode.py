@@ -18,7 +18,7 @@ import bisect
 import dataclasses
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -105,6 +105,7 @@ class KernelCodeReport:
     exec_pages: int
     seconds: float = 0.0
     problem: str = ""  # why nothing could be verified ("" when the verifier ran)
+    kernel_symbol: Callable[[int], str] | None = None  # names core-kernel gvas (kallsyms), for `classify`
 
     @property
     def verified(self) -> bool:
@@ -126,7 +127,9 @@ class KernelCodeReport:
                 if a <= gva < b:
                     page = gva & ~(PAGE - 1)
                     ok = im.status == VERIFIED or (im.status == MODIFIED and page not in im.modified_pages)
-                    return CodeLocation(im.name, im.status, im.function_at(gva), ok)
+                    name = (self.kernel_symbol(gva) if im.name == "vmlinux" and self.kernel_symbol
+                            else im.function_at(gva))
+                    return CodeLocation(im.name, im.status, name, ok)
         for a, b in self.unknown:
             if a <= gva < b:
                 return CodeLocation("", "unknown", "", False)
@@ -571,7 +574,8 @@ class KernelVerifier:
         unknown, exec_pages = self._unknown(images, budget)
         if bpf is not None:
             self._bpf_pages(bpf)
-        report = KernelCodeReport(self.release, images, unknown, exec_pages, time.perf_counter() - started)
+        report = KernelCodeReport(self.release, images, unknown, exec_pages, time.perf_counter() - started,
+                                  kernel_symbol=self._kernel_name)
         if not mods.complete:
             report.problem = f"the module list is incomplete ({mods.problem}); unlisted modules show as unknown code"
         return report
