@@ -8,6 +8,7 @@ The KB: a temporary one holding only the two kernel packages (kernelpkg.ingest_k
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import struct
@@ -83,7 +84,8 @@ def test_a_clean_kernel_verifies_every_text_and_module_page(guests: dict, kb: Co
     assert listed and listed <= {i.name for i in report.images if i.kind == "module" and i.status == "verified"}
     text = k.symbols.get("_text")
     loc = report.classify(k.symbols.get("do_sys_openat2") + 4)
-    assert loc is not None and loc.image == "vmlinux" and loc.page_verified and loc.function.startswith("do_sys_openat2")
+    assert loc is not None and loc.image == "vmlinux" and loc.page_verified
+    assert loc.function.startswith("do_sys_openat2")
     assert report.classify(text - 0x1000_0000) is None
 
 
@@ -102,22 +104,33 @@ def test_the_arch_scan_reports_verified_kernel_code_and_no_kernel_finding(guests
     assert not [f for f in view.findings if f.kind in KERNEL_FINDINGS]
 
 
-def _copy(phys: SegmentedMemory) -> bytearray:
-    ram = bytearray(max(end for _start, end in phys.ranges))
-    for start, view in phys.iter_segments():
-        ram[start:start + len(view)] = view
-    return ram
+def _low_ram(phys: SegmentedMemory) -> bytearray:
+    """Return a copy of the RAM segment at gpa 0 (the dump's BIOS ROM at 4 GiB is left out)."""
+    start, view = next(phys.iter_segments())
+    assert start == 0
+    return bytearray(view)
 
 
 @pytest.fixture(scope="module")
 def ram61(guests: dict) -> tuple[bytearray, LinuxKernel]:
     phys = open_memory(guests["6.1"][0])
-    return _copy(phys), LinuxKernel.open(phys)
+    return _low_ram(phys), LinuxKernel.open(phys)
 
 
-def _write(ram: bytearray, k: LinuxKernel, gva: int, data: bytes) -> None:
-    for i, b in enumerate(data):
-        ram[k.kernel.translate(gva + i)] = b
+@contextlib.contextmanager
+def _patched(ram: bytearray, k: LinuxKernel, writes: list[tuple[int, bytes]]) -> Iterator[BufferMemory]:
+    """Write bytes at kernel gvas into the shared RAM copy for one test, and put the old bytes back after."""
+    old = []
+    for gva, data in writes:
+        for i, b in enumerate(data):
+            gpa = k.kernel.translate(gva + i)
+            old.append((gpa, ram[gpa]))
+            ram[gpa] = b
+    try:
+        yield BufferMemory(ram)
+    finally:
+        for gpa, b in reversed(old):
+            ram[gpa] = b
 
 
 def _site_free(k: LinuxKernel, kb: CodePageDB, function: str) -> int:
@@ -141,9 +154,8 @@ def test_changed_bytes_in_a_kernel_function_are_modified_code_naming_function_an
     base, k = ram61
     gva = _site_free(k, kb, "cap_capable")
     old = k.read(gva, 3)
-    ram = bytearray(base)
-    _write(ram, k, gva, b"\xcc\x90\xcc")
-    report = verify_kernel(LinuxKernel.open(BufferMemory(ram)), kb.kernel_store())
+    with _patched(base, k, [(gva, b"\xcc\x90\xcc")]) as phys:
+        report = verify_kernel(LinuxKernel.open(phys), kb.kernel_store())
     vmlinux = report.image("vmlinux")
     assert vmlinux is not None and vmlinux.status == "modified"
     assert vmlinux.modified_pages == [gva & ~0xFFF] and vmlinux.pages_verified == vmlinux.pages - 1
@@ -155,10 +167,10 @@ def test_changed_bytes_in_a_kernel_function_are_modified_code_naming_function_an
     assert loc is not None and not loc.page_verified and loc.status == "modified"
     view = merge(list(_kernel_obs(report)), ["arch"], "t")
     (finding,) = [f for f in view.findings if f.kind == "modified-kernel-code"]
-    assert "cap_capable" in finding.summary
+    assert "cap_capable" in finding.title
 
 
-def _kernel_obs(report):  # noqa: ANN001, ANN202
+def _kernel_obs(report):
     from nephoscope.core.records import Provenance
     from nephoscope.introspect.arch_observations import kernel_observations
 
@@ -173,9 +185,9 @@ def test_a_jump_label_pointing_elsewhere_is_modified(ram61: tuple[bytearray, Lin
     slide = v.text_range[0] - text.addr
     sites, _ = v._vmlinux_sites(image, text.addr, slide, text)
     site = next(s for s in sites if s.kind == "jump_label" and s.length == 5)
-    ram = bytearray(base)
-    _write(ram, k, site.start, b"\xe9" + struct.pack("<i", site.target + 0x40 - (site.start + 5)))
-    vmlinux = verify_kernel(LinuxKernel.open(BufferMemory(ram)), kb.kernel_store()).image("vmlinux")
+    hook = b"\xe9" + struct.pack("<i", site.target + 0x40 - (site.start + 5))
+    with _patched(base, k, [(site.start, hook)]) as phys:
+        vmlinux = verify_kernel(LinuxKernel.open(phys), kb.kernel_store()).image("vmlinux")
     assert vmlinux is not None and vmlinux.status == "modified"
     assert any("jump_label" in c.site and c.gva <= site.start < c.gva + len(c.new) for c in vmlinux.changes)
 
@@ -213,10 +225,10 @@ def test_a_module_unlinked_from_the_module_list_is_unknown_kernel_code(ram61: tu
     # DKOM: unlink e1000 from `modules` (prev->next = next, next->prev = prev), as a hiding rootkit does
     link = mod.gva + k.off["module.list"]
     nxt, prev = k.u64(link + k.off["list_head.next"]), k.u64(link + k.off["list_head.prev"])
-    ram = bytearray(base)
-    _write(ram, k, prev + k.off["list_head.next"], struct.pack("<Q", nxt))
-    _write(ram, k, nxt + k.off["list_head.prev"], struct.pack("<Q", prev))
-    hidden = verify_kernel(LinuxKernel.open(BufferMemory(ram)), kb.kernel_store())
+    writes = [(prev + k.off["list_head.next"], struct.pack("<Q", nxt)),
+              (nxt + k.off["list_head.prev"], struct.pack("<Q", prev))]
+    with _patched(base, k, writes) as phys:
+        hidden = verify_kernel(LinuxKernel.open(phys), kb.kernel_store())
     assert hidden.image("e1000") is None
     assert all(any(a <= lo and hi <= b for a, b in hidden.unknown) for lo, hi in text)
     loc = hidden.classify(text[0][0])
@@ -238,7 +250,8 @@ def test_garbage_tables_make_the_kernel_unverifiable_naming_the_table(ram61: tup
     assert vmlinux is not None and vmlinux.status == "unverifiable"
     assert "could not read .altinstructions" in vmlinux.reason
     relocs = real.sections["relocs"]
-    bad = dataclasses.replace(real, sections={**real.sections, "relocs": dataclasses.replace(relocs, data=b"\x01" * 64)})
+    garbage = dataclasses.replace(relocs, data=b"\x01" * 64)
+    bad = dataclasses.replace(real, sections={**real.sections, "relocs": garbage})
     vmlinux = verify_kernel(k, _Without(kb.kernel_store(), set(), bad)).image("vmlinux")  # type: ignore[arg-type]
     assert vmlinux is not None and vmlinux.status == "unverifiable" and "KASLR relocations" in vmlinux.reason
 

@@ -492,6 +492,10 @@ class KernelVerifier:
         else:
             sizes = {}
         out.ranges = self._module_ranges([(a, a + sizes.get(n, 1)) for a, n in execs])
+        if image is None:  # section sizes unknown: the module's whole allocation is its own (not unknown code)
+            base, size = module.base, module.size  # type: ignore[attr-defined]
+            if 0 < size <= 1 << 30:
+                out.ranges = self._module_ranges([(base, base + size)])
         out.pages = sum((b - a) // PAGE for a, b in out.ranges)
         if image is None:
             out.reason = f"module {name} of kernel {self.release} not in KB (package linux-image-{self.release})"
