@@ -248,6 +248,12 @@ class KernelStore:
                 return KernelImageFile.from_blob(bytes(data), bytes(sha).hex(), package, version)
         return None
 
+    def has_package(self, package: str, version: str) -> bool:
+        """Return whether the vmlinux of this linux-image package version is stored."""
+        return self._conn.execute(
+            "SELECT 1 FROM kernel_code k JOIN packages p ON p.id = k.package_id "
+            "WHERE k.kind='vmlinux' AND p.name=? AND p.version=?", (package, version)).fetchone() is not None
+
     def releases(self) -> list[tuple[str, str, str]]:
         """Return (release, package, version) of every stored vmlinux."""
         return [tuple(r) for r in self._conn.execute(
