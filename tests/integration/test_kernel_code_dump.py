@@ -142,7 +142,7 @@ def _site_free(k: LinuxKernel, kb: CodePageDB, function: str) -> int:
     slide = v.text_range[0] - text.addr
     sites, problems = v._vmlinux_sites(image, text.addr, slide, text)
     assert not problems
-    spans = [(s.start, s.start + s.length) for s in sites]
+    spans = [(s.start + slide, s.start + slide + s.length) for s in sites]  # sites are in link addresses
     gva = k.symbols.get(function) + 16
     while any(a < gva + 8 and gva - 8 < b for a, b in spans):
         gva += 1
@@ -185,11 +185,12 @@ def test_a_jump_label_pointing_elsewhere_is_modified(ram61: tuple[bytearray, Lin
     slide = v.text_range[0] - text.addr
     sites, _ = v._vmlinux_sites(image, text.addr, slide, text)
     site = next(s for s in sites if s.kind == "jump_label" and s.length == 5)
-    hook = b"\xe9" + struct.pack("<i", site.target + 0x40 - (site.start + 5))
-    with _patched(base, k, [(site.start, hook)]) as phys:
+    at, target = site.start + slide, site.target + slide  # sites are in link addresses
+    hook = b"\xe9" + struct.pack("<i", target + 0x40 - (at + 5))
+    with _patched(base, k, [(at, hook)]) as phys:
         vmlinux = verify_kernel(LinuxKernel.open(phys), kb.kernel_store()).image("vmlinux")
     assert vmlinux is not None and vmlinux.status == "modified"
-    assert any("jump_label" in c.site and c.gva <= site.start < c.gva + len(c.new) for c in vmlinux.changes)
+    assert any("jump_label" in c.site and c.gva <= at < c.gva + len(c.new) for c in vmlinux.changes)
 
 
 class _Without:

@@ -186,14 +186,15 @@ def _runs(positions: np.ndarray, gap: int = 1) -> list[tuple[int, int]]:
 class _Checker:
     """Decide, byte run by byte run, whether differences from the package are legitimate site variants."""
 
-    def __init__(self, sites: Sequence[ps.Site], targets: ps.Targets) -> None:
+    def __init__(self, sites: Sequence[ps.Site], targets: ps.Targets, slide: int = 0) -> None:
         self.sites, self.starts = ps.sort_sites(sites)
         self.targets = targets
+        self.slide = slide  # run-time gva − site address (the vmlinux's sites stay in link addresses)
         self.max_len = max((s.length for s in self.sites), default=0)
 
     def covering(self, gva: int) -> list[ps.Site]:
         """Return the sites whose span holds `gva`."""
-        hi = bisect.bisect_right(self.starts.tolist() if False else self._starts_list, gva)
+        hi = bisect.bisect_right(self._starts_list, gva)
         out = []
         for i in range(hi - 1, -1, -1):
             s = self.sites[i]
@@ -213,26 +214,36 @@ class _Checker:
     def check(self, base: int, expected: bytes | bytearray, got: bytes | bytearray, diff: np.ndarray,
               counts: dict[str, int]) -> np.ndarray:
         """Return the positions of `diff` (offsets from gva `base`) that no accepting site explains."""
-        bad = []
-        verdicts: dict[ps.Site, bool] = {}
-        for pos in diff.tolist():
-            gva = base + pos
-            ok = False
-            for s in self.covering(gva):
-                v = verdicts.get(s)
+        bad: list[np.ndarray] = []
+        verdicts: dict[int, bool] = {}
+        starts, sites = self._starts_list, self.sites
+        for a, b in _runs(diff):  # runs of consecutive differing bytes
+            ga, gb = base + a, base + b
+            accepted: list[tuple[int, int]] = []
+            reach = ga  # the run is explained up to here by accepting sites (sites come sorted by start)
+            for i in range(bisect.bisect_left(starts, ga - self.max_len + 1), bisect.bisect_left(starts, gb)):
+                s = sites[i]
+                end = s.start + s.length
+                if end <= ga:
+                    continue
+                v = verdicts.get(i)
                 if v is None:
-                    a, b = s.start - base, s.start - base + s.length
-                    v = a >= 0 and b <= len(got) and ps.accepts(s, bytes(expected[a:b]), bytes(got[a:b]), 0,
-                                                                self.targets)
-                    verdicts[s] = v
+                    lo, hi = s.start - base, end - base
+                    v = verdicts[i] = lo >= 0 and hi <= len(got) and ps.accepts(
+                        s, bytes(expected[lo:hi]), bytes(got[lo:hi]), self.slide, self.targets)
                     if v:
                         counts[s.kind] = counts.get(s.kind, 0) + 1
                 if v:
-                    ok = True
-                    break
-            if not ok:
-                bad.append(pos)
-        return np.array(bad, np.int64)
+                    accepted.append((s.start, end))
+                    if s.start <= reach:
+                        reach = max(reach, end)
+            if reach >= gb:
+                continue
+            covered = np.zeros(b - a, bool)
+            for lo, hi in accepted:
+                covered[max(lo, ga) - ga: min(hi, gb) - ga] = True
+            bad.append(a + np.flatnonzero(~covered))
+        return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 
 
 def _changes(verdict: ImageVerdict, base: int, expected: bytes | bytearray, got: bytes | bytearray,
@@ -240,7 +251,7 @@ def _changes(verdict: ImageVerdict, base: int, expected: bytes | bytearray, got:
     """Record the changed runs and pages of one verified range."""
     for a, b in _runs(bad, gap=8):
         gva = base + a
-        kinds = {s.kind for s in checker.covering(gva)}
+        kinds = {s.kind for s in checker.covering(gva - checker.slide)}
         if len(verdict.changes) < MAX_CHANGES:
             verdict.changes.append(ByteChange(gva, namer(gva), bytes(expected[a:b]), bytes(got[a:b]),  # type: ignore[operator]
                                               ",".join(sorted(kinds))))
@@ -318,7 +329,7 @@ class KernelVerifier:
         if problems:
             out.reason = "; ".join(problems)
             return out
-        self._compare(out, g_text, expected, got, sites, self._kernel_name)
+        self._compare(out, g_text, expected, got, sites, self._kernel_name, slide=slide)
         return out
 
     def _kernel_name(self, gva: int) -> str:
@@ -404,10 +415,8 @@ class KernelVerifier:
         for gva, _t, name in self.k.symbols.entries():
             if name.startswith("__SCT__") and self.text_range[0] <= gva < self.text_range[1]:
                 sites.append(ps.Site(gva - slide, 5, "static_call_tramp"))
-        moved = [dataclasses.replace(s, start=s.start + slide, repl_addr=s.repl_addr + slide if s.repl_addr else 0,
-                                     target=s.target + slide if s.target and s.kind == "jump_label" else s.target)
-                 for s in sites if text.addr <= s.start < text_end]
-        return moved, problems
+        # sites stay in link addresses (hundreds of thousands): the checker adds the slide
+        return [s for s in sites if text.addr <= s.start < text_end], problems
 
     def _runtime_consts(self, s: Section, whole: tuple[int, int]) -> list[ps.Site]:
         """Return the sites of one 6.11+ runtime constant: its immediates hold the variable's value in the guest."""
@@ -424,12 +433,13 @@ class KernelVerifier:
                 for site in ps.decode_relative(s.name, s.data, s.addr, whole, "runtime_const", 8 if ptr else 1)]
 
     def _compare(self, out: ImageVerdict, base: int, expected: bytearray, got: bytearray, sites: list[ps.Site],
-                 namer: object, checker: _Checker | None = None) -> None:
-        """Compare one range byte by byte, explain the differences by sites, and set the verdict."""
-        checker = checker or _Checker(sites, self.targets)
+                 namer: object, checker: _Checker | None = None, slide: int = 0) -> None:
+        """Compare one range (run-time gva `base`) byte by byte, explain the differences by sites (at run-time
+        address − `slide`), and set the verdict."""
+        checker = checker or _Checker(sites, self.targets, slide)
         diff = np.flatnonzero(np.frombuffer(expected, np.uint8) != np.frombuffer(got, np.uint8))
         counts: dict[str, int] = out.normalised
-        bad = checker.check(base, expected, got, diff, counts)
+        bad = checker.check(base - checker.slide, expected, got, diff, counts)
         if bad.size:
             _changes(out, base, expected, got, bad, checker, namer)
         out.status = MODIFIED if out.modified_pages else VERIFIED
