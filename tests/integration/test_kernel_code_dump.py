@@ -22,6 +22,7 @@ from nephoscope.introspect import codepages
 from nephoscope.introspect.kernelcode import KernelVerifier, verify_kernel
 from nephoscope.knowledge.binaries import CodePageDB, PackageMeta
 from nephoscope.knowledge.kernelpkg import KernelImageFile, KernelStore, ingest_kernel_tree
+from nephoscope.lab.runner import Guest
 from nephoscope.memory.physical import BufferMemory, SegmentedMemory, open_memory
 from nephoscope.os.linux.model import LinuxKernel
 
@@ -269,3 +270,19 @@ def test_a_kernel_the_kb_lacks_is_unverifiable_with_the_package_named(ram61: tup
     assert vmlinux is not None and vmlinux.status == "unverifiable"
     assert f"package linux-image-{k.info.release} not in KB" in vmlinux.reason
     assert not report.verified and report.unknown == []  # known images, just not verifiable
+
+
+def test_a_running_clean_guest_verifies_its_kernel_code_and_stays_running(clean_guest: Guest, kb: CodePageDB) -> None:
+    """The live guest (RAM file, paused for the scan by the arch method), not a dump: the same verdict."""
+    from nephoscope.hypervisor.qmp import Qmp
+    from nephoscope.introspect.arch import scan_target
+    from nephoscope.service.targets import resolve_target
+
+    if clean_guest.manifest()["kernel"]["package"] not in {m[1] for m in kb.kernel_store().releases()}:
+        pytest.skip("the session's clean guest runs another kernel than the dumps the KB was built for")
+    report = scan_target(resolve_target(clean_guest.name), kb.path, pause=True)
+    assert report.kernel is not None and report.kernel.verification is not None
+    kc = report.kernel.verification
+    assert kc.verified, [(i.name, i.status, i.reason, i.changes[:2]) for i in kc.images if i.status != "verified"]
+    with Qmp(clean_guest.qmp_socket) as qmp:
+        assert qmp.command("query-status")["running"] is True
