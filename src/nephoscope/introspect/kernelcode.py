@@ -502,8 +502,8 @@ class KernelVerifier:
         else:
             sizes = {}
         out.ranges = self._module_ranges([(a, a + sizes.get(n, 1)) for a, n in execs])
-        if image is None:  # section sizes unknown: the module's whole allocation is its own (not unknown code)
-            base, size = module.base, module.size  # type: ignore[attr-defined]
+        if image is None:  # section sizes unknown: the module's text allocation is its own (not unknown code)
+            base, size = self._module_text(module)
             if 0 < size <= 1 << 30:
                 out.ranges = self._module_ranges([(base, base + size)])
         out.pages = sum((b - a) // PAGE for a, b in out.ranges)
@@ -539,6 +539,20 @@ class KernelVerifier:
                     expected[lo - a:hi - a] = data[lo - sa:hi - sa]
             self._compare(out, a, expected, got, sites, namer, checker)
         return out
+
+    def _module_text(self, module: object) -> tuple[int, int]:
+        """Return (gva, size) of a module's text allocation: mem[MOD_TEXT] on 6.4+, else the core layout
+        (one allocation holding text, rodata and data)."""
+        k = self.k
+        try:
+            if k.module_mem_types:  # 6.4+: struct module_memory mem[]; MOD_TEXT is 0
+                blob = k.read(module.gva + k.off["module.mem"], k.off.size["module_memory"])  # type: ignore[attr-defined]
+                return (struct.unpack_from("<Q", blob, k.off["module_memory.base"])[0],
+                        struct.unpack_from("<I", blob, k.off["module_memory.size"])[0])
+            return (k.u64(module.gva + k.off["module.core_layout.base"]),  # type: ignore[attr-defined]
+                    k.u32(module.gva + k.off["module.core_layout.size"]))  # type: ignore[attr-defined]
+        except (*_BAD, NephoscopeError):
+            return 0, 0
 
     @staticmethod
     def _module_ranges(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
