@@ -157,3 +157,33 @@ def test_kernel_image_blobs_round_trip_and_damage_is_a_knowledge_error() -> None
         KernelImageFile.from_blob(b"not zlib")
     assert issubclass(ps.SiteTableError, NephoscopeError)
     assert module_name("kernel/drivers/net/e1000-e.ko.xz") == "e1000_e"
+
+
+def _tiny_ko() -> KernelImageFile:
+    """A module with one `call printk` (R_X86_64_PLT32 against an undefined symbol) in .text."""
+    image = KernelImageFile("module", "tiny", "6.1.0-57-amd64/kernel/tiny.ko", "00" * 32)
+    strtab = b"\0printk\0"
+    symtab = bytes(24) + struct.pack("<IBBHQQ", 1, 0x10, 0, 0, 0, 0)  # GLOBAL NOTYPE UNDEF printk
+    rela = struct.pack("<QQq", 1, (1 << 32) | 4, -4)  # offset 1, sym 1, R_X86_64_PLT32, addend -4
+    image.sections[".text"] = Section(".text", 0, "SHT_PROGBITS", 6, 0, 0, 0, b"\xe8\0\0\0\0\xc3", 1)
+    image.sections[".rela.text"] = Section(".rela.text", 0, "SHT_RELA", 0x40, 1, 2, 24, rela, 3)
+    image.sections[".symtab"] = Section(".symtab", 0, "SHT_SYMTAB", 0, 1, 4, 24, symtab, 2)
+    image.sections[".strtab"] = Section(".strtab", 0, "SHT_STRTAB", 0, 0, 0, 0, strtab, 4)
+    return image
+
+
+def test_module_relocations_use_kallsyms_values_and_refuse_functions_outside_code() -> None:
+    from nephoscope.core.errors import GuestDataError
+    from nephoscope.introspect.kernelcode import _link_module
+
+    text_at, printk = 0xFFFF_FFFF_C000_0000, 0xFFFF_FFFF_8110_0000
+    linked, _own = _link_module(_tiny_ko(), {".text": text_at}, {"printk": printk})
+    assert linked[".text"] == b"\xe8" + struct.pack("<i", printk - (text_at + 5)) + b"\xc3"
+
+    def outside(name: str, gva: int) -> None:
+        raise GuestDataError(f"{name} at 0x{gva:x} is outside every kernel and module text")
+
+    with pytest.raises(GuestDataError, match="printk"):
+        _link_module(_tiny_ko(), {".text": text_at}, {"printk": printk}, outside)
+    with pytest.raises(GuestDataError, match="no kallsyms table"):
+        _link_module(_tiny_ko(), {".text": text_at}, {})

@@ -512,7 +512,7 @@ class KernelVerifier:
             return out
         out.package, out.version = image.package, image.version
         try:
-            linked, syms = _link_module(image, where, symbols)
+            linked, syms = _link_module(image, where, symbols, self._check_function)
         except (ps.SiteTableError, GuestDataError, *_BAD) as exc:
             out.reason = f"could not apply the module's relocations: {exc}"
             return out
@@ -539,6 +539,11 @@ class KernelVerifier:
                     expected[lo - a:hi - a] = data[lo - sa:hi - sa]
             self._compare(out, a, expected, got, sites, namer, checker)
         return out
+
+    def _check_function(self, name: str, gva: int) -> None:
+        """Refuse a function symbol (a kallsyms hint) that points outside kernel or module text."""
+        if name in getattr(self, "functions", ()) and not self._is_code(gva):
+            raise GuestDataError(f"kallsyms puts function {name} at 0x{gva:x}, outside every kernel and module text")
 
     def _module_text(self, module: object) -> tuple[int, int]:
         """Return (gva, size) of a module's text allocation: mem[MOD_TEXT] on 6.4+, else the core layout
@@ -573,6 +578,7 @@ class KernelVerifier:
         images = [self.verify_vmlinux()]
         mods = self.k.modules()
         symbols = dict(self.k.symbols.symbols)
+        self.functions = {n for _, t, n in self.k.symbols.entries() if t in "tT"}
         per_module = []
         for m in mods:
             try:
@@ -580,8 +586,10 @@ class KernelVerifier:
             except NephoscopeError:
                 continue
             per_module.append((m, listing))
-            for gva, _t, name in listing:
+            for gva, t, name in listing:
                 symbols.setdefault(name, gva)
+                if t in "tT":
+                    self.functions.add(name)
         for m, _ in per_module:
             try:
                 where = self.module_sections(m.gva)
@@ -795,9 +803,10 @@ def _symtab(image: KernelImageFile) -> list[tuple[str, int, int, int]]:
 
 
 def _link_module(image: KernelImageFile, where: dict[str, int], symbols: dict[str, int],
+                 check: Callable[[str, int], None] = lambda _n, _v: None,
                  ) -> tuple[dict[str, bytes], list[tuple[int, str]]]:
     """Apply a .ko's relocations for its load addresses; return the linked bytes of every kept section and
-    the module's own (gva, name) function symbols."""
+    the module's own (gva, name) function symbols. `check(name, gva)` vets each kallsyms value used."""
     by_index = image.by_index()
     syms = _symtab(image)
 
@@ -807,6 +816,7 @@ def _link_module(image: KernelImageFile, where: dict[str, int], symbols: dict[st
             got = symbols.get(name)
             if got is None:
                 raise GuestDataError(f"symbol {name} is in no kallsyms table")
+            check(name, got)
             return got
         if shndx >= 0xFF00:
             return value  # SHN_ABS and friends
