@@ -216,6 +216,7 @@ class ScanStats:
     hash_seconds: float = 0.0
     lookup_seconds: float = 0.0
     pages_hashed: int = 0
+    kernel_seconds: float = 0.0  # kernel-code verification (kernel model included)
     root_candidates: int = 0
     roots_rejected: dict[str, int] = field(default_factory=dict)
 
@@ -537,7 +538,9 @@ def _scan(phys: PhysicalMemory, db: CodePageLookup | None, vcpus: Sequence[VcpuS
     files = FileCache(db)
     kernel = _kernel_code(phys, roots, levels, stats, budget)
     if kernel is not None and verify_kernel:
+        t = time.perf_counter()
         verify_kernel_code(kernel, phys, db)
+        stats.kernel_seconds = time.perf_counter() - t
     spaces = []
     process_roots = roots.process_roots
     for n, root in enumerate(process_roots):
