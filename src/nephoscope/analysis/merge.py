@@ -14,7 +14,18 @@ from typing import Any
 
 from nephoscope.analysis.facts import dedupe
 from nephoscope.analysis.network import scan_findings
-from nephoscope.core.payloads import CrossView, Details, Image, KernelTamper, Mapping, Process, Socket, UnknownCode
+from nephoscope.core.payloads import (
+    CrossView,
+    Details,
+    Image,
+    KernelImage,
+    KernelTamper,
+    Mapping,
+    Process,
+    Socket,
+    UnknownCode,
+    UnknownKernelCode,
+)
 from nephoscope.core.records import Finding, Observation, Verdict
 
 # binaries whose processes legitimately carry another program's name (multi-call binaries)
@@ -185,6 +196,15 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
         elif isinstance(p, UnknownCode) and o.verdict == Verdict.UNVERIFIABLE:
             # kb sync: code in a packaged file whose installed version the archive no longer offers
             unverifiable.append({"method": method, "what": o.key, "reason": o.reason})
+        elif isinstance(p, KernelImage) and o.kind == "modified-kernel-image":
+            where = ", ".join(c.function for c in p.changes[:4]) or f"{len(p.modified_pages)} page(s)"
+            findings.append(Finding("modified-kernel-code", "critical",
+                                    f"kernel image {p.name} ({p.package} {p.version}) differs from its package "
+                                    f"outside every legitimate patch site: {where}", vm, [o.to_dict()]))
+        elif isinstance(p, UnknownKernelCode):
+            findings.append(Finding("unknown-kernel-code", "critical",
+                                    f"executable kernel memory in no kernel image or known module at "
+                                    f"{p.gva_start:#x}-{p.gva_end:#x} ({p.pages} pages)", vm, [o.to_dict()]))
         elif isinstance(p, UnknownCode):
             start, end = p.gva_start or 0, p.gva_end or 0
             for root in p.roots:

@@ -94,8 +94,20 @@ def render(report: ArchReport) -> None:
     for problem in report.memory_problems:
         err_console.print(f"memory image: {problem}", style="yellow", markup=False, highlight=False)
     if report.kernel:
-        err_console.print(f"kernel code: {report.kernel.pages} pages in {len(report.kernel.ranges)} ranges, "
-                          f"unverifiable: {report.kernel.reason}")
+        kv = report.kernel.verification
+        state = "verified" if kv is not None and kv.verified else f"unverifiable: {report.kernel.reason}"
+        err_console.print(f"kernel code: {report.kernel.pages} pages in {len(report.kernel.ranges)} ranges, {state}",
+                          markup=False, highlight=False)
+        for im in kv.images if kv is not None else []:
+            err_console.print(f"  {im.name}: {im.status}, {im.pages_verified}/{im.pages} pages"
+                              + (f" ({im.reason})" if im.reason else ""), markup=False, highlight=False,
+                              style="bold red" if im.status == "modified" else None)
+            for c in im.changes[:8]:
+                err_console.print(f"    0x{c.gva:x} {c.function}: {c.old.hex()} -> {c.new.hex()}", style="red",
+                                  markup=False, highlight=False)
+        for a, b in kv.unknown if kv is not None else []:
+            err_console.print(f"  unknown kernel code 0x{a:x}-0x{b:x}", style="bold red", markup=False,
+                              highlight=False)
     if report.missing_vcpu_roots:
         err_console.print("vCPU roots not found by the scan: " + ", ".join(hex(c) for c in report.missing_vcpu_roots),
                           style="bold red")

@@ -272,6 +272,46 @@ class KernelCode(Payload):
 
 
 @dataclass(frozen=True, slots=True)
+class KernelChange(Record):
+    """Bytes of kernel code that differ from every legitimate variant (old: the package's, new: the guest's)."""
+
+    gva: int = 0
+    function: str = ""
+    old: str = ""  # hex
+    new: str = ""  # hex
+    site: str = ""  # the patch-site kind when the bytes lie in a site
+
+
+@dataclass(frozen=True, slots=True)
+class KernelImage(Payload):
+    """One kernel image's code identity: the vmlinux text, a module, the real-mode trampoline or BPF JIT memory."""
+
+    KINDS = ("kernel-image", "modified-kernel-image")
+    name: str = "?"
+    kind: str = ""  # vmlinux | module | bpf
+    status: str = ""  # verified | modified | unverifiable
+    package: str = ""
+    version: str = ""
+    pages: int = 0
+    pages_verified: int = 0
+    ranges: tuple[tuple[int, int], ...] = ()
+    modified_pages: tuple[int, ...] = ()
+    changes: tuple[KernelChange, ...] = ()
+    normalised: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownKernelCode(Payload):
+    """Executable supervisor memory that belongs to no kernel image or known module."""
+
+    KINDS = ("unknown-kernel-code",)
+    gva_start: int = 0
+    gva_end: int = 0
+    pages: int = 0
+    head: str = ""  # first bytes, hex
+
+
+@dataclass(frozen=True, slots=True)
 class AddressSpace(Payload):
     """One page-table root and what it executes."""
 
@@ -425,8 +465,8 @@ class Details(Payload):
 
 
 PAYLOADS: tuple[type[Payload], ...] = (Process, Mapping, Module, Package, CrossView, Image, UnknownCode, Vdso,
-                                       KernelCode, AddressSpace, UnfoundRoot, Exec, Exit, ModuleLoad, Checkpoint,
-                                       KernelTamper, Unverifiable, Details, Socket)
+                                       KernelCode, KernelImage, UnknownKernelCode, AddressSpace, UnfoundRoot, Exec,
+                                       Exit, ModuleLoad, Checkpoint, KernelTamper, Unverifiable, Details, Socket)
 REGISTRY: dict[str, type[Payload]] = {kind: cls for cls in PAYLOADS for kind in cls.KINDS}
 
 

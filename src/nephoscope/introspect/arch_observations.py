@@ -14,6 +14,7 @@ from nephoscope.core import payloads
 from nephoscope.core.payloads import AddressSpace, Details
 from nephoscope.core.records import Observation, Provenance, Verdict
 from nephoscope.introspect.codepages import ArchReport, Candidate, Image, main_image
+from nephoscope.introspect.kernelcode import KernelCodeReport
 
 METHOD = "arch"
 VDSO_REASON = ("named by its ELF header (linux-vdso.so.1) and position above the stack; its pages do not match "
@@ -61,13 +62,32 @@ def observations(report: ArchReport) -> Iterator[Observation]:
                 prov, Verdict.VERIFIED if v.verified else Verdict.UNVERIFIABLE, "" if v.verified else VDSO_REASON)
     if report.kernel:
         k = report.kernel
+        verified = k.verification is not None and k.verification.verified
         yield Observation("kernel-code", "kernel", payloads.KernelCode(k.pages, k.bytes,
                                                                    tuple((a, b) for a, b in k.ranges[:256])),
-                          prov, Verdict.UNVERIFIABLE, k.reason)
+                          prov, Verdict.VERIFIED if verified else Verdict.UNVERIFIABLE, "" if verified else k.reason)
+        if k.verification is not None:
+            yield from kernel_observations(k.verification, prov)
     if not doubt:
         for cr3 in report.missing_vcpu_roots:
             yield Observation("unfound-root", f"cr3:0x{cr3:x}", payloads.UnfoundRoot(cr3), prov, Verdict.VERIFIED,
                               "a vCPU runs on this table but the scan did not accept it as a root")
+
+
+def kernel_observations(kc: KernelCodeReport, prov: Provenance) -> Iterator[Observation]:
+    """Yield one observation per kernel image (verified, modified, unverifiable) and per unknown kernel code range."""
+    for im in kc.images:
+        changes = tuple(payloads.KernelChange(c.gva, c.function, c.old.hex(), c.new.hex(), c.site)
+                        for c in im.changes)
+        data = payloads.KernelImage(im.name, im.kind, im.status, im.package, im.version, im.pages, im.pages_verified,
+                                    tuple(im.ranges[:64]), tuple(im.modified_pages[:256]), changes,
+                                    dict(im.normalised))
+        kind = "modified-kernel-image" if im.status == "modified" else "kernel-image"
+        verdict = Verdict.UNVERIFIABLE if im.status == "unverifiable" else Verdict.VERIFIED
+        yield Observation(kind, f"kernel:{im.name}", data, prov, verdict, im.reason)
+    for a, b in kc.unknown[:256]:
+        yield Observation("unknown-kernel-code", f"kernel:0x{a:x}", payloads.UnknownKernelCode(a, b, (b - a) // 4096),
+                          prov, Verdict.VERIFIED, "executable kernel memory in no kernel image or known module")
 
 
 def _inconsistent(report: ArchReport, prov: Provenance) -> Observation:

@@ -27,6 +27,7 @@ from nephoscope.memory.roots import Root, RootScan, VcpuState, scan_roots
 
 if TYPE_CHECKING:
     from nephoscope.core.records import Observation
+    from nephoscope.introspect.kernelcode import KernelCodeReport
 
 VDSO_PATH = "[vdso]"  # how the knowledge base names the kernel's vdso
 KERNEL_REASON = ("kernel text is patched at boot (alternatives, jump labels, static calls, retpolines) and "
@@ -195,12 +196,14 @@ class SpaceReport:
 
 @dataclass(slots=True)
 class KernelCode:
-    """Supervisor executable pages (kernel text and modules): counted, not verified."""
+    """Supervisor executable pages (kernel text and modules): counted, and verified against the kernel package
+    when the kernel model and the KB allow it (`verification`; `reason` says why not)."""
 
     pages: int
     bytes: int
     ranges: list[tuple[int, int]]
     reason: str = KERNEL_REASON
+    verification: KernelCodeReport | None = None
 
 
 @dataclass(slots=True)
@@ -213,6 +216,7 @@ class ScanStats:
     hash_seconds: float = 0.0
     lookup_seconds: float = 0.0
     pages_hashed: int = 0
+    kernel_seconds: float = 0.0  # kernel-code verification (kernel model included)
     root_candidates: int = 0
     roots_rejected: dict[str, int] = field(default_factory=dict)
 
@@ -480,24 +484,50 @@ def _kernel_code(phys: PhysicalMemory, roots: RootScan, levels: int, stats: Scan
     return KernelCode(pages, pages * PAGE_SIZE, ranges)
 
 
+def verify_kernel_code(kernel: KernelCode, phys: PhysicalMemory, db: CodePageLookup | None) -> None:
+    """Verify the kernel half's code against the KB's kernel package and record it in `kernel` (no pause).
+
+    Kernel code is only identified with the kernel's own tables (kallsyms for _text and the table bounds,
+    BTF for the module list); without them the pages stay counted and `unverifiable` with the reason."""
+    from nephoscope.introspect.kernelcode import verify_kernel
+    from nephoscope.os.linux.model import LinuxKernel
+
+    store = getattr(db, "kernel_store", None)
+    try:
+        k = LinuxKernel.open(phys)
+    except NephoscopeError as exc:
+        kernel.reason = f"{KERNEL_REASON}; kernel code cannot be verified without the kernel model ({exc})"
+        return
+    try:
+        report = verify_kernel(k, store() if store is not None else None)
+    except NephoscopeError as exc:
+        kernel.reason = f"kernel code verification failed: {exc}"
+        return
+    kernel.verification = report
+    bad = [f"{i.name}: {i.reason}" for i in report.images if i.status != "verified" and i.kind != "bpf"]
+    kernel.reason = "; ".join(bad) if bad else ""
+
+
 # --- the whole image ------------------------------------------------------------------------------------
 
 
 def scan(phys: PhysicalMemory, db: CodePageLookup | None, *, vcpus: Sequence[VcpuState] = (), vm: str = "",
-         levels: int | None = None, budget: Budget | None = None) -> ArchReport:
+         levels: int | None = None, budget: Budget | None = None, verify_kernel: bool = True) -> ArchReport:
     """Scan guest-physical memory for every address space and identify its executable pages (no pause).
 
     `vcpus` are known roots with their paging mode (CR4.LA57 → 5-level); `levels` overrides it. Every
-    walk and read draws on `budget` (default: SCAN_BUDGET). Raises only NephoscopeError."""
+    walk and read draws on `budget` (default: SCAN_BUDGET). `verify_kernel` also verifies the kernel's
+    text and modules against the KB's kernel package (needs the guest's kallsyms and BTF; see
+    `introspect.kernelcode`). Raises only NephoscopeError."""
     budget = budget if budget is not None else Budget(*SCAN_BUDGET)
     try:
-        return _scan(phys, db, vcpus, vm, levels, budget)
+        return _scan(phys, db, vcpus, vm, levels, budget, verify_kernel)
     except _GUEST_ERRORS as exc:
         raise GuestDataError(f"{vm or 'image'}: malformed guest memory stopped the arch scan ({exc!r})") from exc
 
 
 def _scan(phys: PhysicalMemory, db: CodePageLookup | None, vcpus: Sequence[VcpuState], vm: str,
-          levels: int | None, budget: Budget) -> ArchReport:
+          levels: int | None, budget: Budget, verify_kernel: bool = True) -> ArchReport:
     started = time.perf_counter()
     stats = ScanStats()
     levels = levels or next((v.levels for v in vcpus if v.cr4), 4)
@@ -509,6 +539,10 @@ def _scan(phys: PhysicalMemory, db: CodePageLookup | None, vcpus: Sequence[VcpuS
     digests = DigestCache(phys, stats)
     files = FileCache(db)
     kernel = _kernel_code(phys, roots, levels, stats, budget)
+    if kernel is not None and verify_kernel:
+        t = time.perf_counter()
+        verify_kernel_code(kernel, phys, db)
+        stats.kernel_seconds = time.perf_counter() - t
     spaces = []
     process_roots = roots.process_roots
     for n, root in enumerate(process_roots):

@@ -17,13 +17,16 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from nephoscope.core.errors import KnowledgeError
 from nephoscope.core.paths import cache_root
 from nephoscope.knowledge.elfpages import ElfPages, PageInfo
+
+if TYPE_CHECKING:
+    from nephoscope.knowledge.kernelpkg import KernelStore
 
 __all__ = ["CodePageDB", "KbStats", "PackageMeta", "PageHit", "PageInfo", "default_path"]
 
@@ -273,6 +276,7 @@ class CodePageDB:
         self._files: dict[int, tuple] = {}
         self.index_seconds = 0.0  # time the last index load or build took
         self.index_source = ""  # "mmap" (saved index) or "sqlite" (built from the pages table)
+        self._kernel_store: KernelStore | None = None
 
     @classmethod
     def open(cls, path: Path | None = None) -> CodePageDB:
@@ -294,6 +298,14 @@ class CodePageDB:
     def close(self) -> None:
         """Close the database connection."""
         self._conn.close()
+
+    def kernel_store(self) -> KernelStore:
+        """Return the kernel images of this KB (vmlinux and modules of ingested linux-image packages)."""
+        from nephoscope.knowledge.kernelpkg import KernelStore
+
+        if self._kernel_store is None:
+            self._kernel_store = KernelStore(self._conn)
+        return self._kernel_store
 
     # --- writing ---------------------------------------------------------------------------
 

@@ -153,6 +153,11 @@ def ingest_unpacked(db: CodePageDB, unpacked: Path, origin: str, progress: Progr
     report = ingest_tree(db, unpacked / "root", meta, progress)
     if name.startswith("linux-image-"):
         package_id = db.package_id(meta)
+        from nephoscope.knowledge.kernelpkg import ingest_kernel_tree
+
+        progress(f"storing the kernel code of {name} (vmlinux and modules, for kernel-code verification)")
+        _added, errors = ingest_kernel_tree(db.kernel_store(), package_id, unpacked / "root", progress)
+        report.errors += errors
         for vmlinuz in sorted((unpacked / "root" / "boot").glob("vmlinuz-*")):
             progress(f"extracting the vdso from {vmlinuz.name}")
             try:
@@ -186,10 +191,31 @@ def ingest_apt(db: CodePageDB, spec: str, progress: Progress = lambda _m: None) 
             raise GuestDataError(f"apt knows no package {name!r}; run `apt-get update` or check the name")
         version = versions[0]
     if db.has_package(name, version):  # packages are committed whole, so a stored one is complete
+        if name.startswith("linux-image-") and not db.kernel_store().has_package(name, version):
+            return _add_kernel_code(db, name, version, progress)  # stored before the KB kept kernel code
         progress(f"{name} {version} is already in the KB")
         return IngestReport(packages=[f"{name}={version}"])
     progress(f"downloading {name} {version}")
     return ingest_deb(db, archive.download(name, version, cache_root() / "debs"), progress)
+
+
+def _add_kernel_code(db: CodePageDB, name: str, version: str, progress: Progress) -> IngestReport:
+    """Store the kernel code of a linux-image package whose pages an older KB already holds."""
+    from nephoscope.knowledge.debian import archive
+    from nephoscope.knowledge.kernelpkg import ingest_kernel_tree
+
+    report = IngestReport(packages=[f"{name}={version}"])
+    deb = archive.download(name, version, cache_root() / "debs")
+    unpacked = archive.unpack(deb, cache_root() / "unpacked")
+    try:
+        control = deb822.Deb822((unpacked / "control" / "control").read_text(errors="replace"))
+    except OSError as exc:
+        raise GuestDataError(f"{unpacked} has no readable control/control: {exc}") from exc
+    package_id = db.package_id(PackageMeta(name, version, control.get("Architecture", "")))  # the stored row
+    progress(f"storing the kernel code of {name} {version} (the KB had its pages only)")
+    _added, report.errors = ingest_kernel_tree(db.kernel_store(), package_id, unpacked / "root", progress)
+    db.commit()
+    return report
 
 
 def ingest_path(db: CodePageDB, path: Path, progress: Progress = lambda _m: None,

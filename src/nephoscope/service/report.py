@@ -24,6 +24,7 @@ from nephoscope.knowledge.vulns import VulnDB
 from nephoscope.service.scan import scan_status
 
 CODE_KINDS = ("malicious-code", "unknown-code", "modified-binary", "anonymous-exec", "hidden-process", "fileless",
+              "modified-kernel-code", "unknown-kernel-code",
               "deleted-binary", "masquerading")
 DETAIL_KEYS = ("pid", "pids", "comm", "exe", "cmdline", "path", "package", "start", "end", "gva_start", "gva_end",
                "gva", "rule",
