@@ -64,7 +64,16 @@ class Image:
 
     @property
     def initrd(self) -> Path:
-        return self.directory / "initrd.cpio"
+        return self.directory / ("initrd.img" if self.is_disk else "initrd.cpio")
+
+    @property
+    def is_disk(self) -> bool:
+        """Return whether this image boots a Debian system from a disk image (lab/server.py)."""
+        return self.meta.get("boot") == "disk"
+
+    @property
+    def disk(self) -> Path:
+        return self.directory / "disk.img"
 
     def owner_of(self, guest_path: str) -> tuple[str, str] | None:
         """Return (package, version) that shipped `guest_path`, or None for non-packaged files."""
@@ -473,6 +482,10 @@ def image_key(profile: Profile, packages: dict[str, str], kernel: KernelChoice) 
 def build_image(profile: Profile, kernel_spec: str | None = None, progress: Progress = lambda _m: None,
                 force: bool = False) -> Image:
     """Build (or reuse from cache) the image for `profile`; return it."""
+    if profile.boot == "disk":
+        from nephoscope.lab.server import build_disk_image
+
+        return build_disk_image(profile, kernel_spec, progress, force)
     packages = resolve_packages(profile, progress)
     kernel = choose_kernel(kernel_spec, progress)
     key = image_key(profile, packages, kernel)
