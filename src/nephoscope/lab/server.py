@@ -9,6 +9,7 @@ as init. After boot the ground truth of what runs comes from the guest itself, t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ from nephoscope.lab.build import Image, KernelChoice, Progress, _compile, _is_co
 from nephoscope.lab.profile import Profile, Service
 from nephoscope.lab.trojan import patch_text_padding
 
-SERVER_BUILDER_VERSION = "1"
+SERVER_BUILDER_VERSION = "2"
 MMDEBSTRAP_VARIANT = "important"
 UNIT_DIR = "etc/systemd/system"
 SERVICE_DIR = "etc/nephoscope/services"
@@ -99,7 +100,10 @@ def unit_text(svc: Service) -> str:
     # the main process is given a second to exec its program (as the initramfs init does) before `after`
     post = (f"ExecStartPost=/bin/sh -c 'sleep 1; export PID=$${{MAINPID:-$$(systemctl show -p MainPID --value "
             f"{svc.unit})}}; exec /bin/sh /{SERVICE_DIR}/{svc.tag}.after.sh'\n" if svc.after else "")
-    return (f"[Unit]\nDescription=nephoscope lab service {svc.tag}\nAfter=network.target\n\n"
+    # a unit with an `after` step (an injection, a preload hider) starts once every ordinary service runs, so
+    # what it does to the system (ld.so.preload) reaches no service but the ones meant
+    order = "After=network.target multi-user.target" if svc.after else "After=network.target"
+    return (f"[Unit]\nDescription=nephoscope lab service {svc.tag}\n{order}\n\n"
             f"[Service]\nExecStart=/bin/sh /{SERVICE_DIR}/{svc.tag}.sh\n{post}"
             "StandardOutput=journal\nStandardError=journal\n\n[Install]\nWantedBy=multi-user.target\n")
 
@@ -159,6 +163,15 @@ def read_dpkg(root: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
     return packages, files
 
 
+def _check_unmounted(tree: Path) -> None:
+    """Raise LabError if a file system is mounted below `tree` (an interrupted mmdebstrap leaves /proc...)."""
+    prefix = str(tree.resolve()) + "/"
+    mounted = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+               if line.split()[1].startswith(prefix)]
+    if mounted:
+        raise LabError(f"{tree} still has mounts ({', '.join(mounted[:4])}); unmount them (umount -R) first")
+
+
 def build_disk_image(profile: Profile, kernel_spec: str | None = None, progress: Progress = lambda _m: None,
                      force: bool = False) -> Image:
     """Build (or reuse from cache) the ext4 disk image of a disk profile; return it."""
@@ -172,14 +185,19 @@ def build_disk_image(profile: Profile, kernel_spec: str | None = None, progress:
     _tools()
     started = time.monotonic()
     tmpdir = directory.with_name(directory.name + ".tmp")
+    _check_unmounted(tmpdir)
     shutil.rmtree(tmpdir, ignore_errors=True)
     root = tmpdir / "root"
     tmpdir.mkdir(parents=True)
     try:
         progress(f"mmdebstrap {_host_suite()} ({MMDEBSTRAP_VARIANT} + {len(specs)} packages)")
-        _run(["mmdebstrap", f"--variant={MMDEBSTRAP_VARIANT}", "--mode=root", "--quiet",
-              f"--include={','.join(specs)}", _host_suite(), str(root), *map(str, apt_source_files())],
-             "mmdebstrap")
+        # the host's own package lists, not a fresh `apt-get update`: every version in the image is then one
+        # the host's apt (and so the KB's ingest) can download, and the cache key's versions are the installed ones
+        lists = ('mkdir -p "$1/var/lib/apt/lists" && find /var/lib/apt/lists -maxdepth 1 -type f ! -name lock '
+                 '-exec cp -t "$1/var/lib/apt/lists/" {} +')
+        _run(["mmdebstrap", f"--variant={MMDEBSTRAP_VARIANT}", "--mode=root", "--quiet", "--skip=update",
+              f"--setup-hook={lists}", f"--include={','.join(specs)}", _host_suite(), str(root),
+              *map(str, apt_source_files())], "mmdebstrap")
         bootstrap_s = time.monotonic() - started
         _customise(root, profile, progress)
         packages, files = read_dpkg(root)
@@ -218,7 +236,9 @@ def build_disk_image(profile: Profile, kernel_spec: str | None = None, progress:
         shutil.rmtree(directory, ignore_errors=True)
         tmpdir.rename(directory)
     except BaseException:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        with contextlib.suppress(LabError):  # never remove a tree something is still mounted in
+            _check_unmounted(tmpdir)
+            shutil.rmtree(tmpdir, ignore_errors=True)
         raise
     progress(f"built {directory.name}: {len(packages)} packages, {meta['disk_used_bytes'] >> 20} MiB used, "
              f"{meta['build_s']}s")
@@ -303,7 +323,7 @@ for pid in sorted(pids):
         cmdline = [a.decode("utf-8", "replace") for a in open(d + "/cmdline", "rb").read().split(b"\0") if a]
         cgroup = open(d + "/cgroup").read().strip().split("::", 1)[-1]
         start = int(open(d + "/stat").read().rsplit(")", 1)[1].split()[19])
-        seen, maps = set(), []
+        seen, maps, other = set(), [], []
         for line in open(d + "/maps"):
             parts = line.split(None, 5)
             if len(parts) < 6:
@@ -312,12 +332,11 @@ for pid in sorted(pids):
             if path in seen or not (path.startswith("/") or path.startswith("/memfd:")):
                 continue
             seen.add(path)
-            if elf(path.removesuffix(" (deleted)"), pid, parts[0]):
-                maps.append(path)
+            (maps if elf(path.removesuffix(" (deleted)"), pid, parts[0]) else other).append(path)
     except (OSError, ValueError, KeyError, IndexError):
         continue
     procs.append({"pid": pid, "ppid": ppid, "comm": comm, "exe": exe, "cmdline": cmdline, "cgroup": cgroup,
-                  "start_ticks": start, "maps": maps, "listed_in_proc": pid in listed})
+                  "start_ticks": start, "maps": maps, "other_maps": other, "listed_in_proc": pid in listed})
 state = subprocess.run(["systemctl", "is-system-running"], capture_output=True, text=True).stdout.strip()
 failed = subprocess.run(["systemctl", "--failed", "--no-legend", "--plain"], capture_output=True,
                         text=True).stdout.split("\n")
