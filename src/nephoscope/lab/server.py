@@ -10,6 +10,7 @@ as init. After boot the ground truth of what runs comes from the guest itself, t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -183,6 +184,26 @@ def build_disk_image(profile: Profile, kernel_spec: str | None = None, progress:
         progress(f"image {directory.name} is cached")
         return Image(directory, json.loads((directory / "image.json").read_text()))
     _tools()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with (directory.parent / f"{directory.name}.lock").open("w") as lock:
+        progress("waiting for another build of this image") if _busy(lock) else None
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build per key: a second command waits, then finds it cached
+        if (directory / "image.json").exists() and not force:
+            return Image(directory, json.loads((directory / "image.json").read_text()))
+        return _build_locked(profile, kernel, specs, key, directory, progress)
+
+
+def _busy(lock: Any) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    return False
+
+
+def _build_locked(profile: Profile, kernel: KernelChoice, specs: list[str], key: str, directory: Path,
+                  progress: Progress) -> Image:
     started = time.monotonic()
     tmpdir = directory.with_name(directory.name + ".tmp")
     _check_unmounted(tmpdir)
@@ -212,7 +233,7 @@ def build_disk_image(profile: Profile, kernel_spec: str | None = None, progress:
         mke2fs = shutil.which("mke2fs", path="/usr/sbin:/sbin:" + os.environ.get("PATH", "")) or "mke2fs"
         _run([mke2fs, "-q", "-t", "ext4", "-L", "root", "-d", str(root), "-F", str(tmpdir / "disk.img"),
               profile.disk_size], "mke2fs")
-        shutil.rmtree(root)
+        shutil.rmtree(root, ignore_errors=True)  # the tree is in the image now
         meta = {
             "profile": profile.name,
             "key": key,
