@@ -186,7 +186,8 @@ def build_disk_image(profile: Profile, kernel_spec: str | None = None, progress:
     _tools()
     directory.parent.mkdir(parents=True, exist_ok=True)
     with (directory.parent / f"{directory.name}.lock").open("w") as lock:
-        progress("waiting for another build of this image") if _busy(lock) else None
+        if _busy(lock):
+            progress("waiting for another build of this image")
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build per key: a second command waits, then finds it cached
         if (directory / "image.json").exists() and not force:
             return Image(directory, json.loads((directory / "image.json").read_text()))
@@ -194,6 +195,7 @@ def build_disk_image(profile: Profile, kernel_spec: str | None = None, progress:
 
 
 def _busy(lock: Any) -> bool:
+    """Return whether another process holds the build lock (without waiting for it)."""
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -204,6 +206,7 @@ def _busy(lock: Any) -> bool:
 
 def _build_locked(profile: Profile, kernel: KernelChoice, specs: list[str], key: str, directory: Path,
                   progress: Progress) -> Image:
+    """Build the image under the held lock: bootstrap, customise, read dpkg, mke2fs, publish atomically."""
     started = time.monotonic()
     tmpdir = directory.with_name(directory.name + ".tmp")
     _check_unmounted(tmpdir)
