@@ -5,11 +5,12 @@ venv=${1:-.venv}
 # libvirt: the daemon and its QEMU driver (not libvirt-daemon-system: that pulls systemd into hosts without an
 # init; the test fixtures start virtlogd/libvirtd themselves), virsh, and libvirt-dev + pkg-config so pip builds
 # libvirt-python into the venv (Debian's python3-libvirt is built for /usr/bin/python3 and the venv does not
-# see system site-packages)
+# see system site-packages); mmdebstrap + e2fsprogs (mke2fs -d) build the disk profiles (server, server-tampered)
 # gcc, make and libelf1 also build the rootkit profile's kernel module against the lab kernel's Debian headers
 # (lab/kmodules.py downloads linux-headers-<release>, its -common and linux-kbuild into the cache, not the host)
 apt_packages=(qemu-system-x86 qemu-utils busybox-static cpio zstd gcc make libelf1 libc6-dev bpftool python3 python3-venv
-              python3-dev binutils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config)
+              python3-dev binutils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
+              mmdebstrap e2fsprogs)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

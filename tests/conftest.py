@@ -185,3 +185,37 @@ def libvirt_guest() -> Iterator[object]:
             libvirt_runner.stop(name, quiet=True)
     finally:
         libvirt_runner.stop_daemons(daemons)
+
+
+@pytest.fixture(scope="session")
+def server_image() -> Image:
+    """The `server` disk image (a Debian 12 system built with mmdebstrap): built once, then cached."""
+    return build_image(load_profile("server"))
+
+
+@pytest.fixture(scope="session")
+def server_guest(server_image: Image) -> Iterator[object]:
+    """The `server` profile as a transient libvirt TCG domain (plain RAM), booted from its disk once per session.
+
+    Destroyed at the end of the session even when tests fail; the daemons this fixture started are stopped."""
+    from nephoscope.lab import libvirt_runner
+
+    try:
+        daemons = libvirt_runner.start_daemons()
+    except LabError as exc:
+        pytest.skip(f"libvirt unavailable: {exc}")
+    name = f"pt-server-{_SUFFIX}"
+    try:
+        guest = libvirt_runner.start(name, server_image)
+        try:
+            yield guest
+        finally:
+            libvirt_runner.stop(name, quiet=True)
+    finally:
+        libvirt_runner.stop_daemons(daemons)
+
+
+@pytest.fixture(scope="session")
+def server_tampered_guest() -> Iterator[runner.Guest]:
+    """The `server-tampered` profile under bare QEMU (shared RAM file), booted from its disk once per session."""
+    yield from _boot("server-tampered", tag="srvtamp")

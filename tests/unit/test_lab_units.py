@@ -10,7 +10,7 @@ import pytest
 
 from nephoscope.core.errors import LabError, ProfileError
 from nephoscope.knowledge.debian.relations import Relation, parse_depends
-from nephoscope.lab.build import _is_compound, _normalise
+from nephoscope.lab.build import is_compound, normalise_path
 from nephoscope.lab.cpio import Entry, write_cpio
 from nephoscope.lab.manifest import _records
 from nephoscope.lab.profile import list_profiles, load_profile
@@ -55,10 +55,10 @@ def test_depends_parsing_and_debian_version_order() -> None:
 
 
 def test_compound_commands_are_detected_outside_quotes() -> None:
-    assert not _is_compound("/usr/sbin/nginx -g 'daemon off;'")
-    assert _is_compound("cp a b; exec c")
-    assert _is_compound("(echo x) | sqlite3 db")
-    assert _normalise("./bin/bash") == "usr/bin/bash" and _normalise("etc/x") == "etc/x"
+    assert not is_compound("/usr/sbin/nginx -g 'daemon off;'")
+    assert is_compound("cp a b; exec c")
+    assert is_compound("(echo x) | sqlite3 db")
+    assert normalise_path("./bin/bash") == "usr/bin/bash" and normalise_path("etc/x") == "etc/x"
 
 
 @pytest.mark.skipif(shutil.which("cpio") is None, reason="cpio not installed (make setup)")

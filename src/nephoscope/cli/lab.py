@@ -50,7 +50,7 @@ def up(
     profile: str = typer.Option("clean", "--profile", "-p", help="built-in profile name or .toml path"),
     kernel: str = typer.Option(None, "--kernel", help="Debian kernel release or vmlinuz path"),
     kaslr: bool = typer.Option(True, "--kaslr/--no-kaslr", help="boot with kernel address randomisation"),
-    mem: str = typer.Option("512M", "--mem", help="guest RAM, e.g. 512M or 1G"),
+    mem: str = typer.Option(None, "--mem", help="guest RAM, e.g. 512M or 1G (default: the profile's, 512M; server 1G)"),
     smp: int = typer.Option(1, "--smp", help="virtual CPUs"),
     accel: str = typer.Option("tcg", "--accel", help="QEMU accelerator: tcg (default) or kvm"),
     cpu: str = typer.Option("qemu64", "--cpu", help="QEMU CPU model (max enables 5-level paging)"),
@@ -80,7 +80,7 @@ def up(
     table(f"guest {name} ready in {time.monotonic() - started:.1f}s", ["", ""], list(info.items()))
 
 
-def _up_libvirt(name: str, profile: str, kernel: str | None, kaslr: bool, mem: str, smp: int, cpu: str,
+def _up_libvirt(name: str, profile: str, kernel: str | None, kaslr: bool, mem: str | None, smp: int, cpu: str,
                 json_out: bool) -> None:
     started = time.monotonic()
     try:

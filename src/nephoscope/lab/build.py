@@ -64,15 +64,24 @@ class Image:
 
     @property
     def initrd(self) -> Path:
-        return self.directory / "initrd.cpio"
+        return self.directory / ("initrd.img" if self.is_disk else "initrd.cpio")
+
+    @property
+    def is_disk(self) -> bool:
+        """Return whether this image boots a Debian system from a disk image (lab/server.py)."""
+        return self.meta.get("boot") == "disk"
+
+    @property
+    def disk(self) -> Path:
+        return self.directory / "disk.img"
 
     def owner_of(self, guest_path: str) -> tuple[str, str] | None:
         """Return (package, version) that shipped `guest_path`, or None for non-packaged files."""
-        hit = self.meta.get("files", {}).get("/" + _normalise(guest_path))
+        hit = self.meta.get("files", {}).get("/" + normalise_path(guest_path))
         return (hit[0], hit[1]) if hit else None
 
 
-def _normalise(path: str) -> str:
+def normalise_path(path: str) -> str:
     """Map a package path to its merged-/usr location, without leading slash."""
     path = path.lstrip("./").lstrip("/")
     head, _, rest = path.partition("/")
@@ -333,14 +342,14 @@ class Tree:
             for name in dirnames + filenames:
                 src = Path(dirpath) / name
                 rel = os.path.normpath(os.path.join(rel_dir, name))
-                dest = _normalise(prefix + rel)
+                dest = normalise_path(prefix + rel)
                 if not only(dest):
                     continue
                 st = src.lstat()
                 if stat.S_ISLNK(st.st_mode):
                     target = os.readlink(src)
                     if target.startswith("/"):
-                        target = "/" + _normalise(target)
+                        target = "/" + normalise_path(target)
                     self.symlink(dest, target, owner)
                 elif stat.S_ISDIR(st.st_mode):
                     if dest not in self.entries or not stat.S_ISDIR(self.entries[dest].mode):
@@ -393,7 +402,7 @@ def check_libraries(tree: Tree) -> list[str]:
     return missing
 
 
-def _compile(artifact: Artifact, workdir: Path) -> bytes:
+def compile_artifact(artifact: Artifact, workdir: Path) -> bytes:
     source = HELPERS_DIR / artifact.source
     if not source.exists():
         raise LabError(f"helper source {artifact.source} not found in {HELPERS_DIR}")
@@ -445,7 +454,7 @@ def dpkg_status(packages: dict[str, str]) -> bytes:
     return "\n".join(stanzas).encode()
 
 
-def _is_compound(command: str) -> bool:
+def is_compound(command: str) -> bool:
     """Return whether a shell command has operators (outside quotes), so it cannot just be exec'd."""
     lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
@@ -477,6 +486,10 @@ def image_key(profile: Profile, packages: dict[str, str], kernel: KernelChoice) 
 def build_image(profile: Profile, kernel_spec: str | None = None, progress: Progress = lambda _m: None,
                 force: bool = False) -> Image:
     """Build (or reuse from cache) the image for `profile`; return it."""
+    if profile.boot == "disk":
+        from nephoscope.lab.server import build_disk_image
+
+        return build_disk_image(profile, kernel_spec, progress, force)
     packages = resolve_packages(profile, progress)
     kernel = choose_kernel(kernel_spec, progress)
     key = image_key(profile, packages, kernel)
@@ -517,13 +530,13 @@ def build_image(profile: Profile, kernel_spec: str | None = None, progress: Prog
         for artifact in profile.artifacts:
             progress(f"making {artifact.output}")
             if artifact.kind == "compile":
-                tree.add(artifact.output, _compile(artifact, Path(tmp)), 0o755)
+                tree.add(artifact.output, compile_artifact(artifact, Path(tmp)), 0o755)
             elif artifact.kind == "kmodule":  # a module of lab/rootkit, built against the kernel's headers
                 from nephoscope.lab.kmodules import build_module
 
                 tree.add(artifact.output, build_module(artifact.source, kernel), 0o644)
             else:
-                original = tree.read(_normalise(artifact.source))
+                original = tree.read(normalise_path(artifact.source))
                 tree.add(artifact.output, patch_text_padding(original), 0o755)
 
     tree.add("var/lib/dpkg/status", dpkg_status(packages))
@@ -532,7 +545,7 @@ def build_image(profile: Profile, kernel_spec: str | None = None, progress: Prog
     for i, line in enumerate(profile.setup):
         tree.add(f"etc/nephoscope/setup/{i:02d}.sh", (line + "\n").encode(), 0o755)
     for i, svc in enumerate(profile.services):
-        command = svc.command if _is_compound(svc.command) else "exec " + svc.command.removeprefix("exec ")
+        command = svc.command if is_compound(svc.command) else "exec " + svc.command.removeprefix("exec ")
         tree.add(f"etc/nephoscope/services/{i:02d}-{svc.tag}.sh", (command + "\n").encode(), 0o755)
         if svc.after:
             tree.add(f"etc/nephoscope/services/{i:02d}-{svc.tag}.after.sh", (svc.after + "\n").encode(), 0o755)

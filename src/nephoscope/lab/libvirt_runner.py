@@ -16,7 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +146,13 @@ def domain_xml(name: str, image: Image, directory: Path, *, mem_mib: int, smp: i
     append = "console=ttyS0,115200 panic=-1 loglevel=4 " + ("kaslr" if kaslr else "nokaslr")
     qemu = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
     e = escape
+    disk = ""
+    if image.is_disk:  # a Debian system on its own disk (a qcow2 over the cached image), root=/dev/vda
+        from nephoscope.lab.server import disk_append
+
+        append = disk_append(kaslr)
+        disk = (f"<disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='unsafe'/>"
+                f"<source file='{e(str(directory / 'disk.qcow2'))}'/><target dev='vda' bus='virtio'/></disk>\n    ")
     return f"""<domain type='qemu'>
   <name>{e(name)}</name>
   <memory unit='MiB'>{mem_mib}</memory>
@@ -162,7 +169,7 @@ def domain_xml(name: str, image: Image, directory: Path, *, mem_mib: int, smp: i
   <on_crash>destroy</on_crash>
   <devices>
     <emulator>{e(qemu)}</emulator>
-    <serial type='file'><source path='{e(str(directory / "serial.log"))}'/><target port='0'/></serial>
+    {disk}    <serial type='file'><source path='{e(str(directory / "serial.log"))}'/><target port='0'/></serial>
     <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
     <interface type='user'><model type='e1000'/></interface>
     <controller type='usb' model='none'/>
@@ -191,14 +198,17 @@ def list_guests() -> list[LibvirtGuest]:
     return [g for d in sorted(root.iterdir()) if (g := load(d.name)) is not None]
 
 
-def start(name: str, image: Image, *, mem: str = "512M", smp: int = 1, kaslr: bool = True, cpu: str = "qemu64",
-          uri: str | None = None, timeout: float = 240.0, progress: runner.Progress = lambda _m: None
-          ) -> LibvirtGuest:
-    """Boot `image` as transient libvirt domain `name`, wait until its init reports ready, write its manifest."""
+def start(name: str, image: Image, *, mem: str | None = None, smp: int = 1, kaslr: bool = True,
+          cpu: str = "qemu64", uri: str | None = None, timeout: float | None = None,
+          progress: runner.Progress = lambda _m: None) -> LibvirtGuest:
+    """Boot `image` as transient libvirt domain `name`, wait until it is ready, write its manifest.
+
+    `mem` None takes the profile's default; a disk image is ready when its agent answers and systemd is up."""
     from nephoscope.hypervisor import libvirt as lv
 
     runner.check_name(name)
-    mem_mib = runner.parse_size(mem)
+    mem_mib = runner.parse_size(mem or image.meta.get("mem") or runner.DEFAULT_MEM)
+    timeout = timeout or (runner.DISK_TIMEOUT if image.is_disk else 240.0)
     uri = uri or lv.default_uri()
     try:
         conn = lv.connect(uri)
@@ -211,6 +221,10 @@ def start(name: str, image: Image, *, mem: str = "512M", smp: int = 1, kaslr: bo
         directory = state_root() / name
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
+        if image.is_disk:
+            from nephoscope.lab.server import make_overlay
+
+            make_overlay(image, directory)
         xml = domain_xml(name, image, directory, mem_mib=mem_mib, smp=smp, kaslr=kaslr, cpu=cpu)
         (directory / "domain.xml").write_text(xml)
         try:
@@ -226,11 +240,14 @@ def start(name: str, image: Image, *, mem: str = "512M", smp: int = 1, kaslr: bo
             (directory / "libvirt.json").write_text(json.dumps(asdict(guest), indent=1))
             progress(f"libvirt domain {name} ({guest.uuid}), qemu pid {pid}, booting "
                      f"{image.meta['kernel']['release']}")
-            report = _wait_ready(guest, dom, timeout, progress)
             record = runner.Guest(name=name, profile=guest.profile, pid=pid, mem_mib=mem_mib, smp=smp, kaslr=kaslr,
                                   accel="tcg", cpu=cpu, gdb_port=0, http_port=0, ssh_port=0, image=guest.image,
                                   started=guest.started)
-            manifest = parse_report(report, record, image)
+            if image.is_disk:
+                manifest = _disk_ready(guest, record, image, dom, timeout, progress)
+            else:
+                report = _wait_ready(guest, dom, timeout, progress)
+                manifest = parse_report(report, record, image)
             manifest["vm"]["libvirt"] = {"uuid": guest.uuid, "uri": uri}
             guest.manifest_path.write_text(json.dumps(manifest, indent=1))
             return guest
@@ -240,6 +257,31 @@ def start(name: str, image: Image, *, mem: str = "512M", smp: int = 1, kaslr: bo
     finally:
         with contextlib.suppress(Exception):
             conn.close()
+
+
+def _disk_ready(guest: LibvirtGuest, record: runner.Guest, image: Image, dom: Any, timeout: float,
+                progress: runner.Progress) -> dict[str, Any]:
+    """Wait for a disk domain's agent (libvirt's channel) and systemd, then read its ground truth."""
+    from nephoscope.hypervisor.libvirt import LibvirtAgentChannel
+    from nephoscope.hypervisor.qga import GuestAgent
+    from nephoscope.lab import server
+
+    def stopped() -> str | None:
+        try:
+            if dom.isActive():
+                return None
+        except Exception:  # libvirt gone: the domain is as good as stopped
+            pass
+        log = Path(f"/var/log/libvirt/qemu/{guest.name}.log")
+        tail = log.read_text(errors="replace")[-600:].strip() if log.exists() else ""
+        return f"libvirt domain {guest.name} stopped before the guest was ready: {tail}"
+
+    def agent(timeout: float) -> Callable[[], GuestAgent]:
+        return lambda: GuestAgent(LibvirtAgentChannel(guest.name, guest.uri, timeout=timeout))
+
+    units = [s["unit"] for s in image.meta.get("services", [])]
+    server.wait_ready(agent(5), units, timeout, guest.serial_log, stopped, progress)
+    return server.disk_manifest(record, image, agent(120), progress=progress)
 
 
 def _wait_ready(guest: LibvirtGuest, dom: Any, timeout: float, progress: runner.Progress) -> str:

@@ -26,11 +26,12 @@ class Service:
     """A process the guest's init starts and reports; techniques carry what they are expected to do."""
 
     tag: str
-    command: str
+    command: str = ""  # disk profiles: run as its own systemd unit nph-TAG.service (empty: `unit` only)
     binary: str = ""  # the true executable (for renamed, deleted or fileless processes)
     technique: str = ""
     expect: str = ""
     after: str = ""  # shell run once the service started, with $PID set to its pid
+    unit: str = ""  # disk profiles: the systemd unit that runs it (a packaged unit, or nph-TAG.service)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,9 @@ class Profile:
     source: str = field(default="", compare=False)
     # techniques without a process of their own (kernel-level: a hidden module, a hook): id, expect, module
     kernel_techniques: tuple[dict[str, str], ...] = ()
+    boot: str = "initramfs"  # "initramfs" (busybox init) or "disk" (a Debian system on an ext4 disk image)
+    mem: str = ""  # default guest RAM for this profile ("" = the runner's default)
+    disk_size: str = "3G"  # disk profiles: size of the ext4 image
 
     def package(self, name: str) -> PackageSpec | None:
         """Return the spec for package `name`, if the profile lists it."""
@@ -121,9 +125,11 @@ def load_profile(name_or_path: str) -> Profile:
         for p in _as_list(raw, "packages", where):
             spec = PackageSpec(p) if isinstance(p, str) else PackageSpec(p["name"], p.get("version", "newest"))
             packages.append(spec)
-        services = [Service(tag=s["tag"], command=s["command"], binary=s.get("binary", ""),
-                            technique=s.get("technique", ""), expect=s.get("expect", ""),
-                            after=s.get("after", ""))
+        boot = str(raw.get("boot", "initramfs"))
+        services = [Service(tag=s["tag"], command=s["command"] if boot != "disk" else s.get("command", ""),
+                            binary=s.get("binary", ""), technique=s.get("technique", ""),
+                            expect=s.get("expect", ""), after=s.get("after", ""),
+                            unit=s.get("unit") or (f"nph-{s['tag']}.service" if boot == "disk" else ""))
                     for s in _as_list(raw, "services", where)]
         artifacts = [Artifact(kind=a["kind"], output=a["output"], source=a["source"],
                               flags=tuple(a.get("flags", ())))
@@ -136,6 +142,8 @@ def load_profile(name_or_path: str) -> Profile:
     for a in artifacts:
         if a.kind not in ("compile", "trojan", "kmodule"):
             raise ProfileError(f"{where}: artifact kind {a.kind!r} is not compile, trojan or kmodule")
+    if boot not in ("initramfs", "disk"):
+        raise ProfileError(f"{where}: boot must be initramfs or disk, not {boot!r}")
     files = raw.get("files", {})
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise ProfileError(f"{where}: `files` must map guest paths to file contents")
@@ -150,6 +158,9 @@ def load_profile(name_or_path: str) -> Profile:
         artifacts=tuple(artifacts),
         source=text,
         kernel_techniques=tuple(_kernel_techniques(raw, where)),
+        boot=boot,
+        mem=str(raw.get("mem", "")),
+        disk_size=str(raw.get("disk_size", "3G")),
     )
 
 

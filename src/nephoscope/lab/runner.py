@@ -32,6 +32,8 @@ MAX_FILE_MIB = 3072  # a shared RAM file maps offset = gpa only below the PCI ho
 MAX_MIB = 16384
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 READY_MARK = "NPH-READY"
+DEFAULT_MEM = "512M"
+DISK_TIMEOUT = 900.0  # a disk guest under TCG on a loaded 2-core host: systemd took 50 s idle, allow for load
 Progress = Callable[[str], None]
 
 
@@ -240,10 +242,16 @@ def qemu_command(guest: Guest, image: Image) -> list[str]:
     else:  # anon: QEMU's default, RAM is an anonymous mapping of the QEMU process
         ram = ["-machine", "pc"]
     gdb = ["-gdb", f"tcp:127.0.0.1:{guest.gdb_port}"] if guest.gdb_port else []
+    boot = ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", append]
+    if image.is_disk:  # a Debian system on its disk: its own kernel and initramfs, root on the virtio disk
+        from nephoscope.lab.server import disk_append
+
+        boot = ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", disk_append(guest.kaslr),
+                "-drive", f"file={d / 'disk.qcow2'},if=virtio,format=qcow2,cache=unsafe"]
     return [
         qemu, "-name", f"nephoscope-{guest.name}", *ram, "-accel", guest.accel, "-cpu", guest.cpu,
         "-m", f"{guest.mem_mib}M", "-smp", str(guest.smp),
-        "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", append,
+        *boot,
         "-display", "none", "-monitor", "none", "-nodefaults", "-no-reboot",
         "-chardev", f"socket,id=ser0,path={guest.console_socket},server=on,wait=off,logfile={guest.serial_log}",
         "-serial", "chardev:ser0",
@@ -265,11 +273,15 @@ def check_name(name: str) -> None:
         raise LabError(f"guest name {name!r} must be 1-32 letters, digits, '.', '_' or '-'")
 
 
-def start(name: str, image: Image, *, mem: str = "512M", smp: int = 1, kaslr: bool = True,
+def start(name: str, image: Image, *, mem: str | None = None, smp: int = 1, kaslr: bool = True,
           accel: str = "tcg", cpu: str = "qemu64", http_port: int | None = None, gdb_port: int | None = None,
-          timeout: float = 180.0, progress: Progress = lambda _m: None, ram: str = "file",
+          timeout: float | None = None, progress: Progress = lambda _m: None, ram: str = "file",
           gdb: bool = True) -> Guest:
     """Boot `image` as guest `name`, wait until its init reports ready, and write its manifest.
+
+    `mem` None takes the profile's default (512M; disk profiles 1G); `timeout` None waits 180 s for an
+    initramfs guest and DISK_TIMEOUT for a disk guest (systemd under TCG is slow: ready = agent answers,
+    `systemctl is-system-running --wait` done, every profile unit active).
 
     `ram`: "file" (shared /dev/shm RAM file), "anon" (plain `-m`, RAM only in the QEMU process), "memfd", or
     "hugetlb" (memfd on 2 MiB huge pages from vm.nr_hugepages);
@@ -284,7 +296,8 @@ def start(name: str, image: Image, *, mem: str = "512M", smp: int = 1, kaslr: bo
     if existing is not None and existing.alive():
         raise LabError(f"guest {name!r} is already running (pid {existing.pid}); "
                        f"use `nephoscope lab down {name}` first or pick another name")
-    mem_mib = parse_size(mem, ram)
+    mem_mib = parse_size(mem or image.meta.get("mem") or DEFAULT_MEM, ram)
+    timeout = timeout or (DISK_TIMEOUT if image.is_disk else 180.0)
     gdb_at = 0 if not gdb else _check_port(gdb_port, "gdbstub") if gdb_port else _free_port()
     http = _check_port(http_port, "web") if http_port else _free_port()
     ssh = _free_port()
@@ -297,6 +310,10 @@ def start(name: str, image: Image, *, mem: str = "512M", smp: int = 1, kaslr: bo
         raise LabError(f"guest {name!r} is being started by another command (or {guest.directory} "
                        "is left over; `nephoscope lab down` removes it)") from exc
     try:
+        if image.is_disk:
+            from nephoscope.lab.server import make_overlay
+
+            make_overlay(image, guest.directory)
         argv = qemu_command(guest, image)
         (guest.directory / "qemu.argv").write_text(json.dumps(argv))
         with (guest.directory / "qemu.log").open("wb") as log:
@@ -305,13 +322,34 @@ def start(name: str, image: Image, *, mem: str = "512M", smp: int = 1, kaslr: bo
         guest.pid = proc.pid
         (guest.directory / "state.json").write_text(json.dumps(asdict(guest), indent=1))
         progress(f"qemu pid {proc.pid} booting {image.meta['kernel']['release']}")
-        report = _wait_ready(guest, proc, timeout, progress)
-        manifest = parse_report(report, guest, image)
+        if image.is_disk:
+            manifest = _disk_ready(guest, image, proc, timeout, progress)
+        else:
+            report = _wait_ready(guest, proc, timeout, progress)
+            manifest = parse_report(report, guest, image)
         guest.manifest_path.write_text(json.dumps(manifest, indent=1))
         return guest
     except BaseException:
         stop(name, quiet=True)
         raise
+
+
+def _disk_ready(guest: Guest, image: Image, proc: subprocess.Popen, timeout: float, progress: Progress) -> dict:
+    """Wait for a disk guest's agent and systemd, then read its ground truth through the agent."""
+    from nephoscope.hypervisor.qga import GuestAgent
+    from nephoscope.lab import server
+
+    def stopped() -> str | None:
+        if proc.poll() is None:
+            return None
+        log = (guest.directory / "qemu.log").read_text(errors="replace")[-800:].strip()
+        return f"QEMU exited with status {proc.returncode} before the guest was ready: {log}"
+
+    units = [s["unit"] for s in image.meta.get("services", [])]
+    server.wait_ready(lambda: GuestAgent(guest.qga_socket, timeout=5), units, timeout, guest.serial_log,
+                      stopped, progress)
+    return server.disk_manifest(guest, image, lambda: GuestAgent(guest.qga_socket, timeout=120),
+                                progress=progress)
 
 
 def _wait_ready(guest: Guest, proc: subprocess.Popen, timeout: float, progress: Progress) -> str:
