@@ -120,3 +120,37 @@ def test_from_result_scrubs_its_own_handles(tmp_path: Path, vulns: VulnDB) -> No
     result = ScanResult(target, merge(obs, ["agent"], "vm-a"), obs, scan_id=7)
     rep = report_from_result(result, vulns=vulns)
     assert rep.scan_id == 7 and str(sock) not in render_json(rep)
+
+
+def test_network_behaviour_and_kernel_hooks_reach_the_customer(vulns: VulnDB) -> None:
+    from nephoscope.core.records import Finding
+
+    obs = _obs("vm-a", "nginx")
+    view = merge(obs, ["agent", "arch", "inspect"], "vm-a")
+    who = {"pid": 10, "comm": HOSTILE, "exe": "/usr/bin/python3.11", "binary": "/usr/bin/python3.11",
+           "package": "python3.11-minimal", "identity": "verified"}
+    socks = [{"proto": "tcp", "state": "ESTABLISHED", "local": "10.0.2.15", "local_port": 40000 + i,
+              "remote": "10.0.2.2", "remote_port": 25, "inode": 7, "host_flows": ["127.0.0.1:5525 via /run/x.sock"]}
+             for i in range(25)]
+    view.findings += [
+        Finding("outbound-smtp", "high", f"pid 10 ({HOSTILE}) has 25 outbound SMTP connections", "vm-a",
+                [{**who, "sockets": socks}]),
+        Finding("unexplained-flow", "high", "the host sees a tcp flow to 192.0.2.9:25", "vm-a",
+                [{"proto": "tcp", "remote": "192.0.2.9", "remote_port": 25, "source": "/run/nephoscope/vm-a/x"}]),
+        Finding("syscall-hook", "critical", "sys_call_table[62] points outside kernel text", "vm-a",
+                [{"method": "inspect", "check": "syscall-table", "where": "sys_call_table[62]",
+                  "target": 0xFFFFFFFFC0001000, "owner": "elsewhere"}]),
+    ]
+    rep = build_report("vm-a", view, obs, vulns=vulns, owner=OWNER)
+    assert [c.kind for c in rep.behaviour] == ["outbound-smtp", "unexplained-flow"]
+    smtp = rep.behaviour[0]
+    assert smtp.details[0]["processes"][0].startswith("pid 10 ")
+    assert len(smtp.details[0]["sockets"]) == 21 and smtp.details[0]["sockets"][0] == \
+        "tcp 10.0.2.15:40000 -> 10.0.2.2:25 (ESTABLISHED)"
+    assert rep.summary["network_behaviour"] == 2
+    hook = next(c for c in rep.code if c.kind == "syscall-hook")
+    assert hook.details[0]["where"] == "sys_call_table[62]" and hook.details[0]["target"] == "0xffffffffc0001000"
+    html, markdown = render_html(rep), render_markdown(rep)
+    for text in (html, markdown, render_json(rep)):
+        assert "/run/nephoscope" not in text and "5525" not in text  # the host's end of a flow is not shown
+    assert "<script>" not in html and "Network behaviour" in html and "## Network behaviour" in markdown

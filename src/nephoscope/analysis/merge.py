@@ -110,6 +110,7 @@ KERNEL_FINDINGS = {"hidden-task": ("hidden-process", "critical"), "hidden-module
                    "syscall-hook": ("syscall-hook", "critical"), "idt-hook": ("idt-hook", "critical"),
                    "inline-hook": ("inline-hook", "critical"), "ftrace-hook": ("ftrace-hook", "high"),
                    "kprobe-hook": ("kprobe-hook", "high"), "ops-hook": ("ops-hook", "critical")}
+KERNEL_KINDS = tuple(sorted({kind for kind, _ in KERNEL_FINDINGS.values()}))
 
 
 def _kernel_finding(p: KernelTamper, o: Observation, vm: str, method: str) -> Finding | None:

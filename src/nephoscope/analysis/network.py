@@ -24,6 +24,9 @@ from nephoscope.core.records import Finding
 
 DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "knowledge" / "rules" / "network.toml"
 SEVERITIES = ("critical", "high", "medium", "low")
+# the finding kinds this module makes (the customer report shows them as network behaviour)
+NETWORK_KINDS = ("outbound-smtp", "fanout", "connection-flood", "blocklisted-destination", "unknown-listener",
+                 "raw-socket", "hidden-socket", "unexplained-flow")
 OUTBOUND_STATES = ("ESTABLISHED", "SYN_SENT")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

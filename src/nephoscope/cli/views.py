@@ -119,6 +119,17 @@ def render_report(report: Report, out: Console | None = None) -> None:
             out.print(Padding(safe(f"- {detail_text(d)}", "dim"), (0, 0, 0, 4)))
     if not report.code:
         out.print(Text("  nothing found by the methods that ran."))
+    if report.behaviour:
+        out.print()
+        out.print(Text("Network behaviour", style="bold"))
+    for c in report.behaviour:
+        line = safe(f"{c.severity.upper():<8} ", SEVERITY_STYLE.get(c.severity, ""))
+        line.append_text(safe(f"{c.kind}: {c.title}"))
+        if c.methods:
+            line.append_text(safe(f"  (seen by {', '.join(c.methods)})", "dim"))
+        out.print(line)
+        for d in c.details:
+            out.print(Padding(safe(f"- {detail_text(d)}", "dim"), (0, 0, 0, 4)))
     out.print()
     ut = _table("What could not be verified", ["what", "method", "why"])
     for u in report.unverified:

@@ -16,23 +16,27 @@ from typing import Any
 
 from nephoscope.analysis.facts import dedupe, finding_location, pids_by_root
 from nephoscope.analysis.malware import regions_from, scan_regions
-from nephoscope.analysis.merge import ScanView, merge
+from nephoscope.analysis.merge import KERNEL_KINDS, ScanView, merge
+from nephoscope.analysis.network import NETWORK_KINDS
 from nephoscope.analysis.vulnerable import RUNNING, Owner, installed_from, mapped_paths, vulnerable_findings
 from nephoscope.core.errors import NephoscopeError
 from nephoscope.core.records import Finding, Observation
 from nephoscope.knowledge.vulns import VulnDB
 from nephoscope.service.scan import scan_status
 
-CODE_KINDS = ("malicious-code", "unknown-code", "modified-binary", "anonymous-exec", "hidden-process", "fileless",
-              "modified-kernel-code", "unknown-kernel-code",
-              "deleted-binary", "masquerading")
+CODE_KINDS = tuple(dict.fromkeys(("malicious-code", "unknown-code", "modified-binary", "anonymous-exec",
+                                   "hidden-process", "fileless", "modified-kernel-code", "unknown-kernel-code",
+                                   "deleted-binary", "masquerading", *KERNEL_KINDS)))
 DETAIL_KEYS = ("pid", "pids", "comm", "exe", "cmdline", "path", "package", "start", "end", "gva_start", "gva_end",
                "gva", "rule",
-               "description", "technique", "sha256", "perms", "method", "verdict", "seen_by")
+               "description", "technique", "sha256", "perms", "check", "where", "target", "module", "function",
+               "owner", "evidence", "method", "verdict", "seen_by")
+# what a network-behaviour item shows of a socket (guest-side addresses only: never the host's end of a flow)
+SOCKET_KEYS = ("proto", "state", "local", "local_port", "remote", "remote_port")
 _HOST_PATTERNS = [(re.compile(p), r) for p, r in (
     (r"\bcr3:0x[0-9a-fA-F]+:?", ""), (r"\bcr3[=: ]*(0x)?[0-9a-fA-F]+", "<host>"), (r"/run/nephoscope\S*", "<host>"),
     (r"/dev/shm/\S+", "<host>"), (r"\S+\.sock\b", "<host>"), (r"/root/\S+", "<host>"), (r"/home/\S+", "<host>"))]
-ADDRESS_KEYS = ("start", "end", "gva", "gva_start", "gva_end")
+ADDRESS_KEYS = ("start", "end", "gva", "gva_start", "gva_end", "target")
 SEVERITY_ORDER = {"critical": 0, "high": 1, "medium": 2, "low": 3}
 
 
@@ -73,6 +77,7 @@ class Report:
     methods: list[str]
     vulnerable: list[VulnItem] = field(default_factory=list)
     code: list[CodeItem] = field(default_factory=list)
+    behaviour: list[CodeItem] = field(default_factory=list)  # what processes do on the network (analysis.network)
     unverified: list[dict[str, str]] = field(default_factory=list)
     summary: dict[str, int] = field(default_factory=dict)
     status: str = "ok"  # "unverifiable" when no method obtained anything: nothing here is an all-clear
@@ -147,6 +152,42 @@ def _code_item(f: Finding, view: ScanView, pids_of_root: dict[int, list[int]]) -
     return CodeItem(f.kind, f.severity, f.title, details, sorted(methods, key=lambda m: order.get(m, len(order))))
 
 
+def _socket_text(row: dict[str, Any]) -> str:
+    local = f"{row.get('local', '')}:{row.get('local_port', '')}" if row.get("local_port") else ""
+    remote = f"{row.get('remote', '')}:{row.get('remote_port', '')}" if row.get("remote_port") else ""
+    ends = " -> ".join(e for e in (local, remote) if e)
+    return " ".join(str(x) for x in (row.get("proto", ""), ends, f"({row['state']})" if row.get("state") else "")
+                    if x)
+
+
+def _behaviour_item(f: Finding, view: ScanView, host_strings: tuple[str, ...]) -> CodeItem:
+    """Return a network finding as a report item: the process, its code identity, the sockets (guest side)."""
+    order = {m: i for i, m in enumerate(view.methods)}
+    details: list[dict[str, Any]] = []
+    methods: set[str] = set()
+    for ev in f.evidence:
+        who = [ev] if "pid" in ev else [w for w in ev.get("owners", []) if isinstance(w, dict)]
+        d: dict[str, Any] = {}
+        for w in who[:8]:
+            what = ", ".join(str(w[k]) for k in ("binary", "package", "identity") if w.get(k) not in (None, ""))
+            d.setdefault("processes", []).append(f"pid {w.get('pid')} {w.get('comm', '')} ({what})")
+            if isinstance(w.get("pid"), int) and w["pid"] in view.processes:
+                methods |= set(view.processes[w["pid"]].seen_by)
+        rows = ev.get("sockets") if isinstance(ev.get("sockets"), list) else ([ev] if "proto" in ev else [])
+        if rows:
+            d["sockets"] = [scrub(_socket_text({k: r.get(k) for k in SOCKET_KEYS if k in r}), host_strings)
+                            for r in rows[:20] if isinstance(r, dict)]
+            if len(rows) > 20:
+                d["sockets"].append(f"… and {len(rows) - 20} more")
+        if isinstance(ev.get("port"), int):
+            d["port"] = ev["port"]
+        if isinstance(ev.get("hosts"), list):
+            d["hosts"] = len(ev["hosts"])
+        details.append(d)
+    return CodeItem(f.kind, f.severity, scrub(f.title, host_strings), details,
+                    sorted(methods, key=lambda m: order.get(m, len(order))))
+
+
 def _vuln_item(f: Finding) -> VulnItem:
     ev = f.evidence[0]
     return VulnItem(ev["package"], ev["versions"], f.kind == RUNNING, ev.get("fixed_version"), ev["cves"],
@@ -190,6 +231,8 @@ def build_report(vm: str, view: ScanView, observations: list[Observation], *, sc
             report.vulnerable.append(_vuln_item(f))
         elif f.kind in CODE_KINDS:
             report.code.append(_code_item(f, view, pids_of_root))
+        elif f.kind in NETWORK_KINDS:
+            report.behaviour.append(_behaviour_item(f, view, host_strings))
     report.vulnerable.sort(key=lambda v: (not v.running, v.package))
     if not any(m in view.methods for m in ("arch", "inspect", "checkpoint")):
         unverified.append({"what": "running code", "method": "-", "reason": "only the guest's own account "
@@ -198,7 +241,8 @@ def build_report(vm: str, view: ScanView, observations: list[Observation], *, sc
     report.summary = {"running_vulnerable": sum(v.running for v in report.vulnerable),
                       "installed_vulnerable": sum(not v.running for v in report.vulnerable),
                       "cves": len({c["cve"] for v in report.vulnerable for c in v.cves}),
-                      "suspicious_code": len(report.code), "unverified": len(unverified)}
+                      "suspicious_code": len(report.code), "network_behaviour": len(report.behaviour),
+                      "unverified": len(unverified)}
     return report
 
 

@@ -95,6 +95,11 @@ def render_markdown(report: Report) -> str:
         lines += [f"  - {md(detail_text(d), line_start=True)}" for d in c.details]
     if not report.code:
         lines.append("Nothing suspicious found by the methods that ran.")
+    if report.behaviour:
+        lines += ["", "## Network behaviour", ""]
+        for c in report.behaviour:
+            lines.append(f"- **{md(c.severity)}** {md(c.kind)}: {md(c.title)}{md(_seen(c.methods))}")
+            lines += [f"  - {md(detail_text(d), line_start=True)}" for d in c.details]
     lines += ["", "## What could not be verified", ""]
     lines += [f"- {md(u['what'], line_start=True)} ({md(u['method'])}): {md(u['reason'])}"
               for u in report.unverified] or ["- nothing"]
@@ -112,6 +117,9 @@ def render_html(report: Report) -> str:
         f"<li><b>{h(c.severity)}</b> {h(c.kind)}: {h(c.title)}{h(_seen(c.methods))}<ul>"
         + "".join(f"<li>{h(detail_text(d))}</li>" for d in c.details)
         + "</ul></li>" for c in report.code) or "<li>Nothing suspicious found by the methods that ran.</li>"
+    behaviour = "".join(
+        f"<li><b>{h(c.severity)}</b> {h(c.kind)}: {h(c.title)}{h(_seen(c.methods))}<ul>"
+        + "".join(f"<li>{h(detail_text(d))}</li>" for d in c.details) + "</ul></li>" for c in report.behaviour)
     unverified = "".join(f"<li>{h(u['what'])} ({h(u['method'])}): {h(u['reason'])}</li>"
                          for u in report.unverified) or "<li>nothing</li>"
     s = report.summary
@@ -126,6 +134,7 @@ def render_html(report: Report) -> str:
             "<table border='1'><tr><th>state</th><th>package</th><th>version</th><th>update to</th>"
             f"<th>processes</th><th>CVEs</th><th>evidence</th></tr>{rows}</table>"
             f"<h2>Malicious, unknown or suspicious code</h2><ul>{code}</ul>"
+            + (f"<h2>Network behaviour</h2><ul>{behaviour}</ul>" if behaviour else "") +
             f"<h2>What could not be verified</h2><ul>{unverified}</ul></body></html>\n")
 
 
