@@ -109,7 +109,8 @@ def _masquerading(comm: str, exe: str, cmdline: list[str]) -> bool:
 KERNEL_FINDINGS = {"hidden-task": ("hidden-process", "critical"), "hidden-module": ("hidden-module", "critical"),
                    "syscall-hook": ("syscall-hook", "critical"), "idt-hook": ("idt-hook", "critical"),
                    "inline-hook": ("inline-hook", "critical"), "ftrace-hook": ("ftrace-hook", "high"),
-                   "kprobe-hook": ("kprobe-hook", "high"), "ops-hook": ("ops-hook", "critical")}
+                   "kprobe-hook": ("kprobe-hook", "high"), "ops-hook": ("ops-hook", "critical"),
+                   "modified-code": ("modified-kernel-code", "critical")}
 
 
 def _kernel_finding(p: KernelTamper, o: Observation, vm: str, method: str) -> Finding | None:
@@ -122,6 +123,8 @@ def _kernel_finding(p: KernelTamper, o: Observation, vm: str, method: str) -> Fi
         title = f"pid {p.pid} is hidden from both the task list and the PID table (DKOM), seen by {p.check}"
     elif p.technique == "hidden-module":
         title = f"module {p.module or '?'} runs code in the module area but is hidden ({p.check})"
+    elif p.technique == "modified-code":
+        title = f"{p.where} points into modified kernel code: {p.evidence}"
     else:
         title = f"{p.where} is hooked: {p.evidence}"
     return Finding(kind, severity, title, vm, [evidence])

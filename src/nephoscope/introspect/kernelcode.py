@@ -42,6 +42,7 @@ THUNKS = ("__x86_return_thunk", "srso_return_thunk", "srso_alias_return_thunk", 
           "retbleed_untrain_ret", "__ret")
 FTRACE = ("__fentry__", "ftrace_caller", "ftrace_regs_caller", "ftrace_stub", "ftrace_stub_graph")
 VERIFIED, MODIFIED, UNVERIFIABLE = "verified", "modified", "unverifiable"
+UNSHIPPED = "unshipped"  # internal: a listed module its kernel package does not ship (reported as unknown code)
 R_X86_64_64, R_X86_64_PC32, R_X86_64_PLT32, R_X86_64_32, R_X86_64_32S, R_X86_64_PC64 = 1, 2, 4, 10, 11, 24
 _BAD = (GuestDataError, MemoryAccessError, ValueError, OverflowError, IndexError, KeyError, struct.error)
 
@@ -106,6 +107,20 @@ class KernelCodeReport:
     seconds: float = 0.0
     problem: str = ""  # why nothing could be verified ("" when the verifier ran)
     kernel_symbol: Callable[[int], str] | None = None  # names core-kernel gvas (kallsyms), for `classify`
+    # listed modules the KB's kernel package does not ship: name -> text gva range (their pages are unknown code)
+    unshipped: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def unknown_owner(self, gva: int) -> str:
+        """Return the listed module whose text holds unknown-code gva `gva` ("" when no listed module claims it)."""
+        return next((n for n, (a, b) in self.unshipped.items() if a <= gva < b), "")
+
+    def describe_unknown(self, start: int, end: int) -> str:
+        """Return why kernel gva range [start, end) is unknown kernel code, naming a module that claims it."""
+        owners = sorted({n for n, (a, b) in self.unshipped.items() if a < end and start < b})
+        if owners:
+            return (f"executable kernel memory of module {', '.join(owners)}, which the KB's package "
+                    f"linux-image-{self.release} does not ship (the provider's or someone else's own module)")
+        return "executable kernel memory in no kernel image or known module"
 
     @property
     def verified(self) -> bool:
@@ -132,7 +147,9 @@ class KernelCodeReport:
                     return CodeLocation(im.name, im.status, name, ok)
         for a, b in self.unknown:
             if a <= gva < b:
-                return CodeLocation("", "unknown", "", False)
+                owner = self.unknown_owner(gva)
+                return CodeLocation("", "unknown", f"module {owner} (not shipped by the package)" if owner else "",
+                                    False)
         return None
 
 
@@ -509,6 +526,16 @@ class KernelVerifier:
         out.pages = sum((b - a) // PAGE for a, b in out.ranges)
         if image is None:
             out.reason = f"module {name} of kernel {self.release} not in KB (package linux-image-{self.release})"
+            shipped = self._shipped_modules()
+            if shipped is None:
+                out.reason += "; the KB keeps no module list of that package, so it cannot tell a module the " \
+                              "package ships from a foreign one"
+            elif name in shipped:
+                out.reason += "; the package ships it, but the KB lacks its .ko"
+            else:
+                out.status = UNSHIPPED
+                out.reason = (f"module {name} is not shipped by the KB's package linux-image-{self.release}: "
+                              "its memory is unknown kernel code")
             return out
         out.package, out.version = image.package, image.version
         try:
@@ -539,6 +566,18 @@ class KernelVerifier:
                     expected[lo - a:hi - a] = data[lo - sa:hi - sa]
             self._compare(out, a, expected, got, sites, namer, checker)
         return out
+
+    def _shipped_modules(self) -> set[str] | None:
+        """Return the module names the KB's kernel package ships (None: no vmlinux or no list in the KB)."""
+        if not hasattr(self, "_shipped"):
+            self._shipped: set[str] | None = None
+            names = getattr(self.store, "module_names", None)
+            try:
+                if names is not None and self.store.find_vmlinux(self.release) is not None:  # type: ignore[union-attr]
+                    self._shipped = names(self.release)
+            except KnowledgeError:
+                self._shipped = None
+        return self._shipped
 
     def _check_function(self, name: str, gva: int) -> None:
         """Refuse a function symbol (a kallsyms hint) that points outside kernel or module text."""
@@ -603,6 +642,8 @@ class KernelVerifier:
                 images.append(self.verify_module(m, symbols))
             except (*_BAD, NephoscopeError) as exc:
                 images.append(ImageVerdict(m.name, "module", UNVERIFIABLE, f"verification failed: {exc}"))
+        unshipped = {i.name: (i.ranges[0][0], i.ranges[-1][1]) for i in images if i.status == UNSHIPPED and i.ranges}
+        images = [i for i in images if i.status != UNSHIPPED]  # no image explains their pages: unknown code
         images.append(self.verify_realmode())
         bpf = self.bpf_programs()
         if bpf is not None:
@@ -611,7 +652,7 @@ class KernelVerifier:
         if bpf is not None:
             self._bpf_pages(bpf)
         report = KernelCodeReport(self.release, images, unknown, exec_pages, time.perf_counter() - started,
-                                  kernel_symbol=self._kernel_name)
+                                  kernel_symbol=self._kernel_name, unshipped=unshipped)
         if not mods.complete:
             report.problem = f"the module list is incomplete ({mods.problem}); unlisted modules show as unknown code"
         return report
