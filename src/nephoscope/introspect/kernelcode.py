@@ -41,6 +41,7 @@ THUNKS = ("__x86_return_thunk", "srso_return_thunk", "srso_alias_return_thunk", 
           "its_return_thunk", "entry_untrain_ret", "zen_untrain_ret", "call_depth_return_thunk", "srso_untrain_ret",
           "retbleed_untrain_ret", "__ret")
 FTRACE = ("__fentry__", "ftrace_caller", "ftrace_regs_caller", "ftrace_stub", "ftrace_stub_graph")
+FTRACE_CALLS = ("ftrace_call", "ftrace_regs_call")  # the patched call sites inside ftrace_caller/ftrace_regs_caller
 VERIFIED, MODIFIED, UNVERIFIABLE = "verified", "modified", "unverifiable"
 UNSHIPPED = "unshipped"  # internal: a listed module its kernel package does not ship (reported as unknown code)
 R_X86_64_64, R_X86_64_PC32, R_X86_64_PLT32, R_X86_64_32, R_X86_64_32S, R_X86_64_PC64 = 1, 2, 4, 10, 11, 24
@@ -432,6 +433,11 @@ class KernelVerifier:
         for gva, _t, name in self.k.symbols.entries():
             if name.startswith("__SCT__") and self.text_range[0] <= gva < self.text_range[1]:
                 sites.append(ps.Site(gva - slide, 5, "static_call_tramp"))
+        # ftrace_update_ftrace_func() rewrites the call in ftrace_caller / ftrace_regs_caller when an ftrace_ops
+        # registers (arch/x86/kernel/ftrace.c): a call to kernel code or ftrace's own functions
+        for name in FTRACE_CALLS:
+            if (gva := self.k.symbols.find(name)) is not None and self.text_range[0] <= gva < self.text_range[1]:
+                sites.append(ps.Site(gva - slide, 5, "ftrace_call"))
         # sites stay in link addresses (hundreds of thousands): the checker adds the slide
         return [s for s in sites if text.addr <= s.start < text_end], problems
 
