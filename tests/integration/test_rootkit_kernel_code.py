@@ -10,7 +10,6 @@ test_kernel_code_dump.py builds it); the default KB is left alone.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest

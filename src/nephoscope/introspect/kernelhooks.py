@@ -83,8 +83,8 @@ class CodeMap:
             return owner
         if loc.status == "modified":
             return f"{MODIFIED}{loc.image}"
-        if loc.status == "unknown":
-            return UNKNOWN
+        if loc.status == "unknown":  # a listed module its package does not ship; else a module that failed to verify
+            return UNKNOWN if self.code.unknown_owner(gva) else owner
         return owner
 
     def note(self, gva: int) -> str:
@@ -96,16 +96,17 @@ class CodeMap:
             return "arch saw no executable kernel memory there"
         if loc.status == "unknown":
             return f"unknown kernel code: {self.code.describe_unknown(gva, gva + 1)}"
-        image = self.code.image(loc.image)
+        if loc.image == "" or (image := self.code.image(loc.image)) is None:
+            return "its code was not verified (no image claims it)"
         where = f"{loc.function} in {loc.image}" if loc.function else loc.image
         if loc.page_verified:
-            return f"{where}, a page verified against {image.package if image else 'its package'}"
-        if loc.status == "modified" and image is not None:
+            return f"{where}, a page verified against {image.package or 'its package'}"
+        if loc.status == "modified":
             page = gva & ~0xFFF
             changed = sorted({c.function for c in image.changes if c.gva & ~0xFFF == page})
             return (f"{where}, a page that differs from {image.package} {image.version}"
                     + (f" (changed: {', '.join(changed[:4])})" if changed else ""))
-        return f"{where}, whose code was not verified ({image.reason if image else loc.status})"
+        return f"{where}, whose code was not verified ({image.reason or loc.status})"
 
 
 @dataclass(frozen=True, slots=True)
