@@ -13,31 +13,18 @@ import re
 from pathlib import Path
 
 import pytest
+from kernel_kb import kernel_kb
 
 from nephoscope.analysis.merge import merge
 from nephoscope.core.records import Finding
 from nephoscope.introspect import kernel_integrity
 from nephoscope.introspect.arch import scan_target
 from nephoscope.introspect.kernel import open_kernel
-from nephoscope.knowledge.binaries import CodePageDB, PackageMeta
-from nephoscope.knowledge.kernelpkg import ingest_kernel_tree
+from nephoscope.knowledge.binaries import CodePageDB
 from nephoscope.lab import runner
 from nephoscope.service.targets import resolve_target
 
 pytestmark = pytest.mark.guest
-
-
-def kernel_kb(manifest: dict, path: Path) -> Path:
-    """Create a KB at `path` holding the kernel package a lab manifest names; return its path."""
-    db = CodePageDB.open(path)
-    kernel = manifest["kernel"]
-    root = Path(kernel["source"]).parent.parent  # .../unpacked/<deb>/root/boot/vmlinuz-*
-    package_id = db.package_id(PackageMeta(kernel["package"], kernel["version"], "amd64"))
-    _added, errors = ingest_kernel_tree(db.kernel_store(), package_id, root)
-    assert not errors, errors[:3]
-    db.commit()
-    db.close()
-    return path
 
 
 def _log(manifest: dict, pattern: str) -> re.Match[str]:
