@@ -110,6 +110,8 @@ class KernelCodeReport:
     kernel_symbol: Callable[[int], str] | None = None  # names core-kernel gvas (kallsyms), for `classify`
     # listed modules the KB's kernel package does not ship: name -> text gva range (their pages are unknown code)
     unshipped: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # code the kernel's own lists say it generated (kprobe instruction pages, ftrace trampolines): [start, end), label
+    generated: list[tuple[int, int, str]] = field(default_factory=list)
 
     def unknown_owner(self, gva: int) -> str:
         """Return the listed module whose text holds unknown-code gva `gva` ("" when no listed module claims it)."""
@@ -121,6 +123,10 @@ class KernelCodeReport:
         if owners:
             return (f"executable kernel memory of module {', '.join(owners)}, which the KB's package "
                     f"linux-image-{self.release} does not ship (the provider's or someone else's own module)")
+        labels = sorted({lab for a, b, lab in self.generated if a < end and start < b and lab != "bpf-prog-pack"})
+        if labels:
+            return (f"executable kernel memory in no kernel image or known module; the kernel's own lists call it "
+                    f"{', '.join(labels)} (generated at run time: its bytes cannot be verified)")
         return "executable kernel memory in no kernel image or known module"
 
     @property
@@ -659,9 +665,20 @@ class KernelVerifier:
             self._bpf_pages(bpf)
         report = KernelCodeReport(self.release, images, unknown, exec_pages, time.perf_counter() - started,
                                   kernel_symbol=self._kernel_name, unshipped=unshipped)
+        if unknown:
+            report.generated = self._generated()
         if not mods.complete:
             report.problem = f"the module list is incomplete ({mods.problem}); unlisted modules show as unknown code"
         return report
+
+    def _generated(self) -> list[tuple[int, int, str]]:
+        """Return the module-area code the kernel's own lists say it generated (names unknown code; a hint)."""
+        from nephoscope.os.linux.crossviews import known_exec_allocations
+
+        try:
+            return list(known_exec_allocations(self.k).items)
+        except (*_BAD, NephoscopeError):
+            return []
 
     # --- code the kernel generates or copies at boot -----------------------------------------------------
 
