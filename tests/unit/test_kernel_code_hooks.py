@@ -80,3 +80,18 @@ def test_the_kb_keeps_the_module_list_of_a_kernel_package() -> None:
     store.add_module_list(1, "6.1.0-57-amd64", {"e1000"})  # re-ingest replaces it
     assert store.module_names("6.1.0-57-amd64") == {"e1000"}
     assert store.module_names("6.12.0-1-amd64") is None
+
+
+def test_a_pointer_into_modified_code_is_a_modified_kernel_code_finding() -> None:
+    from nephoscope.analysis.merge import merge
+    from nephoscope.core.payloads import KernelTamper
+    from nephoscope.core.records import Observation, Provenance, Verdict
+
+    evidence = "sys_call_table[163] at 0x1 points into modified kernel code: 0x2 (__x64_sys_acct+0x0; ...)"
+    obs = Observation("kernel-tamper", "modified-code:sys_call_table[163]",
+                      KernelTamper("modified-code", "sys_call_table", "sys_call_table[163]", PATCHED + 0x10,
+                                   "modified:vmlinux", None, "", evidence),
+                      Provenance("inspect", "t", 0.0), Verdict.VERIFIED)
+    findings = merge([obs], ["inspect"], "t").findings
+    assert [(f.kind, f.severity) for f in findings] == [("modified-kernel-code", "critical")]
+    assert "points into modified kernel code" in findings[0].title and "__x64_sys_acct" in findings[0].title
