@@ -133,10 +133,18 @@ def test_rootkit_on_612_every_technique_found(rootkit_guest_612: runner.Guest) -
 
 
 def test_evaluate_scores_the_kernel_techniques(rootkit_guest: runner.Guest, tmp_path: Path) -> None:
-    from nephoscope.service.evaluate import DETECTED, MISSED, score_guest
+    from nephoscope.service.evaluate import DETECTED, MISSED, ensure_kernel_code, score_guest
     from nephoscope.store.sqlite import Store
 
-    scores = {s.method: s for s in score_guest(rootkit_guest, ["agent", "inspect"], store=Store(tmp_path / "s.sqlite"))}
+    assert ensure_kernel_code(rootkit_guest.manifest()) == ""  # the default KB holds the guest's kernel package
+    scores = {s.method: s for s in score_guest(rootkit_guest, ["agent", "inspect", "arch"],
+                                               store=Store(tmp_path / "s.sqlite"))}
     kernel = ("dkom-hidden-task", "ftrace-hidden-process", "hidden-module", "syscall-hook", "inline-patch")
     assert {t: scores["inspect"].techniques.get(t) for t in kernel} == dict.fromkeys(kernel, DETECTED)
     assert {t: scores["agent"].techniques.get(t) for t in kernel} == dict.fromkeys(kernel, MISSED)
+    # arch, from kernel code identity alone: the patched function and filldir64's fentry site are modified
+    # kernel code, the hidden module's memory unknown kernel code; the table slot and the unlinked task are
+    # kernel data it does not read
+    assert {t: scores["arch"].techniques.get(t) for t in kernel} == {
+        "dkom-hidden-task": MISSED, "syscall-hook": MISSED, "ftrace-hidden-process": DETECTED,
+        "hidden-module": DETECTED, "inline-patch": DETECTED}

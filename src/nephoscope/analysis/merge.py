@@ -123,9 +123,15 @@ def _kernel_finding(p: KernelTamper, o: Observation, vm: str, method: str) -> Fi
         title = f"pid {p.pid} is hidden from both the task list and the PID table (DKOM), seen by {p.check}"
     elif p.technique == "hidden-module":
         title = f"module {p.module or '?'} runs code in the module area but is hidden ({p.check})"
+    elif p.technique == "modified-code":
+        title = f"{p.where} points into modified kernel code: {p.evidence}"
     else:
         title = f"{p.where} is hooked: {p.evidence}"
     return Finding(kind, severity, title, vm, [evidence])
+
+
+# inspect's pointer checks with kernel code identity: a pointer whose target page differs from the package
+KERNEL_FINDINGS["modified-code"] = ("modified-kernel-code", "critical")
 
 
 def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanView:

@@ -87,7 +87,7 @@ def kernel_observations(kc: KernelCodeReport, prov: Provenance) -> Iterator[Obse
         yield Observation(kind, f"kernel:{im.name}", data, prov, verdict, im.reason)
     for a, b in kc.unknown[:256]:
         yield Observation("unknown-kernel-code", f"kernel:0x{a:x}", payloads.UnknownKernelCode(a, b, (b - a) // 4096),
-                          prov, Verdict.VERIFIED, "executable kernel memory in no kernel image or known module")
+                          prov, Verdict.VERIFIED, kc.describe_unknown(a, b))
 
 
 def _inconsistent(report: ArchReport, prov: Provenance) -> Observation:

@@ -2,7 +2,10 @@
 
 Each claim becomes a `kernel-tamper` observation (`verified`: the views or checks it rests on were
 complete and the pointer is real code); whatever could not be read completely is `unverifiable` with the
-reason, and feeds no claim. A pointer into memory that is not mapped executable in the kernel page tables
+reason, and feeds no claim. Pointer targets are trusted only in pages that verified against the KB's kernel
+package (kernel code identity, `kernelcode.verify_kernel`) when the KB holds it; a target in a modified page
+is a `modified-code` claim; without the package the address ranges decide and the evidence says the code
+was not verified, and why. A pointer into memory that is not mapped executable in the kernel page tables
 is corrupt data, not a hook (a hook has to run): that check is then unverifiable too. Reads guest RAM
 through the kernel model's one read budget; the VM keeps running.
 """
@@ -17,10 +20,13 @@ from nephoscope.core.records import Observation, Verdict
 from nephoscope.hypervisor.target import VmTarget
 from nephoscope.introspect import kernelhooks
 from nephoscope.introspect.base import observe, unverifiable
+from nephoscope.introspect.kernelcode import KernelCodeReport
+from nephoscope.knowledge.kernelpkg import KernelStore
 from nephoscope.os.linux import crossviews
 from nephoscope.os.linux.model import LinuxKernel
 
 NAME = "inspect"
+DEFAULT_KB = object()  # collect's default store: open the default KB
 _BAD = (MemoryAccessError, GuestDataError)
 
 
@@ -45,9 +51,39 @@ def _root_gpas(k: LinuxKernel) -> tuple[list[int] | None, str]:
     return [r.gpa for r in scan.roots], ""
 
 
+def kernel_code(k: LinuxKernel, store: KernelStore | object | None = DEFAULT_KB,
+                ) -> tuple[KernelCodeReport | None, str]:
+    """Return the kernel code identity of `k` against `store` (default: the default KB's kernel images), or
+    None and why it is not available (kernel gvas; does not pause)."""
+    from nephoscope.introspect.kernelcode import verify_kernel
+
+    release = k.info.release or "?"
+    db = None
+    try:
+        if store is DEFAULT_KB:
+            from nephoscope.knowledge.binaries import CodePageDB, default_path
+
+            if not default_path().exists():
+                return None, f"no KB at {default_path()}"
+            db = CodePageDB.open()
+            store = db.kernel_store()
+        if store is None:
+            return None, "no KB was given"
+        if store.find_vmlinux(release) is None:  # type: ignore[union-attr]
+            return None, (f"the KB holds no kernel package of kernel {release}; add it: "
+                          f"nephoscope kb add linux-image-{release}")
+        return verify_kernel(k, store), ""  # type: ignore[arg-type]
+    except NephoscopeError as exc:
+        return None, f"kernel code verification failed ({exc})"
+    finally:
+        if db is not None:
+            db.close()
+
+
 def collect(k: LinuxKernel, vm: VmTarget, idtr_base: int | None = None, lstar: int | None = None,
-            ) -> Iterator[Observation]:
-    """Yield hidden tasks and modules and hooked kernel pointers of `k` (kernel-tamper observations)."""
+            store: KernelStore | object | None = DEFAULT_KB) -> Iterator[Observation]:
+    """Yield hidden tasks and modules and hooked kernel pointers of `k` (kernel-tamper observations);
+    pointer targets are checked against kernel code identity from `store` (default: the default KB)."""
     roots, why = _root_gpas(k)
     if roots is None:
         yield unverifiable(NAME, vm, "task-views:address-space", why)
@@ -83,7 +119,10 @@ def collect(k: LinuxKernel, vm: VmTarget, idtr_base: int | None = None, lstar: i
         yield unverifiable(NAME, vm, "kernel-hooks", "the module list is incomplete, so a pointer into a module "
                                                      f"cannot be told from a hook ({mods.listed.problem})")
         return
-    cmap = kernelhooks.code_map(k, mods.listed.items)
+    code, why = kernel_code(k, store)
+    if code is None:
+        yield unverifiable(NAME, vm, "kernel-code", f"hook targets are checked by address range only: {why}")
+    cmap = kernelhooks.code_map(k, mods.listed.items, code, why)
     checks = dict(kernelhooks.CHECKS)
     checks["idt"] = lambda k_, c_: kernelhooks.check_idt(k_, c_, idtr_base)
     for name, check in checks.items():
@@ -102,8 +141,9 @@ def collect(k: LinuxKernel, vm: VmTarget, idtr_base: int | None = None, lstar: i
         for h in result.items:
             if h in corrupt:
                 continue
-            yield observe(NAME, vm, "kernel-tamper", f"{h.technique}:{h.where}",
-                          payloads.KernelTamper(h.technique, name, h.where, h.target, h.owner, None, "", h.evidence),
+            technique = kernelhooks.MODIFIED_CODE if h.owner.startswith(kernelhooks.MODIFIED) else h.technique
+            yield observe(NAME, vm, "kernel-tamper", f"{technique}:{h.where}",
+                          payloads.KernelTamper(technique, name, h.where, h.target, h.owner, None, "", h.evidence),
                           Verdict.VERIFIED)
     hooks, why = kernelhooks.check_lstar(k, lstar, cmap)
     if why:

@@ -41,7 +41,9 @@ THUNKS = ("__x86_return_thunk", "srso_return_thunk", "srso_alias_return_thunk", 
           "its_return_thunk", "entry_untrain_ret", "zen_untrain_ret", "call_depth_return_thunk", "srso_untrain_ret",
           "retbleed_untrain_ret", "__ret")
 FTRACE = ("__fentry__", "ftrace_caller", "ftrace_regs_caller", "ftrace_stub", "ftrace_stub_graph")
+FTRACE_CALLS = ("ftrace_call", "ftrace_regs_call")  # the patched call sites inside ftrace_caller/ftrace_regs_caller
 VERIFIED, MODIFIED, UNVERIFIABLE = "verified", "modified", "unverifiable"
+UNSHIPPED = "unshipped"  # internal: a listed module its kernel package does not ship (reported as unknown code)
 R_X86_64_64, R_X86_64_PC32, R_X86_64_PLT32, R_X86_64_32, R_X86_64_32S, R_X86_64_PC64 = 1, 2, 4, 10, 11, 24
 _BAD = (GuestDataError, MemoryAccessError, ValueError, OverflowError, IndexError, KeyError, struct.error)
 
@@ -106,6 +108,26 @@ class KernelCodeReport:
     seconds: float = 0.0
     problem: str = ""  # why nothing could be verified ("" when the verifier ran)
     kernel_symbol: Callable[[int], str] | None = None  # names core-kernel gvas (kallsyms), for `classify`
+    # listed modules the KB's kernel package does not ship: name -> text gva range (their pages are unknown code)
+    unshipped: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # code the kernel's own lists say it generated (kprobe instruction pages, ftrace trampolines): [start, end), label
+    generated: list[tuple[int, int, str]] = field(default_factory=list)
+
+    def unknown_owner(self, gva: int) -> str:
+        """Return the listed module whose text holds unknown-code gva `gva` ("" when no listed module claims it)."""
+        return next((n for n, (a, b) in self.unshipped.items() if a <= gva < b), "")
+
+    def describe_unknown(self, start: int, end: int) -> str:
+        """Return why kernel gva range [start, end) is unknown kernel code, naming a module that claims it."""
+        owners = sorted({n for n, (a, b) in self.unshipped.items() if a < end and start < b})
+        if owners:
+            return (f"executable kernel memory of module {', '.join(owners)}, which the KB's package "
+                    f"linux-image-{self.release} does not ship (the provider's or someone else's own module)")
+        labels = sorted({lab for a, b, lab in self.generated if a < end and start < b and lab != "bpf-prog-pack"})
+        if labels:
+            return (f"executable kernel memory in no kernel image or known module; the kernel's own lists call it "
+                    f"{', '.join(labels)} (generated at run time: its bytes cannot be verified)")
+        return "executable kernel memory in no kernel image or known module"
 
     @property
     def verified(self) -> bool:
@@ -132,7 +154,9 @@ class KernelCodeReport:
                     return CodeLocation(im.name, im.status, name, ok)
         for a, b in self.unknown:
             if a <= gva < b:
-                return CodeLocation("", "unknown", "", False)
+                owner = self.unknown_owner(gva)
+                return CodeLocation("", "unknown", f"module {owner} (not shipped by the package)" if owner else "",
+                                    False)
         return None
 
 
@@ -415,6 +439,11 @@ class KernelVerifier:
         for gva, _t, name in self.k.symbols.entries():
             if name.startswith("__SCT__") and self.text_range[0] <= gva < self.text_range[1]:
                 sites.append(ps.Site(gva - slide, 5, "static_call_tramp"))
+        # ftrace_update_ftrace_func() rewrites the call in ftrace_caller / ftrace_regs_caller when an ftrace_ops
+        # registers (arch/x86/kernel/ftrace.c): a call to kernel code or ftrace's own functions
+        for name in FTRACE_CALLS:
+            if (gva := self.k.symbols.find(name)) is not None and self.text_range[0] <= gva < self.text_range[1]:
+                sites.append(ps.Site(gva - slide, 5, "ftrace_call"))
         # sites stay in link addresses (hundreds of thousands): the checker adds the slide
         return [s for s in sites if text.addr <= s.start < text_end], problems
 
@@ -509,6 +538,16 @@ class KernelVerifier:
         out.pages = sum((b - a) // PAGE for a, b in out.ranges)
         if image is None:
             out.reason = f"module {name} of kernel {self.release} not in KB (package linux-image-{self.release})"
+            shipped = self._shipped_modules()
+            if shipped is None:
+                out.reason += "; the KB keeps no module list of that package, so it cannot tell a module the " \
+                              "package ships from a foreign one"
+            elif name in shipped:
+                out.reason += "; the package ships it, but the KB lacks its .ko"
+            else:
+                out.status = UNSHIPPED
+                out.reason = (f"module {name} is not shipped by the KB's package linux-image-{self.release}: "
+                              "its memory is unknown kernel code")
             return out
         out.package, out.version = image.package, image.version
         try:
@@ -539,6 +578,18 @@ class KernelVerifier:
                     expected[lo - a:hi - a] = data[lo - sa:hi - sa]
             self._compare(out, a, expected, got, sites, namer, checker)
         return out
+
+    def _shipped_modules(self) -> set[str] | None:
+        """Return the module names the KB's kernel package ships (None: no vmlinux or no list in the KB)."""
+        if not hasattr(self, "_shipped"):
+            self._shipped: set[str] | None = None
+            names = getattr(self.store, "module_names", None)
+            try:
+                if names is not None and self.store.find_vmlinux(self.release) is not None:  # type: ignore[union-attr]
+                    self._shipped = names(self.release)
+            except KnowledgeError:
+                self._shipped = None
+        return self._shipped
 
     def _check_function(self, name: str, gva: int) -> None:
         """Refuse a function symbol (a kallsyms hint) that points outside kernel or module text."""
@@ -603,6 +654,8 @@ class KernelVerifier:
                 images.append(self.verify_module(m, symbols))
             except (*_BAD, NephoscopeError) as exc:
                 images.append(ImageVerdict(m.name, "module", UNVERIFIABLE, f"verification failed: {exc}"))
+        unshipped = {i.name: (i.ranges[0][0], i.ranges[-1][1]) for i in images if i.status == UNSHIPPED and i.ranges}
+        images = [i for i in images if i.status != UNSHIPPED]  # no image explains their pages: unknown code
         images.append(self.verify_realmode())
         bpf = self.bpf_programs()
         if bpf is not None:
@@ -611,10 +664,21 @@ class KernelVerifier:
         if bpf is not None:
             self._bpf_pages(bpf)
         report = KernelCodeReport(self.release, images, unknown, exec_pages, time.perf_counter() - started,
-                                  kernel_symbol=self._kernel_name)
+                                  kernel_symbol=self._kernel_name, unshipped=unshipped)
+        if unknown:
+            report.generated = self._generated()
         if not mods.complete:
             report.problem = f"the module list is incomplete ({mods.problem}); unlisted modules show as unknown code"
         return report
+
+    def _generated(self) -> list[tuple[int, int, str]]:
+        """Return the module-area code the kernel's own lists say it generated (names unknown code; a hint)."""
+        from nephoscope.os.linux.crossviews import known_exec_allocations
+
+        try:
+            return list(known_exec_allocations(self.k).items)
+        except (*_BAD, NephoscopeError):
+            return []
 
     # --- code the kernel generates or copies at boot -----------------------------------------------------
 

@@ -1,10 +1,14 @@
 """Kernel pointer checks: where the system-call table, the IDT, function entries, ftrace and kprobe
 handlers and the usual hook targets (proc and socket-seq operation tables) point.
 
-Each code pointer is classified by `CodeMap.classify`: inside core kernel text (kallsyms _stext.._etext),
-inside a listed module's text, or elsewhere. Elsewhere is a finding; so is a core table entry pointing
-into a module where the kernel never puts one. `classify` is the one place that decides what counts as
-trusted code: it is where a verified-code report (kernel code identity) will plug in later.
+Each code pointer is classified by `CodeMap.classify`, the one place that decides what counts as trusted
+code. With kernel code identity (a `KernelCodeReport`: the KB holds the guest's kernel package) a target
+must lie in a page that matched the package (`page_verified`): a target in a modified page is
+"modified:IMAGE" (a finding of its own, technique "modified-code"), one in unknown kernel code is not
+trusted either, whatever range it lies in. Without the kernel package the ranges decide — inside core
+kernel text (kallsyms _stext.._etext), inside a listed module's text, or elsewhere — and every hook's
+evidence says the target's code was not verified, and why. Elsewhere is a finding; so is a core table
+entry pointing into a module where the kernel never puts one.
 
 LSTAR (the SYSCALL entry MSR) has no source here: QEMU's HMP `info registers` does not print it, QMP has
 no MSR query and the ELF core's QEMU note carries no MSRs, so it is reported `unverifiable` with that
@@ -23,11 +27,14 @@ from nephoscope.os.linux.crossviews import ModuleText, ftrace_ops, layout
 from nephoscope.os.linux.walkers import Listing
 
 if TYPE_CHECKING:
+    from nephoscope.introspect.kernelcode import KernelCodeReport
     from nephoscope.os.linux.model import LinuxKernel
 
 _BAD = (MemoryAccessError, GuestDataError)
 KERNEL_HALF = 0xFFFF800000000000
-CORE, ELSEWHERE = "core-text", "elsewhere"
+CORE, ELSEWHERE, UNKNOWN = "core-text", "elsewhere", "unknown-code"
+MODIFIED = "modified:"  # owner prefix: a target in a page of this image that differs from its package
+MODIFIED_CODE = "modified-code"  # the technique of a pointer whose target page is modified
 LSTAR_UNAVAILABLE = ("no source for the LSTAR MSR: QEMU's HMP `info registers` does not print it, QMP has no MSR "
                      "query and the ELF core's QEMU note carries no MSRs")
 MAX_SYSCALLS = 1024
@@ -47,19 +54,59 @@ DATA_MEMBERS = {"file_operations": ("owner",)}
 
 @dataclass(frozen=True, slots=True)
 class CodeMap:
-    """Where trusted kernel code is: core text and the listed modules' text ranges."""
+    """Where trusted kernel code is: core text and the listed modules' text ranges, and — when the KB holds
+    the kernel package — which of their pages verified against it."""
 
     core: tuple[int, int]
     modules: tuple[ModuleText, ...]
+    code: KernelCodeReport | None = None
+    unverified: str = ""  # why `code` is None (the targets' code was not verified)
 
-    def classify(self, gva: int) -> str:
-        """Return "core-text", "module:NAME" or "elsewhere" for a code address (kernel gva)."""
+    def range_owner(self, gva: int) -> str:
+        """Return "core-text", "module:NAME" or "elsewhere" by address ranges alone (kernel gva)."""
         if self.core[0] <= gva < self.core[1]:
             return CORE
         for m in self.modules:
             if m.start <= gva < m.end:
                 return f"module:{m.name}"
         return ELSEWHERE
+
+    def classify(self, gva: int) -> str:
+        """Return "core-text" or "module:NAME" for trusted code, else "modified:IMAGE", "unknown-code" or
+        "elsewhere" (kernel gva). With kernel code identity, trusted means a verified page; an image the
+        verifier could not judge (unverifiable) keeps the range classification, and `note` says so."""
+        owner = self.range_owner(gva)
+        if self.code is None or owner == ELSEWHERE:
+            return owner
+        loc = self.code.classify(gva)
+        if loc is None or loc.page_verified:
+            return owner
+        if loc.status == "modified":
+            return f"{MODIFIED}{loc.image}"
+        if loc.status == "unknown":  # a listed module its package does not ship; else a module that failed to verify
+            return UNKNOWN if self.code.unknown_owner(gva) else owner
+        return owner
+
+    def note(self, gva: int) -> str:
+        """Return what kernel code identity says about the code at kernel gva `gva` (for evidence)."""
+        if self.code is None:
+            return f"its code was not verified ({self.unverified or 'no kernel code identity'})"
+        loc = self.code.classify(gva)
+        if loc is None:
+            return "arch saw no executable kernel memory there"
+        if loc.status == "unknown":
+            return f"unknown kernel code: {self.code.describe_unknown(gva, gva + 1)}"
+        if loc.image == "" or (image := self.code.image(loc.image)) is None:
+            return "its code was not verified (no image claims it)"
+        where = f"{loc.function} in {loc.image}" if loc.function else loc.image
+        if loc.page_verified:
+            return f"{where}, a page verified against {image.package or 'its package'}"
+        if loc.status == "modified":
+            page = gva & ~0xFFF
+            changed = sorted({c.function for c in image.changes if c.gva & ~0xFFF == page})
+            return (f"{where}, a page that differs from {image.package} {image.version}"
+                    + (f" (changed: {', '.join(changed[:4])})" if changed else ""))
+        return f"{where}, whose code was not verified ({image.reason or loc.status})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +120,11 @@ class Hook:
     evidence: str
 
 
-def code_map(k: LinuxKernel, modules: list[ModuleText]) -> CodeMap:
-    """Return the code map of `k`: kallsyms _stext.._etext and the given listed modules' text."""
-    return CodeMap((k.symbols.get("_stext"), k.symbols.get("_etext")), tuple(modules))
+def code_map(k: LinuxKernel, modules: list[ModuleText], code: KernelCodeReport | None = None,
+             unverified: str = "") -> CodeMap:
+    """Return the code map of `k`: kallsyms _stext.._etext, the given listed modules' text and, when
+    given, the kernel code identity that decides which of their pages are trusted."""
+    return CodeMap((k.symbols.get("_stext"), k.symbols.get("_etext")), tuple(modules), code, unverified)
 
 
 def _symbol_at(k: LinuxKernel, gva: int) -> str:
@@ -85,9 +134,12 @@ def _symbol_at(k: LinuxKernel, gva: int) -> str:
 
 def _describe(k: LinuxKernel, cmap: CodeMap, gva: int) -> str:
     owner = cmap.classify(gva)
-    if owner == CORE:
-        return f"0x{gva:x} ({_symbol_at(k, gva)})"
-    return f"0x{gva:x} ({'in no kernel text and no listed module' if owner == ELSEWHERE else owner})"
+    if owner == CORE or owner.startswith(MODIFIED):
+        where = _symbol_at(k, gva)
+    else:
+        where = {ELSEWHERE: "in no kernel text and no listed module", UNKNOWN: "in unknown kernel code"}.get(owner,
+                                                                                                         owner)
+    return f"0x{gva:x} ({where}; {cmap.note(gva)})"
 
 
 def check_syscall_tables(k: LinuxKernel, cmap: CodeMap) -> Listing[Hook]:
@@ -117,7 +169,9 @@ def check_syscall_tables(k: LinuxKernel, cmap: CodeMap) -> Listing[Hook]:
             name = (k.symbols.lookup(target) or ("", 0)) if owner == CORE else ("", 0)
             if owner == CORE and name[1] == 0 and name[0].startswith(prefixes):
                 continue
-            what = "is not a system-call function" if owner == CORE else "points out of kernel text"
+            what = ("is not a system-call function" if owner == CORE else "points into modified kernel code"
+                    if owner.startswith(MODIFIED) else "points into unknown kernel code" if owner == UNKNOWN
+                    else "points out of kernel text")
             out.items.append(Hook("syscall-hook", f"{table}[{nr}]", target, owner,
                                   f"{table}[{nr}] at 0x{base + 8 * nr:x} {what}: {_describe(k, cmap, target)}"))
     if not found:

@@ -248,6 +248,26 @@ class KernelStore:
                 return KernelImageFile.from_blob(bytes(data), bytes(sha).hex(), package, version)
         return None
 
+    def add_module_list(self, package_id: int, release: str, names: set[str]) -> bool:
+        """Store the names of every module a kernel package ships for `release` (stored .ko or not)."""
+        body = json.dumps(sorted(names)).encode()
+        cur = self._conn.execute("INSERT OR REPLACE INTO kernel_code(package_id, kind, name, path, sha256, data) "
+                                 "VALUES (?,?,?,?,?,?)", (package_id, "module-list", release, f"{release}/",
+                                                          hashlib.sha256(body).digest(), zlib.compress(body)))
+        return cur.rowcount > 0
+
+    def module_names(self, release: str) -> set[str] | None:
+        """Return the module names the KB's kernel package of `release` ships, or None when the KB has no list."""
+        row = self._conn.execute("SELECT data FROM kernel_code WHERE kind='module-list' AND name=?",
+                                 (release,)).fetchone()
+        if row is None:
+            return None
+        try:
+            names = json.loads(zlib.decompress(bytes(row[0])))
+        except (zlib.error, ValueError) as exc:
+            raise KnowledgeError(f"the KB's module list of kernel {release} is corrupt ({exc})") from exc
+        return {str(n) for n in names}
+
     def has_package(self, package: str, version: str) -> bool:
         """Return whether the vmlinux of this linux-image package version is stored."""
         return self._conn.execute(
@@ -267,10 +287,12 @@ def ingest_kernel_tree(store: KernelStore, package_id: int, root: Path, progress
 
     `only_modules` limits the modules stored (by kernel module name) — the vmlinux is always stored."""
     added, errors = 0, []
+    shipped: dict[str, set[str]] = {}  # release -> every module name the package ships (stored or not)
     for kind, release, path in iter_kernel_files(root):
         rel = f"{release}/{path.name}" if kind == "module" else f"/boot/{path.name}"
         if kind == "module":
             rel = path.as_posix()[path.as_posix().index(f"/{release}/") + 1:]
+            shipped.setdefault(release, set()).add(module_name(path.name))
             if only_modules is not None and module_name(path.name) not in only_modules:
                 continue
         try:
@@ -282,4 +304,6 @@ def ingest_kernel_tree(store: KernelStore, package_id: int, root: Path, progress
             added += store.add(package_id, image)
         except (GuestDataError, OSError) as exc:
             errors.append((rel, str(exc)))
+    for release, names in shipped.items():
+        store.add_module_list(package_id, release, names)
     return added, errors

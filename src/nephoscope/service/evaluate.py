@@ -9,6 +9,7 @@ while the method runs repeatedly, and host CPU time.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -137,12 +138,15 @@ def score_techniques(result: ScanResult, manifest: dict[str, Any]) -> dict[str, 
         "dkom-hidden-task": lambda f: bool(f & hidden_pids),
         # the /proc entry is gone but the task list keeps it: a hidden-process finding (the guest's ls misses
         # a task a kernel view has), or the ftrace hook itself
-        "ftrace-hidden-process": lambda f: bool(f & hidden_pids) or bool(kinds & {"ftrace-hook", "kprobe-hook"}),
+        "ftrace-hidden-process": lambda f: bool(f & hidden_pids) or bool(kinds & {"ftrace-hook", "kprobe-hook"})
+        or code["ftrace-hidden-process"],
     })
+    code = kernel_code_detections(result, manifest)
     kernel_rules: dict[str, Callable[[dict[str, Any]], bool]] = {
-        "hidden-module": lambda t: t.get("module", "") in hidden_modules or "?" in hidden_modules,
+        "hidden-module": lambda t: t.get("module", "") in hidden_modules or "?" in hidden_modules
+        or code["hidden-module"],
         "syscall-hook": lambda t: "syscall-hook" in kinds,
-        "inline-patch": lambda t: "inline-hook" in kinds,
+        "inline-patch": lambda t: "inline-hook" in kinds or code["inline-patch"],
     }
     out = {}
     nothing_seen = not procs
@@ -162,6 +166,42 @@ def score_techniques(result: ScanResult, manifest: dict[str, Any]) -> dict[str, 
         else:
             out[tech["id"]] = DETECTED if rule(family(tech["pid"])) else MISSED
     return out
+
+
+def _kernel_log(manifest: dict[str, Any], pattern: str) -> list[re.Match[str]]:
+    return [m for line in manifest.get("kernel_log", []) if (m := re.search(pattern, line))]
+
+
+def _kernel_changes(result: ScanResult) -> list[dict[str, Any]]:
+    """Return the changed byte runs (function, site) of every modified-kernel-code finding of arch."""
+    out = []
+    for f in result.view.findings:
+        if f.kind == "modified-kernel-code":
+            for ev in f.evidence:
+                data = ev.get("data")
+                if isinstance(data, dict):
+                    out += [c for c in data.get("changes", []) if isinstance(c, dict)]
+    return out
+
+
+def kernel_code_detections(result: ScanResult, manifest: dict[str, Any]) -> dict[str, bool]:
+    """Return which rootkit techniques kernel code identity (arch's modified/unknown kernel code) shows.
+
+    inline-patch: a changed run in the function nphrk logs as patched; ftrace-hidden-process: the fentry
+    (mcount) site of the function it logs as hooked calls elsewhere; hidden-module: unknown kernel code
+    holding an address nphrk logs as its own (the hook and jump targets), or any when it logged none."""
+    changes = _kernel_changes(result)
+    changed = {(str(c.get("function", "")).split("+")[0], str(c.get("site", ""))) for c in changes}
+    patched = {m.group(1) for m in _kernel_log(manifest, r"(\S+) at \w+ now jumps to")}
+    hooked = {m.group(1) for m in _kernel_log(manifest, r"ftrace hook on (\w+)")}
+    own = {int(m.group(1), 16) for m in _kernel_log(manifest, r"(?:-> |jumps to )([0-9a-f]{8,16})\b")}
+    unknown = [(int(ev["data"]["gva_start"]), int(ev["data"]["gva_end"])) for f in result.view.findings
+               if f.kind == "unknown-kernel-code" for ev in f.evidence if isinstance(ev.get("data"), dict)]
+    return {
+        "inline-patch": any(fn in patched for fn, _site in changed),
+        "ftrace-hidden-process": any(fn in hooked and site == "mcount" for fn, site in changed),
+        "hidden-module": bool(unknown) and (not own or any(a <= x < b for x in own for a, b in unknown)),
+    }
 
 
 def identified_as(result: ScanResult, binary_name: str) -> set[int]:
@@ -214,6 +254,40 @@ def measure_slowdown(target_name: str, method_name: str, baseline: tuple[float, 
     return guest_s / baseline[0], wall_s / baseline[1]
 
 
+def ensure_kernel_code(manifest: dict[str, Any], progress: Progress = lambda _m: None) -> str:
+    """Make the default KB hold the code of the guest's kernel package (vmlinux, modules and their list), from
+    the unpacked package the lab booted, so arch and inspect can verify kernel code; return a problem or ""."""
+    from pathlib import Path
+
+    from nephoscope.core.errors import KnowledgeError
+    from nephoscope.knowledge.binaries import CodePageDB, PackageMeta
+    from nephoscope.knowledge.kernelpkg import ingest_kernel_tree
+
+    kernel = manifest.get("kernel") or {}
+    if not all(kernel.get(k) for k in ("release", "package", "version", "source")):
+        return "the manifest names no kernel package"
+    root = Path(kernel["source"]).parent.parent  # .../unpacked/<deb>/root/boot/vmlinuz-*
+    try:
+        db = CodePageDB.open()
+    except KnowledgeError as exc:
+        return str(exc)
+    try:
+        store = db.kernel_store()
+        if store.find_vmlinux(kernel["release"]) is not None and store.module_names(kernel["release"]) is not None:
+            return ""
+        if not (root / "boot").is_dir():
+            return f"the unpacked kernel package {root} is gone"
+        progress(f"storing the kernel code of {kernel['package']} {kernel['version']} in the KB")
+        package_id = db.package_id(PackageMeta(kernel["package"], kernel["version"], "amd64"))
+        _added, errors = ingest_kernel_tree(store, package_id, root, progress)
+        db.commit()
+        return "; ".join(f"{p}: {e}" for p, e in errors[:3])
+    except KnowledgeError as exc:
+        return str(exc)
+    finally:
+        db.close()
+
+
 def _guest(profile: str, keep: bool, progress: Progress) -> tuple[runner.Guest, bool]:
     name = f"eval-{profile}"
     guest = runner.load_guest(name)
@@ -231,6 +305,10 @@ def evaluate(methods: list[str], profiles: tuple[str, ...] = ("clean", "tampered
     for profile in profiles:
         guest, owned = _guest(profile, keep, progress)
         try:
+            if {"arch", "inspect", "checkpoint"} & set(methods):
+                problem = ensure_kernel_code(guest.manifest(), progress)
+                if problem:
+                    progress(f"kernel code of {profile} not in the KB, so not verified: {problem}")
             scores += score_guest(guest, methods, slowdown=slowdown, progress=progress)
         finally:
             if owned:

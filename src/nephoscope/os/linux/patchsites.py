@@ -47,7 +47,7 @@ class Site:
     start: int
     length: int
     kind: str  # "alternative", "paravirt", "jump_label", "static_call", "retpoline", "return", "call", "lock",
-    #            "endbr", "mcount", "static_call_tramp"
+    #            "endbr", "mcount", "static_call_tramp", "ftrace_call"
     repl: bytes = b""
     repl_addr: int = 0
     target: int = 0
@@ -386,6 +386,10 @@ def accepts(site: Site, orig: bytes, got: bytes, slide: int, targets: Targets) -
         target = branch_target(got, at)
         return (got[0] in (CALL32, JMP32) and target is not None
                 and (targets.is_code(target) or targets.is_thunk(target)))
+    if kind == "ftrace_call":  # ftrace_caller's call site: ftrace_stub, the list function or one ops' callback
+        target = branch_target(got, at)
+        return (got[:1] == bytes([CALL32]) and target is not None
+                and (targets.is_code(target) or targets.is_ftrace(target)))
     if kind == "mcount":
         target = branch_target(got, at)
         return is_padding(got) or (got[:1] == bytes([CALL32]) and target is not None and targets.is_ftrace(target))
