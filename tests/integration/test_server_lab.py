@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 
 from nephoscope.core.paths import cache_root
+from nephoscope.hypervisor.control import paused
+from nephoscope.hypervisor.monitor import open_monitor
 from nephoscope.hypervisor.qga import GuestAgent, open_agent
 from nephoscope.introspect.arch import Image, SpaceReport, UnknownRegion, scan_target
 from nephoscope.introspect.kernel import open_kernel
@@ -91,11 +93,16 @@ def test_ps_equals_the_agents_process_list(server_guest: Any) -> None:
     units = [s.unit for s in load_profile("server").services]
     with open_agent(resolve_target(server_guest.name), timeout=120) as agent:
         before = server.collect(agent, units)
-        with open_kernel(resolve_target(server_guest.name)) as kernel:
-            procs = kernel.processes()
-            assert procs.complete, procs.problem
-            tasks = {p.pid: p for p in procs if not p.kernel_thread}
-            vmas = {pid: kernel.vmas(t) for pid, t in tasks.items()}
+        vm = resolve_target(server_guest.name)
+        monitor = open_monitor(vm)  # the walk runs paused: cron and the agent fork under a live walk
+        try:
+            with paused(monitor), open_kernel(vm) as kernel:
+                procs = kernel.processes()
+                assert procs.complete, procs.problem
+                tasks = {p.pid: p for p in procs if not p.kernel_thread}
+                vmas = {pid: kernel.vmas(t) for pid, t in tasks.items()}
+        finally:
+            monitor.close()
         after = server.collect(agent, units)
     stable, _transient = server._stable(before["processes"], after["processes"])
     assert len(stable) >= len(manifest["processes"]) - 2

@@ -23,6 +23,7 @@ from nephoscope.os.linux.model import LinuxKernel
 from nephoscope.os.linux.walkers import CrossView, Listing, Task, read_task
 
 NAME = "inspect"
+LIVE_REREADS = 2  # a torn task-list walk of a running VM is read again this often before it is reported incomplete
 PID_TABLE_ONLY = "seen in the PID table only: the task list walk stopped before it"
 
 
@@ -70,6 +71,10 @@ class InspectMethod:
         yield observe(NAME, vm, "kernel", "kernel",
                       payloads.Details({**k.info.to_dict(), "detection": k.report.to_dict()}), Verdict.VERIFIED)
         procs = k.processes()
+        for _ in range(LIVE_REREADS):  # a running guest can change its task list under the walk (fork, exit)
+            if procs.complete or not vm.live or k.budget.exhausted:
+                break
+            procs = k.processes()
         cross = k.cross_view()
         hidden = cross.hidden
         one_view = {h.pid: h for h in hidden.items}
