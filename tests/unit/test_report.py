@@ -154,3 +154,13 @@ def test_network_behaviour_and_kernel_hooks_reach_the_customer(vulns: VulnDB) ->
     for text in (html, markdown, render_json(rep)):
         assert "/run/nephoscope" not in text and "5525" not in text  # the host's end of a flow is not shown
     assert "<script>" not in html and "Network behaviour" in html and "## Network behaviour" in markdown
+    from io import StringIO
+
+    from rich.console import Console
+
+    from nephoscope.cli.views import render_report
+
+    buf = StringIO()
+    render_report(rep, Console(file=buf, width=200, force_terminal=False))
+    term = buf.getvalue()
+    assert "Network behaviour" in term and "outbound-smtp" in term and "\x1b[31m" not in term

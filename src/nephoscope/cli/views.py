@@ -20,7 +20,7 @@ from nephoscope.core.text import escape_guest
 
 if TYPE_CHECKING:
     from nephoscope.analysis.code import CodeSummary
-    from nephoscope.service.report import Report
+    from nephoscope.service.report import CodeItem, Report
     from nephoscope.service.scan import ScanResult
 
 SEVERITY_STYLE = {"critical": "bold", "high": "bold", "medium": "", "low": "dim"}
@@ -82,9 +82,24 @@ def _table(title: str, columns: Sequence[str]) -> Table:
     return t
 
 
+
+def _print_items(out: Console, items: Sequence[CodeItem]) -> None:
+    """Print report items (code or network behaviour): severity, kind, title, who saw it, then each detail."""
+    from nephoscope.service.report_render import detail_text
+
+    for c in items:
+        line = safe(f"{c.severity.upper():<8} ", SEVERITY_STYLE.get(c.severity, ""))
+        line.append_text(safe(f"{c.kind}: {c.title}"))
+        if c.methods:
+            line.append_text(safe(f"  (seen by {', '.join(c.methods)})", "dim"))
+        out.print(line)
+        for d in c.details:
+            out.print(Padding(safe(f"- {detail_text(d)}", "dim"), (0, 0, 0, 4)))
+
+
 def render_report(report: Report, out: Console | None = None) -> None:
     """Print the customer report for a terminal: headings and tables, every guest string inert."""
-    from nephoscope.service.report_render import NOTHING_VERIFIED, detail_text
+    from nephoscope.service.report_render import NOTHING_VERIFIED
 
     out = out or console
     s = report.summary
@@ -109,27 +124,13 @@ def render_report(report: Report, out: Console | None = None) -> None:
         out.print(Text("Vulnerable software: no known vulnerable package versions found."))
     out.print()
     out.print(Text("Malicious, unknown or suspicious code", style="bold"))
-    for c in report.code:
-        line = safe(f"{c.severity.upper():<8} ", SEVERITY_STYLE.get(c.severity, ""))
-        line.append_text(safe(f"{c.kind}: {c.title}"))
-        if c.methods:
-            line.append_text(safe(f"  (seen by {', '.join(c.methods)})", "dim"))
-        out.print(line)
-        for d in c.details:
-            out.print(Padding(safe(f"- {detail_text(d)}", "dim"), (0, 0, 0, 4)))
+    _print_items(out, report.code)
     if not report.code:
         out.print(Text("  nothing found by the methods that ran."))
     if report.behaviour:
         out.print()
         out.print(Text("Network behaviour", style="bold"))
-    for c in report.behaviour:
-        line = safe(f"{c.severity.upper():<8} ", SEVERITY_STYLE.get(c.severity, ""))
-        line.append_text(safe(f"{c.kind}: {c.title}"))
-        if c.methods:
-            line.append_text(safe(f"  (seen by {', '.join(c.methods)})", "dim"))
-        out.print(line)
-        for d in c.details:
-            out.print(Padding(safe(f"- {detail_text(d)}", "dim"), (0, 0, 0, 4)))
+        _print_items(out, report.behaviour)
     out.print()
     ut = _table("What could not be verified", ["what", "method", "why"])
     for u in report.unverified:
