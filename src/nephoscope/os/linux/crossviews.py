@@ -241,7 +241,6 @@ def address_space_owners(k: LinuxKernel, root_gpas: list[int]) -> Listing[tuple[
             owner = k.u64(mm + off["mm_struct.owner"])
             if owner and k.u64(owner + off["task_struct.mm"]) != mm:
                 continue  # a stale owner (an mm kept alive as a lazy active_mm after its owner moved on)
-                continue
         except _BAD as exc:
             out.fail(f"root 0x{gpa:x}: its mm is unreadable ({exc})")
             continue
