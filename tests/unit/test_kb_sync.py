@@ -186,35 +186,6 @@ def test_unknown_code_stays_unknown_when_the_kb_lacks_versions_or_holds_the_inst
                for o in mark_unverifiable(_unknown_in_pv(offered[0]), full, contents))
 
 
-def _modified_pv(matching: int, changed: int) -> Observation:
-    return _obs("modified-binary", payloads.Image(
-        cr3=0x1234000, gva_start=0x5000, gva_end=0x5000 + 0x1000 * (matching + changed), pages=matching,
-        path="/usr/bin/pv", versions=(("pv", "1.0"),),
-        modified_pages=tuple(payloads.ModifiedPage(0x5000 + 0x1000 * i, 0x99000, 0x1000 * i, 0x1000 * i)
-                             for i in range(matching, matching + changed))), "arch")
-
-
-def test_another_build_of_a_packaged_file_is_unverifiable_a_patched_one_stays_modified(
-        tmp_path: Path, contents: ContentsIndex) -> None:
-    offered = archive.available_versions("pv")
-    db = _kb_with(tmp_path, "pv", offered)
-    # a version apt no longer offers: few pages shared with the held ones (nginx deb12u10: 8 of 192)
-    other = mark_unverifiable([_modified_pv(1, 7)], db, contents, {"pv": "0.9-old"})[0]
-    assert other.verdict == Verdict.UNVERIFIABLE
-    assert other.reason.startswith("unverifiable: pv 0.9-old not downloadable (KB holds ")
-    assert other.reason.endswith("(1 of 8 present pages match 1.0: another build)")
-    view = merge([other], ["arch"], "vm")
-    assert not [f for f in view.findings if f.kind == "modified-binary"]
-    # a trojan: most pages still match the real file; or dpkg names a held version: stays modified
-    for obs, dpkg in ((_modified_pv(7, 1), {"pv": "0.9-old"}), (_modified_pv(1, 7), {"pv": offered[0]}),
-                      (_modified_pv(4, 4), {})):
-        kept = mark_unverifiable([obs], db, contents, dpkg)[0]
-        assert kept.kind == "modified-binary" and kept.verdict == Verdict.VERIFIED, (obs.payload.pages, dpkg)
-    # a KB not synced for the package: stays modified too
-    partial = _kb_with(tmp_path / "p", "pv", offered[:-1]) if len(offered) > 1 else _kb_with(tmp_path / "p", "pv", ())
-    assert mark_unverifiable([_modified_pv(1, 7)], partial, contents, {})[0].verdict == Verdict.VERIFIED
-
-
 def test_kernel_release_hints_come_from_the_kernel_model_and_are_validated() -> None:
     obs = [_obs("kernel", payloads.Details({"release": "6.1.0-57-amd64", "banner": "Linux version ..."}), "inspect"),
            _obs("kernel-image", payloads.KernelImage("vmlinux", "vmlinux", "unverifiable"), "arch",

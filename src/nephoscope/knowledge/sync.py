@@ -303,29 +303,8 @@ def mark_unverifiable(observations: list[Observation], db: CodePageDB, contents:
             path = next((path for s, e, path in vmas.get(p.cr3, [])
                          if p.gva_start is not None and s <= p.gva_start < e), None)
             reason = _not_downloadable(path, db, contents, installed) if path else ""
-        elif o.kind == "modified-binary" and isinstance(p, payloads.Image) and p.modified_pages:
-            reason = _other_build(p, db, contents, installed)
         out.append(dataclasses.replace(o, verdict=Verdict.UNVERIFIABLE, reason=reason) if reason else o)
     return out
-
-
-def _other_build(image: payloads.Image, db: CodePageDB, contents: ContentsIndex, installed: dict[str, str]) -> str:
-    """Return the unverifiable reason for a "modified" image that is another build of its file, or "".
-
-    Another version of a package shares a few pages with the versions the KB holds (measured: nginx
-    1.22.1-9+deb12u10, which apt no longer offers, shares 8 of 192 pages with deb12u11 and none with
-    deb12u9), so arch sees the held file "modified" almost everywhere. A trojan patches a few pages of the
-    real file: it keeps most pages matching and stays a modified-binary finding. So only an image whose
-    matching pages are a minority of its present pages, in a file whose package the KB holds in every
-    offered version and whose installed version is not among them, is made unverifiable."""
-    changed = len(image.modified_pages or ())
-    if image.pages * 2 >= image.pages + changed:
-        return ""
-    reason = _not_downloadable(image.path, db, contents, installed)
-    if not reason:
-        return ""
-    held = ", ".join(sorted({v for _p, v in image.versions})) or "none"
-    return f"{reason} ({image.pages} of {image.pages + changed} present pages match {held}: another build)"
 
 
 def _not_downloadable(raw_path: str, db: CodePageDB, contents: ContentsIndex, installed: dict[str, str]) -> str:
