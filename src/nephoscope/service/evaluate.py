@@ -236,15 +236,26 @@ def evaluate(methods: list[str], profiles: tuple[str, ...] = ("clean", "tampered
     it for disk profiles (full Debian systems, whose hundreds of packages no KB is fed in advance)."""
     scores: list[MethodScore] = []
     for profile in profiles:
-        guest, owned = _guest(profile, keep, progress)
+        guest, owned = _synced_guest(profile, keep, sync_kb, progress)
         try:
-            if sync_kb or (sync_kb is None and load_profile(profile).boot == "disk"):
-                sync_guest_kb(guest, progress)
             scores += score_guest(guest, methods, slowdown=slowdown, progress=progress)
         finally:
             if owned:
                 runner.stop(guest.name, quiet=True)
     return scores
+
+
+def _synced_guest(profile: str, keep: bool, sync_kb: bool | None, progress: Progress) -> tuple[runner.Guest, bool]:
+    """Return `_guest`'s guest after a `kb sync` of it when `sync_kb` asks (None: disk profiles only)."""
+    guest, owned = _guest(profile, keep, progress)
+    if sync_kb or (sync_kb is None and load_profile(profile).boot == "disk"):
+        try:
+            sync_guest_kb(guest, progress)
+        except BaseException:
+            if owned:
+                runner.stop(guest.name, quiet=True)
+            raise
+    return guest, owned
 
 
 def sync_guest_kb(guest: runner.Guest, progress: Progress = lambda _m: None) -> SyncReport:
