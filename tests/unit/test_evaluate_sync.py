@@ -17,7 +17,7 @@ def test_which_guests_are_synced_before_scoring(monkeypatch: pytest.MonkeyPatch,
                                                                                        name=f"eval-{profile}"), False))
     monkeypatch.setattr(ev, "sync_guest_kb", lambda guest, progress: calls.append(("sync", guest.profile)))
     monkeypatch.setattr(ev, "score_guest", lambda guest, methods, **_kw: calls.append(("score", guest.profile)) or [])
-    assert ev.evaluate(["arch"], ("clean", "server"), slowdown=False, sync_kb=sync_kb) == []
+    assert ev.evaluate(["agent"], ("clean", "server"), slowdown=False, sync_kb=sync_kb) == []
     assert [p for what, p in calls if what == "sync"] == synced
     for profile in synced:  # the sync comes before that guest's scores
         assert calls.index(("sync", profile)) < calls.index(("score", profile))
