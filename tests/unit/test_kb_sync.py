@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -15,11 +16,13 @@ from nephoscope.knowledge.debian import archive
 from nephoscope.knowledge.debian.contents import ContentsIndex, merged_path, parse_contents_line, wanted_path
 from nephoscope.knowledge.elfpages import ElfPages, PageInfo
 from nephoscope.knowledge.sync import (
+    MAX_KERNELS,
     MAX_PATHS,
     PACKAGE_RE,
     clean_path,
     collect_hints,
     escape,
+    kernel_package,
     mark_unverifiable,
     owners,
 )
@@ -181,3 +184,31 @@ def test_unknown_code_stays_unknown_when_the_kb_lacks_versions_or_holds_the_inst
     # the installed version is in the KB and its pages still differ: a changed binary, not a download gap
     assert all(o.verdict != Verdict.UNVERIFIABLE
                for o in mark_unverifiable(_unknown_in_pv(offered[0]), full, contents))
+
+
+def test_kernel_release_hints_come_from_the_kernel_model_and_are_validated() -> None:
+    obs = [_obs("kernel", payloads.Details({"release": "6.1.0-57-amd64", "banner": "Linux version ..."}), "inspect"),
+           _obs("kernel-image", payloads.KernelImage("vmlinux", "vmlinux", "unverifiable"), "arch",
+                Verdict.UNVERIFIABLE),
+           _obs("kernel", payloads.Details({"release": "6.1.0; rm -rf /"}), "inspect"),
+           _obs("kernel", payloads.Details({"release": ["not", "a", "string"]}), "inspect")]
+    obs[1] = dataclasses.replace(obs[1], reason="package linux-image-6.12.57+deb12-amd64 not in KB (kernel ...)")
+    hints = collect_hints(obs)
+    assert hints.kernels == {"6.1.0-57-amd64", "6.12.57+deb12-amd64"}
+    assert hints.rejected == 1  # the shell-looking release; a non-string is no hint at all
+    many = [_obs("kernel", payloads.Details({"release": f"6.1.0-{i}-amd64"}), "inspect") for i in range(10)]
+    assert len(collect_hints(many).kernels) == MAX_KERNELS
+
+
+def test_kernel_package_is_the_image_apt_offers_for_the_release() -> None:
+    names = [n for n in archive.package_names("linux-image-") if n.endswith("-amd64") and n.count("-") >= 4
+             and "cloud" not in n and "rt-" not in n and "dbg" not in n]
+    if not names:
+        pytest.skip("apt offers no versioned linux-image-*-amd64 package")
+    release = names[0].removeprefix("linux-image-")
+    assert kernel_package(release, {}) == f"linux-image-{release}"
+    unsigned = f"linux-image-{release}-unsigned"
+    if archive.available_versions(unsigned):
+        assert kernel_package(release, {unsigned: "1"}) == unsigned  # what dpkg says is installed wins
+    assert kernel_package("0.0.0-nonexistent-amd64", {}) is None
+    assert kernel_package("../../etc", {}) is None

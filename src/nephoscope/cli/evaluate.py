@@ -19,6 +19,8 @@ def evaluate(
     out: Path = typer.Option(Path("evaluation"), "--out", "-o", help="directory for evaluation.md and .png"),
     slowdown: bool = typer.Option(True, "--slowdown/--no-slowdown", help="measure guest slowdown (slow)"),
     keep: bool = typer.Option(False, "--keep", help="leave the eval-* guests running"),
+    sync_kb: bool | None = typer.Option(None, "--sync-kb/--no-sync-kb", help="fill the KB from each guest "
+                                        "(`kb sync`) before scoring it (default: for disk profiles only)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Run every method on the clean and tampered lab guests; write Markdown and a PNG chart."""
@@ -26,7 +28,8 @@ def evaluate(
     try:
         with progress("evaluate", quiet=json_out) as log:
             scores = run_evaluation(chosen, tuple(p.strip() for p in profiles.split(",") if p.strip()),
-                                    slowdown=slowdown, keep=keep, progress=log)
+                                    slowdown=slowdown, keep=keep, sync_kb=sync_kb,
+                                    progress=log)
     except NephoscopeError as exc:
         fail(exc)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 
@@ -15,10 +13,7 @@ from nephoscope.core.errors import KnowledgeError, NephoscopeError
 from nephoscope.knowledge.binaries import CodePageDB
 from nephoscope.knowledge.elfpages import exec_pages
 from nephoscope.knowledge.ingest import IngestReport, ingest_path, ingest_specs
-
-if TYPE_CHECKING:
-    from nephoscope.knowledge.sync import SyncReport
-    from nephoscope.service.scan import ScanResult
+from nephoscope.service.kbsync import SYNC_METHODS, sync_and_rescan
 
 app = typer.Typer(help="The code-page knowledge base: executable pages of known binaries.", no_args_is_help=True)
 KB_OPTION = typer.Option(None, "--kb", help="KB path (default: NEPHOSCOPE_KB or ~/.cache/nephoscope/kb.sqlite)")
@@ -124,43 +119,6 @@ def which(
         groups.setdefault((r["package"], r["version"], r["path"]), []).append(r["file_offset"])
     table(f"{found}/{len(queries)} pages known", ["package", "version", "path", "pages", "file offsets"],
           [[*key, len(offs), f"{min(offs):#x}..{max(offs):#x}"] for key, offs in sorted(groups.items())])
-
-
-SYNC_METHODS = "inspect,agent,arch"
-SYNC_ROUNDS = 3
-
-
-def sync_and_rescan(vm: str, methods: list[str] | None, jobs: int, log: Callable[[str], None], *,
-                    save: bool = False, symbols: Path | None = None) -> tuple[ScanResult, SyncReport, ScanResult]:
-    """Scan `vm`, ingest what it maps (kb sync), scan again with the unverifiable rule; return both and the sync.
-
-    A guest that is still starting maps new files between scans: the sync repeats on the new scan's hints
-    (at most SYNC_ROUNDS scans after the first) until a scan brings no package version the KB lacks."""
-    import time as clock
-
-    from nephoscope.knowledge.debian.contents import ContentsIndex
-    from nephoscope.knowledge.sync import mark_unverifiable, sync
-    from nephoscope.service.scan import save_result, scan_vm
-    from nephoscope.store.sqlite import Store
-
-    first = scan_vm(vm, methods, save=False, symbols=symbols, progress=log)
-    log("reading the archive's Contents index")
-    contents = ContentsIndex.open()
-    db = CodePageDB.open()
-    total = sync(db, first.observations, contents=contents, jobs=jobs, progress=log)
-    result = first
-    for _ in range(SYNC_ROUNDS):
-        started = clock.time()
-        result = scan_vm(vm, methods, save=False, symbols=symbols, progress=log,
-                         refine=lambda obs: mark_unverifiable(obs, db, contents))
-        again = sync(db, result.observations, contents=contents, jobs=jobs, progress=log)
-        total.merge(again)
-        if not again.ingest.packages:
-            break
-        log(f"{len(again.ingest.packages)} more package versions mapped since the last scan; scanning again")
-    if save:
-        save_result(result, Store(), started)
-    return first, total, result
 
 
 @app.command("sync")

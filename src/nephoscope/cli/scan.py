@@ -67,7 +67,7 @@ def scan(
     try:
         with progress(f"scan {vm}", quiet=json_out) as log:
             if sync_kb:
-                from nephoscope.cli.kb import sync_and_rescan
+                from nephoscope.service.kbsync import sync_and_rescan
 
                 _first, report, result = sync_and_rescan(vm, chosen, 4, log, save=not no_store, symbols=symbols)
                 log(f"kb sync: {len(report.packages)} packages, {report.ingest.pages_added} pages added")

@@ -59,7 +59,8 @@ def observations(report: ArchReport) -> Iterator[Observation]:
             v = sp.vdso
             yield Observation("vdso", f"{space}:0x{v.gva_start:x}", payloads.Vdso(
                 sp.cr3, v.gva_start, v.gva_end, v.name, tuple((p, ver) for p, ver in v.kernel)),
-                prov, Verdict.VERIFIED if v.verified else Verdict.UNVERIFIABLE, "" if v.verified else VDSO_REASON)
+                prov, Verdict.VERIFIED if v.verified else Verdict.UNVERIFIABLE,
+                "" if v.verified else (v.reason or VDSO_REASON))
     if report.kernel:
         k = report.kernel
         verified = k.verification is not None and k.verification.verified

@@ -28,6 +28,7 @@ from nephoscope.memory.roots import Root, RootScan, VcpuState, scan_roots
 if TYPE_CHECKING:
     from nephoscope.core.records import Observation
     from nephoscope.introspect.kernelcode import KernelCodeReport
+    from nephoscope.introspect.vdso import VdsoImage
 
 VDSO_PATH = "[vdso]"  # how the knowledge base names the kernel's vdso
 KERNEL_REASON = ("kernel text is patched at boot (alternatives, jump labels, static calls, retpolines) and "
@@ -129,6 +130,7 @@ class Vdso:
     name: str  # "vdso" when verified against the KB, else "vdso (unverified)"
     verified: bool
     kernel: list[tuple[str, str]]  # (package, version) when verified
+    reason: str = ""  # why it is not verified, when the kernel package's image was compared
 
     @property
     def pages(self) -> int:
@@ -204,6 +206,8 @@ class KernelCode:
     ranges: list[tuple[int, int]]
     reason: str = KERNEL_REASON
     verification: KernelCodeReport | None = None
+    vdso: VdsoImage | None = None  # the package's vDSO image, to verify each space's vDSO with its alternatives
+    vdso_reason: str = "the kernel model or the kernel package is not available"
 
 
 @dataclass(slots=True)
@@ -425,6 +429,8 @@ def _find_vdso(asp: AddressSpace, images: list[Image], unknown: list[UnknownRegi
     for im in images:
         if any(c.path == VDSO_PATH for c in im.candidates):
             images.remove(im)
+            if im.modified:  # the code page the kernel patched: verified against the package's image later
+                return Vdso(im.gva_start, im.gva_end, "vdso (unverified)", False, [])
             return Vdso(im.gva_start, im.gva_end, "vdso", True, sorted(im.versions))
     candidates = []
     for region in unknown:
@@ -506,6 +512,45 @@ def verify_kernel_code(kernel: KernelCode, phys: PhysicalMemory, db: CodePageLoo
     kernel.verification = report
     bad = [f"{i.name}: {i.reason}" for i in report.images if i.status != "verified" and i.kind != "bpf"]
     kernel.reason = "; ".join(bad) if bad else ""
+    from nephoscope.introspect.vdso import load_vdso_image
+
+    kernel.vdso, kernel.vdso_reason = load_vdso_image(store() if store is not None else None, k.info.release)
+
+
+def verify_vdsos(phys: PhysicalMemory, spaces: list[SpaceReport], kernel: KernelCode | None, levels: int) -> None:
+    """Verify each space's unverified vDSO against the kernel package's image and its alternatives (no pause).
+
+    The vDSO is one set of physical pages shared by every process: each distinct content is checked once."""
+    if kernel is None or kernel.vdso is None:
+        for sp in spaces:
+            if sp.vdso is not None and not sp.vdso.verified and kernel is not None:
+                sp.vdso.reason = f"vDSO not compared: {kernel.vdso_reason}"
+        return
+    from nephoscope.introspect.vdso import check_vdso
+
+    image = kernel.vdso
+    seen: dict[bytes, str] = {}
+    for sp in spaces:
+        v = sp.vdso
+        if v is None or v.verified:
+            continue
+        asp = AddressSpace(phys, sp.user_cr3, levels)
+        got, present = bytearray(), []
+        for gva in range(v.gva_start, v.gva_end, PAGE_SIZE):
+            try:
+                got += asp.read(gva, PAGE_SIZE)
+                present.append(True)
+            except NephoscopeError:
+                got += bytes(PAGE_SIZE)
+                present.append(False)
+        key = page_digest(bytes(got)) + bytes(present)
+        if key not in seen:
+            seen[key] = check_vdso(bytes(got), image, present)
+        why = seen[key]
+        if why:
+            v.reason = why
+        else:
+            sp.vdso = Vdso(v.gva_start, v.gva_end, "vdso", True, [(image.package, image.version)])
 
 
 # --- the whole image ------------------------------------------------------------------------------------
@@ -552,6 +597,7 @@ def _scan(phys: PhysicalMemory, db: CodePageLookup | None, vcpus: Sequence[VcpuS
         on = [v.index for v in vcpus if v.cr3 & ADDR_MASK in (root.gpa, root.user_gpa)]
         spaces.append(identify_space(phys, root, levels, db, budget, digests=digests, files=files, stats=stats,
                                      vcpus=on))
+    verify_vdsos(phys, spaces, kernel, levels)
     stats.seconds = time.perf_counter() - started
     problem = ""
     if not roots.roots:

@@ -5,6 +5,10 @@ they are untrusted. They only choose what to download; identity stays decided by
 Every hint is bounded and validated (printable absolute paths, Debian package names and versions) and
 is never used as a shell argument or host path; the archive index answers which packages exist.
 
+The running kernel's package comes along: the release the kernel model read from the banner (inspect's
+`kernel` record, or arch's "package linux-image-R not in KB") names `linux-image-R`, so kernel text,
+modules and the vDSO can be verified after a sync (`kernel_package`).
+
 After a sync, code that still matches nothing but lies in a file the archive ships, while no
 downloadable version of that package matches, is `unverifiable: <package> <version> not downloadable
 (KB holds …)` rather than unknown code (`mark_unverifiable`).
@@ -38,6 +42,9 @@ MAX_OWNERS = 4  # packages claiming one path (busybox / busybox-static) that are
 MAX_VERSIONS = 16  # versions of one package apt may offer
 PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]{0,127}$")
 VERSION_RE = re.compile(r"^[0-9A-Za-z.+~:-]{1,128}$")
+RELEASE_RE = re.compile(r"^[0-9]{1,3}\.[0-9]{1,3}[0-9A-Za-z.+~_-]{0,60}$")  # uname -r: 6.1.0-57-amd64
+MAX_KERNELS = 2  # kernel releases taken from one scan (one kernel runs; a second is a hostile or odd hint)
+_KB_LACKS_KERNEL = re.compile(r"^package linux-image-(\S{1,64}) not in KB")
 _PATH_RE = re.compile(r"^/[\x21-\x7e]{1,4095}$")  # printable, no spaces: what packaged ELF files are named
 DELETED = " (deleted)"
 
@@ -67,6 +74,7 @@ class Hints:
     identified: set[str] = field(default_factory=set)  # paths whose pages the KB already identified
     rejected: int = 0  # hints that failed validation or went over a bound
     elf_headers: int = 0  # unknown regions that start with an ELF header (arch)
+    kernels: set[str] = field(default_factory=set)  # kernel releases (uname -r) the kernel model read
 
 
 def collect_hints(observations: Iterable[Observation]) -> Hints:
@@ -90,6 +98,10 @@ def collect_hints(observations: Iterable[Observation]) -> Hints:
                 hints.identified.add(path)
         elif isinstance(p, payloads.UnknownCode) and p.head.startswith("7f454c46"):
             hints.elf_headers += 1
+        elif isinstance(p, payloads.Details) and o.kind == "kernel" and not p.problem:
+            _add_kernel(hints, p.data.get("release"))
+        elif isinstance(p, payloads.KernelImage) and p.kind == "vmlinux" and (m := _KB_LACKS_KERNEL.match(o.reason)):
+            _add_kernel(hints, m.group(1))
         for r in raw:
             if not r or (isinstance(r, str) and r.startswith("[")):  # [vdso], [heap]: no file
                 continue
@@ -99,6 +111,31 @@ def collect_hints(observations: Iterable[Observation]) -> Hints:
                 continue
             hints.paths.add(path)
     return hints
+
+
+def _add_kernel(hints: Hints, release: object) -> None:
+    """Add a kernel release hint when it has the shape of `uname -r` (and the bound allows one more)."""
+    if not isinstance(release, str) or release in hints.kernels:
+        return
+    if RELEASE_RE.match(release) and len(hints.kernels) < MAX_KERNELS:
+        hints.kernels.add(release)
+    else:
+        hints.rejected += 1
+
+
+def kernel_package(release: str, installed: dict[str, str]) -> str | None:
+    """Return the package that ships kernel `release` (`linux-image-R`, else `-unsigned`), or None if apt has none.
+
+    The installed one (dpkg's word) is preferred; else the signed image, which carries the same vmlinux
+    and modules as the unsigned one. The archive's Contents does not decide here: it lists the point
+    release's kernels, not the security suite's (measured: bookworm's lists 6.1.0-50 while 6.1.0-57 runs)."""
+    if not RELEASE_RE.match(release):
+        return None
+    names = [f"linux-image-{release}", f"linux-image-{release}-unsigned"]
+    for name in [n for n in names if n in installed] + names:
+        if archive.available_versions(name):
+            return name
+    return None
 
 
 def owners(hints: Hints, contents: ContentsIndex) -> tuple[dict[str, set[str]], list[str]]:
@@ -127,6 +164,7 @@ class SyncReport:
     unowned: list[str] = field(default_factory=list)  # hinted paths no package ships (escaped)
     packages: dict[str, list[str]] = field(default_factory=dict)  # package -> versions apt offers
     not_downloadable: dict[str, str] = field(default_factory=dict)  # package -> installed version apt lacks
+    kernels: dict[str, str] = field(default_factory=dict)  # running kernel release -> its package ("" if none)
     ingest: IngestReport = field(default_factory=IngestReport)
     rejected_hints: int = 0
     skipped: int = 0  # package versions already in the KB
@@ -143,6 +181,7 @@ class SyncReport:
         for name, versions in other.packages.items():
             self.packages.setdefault(name, versions)
         self.not_downloadable.update(other.not_downloadable)
+        self.kernels.update(other.kernels)
         self.ingest.merge(other.ingest)
         self.rejected_hints = max(self.rejected_hints, other.rejected_hints)
         self.errors += other.errors
@@ -209,6 +248,14 @@ def sync(db: CodePageDB, observations: Iterable[Observation], *, contents: Conte
     contents = contents or ContentsIndex.open()
     by_package, unowned = owners(hints, contents)
     out.unowned = [escape(p) for p in unowned]
+    for release in sorted(hints.kernels):
+        name = kernel_package(release, hints.installed)
+        out.kernels[release] = name or ""
+        if name:
+            by_package.setdefault(name, set()).add(f"/boot/vmlinuz-{release}")
+        else:
+            out.errors.append((f"kernel {release}", f"apt offers no linux-image-{release}: kernel code stays "
+                                                   "unverifiable"))
     specs = []
     for name in sorted(by_package)[:MAX_PACKAGES]:
         versions = list(archive.available_versions(name))[:MAX_VERSIONS]

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nephoscope.core.errors import ConnectorError
 from nephoscope.core.payloads import Image, Process, UnknownCode
@@ -27,6 +27,9 @@ from nephoscope.service.methods import get_method
 from nephoscope.service.scan import ScanResult, run_scan
 from nephoscope.service.targets import resolve_target
 from nephoscope.store.sqlite import Store
+
+if TYPE_CHECKING:
+    from nephoscope.knowledge.sync import SyncReport
 
 Progress = Callable[[str], None]
 BENCH_LOOP = 60000
@@ -299,11 +302,15 @@ def _guest(profile: str, keep: bool, progress: Progress) -> tuple[runner.Guest, 
 
 
 def evaluate(methods: list[str], profiles: tuple[str, ...] = ("clean", "tampered"), *, slowdown: bool = True,
-             keep: bool = False, progress: Progress = lambda _m: None) -> list[MethodScore]:
-    """Run every method on every profile's lab guest and return the measured scores."""
+             keep: bool = False, sync_kb: bool | None = None, progress: Progress = lambda _m: None
+             ) -> list[MethodScore]:
+    """Run every method on every profile's lab guest and return the measured scores.
+
+    `sync_kb`: fill the default KB from each guest (`kb sync`) before scoring it; None (the default) does
+    it for disk profiles (full Debian systems, whose hundreds of packages no KB is fed in advance)."""
     scores: list[MethodScore] = []
     for profile in profiles:
-        guest, owned = _guest(profile, keep, progress)
+        guest, owned = _synced_guest(profile, keep, sync_kb, progress)
         try:
             if {"arch", "inspect", "checkpoint"} & set(methods):
                 problem = ensure_kernel_code(guest.manifest(), progress)
@@ -314,6 +321,33 @@ def evaluate(methods: list[str], profiles: tuple[str, ...] = ("clean", "tampered
             if owned:
                 runner.stop(guest.name, quiet=True)
     return scores
+
+
+def _synced_guest(profile: str, keep: bool, sync_kb: bool | None, progress: Progress) -> tuple[runner.Guest, bool]:
+    """Return `_guest`'s guest after a `kb sync` of it when `sync_kb` asks (None: disk profiles only)."""
+    guest, owned = _guest(profile, keep, progress)
+    if sync_kb or (sync_kb is None and load_profile(profile).boot == "disk"):
+        try:
+            sync_guest_kb(guest, progress)
+        except BaseException:
+            if owned:
+                runner.stop(guest.name, quiet=True)
+            raise
+    return guest, owned
+
+
+def sync_guest_kb(guest: runner.Guest, progress: Progress = lambda _m: None) -> SyncReport:
+    """Fill the default KB with every version of the packages a running guest maps, and its kernel (`kb sync`).
+
+    Pauses the guest as `scan` does (inspect, agent and arch scans, at most four)."""
+    from nephoscope.service.kbsync import SYNC_METHODS, sync_and_rescan
+
+    started = time.monotonic()
+    _first, report, _after = sync_and_rescan(guest.name, SYNC_METHODS.split(","), 4, progress)
+    progress(f"{guest.profile}: kb sync: {len(report.packages)} packages, {sum(map(len, report.packages.values()))} "
+             f"versions, {report.ingest.pages_added} pages added, {len(report.errors)} errors, "
+             f"{time.monotonic() - started:.0f} s")
+    return report
 
 
 def score_guest(guest: runner.Guest, methods: list[str], *, slowdown: bool = False, store: Store | None = None,
