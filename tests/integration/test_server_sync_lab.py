@@ -161,11 +161,6 @@ def test_the_synced_kernel_package_is_what_arch_compares_and_the_vdso_verifies(s
     assert {o.payload.kernel for o in vdsos} == {((kernel["package"], kernel["version"]),)}
 
 
-@pytest.mark.xfail(strict=True, reason="known false positive of the kernel verifier on the server guest: module "
-                   "relocations of ext4, kvm, kvm_amd, evdev, serio_raw, x_tables, autofs4 disagree (e.g. evdev "
-                   "evdev_connect+0x67, R_X86_64_32S against a zero-size .bss, which has no sysfs section "
-                   "attribute), and vmlinux's perf static calls into the unverified kvm text are rejected; the "
-                   "initramfs guests' modules verify")
 def test_no_kernel_code_finding_on_the_clean_server(scanned: ScanResult) -> None:
     kinds = Counter(f.kind for f in scanned.view.findings)
     assert kinds["modified-kernel-code"] == 0 and kinds["unknown-kernel-code"] == 0, kinds

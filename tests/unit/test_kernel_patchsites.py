@@ -177,7 +177,7 @@ def test_module_relocations_use_kallsyms_values_and_refuse_functions_outside_cod
     from nephoscope.introspect.kernelcode import _link_module
 
     text_at, printk = 0xFFFF_FFFF_C000_0000, 0xFFFF_FFFF_8110_0000
-    linked, _own = _link_module(_tiny_ko(), {".text": text_at}, {"printk": printk})
+    linked, _own, _ranged = _link_module(_tiny_ko(), {".text": text_at}, {"printk": printk})
     assert linked[".text"] == b"\xe8" + struct.pack("<i", printk - (text_at + 5)) + b"\xc3"
 
     def outside(name: str, gva: int) -> None:

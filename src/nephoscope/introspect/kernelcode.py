@@ -550,13 +550,22 @@ class KernelVerifier:
                               "its memory is unknown kernel code")
             return out
         out.package, out.version = image.package, image.version
+        placed = {}
+        percpu = self._module_percpu(module)
+        if percpu and ".data..percpu" in image.sections and ".data..percpu" not in where:
+            placed[".data..percpu"] = percpu  # the loader clears its SHF_ALLOC: no sysfs attribute
         try:
-            linked, syms = _link_module(image, where, symbols, self._check_function)
+            linked, syms, ranged = _link_module(image, where, symbols, self._check_function,
+                                                self.module_regions(module), placed)
         except (ps.SiteTableError, GuestDataError, *_BAD) as exc:
             out.reason = f"could not apply the module's relocations: {exc}"
             return out
         out.symbols = sorted(syms)
         sites, problems = _module_sites(image, linked, where)
+        sites.extend(ranged)
+        # the module's own static call trampolines (DEFINE_STATIC_CALL in the module, e.g. kvm's kvm_x86_*):
+        # __static_call_update() rewrites their jmp like the vmlinux's
+        sites.extend(ps.Site(gva, 5, "static_call_tramp") for gva, n in syms if n.startswith("__SCT__"))
         if problems:
             out.reason = "; ".join(problems)
             return out
@@ -577,7 +586,55 @@ class KernelVerifier:
                 if lo < hi:
                     expected[lo - a:hi - a] = data[lo - sa:hi - sa]
             self._compare(out, a, expected, got, sites, namer, checker)
+        if ranged and out.status == VERIFIED:
+            out.reason = (f"{len(ranged)} relocation(s) against sections without a load address ("
+                          f"{', '.join(sorted(_unplaced_sections(image, where, placed)))}) range-checked into the "
+                          "module's own allocation, not matched exactly")
         return out
+
+    def _module_percpu(self, module: object) -> int:
+        """Return a module's per-cpu area (module.percpu; 0 when unknown)."""
+        from nephoscope.os.linux.model import Offsets
+
+        try:
+            off = getattr(self, "_percpu_off", None)
+            if off is None:
+                off = self._percpu_off = Offsets(self.k.types, {"module": ["percpu"]}, self.release)
+            return self.k.u64(module.gva + off["module.percpu"])  # type: ignore[attr-defined]
+        except (*_BAD, NephoscopeError):
+            return 0
+
+    def module_regions(self, module: object) -> dict[str, tuple[int, int]]:
+        """Return {kind: (gva, end)} of a loaded module's memory by kind (section_kind), end inclusive: mem[]
+        on 6.4+, else the core layout's text/ro/ro_after_init/data split; {} when unreadable."""
+        from nephoscope.os.linux.model import Offsets
+
+        k = self.k
+        try:
+            if k.module_mem_types:  # 6.4+: MOD_TEXT, MOD_DATA, MOD_RODATA, MOD_RO_AFTER_INIT
+                stride = k.off.size["module_memory"]
+                blob = k.read(module.gva + k.off["module.mem"], stride * 4)  # type: ignore[attr-defined]
+                out = {}
+                for kind, i in (("text", 0), ("data", 1), ("rodata", 2), ("ro_after_init", 3)):
+                    base = struct.unpack_from("<Q", blob, i * stride + k.off["module_memory.base"])[0]
+                    size = struct.unpack_from("<I", blob, i * stride + k.off["module_memory.size"])[0]
+                    if base and 0 < size <= 1 << 30:
+                        out[kind] = (base, base + size)
+                return out
+            off = getattr(self, "_layout_off", None)
+            if off is None:
+                off = self._layout_off = Offsets(k.types, {"module_layout": ["base", "size", "text_size", "ro_size",
+                                                                              "ro_after_init_size"]}, self.release)
+            layout = module.gva + k.off["module.core_layout.base"] - off["module_layout.base"]  # type: ignore[attr-defined]
+            base = k.u64(layout + off["module_layout.base"])
+            cut = [k.u32(layout + off[f"module_layout.{f}"]) for f in ("text_size", "ro_size", "ro_after_init_size",
+                                                                         "size")]
+            if not base or not 0 < cut[0] <= cut[1] <= cut[2] <= cut[3] <= 1 << 30:
+                return {}
+            return {"text": (base, base + cut[0]), "rodata": (base + cut[0], base + cut[1]),
+                    "ro_after_init": (base + cut[1], base + cut[2]), "data": (base + cut[2], base + cut[3])}
+        except (*_BAD, NephoscopeError):
+            return {}
 
     def _shipped_modules(self) -> set[str] | None:
         """Return the module names the KB's kernel package ships (None: no vmlinux or no list in the KB)."""
@@ -626,7 +683,6 @@ class KernelVerifier:
     def verify(self, budget: Budget | None = None) -> KernelCodeReport:
         """Verify the vmlinux text and every listed module, then find executable kernel memory in no image."""
         started = time.perf_counter()
-        images = [self.verify_vmlinux()]
         mods = self.k.modules()
         symbols = dict(self.k.symbols.symbols)
         self.functions = {n for _, t, n in self.k.symbols.entries() if t in "tT"}
@@ -649,6 +705,9 @@ class KernelVerifier:
             for n, a in where.items():
                 if n.startswith(".text") or n == ".noinstr.text":
                     self.code_ranges.append((a, m.base + m.size if m.base <= a < m.base + m.size else a + PAGE))
+        # the vmlinux after the module text is known: its static calls may point into modules (perf's guest
+        # callbacks into kvm)
+        images = [self.verify_vmlinux()]
         for m, _ in per_module:
             try:
                 images.append(self.verify_module(m, symbols))
@@ -866,13 +925,51 @@ def _symtab(image: KernelImageFile) -> list[tuple[str, int, int, int]]:
     return out
 
 
+SHF_WRITE, SHF_ALLOC, SHF_EXECINSTR = 0x1, 0x2, 0x4
+RO_AFTER_INIT_SECTIONS = (".data..ro_after_init", "__jump_table")  # the loader flags these SHF_RO_AFTER_INIT
+
+
+def section_kind(sec: Section) -> str | None:
+    """Return the module memory kind the kernel's loader (layout_sections) puts a .ko section in: "text",
+    "rodata", "ro_after_init" or "data"; None for sections it does not keep after load (not SHF_ALLOC, .init*)."""
+    if not sec.flags & SHF_ALLOC or sec.name.startswith(".init") or sec.name in (".modinfo", "__versions"):
+        return None
+    if sec.flags & SHF_EXECINSTR:
+        return "text"
+    if sec.name in RO_AFTER_INIT_SECTIONS:
+        return "ro_after_init"
+    return "data" if sec.flags & SHF_WRITE else "rodata"
+
+
+def _unplaced_sections(image: KernelImageFile, where: dict[str, int], placed: dict[str, int]) -> set[str]:
+    """Return the names of the kept .ko sections with no load address (neither sysfs nor `placed`)."""
+    return {s.name for s in image.sections.values() if section_kind(s) and s.name not in where and s.name not in placed}
+
+
+def _signed64(value: int) -> int:
+    value &= 2**64 - 1
+    return value - 2**64 if value >= 2**63 else value
+
+
 def _link_module(image: KernelImageFile, where: dict[str, int], symbols: dict[str, int],
                  check: Callable[[str, int], None] = lambda _n, _v: None,
-                 ) -> tuple[dict[str, bytes], list[tuple[int, str]]]:
-    """Apply a .ko's relocations for its load addresses; return the linked bytes of every kept section and
-    the module's own (gva, name) function symbols. `check(name, gva)` vets each kallsyms value used."""
+                 regions: dict[str, tuple[int, int]] | None = None, placed: dict[str, int] | None = None,
+                 ) -> tuple[dict[str, bytes], list[tuple[int, str]], list[ps.Site]]:
+    """Apply a .ko's relocations for its load addresses; return the linked bytes of every kept section, the
+    module's own (gva, name) function symbols and the range-checked relocation sites. `check(name, gva)`
+    vets each kallsyms value used.
+
+    `placed` adds load addresses used only to resolve symbols (the per-cpu section: module.percpu). A
+    relocation in code against a kept section with no known address (an empty .bss has no sysfs section
+    attribute) cannot be matched exactly: it becomes a "reloc_range" site whose field must point into
+    `regions[kind]`, the module's own allocation of that section's kind ([gva, end], end inclusive)."""
     by_index = image.by_index()
     syms = _symtab(image)
+    regions = regions or {}
+    at = {**(placed or {}), **where}
+
+    class _Unplaced(Exception):
+        pass
 
     def sym_value(i: int) -> int:
         name, _info, shndx, value = syms[i]
@@ -885,13 +982,16 @@ def _link_module(image: KernelImageFile, where: dict[str, int], symbols: dict[st
         if shndx >= 0xFF00:
             return value  # SHN_ABS and friends
         sec = by_index.get(shndx)
-        if sec is None or sec.name not in where:
+        if sec is not None and sec.name not in at and section_kind(sec) in regions:
+            raise _Unplaced(sec, value)
+        if sec is None or sec.name not in at:
             return 0  # a section the kernel did not load (the site tables never point there)
-        return where[sec.name] + value
+        return at[sec.name] + value
 
     linked: dict[str, bytes] = {}
+    ranged: list[ps.Site] = []
     for s in image.sections.values():
-        if s.name in where and s.type not in ("SHT_NOBITS", HEADER_ONLY) and s.flags & 0x2:
+        if s.name in where and s.type not in ("SHT_NOBITS", HEADER_ONLY) and s.flags & SHF_ALLOC:
             linked[s.name] = s.data
     for rel in image.sections.values():
         if rel.type != "SHT_RELA":
@@ -906,15 +1006,29 @@ def _link_module(image: KernelImageFile, where: dict[str, int], symbols: dict[st
             rtype, si = info & 0xFFFF_FFFF, info >> 32
             if not 0 <= offset <= len(buf) - 4:
                 raise GuestDataError(f"{rel.name}: relocation {j} at {offset} is outside {target.name}")
+            p = base + offset
             try:
                 value = sym_value(si)
+            except _Unplaced as unplaced:
+                sec, sym_off = unplaced.args
+                lo, hi = regions[section_kind(sec)]  # type: ignore[index]
+                adj = sym_off + addend
+                if target.flags & SHF_EXECINSTR and rtype in (R_X86_64_PC32, R_X86_64_PLT32):
+                    ranged.append(ps.Site(p, 4, "reloc_range", target=lo + adj - p, bound=hi + adj - p))
+                elif target.flags & SHF_EXECINSTR and rtype == R_X86_64_32S:
+                    ranged.append(ps.Site(p, 4, "reloc_range", target=_signed64(lo + adj), bound=_signed64(hi + adj)))
+                elif target.flags & SHF_EXECINSTR and rtype == R_X86_64_64 and offset <= len(buf) - 8:
+                    ranged.append(ps.Site(p, 8, "reloc_range", target=lo + adj, bound=hi + adj))
+                elif target.flags & SHF_EXECINSTR:
+                    raise GuestDataError(f"{rel.name}: relocation {j} (type {rtype}) against {sec.name}, which "
+                                         "has no load address, cannot be range-checked") from None
+                continue
             except GuestDataError:
-                if target.flags & 0x4:
+                if target.flags & SHF_EXECINSTR:
                     raise
                 continue  # data tables may reference symbols from init sections we never read
-            if value == 0 and not target.flags & 0x4:
+            if value == 0 and not target.flags & SHF_EXECINSTR:
                 continue
-            p = base + offset
             if rtype == R_X86_64_64:
                 struct.pack_into("<Q", buf, offset, (value + addend) & (2**64 - 1))
             elif rtype in (R_X86_64_PC32, R_X86_64_PLT32):
@@ -928,7 +1042,7 @@ def _link_module(image: KernelImageFile, where: dict[str, int], symbols: dict[st
         linked[target.name] = bytes(buf)
     own = [(where[by_index[sh].name] + v, n) for n, info, sh, v in syms
            if n and info & 0xF == 2 and sh in by_index and by_index[sh].name in where]
-    return linked, own
+    return linked, own, ranged
 
 
 def _module_sites(image: KernelImageFile, linked: dict[str, bytes], where: dict[str, int],

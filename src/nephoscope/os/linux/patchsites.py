@@ -42,15 +42,18 @@ class Site:
     """One place the kernel may rewrite: [start, start+length) in link-time addresses, its kind and variants.
 
     `repl` is the alternative's replacement bytes (and `repl_addr` their link address); `target` a jump
-    label's jump target (link address)."""
+    label's jump target (link address). A "reloc_range" site is a module relocation whose target section
+    has no known load address: its field, read as a signed (4 bytes) or unsigned (8 bytes) integer, must
+    lie in [target, bound] (the module's own allocation of the section's kind, see kernelcode)."""
 
     start: int
     length: int
     kind: str  # "alternative", "paravirt", "jump_label", "static_call", "retpoline", "return", "call", "lock",
-    #            "endbr", "mcount", "static_call_tramp", "ftrace_call"
+    #            "endbr", "mcount", "static_call_tramp", "ftrace_call", "reloc_range"
     repl: bytes = b""
     repl_addr: int = 0
     target: int = 0
+    bound: int = 0
 
 
 # --- decoding -------------------------------------------------------------------------------------------
@@ -354,6 +357,8 @@ def accepts(site: Site, orig: bytes, got: bytes, slide: int, targets: Targets) -
     kind = site.kind
     if kind == "runtime_const":  # 6.11+: the immediate holds the variable's boot-time value (site.target)
         return got == (site.target & ((1 << (8 * site.length)) - 1)).to_bytes(site.length, "little")
+    if kind == "reloc_range":  # a bounded check, not an exact match: the field lands in the allowed range
+        return len(got) in (4, 8) and site.target <= int.from_bytes(got, "little", signed=len(got) == 4) <= site.bound
     if kind == "lock":
         return got[:1] in (bytes([LOCK]), bytes([DS]))
     if kind == "alternative" or kind == "paravirt":
