@@ -187,3 +187,49 @@ def test_module_relocations_use_kallsyms_values_and_refuse_functions_outside_cod
         _link_module(_tiny_ko(), {".text": text_at}, {"printk": printk}, outside)
     with pytest.raises(GuestDataError, match="no kallsyms table"):
         _link_module(_tiny_ko(), {".text": text_at}, {})
+
+
+def _bss_ko() -> KernelImageFile:
+    """A module whose .text loads the address of a symbol in its empty .bss (R_X86_64_32S, like evdev's
+    evdev_connect+0x67), and one per-cpu variable (R_X86_64_32S against .data..percpu: %gs-relative)."""
+    image = KernelImageFile("module", "tiny", "6.1.0-57-amd64/kernel/tiny.ko", "00" * 32)
+    strtab = b"\0counter\0pcpu_var\0"
+    symtab = (bytes(24) + struct.pack("<IBBHQQ", 1, 0x01, 0, 5, 0, 0)  # LOCAL OBJECT counter in .bss (index 5)
+              + struct.pack("<IBBHQQ", 9, 0x01, 0, 6, 8, 8))  # LOCAL OBJECT pcpu_var in .data..percpu at 8
+    # 48 c7 c7 imm32: mov $counter, %rdi (32S); 65 48 8b 04 25 imm32: mov %gs:pcpu_var, %rax (32S); ret
+    text = b"\x48\xc7\xc7\0\0\0\0" + b"\x65\x48\x8b\x04\x25\0\0\0\0" + b"\xc3"
+    rela = struct.pack("<QQq", 3, (1 << 32) | 11, 0) + struct.pack("<QQq", 12, (2 << 32) | 11, 0)
+    image.sections[".text"] = Section(".text", 0, "SHT_PROGBITS", 6, 0, 0, 0, text, 1)
+    image.sections[".rela.text"] = Section(".rela.text", 0, "SHT_RELA", 0x40, 1, 2, 24, rela, 3)
+    image.sections[".symtab"] = Section(".symtab", 0, "SHT_SYMTAB", 0, 1, 4, 24, symtab, 2)
+    image.sections[".strtab"] = Section(".strtab", 0, "SHT_STRTAB", 0, 0, 0, 0, strtab, 4)
+    image.sections[".bss"] = Section(".bss", 0, "SHT_NOBITS", 3, 0, 0, 0, b"", 5)  # WA, size 0
+    image.sections[".data..percpu"] = Section(".data..percpu", 0, "SHT_PROGBITS", 3, 0, 0, 0, bytes(16), 6)
+    return image
+
+
+def test_a_relocation_against_a_section_without_a_load_address_is_range_checked_into_its_kind() -> None:
+    from nephoscope.introspect.kernelcode import _Checker, _link_module, section_kind
+
+    text_at, percpu = 0xFFFF_FFFF_C000_0000, 0x3_5000
+    data = (0xFFFF_FFFF_C000_3000, 0xFFFF_FFFF_C000_3400)  # the module's writable allocation [gva, end]
+    image = _bss_ko()
+    assert [section_kind(image.sections[n]) for n in (".text", ".bss", ".symtab")] == ["text", "data", None]
+    linked, _own, ranged = _link_module(image, {".text": text_at}, {}, regions={"data": data},
+                                        placed={".data..percpu": percpu})
+    # the per-cpu variable: exact (module.percpu + value), the .bss address: one bounded site, not a byte value
+    assert linked[".text"][12:16] == struct.pack("<i", percpu + 8)
+    assert [(s.start, s.length, s.kind) for s in ranged] == [(text_at + 3, 4, "reloc_range")]
+    checker = _Checker(ranged, ANY)
+    expected = linked[".text"]
+
+    def bad(bss: int) -> list[int]:
+        got = bytearray(expected)
+        got[3:7] = struct.pack("<i", bss - 2**64)  # sign-extended imm32 of a module address
+        diff = np.flatnonzero(np.frombuffer(expected, np.uint8) != np.frombuffer(bytes(got), np.uint8))
+        return checker.check(text_at, expected, got, diff, {}).tolist()
+
+    assert bad(data[0] + 0x200) == [] and bad(data[1]) == []  # inside the module's data (an empty .bss at its end)
+    assert bad(data[1] + 1) and bad(0xFFFF_FFFF_8100_0000) and bad(text_at)  # kernel data or the module's text
+    # without the module's memory layout the old behaviour stays: no site, the bytes must match exactly
+    assert _link_module(image, {".text": text_at}, {}, placed={".data..percpu": percpu})[2] == []
