@@ -303,10 +303,14 @@ class KernelVerifier:
         self.text_range = (sym.find("_text") or 0, sym.find("_etext") or 0)
         self.code_ranges: list[tuple[int, int]] = [self.text_range]
         self.module_symbols: dict[str, int] = {}
+        self._into_modules: set[int] | None = None  # while the vmlinux is verified: targets in module text
         self.targets = ps.Targets(self._is_code, self._thunks.__contains__, self._ftrace.__contains__)
 
     def _is_code(self, gva: int) -> bool:
-        return any(a <= gva < b for a, b in self.code_ranges)
+        hit = any(a <= gva < b for a, b in self.code_ranges)
+        if hit and self._into_modules is not None and not self.text_range[0] <= gva < self.text_range[1]:
+            self._into_modules.add(gva)  # a vmlinux site accepted for pointing into module text: recorded
+        return hit
 
     # --- vmlinux -------------------------------------------------------------------------------------
 
@@ -707,7 +711,14 @@ class KernelVerifier:
                     self.code_ranges.append((a, m.base + m.size if m.base <= a < m.base + m.size else a + PAGE))
         # the vmlinux after the module text is known: its static calls may point into modules (perf's guest
         # callbacks into kvm)
+        self._into_modules = set()
         images = [self.verify_vmlinux()]
+        into, self._into_modules = self._into_modules, None
+        if into:
+            owners = sorted({m.name for m, _ in per_module for t in into if m.base <= t < m.base + m.size})
+            images[0].reason = (images[0].reason + "; " if images[0].reason else "") + (
+                f"{len(into)} site target(s) accepted in the text of listed module(s) {', '.join(owners) or '?'} "
+                "(verified or not on their own)")
         for m, _ in per_module:
             try:
                 images.append(self.verify_module(m, symbols))
