@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from nephoscope.core.errors import GuestDataError, MemoryAccessError
 from nephoscope.os.linux.model import Offsets
-from nephoscope.os.linux.walkers import Listing, iter_pid_idr, iter_thread_gvas, modules, walk_list
+from nephoscope.os.linux.walkers import Listing, iter_pid_idr, iter_thread_gvas, modules, struct_pid_problem, walk_list
 
 if TYPE_CHECKING:
     from nephoscope.os.linux.model import LinuxKernel
@@ -327,7 +327,7 @@ def task_views(k: LinuxKernel, root_gpas: list[int] | None = None) -> TaskViews:
             return _fail(result, f"task 0x{task:x} (seen by {', '.join(seen_by)}) is unreadable ({exc})")
         if pid <= 0 or exit_state or state & TASK_DEAD:
             continue  # an idle task (pid 0) or one being reaped: not hidden, just not listed
-        if problem := _struct_pid_problem(k, task, pid):
+        if problem := struct_pid_problem(k, task, pid):
             return _fail(result, f"a task seen by {', '.join(seen_by)} is not self-consistent ({problem})")
         missing = tuple(n for n, members in (("task-list", in_list), ("pid-table", in_idr)) if task not in members)
         where = f"; its address space is rooted at gpa 0x{roots_of[task]:x}" if task in roots_of else ""
@@ -336,21 +336,6 @@ def task_views(k: LinuxKernel, root_gpas: list[int] | None = None) -> TaskViews:
                                               f"{', '.join(seen_by)} but is missing from {' and '.join(missing)}"
                                               + where))
     return result
-
-
-def _struct_pid_problem(k: LinuxKernel, task: int, pid: int) -> str:
-    """Return why a task's own struct pid (thread_pid) does not name `pid` in init_pid_ns ("" when it does)."""
-    o = k.off
-    if "task_struct.thread_pid" not in o:
-        return ""
-    try:
-        upid = k.u64(task + o["task_struct.thread_pid"]) + o["pid.numbers"]
-        nr, ns = k.u32(upid + o["upid.nr"]), k.u64(upid + o["upid.ns"])
-    except _BAD as exc:
-        return f"task 0x{task:x} (pid {pid}): its struct pid is unreadable ({exc})"
-    if nr != pid or ns != k.symbols.get("init_pid_ns"):
-        return f"task 0x{task:x} says pid {pid} but its struct pid says {nr}"
-    return ""
 
 
 def _fail(result: TaskViews, problem: str) -> TaskViews:

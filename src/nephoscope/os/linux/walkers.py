@@ -833,7 +833,7 @@ def cross_view(k: LinuxKernel) -> CrossView:
             problem = (f"pid {pid} is on the task list but missing from a PID idr node that counts more "
                        "allocated slots than it holds (a pid being allocated, or a slot lost to damage)")
         else:
-            problem = _own_pid_problem(k, in_list[pid], pid)
+            problem = struct_pid_problem(k, in_list[pid], pid)
     if problem:
         return CrossView(listed, idr, hidden.fail(f"cross-view unverifiable: the views contradict each other "
                                                   f"({problem})"))
@@ -847,8 +847,8 @@ def cross_view(k: LinuxKernel) -> CrossView:
     return CrossView(listed, idr, hidden)
 
 
-def _own_pid_problem(k: LinuxKernel, task: int, pid: int) -> str:
-    """Return why a listed task missing from the PID idr is not self-consistent ("" when it is)."""
+def struct_pid_problem(k: LinuxKernel, task: int, pid: int) -> str:
+    """Return why a task's own struct pid (thread_pid) does not name `pid` in init_pid_ns ("" when it does)."""
     o = k.off
     if "task_struct.thread_pid" not in o:
         return ""
