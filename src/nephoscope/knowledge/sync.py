@@ -19,9 +19,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import re
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,22 +188,7 @@ def fetch_unpacked(name: str, version: str) -> Path:
     """Download `name=version` with apt (own temporary directory: safe in parallel) and unpack it (cached)."""
     if not PACKAGE_RE.match(name) or not VERSION_RE.match(version):
         raise KnowledgeError(f"{escape(name)}={escape(version)} is not a Debian package name and version")
-    record = archive.package_record(name, version)
-    debs = cache_root() / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    target = debs / Path(record["Filename"]).name
-    if not (target.exists() and target.stat().st_size == int(record.get("Size", target.stat().st_size))):
-        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=debs))
-        try:
-            proc = subprocess.run(["apt-get", "download", "-q", f"{name}={version}"], cwd=tmp,
-                                  capture_output=True, text=True, check=False)
-            got = list(tmp.glob("*.deb"))
-            if proc.returncode != 0 or not got:
-                raise KnowledgeError(f"apt-get download {name}={version} failed: {proc.stderr.strip()[:300]} "
-                                     "(is the package registry reachable?)")
-            got[0].replace(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    target = archive.download(name, version, cache_root() / "debs")
     return archive.unpack(target, cache_root() / "unpacked")
 
 

@@ -11,6 +11,7 @@ import functools
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,24 +63,26 @@ def package_names(prefix: str, options: tuple[str, ...] = ()) -> list[str]:
 
 
 def download(name: str, version: str, cache_dir: Path, options: tuple[str, ...] = ()) -> Path:
-    """Fetch `name=version` into `cache_dir` (reusing a cached copy) and return the .deb path."""
+    """Fetch `name=version` into `cache_dir` (reusing a cached copy) and return the .deb path.
+
+    Each call downloads into its own temporary directory under `cache_dir`, so parallel downloads (the
+    KB sync's worker threads, two nephoscope processes) never see each other's partial files."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     record = package_record(name, version, options)
-    filename = Path(record["Filename"]).name
-    target = cache_dir / filename
+    target = cache_dir / Path(record["Filename"]).name
     if target.exists() and target.stat().st_size == int(record.get("Size", target.stat().st_size)):
         return target
-    tmp = cache_dir / ".download"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    proc = subprocess.run(["apt-get", *options, "download", "-q", f"{name}={version}"], cwd=tmp,
-                          capture_output=True, text=True, check=False)
-    got = list(tmp.glob("*.deb"))
-    if proc.returncode != 0 or not got:
-        raise KnowledgeError(f"apt-get download {name}={version} failed: {proc.stderr.strip()[:400]} "
-                             "(is `apt-get update` done and the package registry reachable?)")
-    got[0].replace(target)
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache_dir))
+    try:
+        proc = subprocess.run(["apt-get", *options, "download", "-q", f"{name}={version}"], cwd=tmp,
+                              capture_output=True, text=True, check=False)
+        got = list(tmp.glob("*.deb"))
+        if proc.returncode != 0 or not got:
+            raise KnowledgeError(f"apt-get download {name}={version} failed: {proc.stderr.strip()[:400]} "
+                                 "(is `apt-get update` done and the package registry reachable?)")
+        got[0].replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
