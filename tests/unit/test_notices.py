@@ -165,6 +165,16 @@ def test_failing_receiver_retried_and_recorded(tmp_path: Path, vulns: VulnDB) ->
         assert len(signatures) >= 1
     listed = NoticeLog(store).notices("vm-a")
     assert {(r.channel, r.status) for r in listed} == {("email", "failed"), ("webhook", "sent")}
+    with smtp_server() as box, webhook_receiver(status=500) as hook:  # every channel fails: the next run retries
+        tenants = parse_tenants(_tenants(box, hook).replace(f"port = {box.port}", "port = 1"))
+        _save(store, "vm-a", _obs("vm-a", "nginx", nginx="0.9-1", t=2.0))
+        failed = notify_vm("vm-a", store=store, tenants=tenants, delivery=FAST, vulns=vulns, owner=OWNER)
+        assert [d.status for d in failed.deliveries] == ["failed", "failed"]
+        assert "HTTP 500" in failed.deliveries[1].last_error
+        tenants = parse_tenants(_tenants(box, hook))
+        hook.status = 200
+        retried = notify_vm("vm-a", store=store, tenants=tenants, delivery=FAST, vulns=vulns, owner=OWNER)
+        assert [d.status for d in retried.deliveries] == ["sent", "sent"] and len(box.messages) == 1
 
 
 def test_filter_change_notice(tmp_path: Path) -> None:

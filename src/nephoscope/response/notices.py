@@ -290,6 +290,15 @@ def decide(previous: list[Problem] | None, previous_fingerprint: str | None, pro
     return PROBLEM if fingerprint(problems) != previous_fingerprint else None
 
 
+def _undelivered(log: NoticeLog, tenant: str, vm: str, mark: str) -> bool:
+    """Return whether the last notice of this state reached none of its channels."""
+    latest: dict[str, str] = {}
+    for r in log.notices(vm, tenant, limit=20):  # newest first: the first row per channel is its latest
+        if r.event != FILTER and r.fingerprint == mark:
+            latest.setdefault(r.channel, r.status)
+    return bool(latest) and all(status == "failed" for status in latest.values())
+
+
 def notify_problems(tenant: Tenant, vm: str, problems: list[Problem], log: NoticeLog, *, scan_id: int | None = None,
                     report: dict[str, Any] | None = None, attachments: Iterable[Attachment] = (),
                     delivery: Delivery | None = None, force: bool = False) -> list[NoticeRecord]:
@@ -300,6 +309,8 @@ def notify_problems(tenant: Tenant, vm: str, problems: list[Problem], log: Notic
     state = log.find_state(tenant.name, vm, TOPIC)
     previous = problems_from(state.problems) if state else None
     event = decide(previous, state.fingerprint if state else None, problems)
+    if event is None and problems and _undelivered(log, tenant.name, vm, fingerprint(problems)):
+        event = PROBLEM  # every channel failed last time: a later scan tries again
     if event is None and force:
         event = PROBLEM if problems else RESOLVED
     if event is None:
