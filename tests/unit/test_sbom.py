@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import jsonschema
 import pytest
-from referencing import Registry, Resource
 
 from nephoscope.analysis.merge import merge
 from nephoscope.core.errors import NephoscopeError
@@ -16,27 +13,9 @@ from nephoscope.core.records import Observation, Provenance, Verdict
 from nephoscope.knowledge.vulns import VulnDB, VulnRecord
 from nephoscope.service.sbom import export, purl
 from nephoscope.store.sqlite import Store
+from schemas import validate_cyclonedx, validate_openvex
 
-SCHEMAS = Path(__file__).resolve().parents[1] / "data" / "schemas"
 OWNER = {"/usr/lib/x86_64-linux-gnu/libssl.so.3": "libssl3", "/usr/sbin/nginx": "nginx", "/usr/bin/bash": "bash"}.get
-
-
-def _schema(name: str) -> dict[str, Any]:
-    return json.loads((SCHEMAS / name).read_text())  # type: ignore[no-any-return]
-
-
-def validate_cyclonedx(doc: dict[str, Any]) -> None:
-    """Validate against bom-1.5 with its referenced SPDX and JSF schemas (the names it refers to them by)."""
-    registry = Registry().with_resources([
-        (f"http://cyclonedx.org/schema/{name}", Resource.from_contents(_schema(name)))
-        for name in ("spdx.SNAPSHOT.schema.json", "jsf-0.82.SNAPSHOT.schema.json")])
-    schema = _schema("bom-1.5.SNAPSHOT.schema.json")
-    jsonschema.Draft7Validator(schema, registry=registry, format_checker=jsonschema.FormatChecker()).validate(doc)
-
-
-def validate_openvex(doc: dict[str, Any]) -> None:
-    schema = _schema("openvex-0.2.0.schema.json")
-    jsonschema.Draft202012Validator(schema).validate(doc)
 
 
 def _obs(vm: str, t: float, *, bash_runs: bool = False, methods: tuple[str, ...] = ("inspect", "agent")

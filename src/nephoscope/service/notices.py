@@ -106,12 +106,12 @@ def notify_vm(vm: str, *, store: Store | None = None, tenants: Tenants | None = 
 
 
 def notify_result(result: Any, *, store: Store | None = None, tenants: Tenants | None = None,
-                  delivery: Delivery | None = None) -> NoticeOutcome | None:
+                  delivery: Delivery | None = None, vulns: Any = None) -> NoticeOutcome | None:
     """Notify after a scan (`scan --notify`): None when no tenants file exists (notices not configured)."""
     tenants = tenants or find_tenants()
     if tenants is None:
         return None
-    return notify_report(report_from_result(result), store or Store(), tenants, delivery=delivery)
+    return notify_report(report_from_result(result, vulns), store or Store(), tenants, delivery=delivery)
 
 
 def filter_changed(vm: str, action: str, cve: str, summary: str, *, store: Store | None = None,
