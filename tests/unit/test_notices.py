@@ -268,3 +268,59 @@ def test_tenants_validation(tmp_path: Path) -> None:
     tenant = load_tenants(tmp_path / "t.toml").get_tenant("a")
     assert tenant.secret == "0123456789abcdef-from-file" and "0123456789" not in repr(tenant)
     assert tenant.describe()["secret"] == "set"
+
+
+def test_cli_send_list_tenants_and_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`notices tenants/send/list` and `report --format cyclonedx|openvex` through the real command line."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    VulnDB.open(cache / "vulns.sqlite").replace("changelog", [VulnRecord("nginx", "CVE-2026-1111", "1.0-2")])
+    store = Store(tmp_path / "s.sqlite")
+    _save(store, "vm-a", _obs("vm-a", "kworker"))  # calls itself kworker, runs nginx: masquerading
+    store.close()
+    with smtp_server() as box, webhook_receiver() as hook:
+        (tmp_path / "tenants.toml").write_text(_tenants(box, hook))
+        env = {**os.environ, "NEPHOSCOPE_CACHE": str(cache), "NEPHOSCOPE_DB": str(tmp_path / "s.sqlite"),
+               "NEPHOSCOPE_TENANTS": str(tmp_path / "tenants.toml"), "COLUMNS": "200"}
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "nephoscope.cli.main", *args], env=env, text=True,
+                                  capture_output=True, timeout=120)
+
+        checked = run("notices", "tenants", "--json", "--vm", "vm-b7")
+        assert checked.returncode == 0, checked.stderr
+        doc = json.loads(checked.stdout)
+        assert doc["owner"] == "other" and SECRET_A not in checked.stdout and SECRET_B not in checked.stdout
+        sent = run("notices", "send", "vm-a", "--json")
+        assert sent.returncode == 0, sent.stderr
+        assert [d["status"] for d in json.loads(sent.stdout)["deliveries"]] == ["sent", "sent"]
+        assert "masquerading" in hook.requests[0][1].decode() and len(box.messages) == 1
+        again = run("notices", "send", "vm-a")
+        assert again.returncode == 0 and "no notice sent" in again.stderr
+        listed = run("notices", "list", "vm-a", "--json")
+        assert sorted(r["channel"] for r in json.loads(listed.stdout)) == ["email", "webhook"]
+        bom = run("report", "vm-a", "--format", "cyclonedx")
+        assert bom.returncode == 0 and json.loads(bom.stdout)["specVersion"] == "1.5"
+        missing = run("notices", "send", "vm-nobody")
+        assert missing.returncode != 0 and "no tenant owns" in missing.stderr
+
+
+@pytest.mark.skipif(not TAMPERED_DUMP.exists(), reason="the shared dump of the tampered guest is not here")
+def test_scan_notify_hook(tmp_path: Path) -> None:
+    """`scan DUMP --notify`: the scan path tells the tenant; a second scan of the same state sends nothing."""
+    import subprocess
+    import sys
+
+    with smtp_server() as box, webhook_receiver() as hook:
+        (tmp_path / "tenants.toml").write_text(_tenants(box, hook, TAMPERED_DUMP.name))
+        env = {**os.environ, "NEPHOSCOPE_CACHE": str(tmp_path / "cache"), "NEPHOSCOPE_DB": str(tmp_path / "s.sqlite"),
+               "NEPHOSCOPE_TENANTS": str(tmp_path / "tenants.toml")}
+        argv = [sys.executable, "-m", "nephoscope.cli.main", "scan", str(TAMPERED_DUMP), "-m", "inspect", "--json",
+                "--notify"]
+        outs = [subprocess.run(argv, env=env, text=True, capture_output=True, timeout=300) for _ in range(2)]
+        assert "problem notice: email sent, webhook sent" in outs[0].stderr, outs[0].stderr
+        assert "nothing sent (unchanged since the last notice)" in outs[1].stderr, outs[1].stderr
+        assert len(box.messages) == 1 and len(hook.requests) == 1
+        assert json.loads(outs[0].stdout)["vm"] == TAMPERED_DUMP.name  # --json output stays JSON
