@@ -100,6 +100,11 @@ def notify_vm(vm: str, *, store: Store | None = None, tenants: Tenants | None = 
         raise NephoscopeError(f"no tenant owns VM {vm!r} in {tenants.path or 'the tenants file'}; add it to a "
                               "tenant's vms (docs/notices.md)")
     store = store or Store()
+    if ram_path is None:  # a running lab guest: its unknown code regions are scanned with YARA, as `report` does
+        from nephoscope.lab import runner
+
+        guest = runner.load_guest(vm)
+        ram_path = guest.ram_path if guest is not None and guest.alive() else None
     return notify_report(report_from_store(vm, store, vulns=vulns, ram_path=ram_path, owner=owner), store, tenants,
                          delivery=delivery,
                          force=force)
