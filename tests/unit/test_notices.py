@@ -177,6 +177,15 @@ def test_failing_receiver_retried_and_recorded(tmp_path: Path, vulns: VulnDB) ->
         assert [d.status for d in retried.deliveries] == ["sent", "sent"] and len(box.messages) == 1
 
 
+def test_webhook_redirect_is_a_failure(tmp_path: Path) -> None:
+    with smtp_server() as box, webhook_receiver(status=307) as hook:
+        tenant = parse_tenants(_tenants(box, hook)).get_tenant("acme")
+        sent = notify_filter_change(tenant, "vm-a", "applied", "CVE-1", "x", NoticeLog(Store(tmp_path / "s.sqlite")),
+                                    delivery=FAST)
+        web = next(d for d in sent if d.channel == "webhook")
+        assert (web.status, web.attempts) == ("failed", 3) and "307" in web.last_error
+
+
 def test_filter_change_notice(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.sqlite")
     with smtp_server() as box, webhook_receiver() as hook:

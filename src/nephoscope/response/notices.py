@@ -220,6 +220,16 @@ def send_email(msg: EmailMessage, smtp: Smtp) -> None:
         conn.send_message(msg)
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuse redirects: a signed notice goes to the configured URL or nowhere (a 3xx is a failed attempt)."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def post_webhook(url: str, body: bytes, secret: str, event: str, timeout: float = TIMEOUT_S) -> None:
     """POST a signed JSON body; raise OSError (urllib's errors included) unless the answer is 2xx."""
     stamp = str(int(time.time()))
