@@ -8,6 +8,8 @@ is exercised too. The notice is received by a real SMTP server and a real HTTP w
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,56 @@ secret = "{SECRET}"
     assert by_product[purl("nginx", nginx).split("?")[0]]["status"] == "affected"
     common = by_product[purl("nginx-common", manifest["packages"]["nginx-common"]).split("?")[0]]  # no code
     assert common["status"] == "not_affected" and common["justification"] == "vulnerable_code_not_in_execute_path"
+
+
+@pytest.fixture(scope="module")
+def own_clean_guest() -> Iterator[Guest]:
+    """A clean lab guest of this module only: the test stops its nginx, which the session's guests must keep."""
+    from nephoscope.lab import runner
+    from nephoscope.lab.build import build_image
+    from nephoscope.lab.profile import load_profile
+
+    name = f"notices-gone-{os.getpid() % 100000}"
+    guest = runner.start(name, build_image(load_profile("clean")))
+    try:
+        yield guest
+    finally:
+        runner.stop(name, quiet=True)
+
+
+def test_problem_gone_after_the_vulnerable_code_stops(own_clean_guest: Guest, default_kb: None,
+                                                      tmp_path: Path) -> None:
+    """Scan → "problem" notice (nginx below a fix is running); stop nginx in the guest; scan → "resolved"."""
+    from nephoscope.hypervisor.qga import GuestAgent
+
+    guest = own_clean_guest
+    nginx = guest.manifest()["packages"]["nginx"]
+    vulns = VulnDB.open(tmp_path / "v.sqlite")
+    vulns.replace("changelog", [VulnRecord("nginx", TEST_CVE, nginx + "+fix1", urgency="high")])
+    store = Store(tmp_path / "s.sqlite")
+    with smtp_server() as box, webhook_receiver() as hook:
+        tenants = parse_tenants(f'[smtp]\nhost = "127.0.0.1"\nport = {box.port}\n[tenants.acme]\n'
+                                f'vms = ["{guest.name}"]\nemails = ["secops@acme.example"]\nwebhook = "{hook.url}"\n'
+                                f'secret = "{SECRET}"\n')
+        first = run_scan(resolve_target(guest.name), ["arch", "inspect", "agent"], store=store)
+        out = notify_result(first, store=store, tenants=tenants, delivery=FAST, vulns=vulns)
+        assert out is not None and [d.event for d in out.deliveries] == ["problem", "problem"]
+        problems = json.loads(hook.requests[0][1])["problems"]
+        print([p["title"] for p in problems])
+        assert [p["kind"] for p in problems] == ["running-vulnerable"]  # the clean guest: nothing else
+        with GuestAgent(guest.qga_socket, timeout=60) as agent:
+            code, _out, err = agent.exec(["/bin/busybox", "sh", "-c", "killall nginx; sleep 1; "
+                                          "while pidof nginx >/dev/null; do sleep 1; done"], timeout=60)
+            assert code == 0, err
+        second = run_scan(resolve_target(guest.name), ["arch", "inspect", "agent"], store=store)
+        assert not any(p.comm == "nginx" for p in second.view.processes.values())
+        out = notify_result(second, store=store, tenants=tenants, delivery=FAST, vulns=vulns)
+        assert out is not None and [d.event for d in out.deliveries] == ["resolved", "resolved"]
+        doc = json.loads(hook.requests[1][1])
+        assert doc["problems"] == [] and [p["kind"] for p in doc["gone"]] == ["running-vulnerable"]
+        assert "gone" in box.messages[1]["Subject"] and len(box.messages) == 2
+    vex = export(guest.name, "openvex", store=store, vulns=vulns)
+    validate_openvex(vex)
+    statement = next(s for s in vex["statements"] if s["products"][0]["@id"].split("?")[0]
+                     == purl("nginx", nginx).split("?")[0])
+    assert statement["status"] == "affected" and "not at the latest one" in statement["status_notes"]
