@@ -334,16 +334,21 @@ def notify_problems(tenant: Tenant, vm: str, problems: list[Problem], log: Notic
     return deliver(notice, tenant, log, delivery)
 
 
-def notify_filter_change(tenant: Tenant, vm: str, action: str, cve: str, summary: str, log: NoticeLog, *,
-                         problems: Iterable[Problem] = (), report: dict[str, Any] | None = None,
+def notify_filter_change(tenant: Tenant, vm: str, action: str, cve: str, summary: str, log: NoticeLog | None = None,
+                         *, problems: Iterable[Problem] = (), report: dict[str, Any] | None = None,
                          attachments: Iterable[Attachment] = (), delivery: Delivery | None = None,
                          scan_id: int | None = None) -> list[NoticeRecord]:
     """Tell `tenant` that a filter for `cve` was applied to or removed from `vm`'s network path.
 
     The entry point for `response.filters`: `action` is "applied" or "removed", `summary` says what the
-    filter does and does not stop. Re-applying an unchanged filter sends nothing (state "filter:<cve>")."""
+    filter does and does not stop; `log` defaults to the default store's notice log. Re-applying an
+    unchanged filter sends nothing (state "filter:<cve>")."""
     if action not in FILTER_ACTIONS:
         raise ValueError(f"filter action {action!r} is not one of {', '.join(FILTER_ACTIONS)}")
+    if log is None:
+        from nephoscope.store.sqlite import Store
+
+        log = NoticeLog(Store())
     topic = f"filter:{cve}"
     mark = hashlib.sha256(f"{action}\n{summary}".encode("utf-8", "backslashreplace")).hexdigest()
     state = log.find_state(tenant.name, vm, topic)
