@@ -42,6 +42,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "vulns": ("nephoscope.cli.vulns", "app", "Vulnerability knowledge: which package versions fix which CVEs."),
     "report": ("nephoscope.cli.report", "report",
                "Write the report for a VM's owner from its latest scan: vulnerable, malicious, unverifiable."),
+    "notices": ("nephoscope.cli.notices", "app",
+                "Notices to a VM's owner: e-mail and signed webhook, once per state, delivery recorded."),
     "demo": ("nephoscope.cli.demo", "demo", "Build and boot a lab guest if needed, prepare the knowledge base, "
              "run every method, print the report."),
     "scan": ("nephoscope.cli.scan", "scan",

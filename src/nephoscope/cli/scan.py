@@ -40,6 +40,8 @@ def scan(
                                              "3 ISF, a vmlinux (BTF or DWARF) or a System.map"),
     sync_kb: bool = typer.Option(False, "--sync-kb", help="first fill the KB with every version of the packages "
                                  "that ship the files the VM maps (`kb sync`), then scan with it"),
+    notify: bool = typer.Option(False, "--notify", help="then notify the VM's tenant if its state changed "
+                                "(`nephoscope notices`; needs a tenants file)"),
 ) -> None:
     """Run introspection methods on a VM, merge per process and binary, report findings and verdicts.
 
@@ -81,6 +83,9 @@ def scan(
         emit_json(result.to_dict())
     else:
         render_scan(result)
+    if notify:
+        from nephoscope.cli.notices import after_scan
+        after_scan(result)
     if result.status == UNVERIFIABLE:
         err_console.print(Text(f"{result.vm.name}: nothing could be verified; every method was unverifiable "
                                f"(exit status {EXIT_UNVERIFIABLE})"), style="bold")

@@ -215,7 +215,7 @@ def build_report(vm: str, view: ScanView, observations: list[Observation], *, sc
         unverified.append({"what": "installed packages", "method": "agent",
                            "reason": "no package list was obtained (the agent method did not run or failed)"})
     findings += vulnerable_findings(view, installed, index, vm, sources=db.binaries(),
-                                    paths=mapped_paths(observations), owner=owner or _kb_owner(),
+                                    paths=mapped_paths(observations), owner=owner or kb_owner(),
                                     observations=observations)
     regions = regions_from(observations)
     if regions and ram_path is not None:
@@ -246,7 +246,7 @@ def build_report(vm: str, view: ScanView, observations: list[Observation], *, sc
     return report
 
 
-def _kb_owner() -> Owner | None:
+def kb_owner() -> Owner | None:
     """Return a path -> binary package lookup from the code-page DB, or None when there is none."""
     from nephoscope.knowledge.binaries import CodePageDB, default_path
 

@@ -1,0 +1,1 @@
+"""Response: what nephoscope does about a finding — host-side filters and notices to the VM's owner."""
