@@ -1,0 +1,184 @@
+"""The fleet on real PostgreSQL: migrations, a real server process, the sensor's outbox while the server is away."""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import inspect, text
+
+from nephoscope.core.errors import NephoscopeError
+from nephoscope.fleet.db import FleetStore, migrate, open_engine
+from nephoscope.fleet.localrun import ServerProcess
+from nephoscope.fleet.sensor import Client, Sensor, parse_policy, vm_lock
+from nephoscope.hypervisor.discover import Discovery, HostVm
+from nephoscope.hypervisor.target import VmTarget
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from fleet_docs import stored_document
+
+POLICY = """
+include = ["vm-*"]
+[[rule]]
+method = "inspect"
+every_s = 0
+[[rule]]
+method = "trap"
+every_s = 0
+high_risk_only = true
+"""
+
+
+def StoredResult(name: str) -> dict[str, Any]:
+    """Return the stored scan document as if `name` had been scanned."""
+    doc = stored_document()
+    doc["scan"]["vm"] = name
+    return doc
+
+
+def _vms(*names: str) -> Discovery:
+    return Discovery([HostVm(n, "qemu", VmTarget(n, live=True), methods={"inspect": None, "trap": None})
+                      for n in names], {})
+
+
+def _get(server: ServerProcess, path: str) -> Any:
+    req = urllib.request.Request(server.url + path, headers={"Authorization": f"Bearer {server.operator_token}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def _post(server: ServerProcess, path: str, body: dict[str, Any]) -> Any:
+    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {server.operator_token}",
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.fixture
+def server(fleet_pg: Any, tmp_path: Path) -> Iterator[ServerProcess]:
+    engine = open_engine(fleet_pg.url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+    proc = ServerProcess(fleet_pg.url, tmp_path / "server")
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_migrations_create_the_schema_on_postgresql(server: ServerProcess, fleet_pg: Any) -> None:
+    engine = open_engine(fleet_pg.url)
+    try:
+        tables = set(inspect(engine).get_table_names())
+        assert {"tenants", "hosts", "vms", "tokens", "scans", "findings", "alembic_version"} <= tables
+        migrate(engine)  # a second upgrade is a no-op
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+            kinds = {r[0]: r[1] for r in conn.execute(text(
+                "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'scans'"))}
+        assert kinds["document"] == "jsonb"
+    finally:
+        engine.dispose()
+
+
+def test_sensor_buffers_while_the_server_is_away_and_catches_up(server: ServerProcess, fleet_pg: Any,
+                                                                tmp_path: Path) -> None:
+    token = _post(server, "/api/v1/tokens", {"scope": "sensor", "host": "hv-1"})["token"]
+    state = tmp_path / "sensor"
+    sensor = Sensor(Client(server.url, token, timeout=5), parse_policy(POLICY), state, host="hv-1",
+                    discover=lambda: _vms("vm-a", "vm-b", "other"), scanner=lambda vm, _m: StoredResult(vm.name))
+    server.stop()
+    away = sensor.sweep()
+    assert sorted(away.scanned) == ["vm-a", "vm-b"] and away.pushed == 0 and away.buffered == 2
+    assert away.push_error
+    server.start()
+    back = sensor.sweep()  # two more scans, and the two buffered ones first
+    assert back.pushed == 4 and back.buffered == 0
+    store = FleetStore(open_engine(fleet_pg.url))
+    try:
+        assert store.count_scans() == 4
+        assert len(set(back.scan_ids.values())) == 4
+    finally:
+        store.engine.dispose()
+    vms = {v["name"]: v for v in _get(server, "/api/v1/vms")}
+    assert set(vms) == {"vm-a", "vm-b"}
+    latest = _get(server, f"/api/v1/vms/{vms['vm-a']['id']}")["latest"]["document"]["scan"]
+    assert latest["processes"] == stored_document()["scan"]["processes"]
+
+
+def test_a_retried_push_is_stored_once(server: ServerProcess, fleet_pg: Any, tmp_path: Path) -> None:
+    token = _post(server, "/api/v1/tokens", {"scope": "sensor", "host": "hv-2"})["token"]
+    sensor = Sensor(Client(server.url, token), parse_policy(POLICY), tmp_path / "s", host="hv-2",
+                    discover=lambda: _vms("vm-x"), scanner=lambda vm, _m: StoredResult(vm.name))
+    sensor.client = None  # buffer only
+    sensor.sweep()
+    (pending,) = sensor.outbox.pending()
+    copy = pending.with_name("0" + pending.name)  # the same push twice (a push whose answer was lost)
+    copy.write_text(pending.read_text())
+    sensor.client = Client(server.url, token)
+    done = sensor.flush()
+    assert done.pushed == 2 and len(set(done.scan_ids.values())) == 1
+    store = FleetStore(open_engine(fleet_pg.url))
+    try:
+        assert store.count_scans() == 1
+    finally:
+        store.engine.dispose()
+
+
+def test_high_risk_vms_get_the_trap_rule(server: ServerProcess, tmp_path: Path) -> None:
+    token = _post(server, "/api/v1/tokens", {"scope": "sensor", "host": "hv-3"})["token"]
+    seen: dict[str, list[str]] = {}
+
+    def scanner(vm: HostVm, methods: list[str]) -> dict[str, Any]:
+        seen[vm.name] = methods
+        return StoredResult(vm.name)
+
+    sensor = Sensor(Client(server.url, token), parse_policy(POLICY), tmp_path / "s", host="hv-3",
+                    discover=lambda: _vms("vm-r"), scanner=scanner)
+    sensor.sweep()
+    assert seen["vm-r"] == ["inspect"]
+    vm_id = _get(server, "/api/v1/vms")[0]["id"]
+    req = urllib.request.Request(f"{server.url}/api/v1/vms/{vm_id}", data=b'{"high_risk": true}', method="PATCH",
+                                 headers={"Authorization": f"Bearer {server.operator_token}",
+                                          "Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=30).close()
+    sensor.sweep()  # the answer to this push carries the flag
+    sensor.sweep()
+    assert seen["vm-r"] == ["inspect", "trap"]
+
+
+def test_a_vm_being_scanned_is_not_scanned_again(tmp_path: Path) -> None:
+    sensor = Sensor(None, parse_policy(POLICY), tmp_path / "s", host="hv",
+                    discover=lambda: _vms("vm-l"), scanner=lambda vm, _m: StoredResult(vm.name))
+    with vm_lock(tmp_path / "s" / "locks", "vm-l") as mine:
+        assert mine
+        busy = sensor.sweep()
+    assert busy.skipped == {"vm-l": "being scanned by another sweep"} and not busy.scanned
+    assert "vm-l" in sensor.sweep().scanned
+
+
+def test_budget_defers_and_errors_do_not_stop_the_sweep(tmp_path: Path) -> None:
+    policy = parse_policy(POLICY + "\n[budget]\ncpu_s_per_sweep = 0\n")
+    sensor = Sensor(None, policy, tmp_path / "s", host="hv", discover=lambda: _vms("vm-1", "vm-2"),
+                    scanner=lambda vm, _m: StoredResult(vm.name))
+    report = sensor.sweep()
+    assert not report.scanned and all(v.startswith("deferred") for v in report.skipped.values())
+
+    def broken(vm: HostVm, _m: list[str]) -> dict[str, Any]:
+        if vm.name == "vm-1":
+            raise NephoscopeError("cannot reach it")
+        return StoredResult(vm.name)
+
+    sensor = Sensor(None, parse_policy(POLICY), tmp_path / "t", host="hv", discover=lambda: _vms("vm-1", "vm-2"),
+                    scanner=broken)
+    report = sensor.sweep()
+    assert list(report.scanned) == ["vm-2"] and "cannot reach it" in report.errors["vm-1"]
+    assert report.cpu_s >= 0 and report.max_rss_mib > 0
