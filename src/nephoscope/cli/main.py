@@ -70,7 +70,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "vms": ("nephoscope.cli.vms", "vms",
             "List libvirt domains, other QEMU processes and lab guests with the methods each supports."),
     "server": ("nephoscope.cli.server", "server",
-               "Run the fleet server: migrate the database, create an operator token if none, serve API and dashboard."),
+               "Run the fleet server: migrate the DB, create an operator token if none, serve API and dashboard."),
     "sensor": ("nephoscope.cli.sensor", "sensor",
                "Sweep this host's VMs by policy, push each scan (idempotent), buffer while the server is away."),
 }

@@ -16,7 +16,7 @@ def server(db: str = typer.Option("", "--db", help="Database URL (postgresql://.
                                            help="Where the first operator token goes (mode 600) when none exists"),
            kb: str = typer.Option("", "--kb", help="Code-page DB served to sensors (default: the local KB)"),
            migrate_only: bool = typer.Option(False, "--migrate-only", help="Apply migrations and exit")) -> None:
-    """Run the fleet server: migrate the database, create an operator token if none, serve API and dashboard."""
+    """Run the fleet server: migrate the DB, create an operator token if none, serve API and dashboard."""
     import uvicorn
 
     from nephoscope.core.paths import cache_root
