@@ -182,3 +182,34 @@ def test_budget_defers_and_errors_do_not_stop_the_sweep(tmp_path: Path) -> None:
     report = sensor.sweep()
     assert list(report.scanned) == ["vm-2"] and "cannot reach it" in report.errors["vm-1"]
     assert report.cpu_s >= 0 and report.max_rss_mib > 0
+
+
+def test_api_fuzz_on_postgresql(fleet_pg: Any, tmp_path: Path) -> None:
+    """Schemathesis over the API on PostgreSQL (narrower types than SQLite: int4 ids, no NUL in text)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+    from test_fleet_api import Fleet
+
+    engine = open_engine(fleet_pg.url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+    fleet = Fleet(tmp_path, url=fleet_pg.url)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", fleet.client.app)
+    tokens = [fleet.operator, fleet.tokens["acme"], fleet.sensor_a]
+    try:
+        for op in schema.get_all_operations():
+            operation = op.ok()
+
+            @given(case=operation.as_strategy())
+            @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+            def fuzz(case: Any) -> None:
+                for token in tokens:
+                    case.headers = {**(case.headers or {}), "Authorization": f"Bearer {token}"}
+                    case.call_and_validate(checks=[not_a_server_error])
+
+            fuzz()
+    finally:
+        fleet.client.close()
+        fleet.store.engine.dispose()

@@ -17,8 +17,8 @@ from nephoscope.fleet.server import create_app
 class Fleet:
     """A server with an operator, two tenants with one VM each on two hosts, and their tokens."""
 
-    def __init__(self, tmp: Path) -> None:
-        engine = open_engine(sqlite_url(tmp / "fleet.sqlite"))
+    def __init__(self, tmp: Path, url: str | None = None) -> None:
+        engine = open_engine(url or sqlite_url(tmp / "fleet.sqlite"))
         migrate(engine)
         self.store = FleetStore(engine)
         self.client = TestClient(create_app(self.store, kb_path=tmp / "no-kb.sqlite"))
@@ -159,3 +159,18 @@ def test_filters(fleet: Fleet) -> None:
     assert [v["name"] for v in fleet.call("get", "/api/v1/vms?tenant=acme", fleet.operator).json()] == ["acme-vm"]
     assert len(fleet.call("get", "/api/v1/vms?risk=malicious_unknown", fleet.operator).json()) == 2
     assert fleet.call("get", "/api/v1/vms?risk=running_vulnerable", fleet.operator).json() == []
+
+
+def test_nul_in_guest_strings_is_stored_as_replacement(fleet: Fleet) -> None:
+    doc = stored_document()
+    doc["scan"]["processes"][0]["cmdline"] = ["a\x00b"]
+    assert fleet.call("post", "/api/v1/scans", fleet.sensor_a, json=push("hv-a", "nul\x00vm", doc)).status_code == 422
+    got = fleet.call("post", "/api/v1/scans", fleet.sensor_a, json=push("hv-a", "nul-vm", doc))
+    assert got.status_code == 201
+    stored = fleet.call("get", f"/api/v1/scans/{got.json()['scan_id']}", fleet.operator).json()
+    assert stored["document"]["scan"]["processes"][0]["cmdline"] == ["a\ufffdb"]
+
+
+def test_ids_beyond_the_column_are_refused(fleet: Fleet) -> None:
+    for path in ("/api/v1/vms/9999999999999999999999", "/api/v1/scans/2147483648", "/api/v1/vms/0/findings"):
+        assert fleet.call("get", path, fleet.operator).status_code == 422, path

@@ -136,6 +136,8 @@ class FleetStore:
 
     def find_principal(self, secret: str) -> Principal | None:
         """Return who a token secret speaks for, or None when it is unknown."""
+        if "\x00" in secret:
+            return None
         with self.session() as s:
             t = s.scalar(select(Token).where(Token.digest == token_digest(secret)))
             return None if t is None else Principal(t.scope, t.tenant_id, t.host_id, t.id)
@@ -146,6 +148,7 @@ class FleetStore:
         """Store one pushed scan; return (scan id, whether it was new, the VM's high-risk flag).
 
         The idempotency key makes a retry of a push that already landed a no-op returning the same id."""
+        push = without_nul(push)
         key = str(push["idempotency_key"])
         doc = push["document"]
         scan = doc.get("scan", {})
@@ -297,6 +300,20 @@ class FleetStore:
         """Return how many scans are stored (the bench's loss/duplicate check)."""
         with self.session() as s:
             return int(s.scalar(select(func.count()).select_from(Scan)) or 0)
+
+
+def without_nul(value: Any) -> Any:
+    """Return a JSON value with every NUL character replaced by U+FFFD in keys and strings.
+
+    Guest strings may hold NULs; PostgreSQL's text and JSONB cannot store them (SQLite could), so the
+    same document must not be accepted by one store and refused by the other."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nul(v) for v in value]
+    return value
 
 
 def token_digest(secret: str) -> str:

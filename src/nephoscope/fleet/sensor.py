@@ -215,6 +215,7 @@ class SweepReport:
     wall_s: float = 0.0
     max_rss_mib: float = 0.0
     scan_ids: dict[str, int] = field(default_factory=dict)  # idempotency key -> server scan id
+    kb_sharing: dict[str, int] = field(default_factory=dict)  # the sweep's shared KB: asked vs looked up
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -249,11 +250,14 @@ def vm_lock(directory: Path, vm: str) -> Iterator[bool]:
 Scanner = Callable[[HostVm, list[str]], dict[str, Any]]  # returns the scan document to push
 
 
-def default_scanner(vm: HostVm, methods: list[str]) -> dict[str, Any]:
-    """Scan one VM with the given methods and return its document (no local store: the server is the store)."""
+def local_scan(vm: HostVm, methods: list[str], kb: Any = None) -> dict[str, Any]:
+    """Scan one VM with the given methods and return its document (no local store: the server is the store).
+
+    `kb`: the sweep's shared code-page KB (fleet.sweepkb.SweepKb) for the arch method."""
     from nephoscope.service.scan import run_scan
 
-    return scan_document(run_scan(vm.target, methods))
+    options: dict[str, dict[str, object]] | None = {"arch": {"db": kb}} if kb is not None else None
+    return scan_document(run_scan(vm.target, methods, options=options))
 
 
 def scan_document(result: Any) -> dict[str, Any]:
@@ -273,8 +277,8 @@ class Sensor:
     """One host's sensor: policy, state directory (outbox, locks, schedule), server client."""
 
     def __init__(self, client: Client | None, policy: Policy, state_dir: Path, *, host: str | None = None,
-                 discover: Callable[[], Discovery] | None = None, scanner: Scanner = default_scanner,
-                 clock: Callable[[], float] = time.time) -> None:
+                 discover: Callable[[], Discovery] | None = None, scanner: Scanner | None = None,
+                 clock: Callable[[], float] = time.time, share_kb: bool = True) -> None:
         self.client = client
         self.policy = policy
         self.state_dir = state_dir
@@ -282,7 +286,9 @@ class Sensor:
         self.outbox = Outbox(state_dir / "outbox")
         self.locks = state_dir / "locks"
         self.discover = discover or _discover
-        self.scanner = scanner
+        self.scanner = scanner or self._scan_local
+        self.share_kb = share_kb
+        self.sweep_kb: Any = None  # the sweep's shared KB while a sweep runs (fleet.sweepkb)
         self.clock = clock
         self.state_file = state_dir / "state.json"
         self.state = self._load_state()
@@ -320,10 +326,34 @@ class Sensor:
                 out.append(rule.method)
         return out
 
+    def _scan_local(self, vm: HostVm, methods: list[str]) -> dict[str, Any]:
+        if "arch" in methods and self.share_kb and self.sweep_kb is None:
+            from nephoscope.fleet.sweepkb import SweepKb
+            from nephoscope.knowledge.binaries import CodePageDB
+
+            with contextlib.suppress(NephoscopeError):  # no KB: arch says so itself, per VM
+                self.sweep_kb = SweepKb(CodePageDB.open())
+        return local_scan(vm, methods, self.sweep_kb)
+
     def sweep(self) -> SweepReport:
         """Scan every due VM once (within the CPU budget), buffer the documents, push the outbox."""
         report = SweepReport()
         wall, cpu0 = time.monotonic(), _cpu_s()
+        try:
+            self._sweep_vms(report, cpu0)
+        finally:
+            if self.sweep_kb is not None:
+                report.kb_sharing = self.sweep_kb.sharing()
+                self.sweep_kb.close()
+                self.sweep_kb = None
+        self._save_state()
+        self.flush(report)
+        report.cpu_s = round(_cpu_s() - cpu0, 3)
+        report.wall_s = round(time.monotonic() - wall, 3)
+        report.max_rss_mib = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        return report
+
+    def _sweep_vms(self, report: SweepReport, cpu0: float) -> None:
         found = self.discover()
         for vm in found.vms:
             if not self.policy.wants(vm.name):
@@ -343,12 +373,6 @@ class Sensor:
                     report.skipped[vm.name] = "being scanned by another sweep"
                     continue
                 self._scan_one(vm, methods, report)
-        self._save_state()
-        self.flush(report)
-        report.cpu_s = round(_cpu_s() - cpu0, 3)
-        report.wall_s = round(time.monotonic() - wall, 3)
-        report.max_rss_mib = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        return report
 
     def _scan_one(self, vm: HostVm, methods: list[str], report: SweepReport) -> None:
         started = self.clock()

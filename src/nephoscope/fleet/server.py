@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -20,14 +21,18 @@ from nephoscope.fleet.db import RISKS, FleetError, FleetStore, Principal
 STATIC = Path(__file__).with_name("static")
 API = "/api/v1"
 MAX_DIGESTS = 4096
+MAX_ID = 2**31 - 1  # ids are PostgreSQL `integer`: a larger one names nothing (and must not reach the driver)
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: refused here rather than failing in the driver
+VmId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
+ScanId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 
 
 class ScanPush(BaseModel):
     """One scan a sensor pushes: the scan document of `nephoscope scan --json`, its observations and report."""
 
     idempotency_key: str = Field(min_length=8, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$")
-    host: str = Field(min_length=1, max_length=200)
-    vm: str = Field(min_length=1, max_length=300)
+    host: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
+    vm: str = Field(min_length=1, max_length=300, pattern=NO_NUL)
     started: float
     finished: float
     document: dict[str, Any]
@@ -44,22 +49,22 @@ class PushResult(BaseModel):
 class TenantIn(BaseModel):
     """A tenant to create."""
 
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
 
 
 class TokenIn(BaseModel):
     """A token to issue: its scope and, for tenant/sensor scopes, the tenant id or host name it is bound to."""
 
     scope: str = Field(pattern="^(operator|tenant|sensor)$")
-    tenant_id: int | None = None
-    host: str | None = Field(default=None, min_length=1, max_length=200)
-    label: str = Field(default="", max_length=200)
+    tenant_id: int | None = Field(default=None, ge=1, le=MAX_ID)
+    host: str | None = Field(default=None, min_length=1, max_length=200, pattern=NO_NUL)
+    label: str = Field(default="", max_length=200, pattern=NO_NUL)
 
 
 class VmPatch(BaseModel):
     """What an operator may change on a VM: its tenant and its high-risk flag (sensors trap those)."""
 
-    tenant_id: int | None = None
+    tenant_id: int | None = Field(default=None, ge=1, le=MAX_ID)
     high_risk: bool | None = None
 
 
@@ -122,41 +127,41 @@ def create_app(store: FleetStore, kb_path: Path | None = None) -> FastAPI:
         return store.overview(who)
 
     @app.get(f"{API}/vms")
-    def list_vms(who: Reader, host: Annotated[str | None, Query(max_length=200)] = None,
-                 tenant: Annotated[str | None, Query(max_length=200)] = None,
+    def list_vms(who: Reader, host: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
+                 tenant: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
                  risk: Annotated[str | None, Query(pattern="^(" + "|".join(RISKS) + ")$")] = None
                  ) -> list[dict[str, Any]]:
         """Return the VMs the token may see, with their latest risk counts."""
         return store.list_vms(who, host, tenant, risk)
 
     @app.get(f"{API}/vms/{{vm_id}}")
-    def get_vm(vm_id: int, who: Reader) -> dict[str, Any]:
+    def get_vm(vm_id: VmId, who: Reader) -> dict[str, Any]:
         """Return one VM with its latest scan document (404 when unknown or another tenant's)."""
         return found(store.get_vm(who, vm_id), "VM")  # type: ignore[no-any-return]
 
     @app.get(f"{API}/vms/{{vm_id}}/scans")
-    def vm_scans(vm_id: int, who: Reader, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[dict[str, Any]]:
+    def vm_scans(vm_id: VmId, who: Reader, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[dict[str, Any]]:
         """Return a VM's scans, newest first (without their documents)."""
         return found(store.vm_scans(who, vm_id, limit), "VM")  # type: ignore[no-any-return]
 
     @app.get(f"{API}/vms/{{vm_id}}/findings")
-    def vm_findings(vm_id: int, who: Reader) -> list[dict[str, Any]]:
+    def vm_findings(vm_id: VmId, who: Reader) -> list[dict[str, Any]]:
         """Return a VM's findings over time, newest first."""
         return found(store.vm_findings(who, vm_id), "VM")  # type: ignore[no-any-return]
 
     @app.get(f"{API}/vms/{{vm_id}}/notices")
-    def vm_notices(vm_id: int, who: Reader) -> dict[str, Any]:
+    def vm_notices(vm_id: VmId, who: Reader) -> dict[str, Any]:
         """Return the notices sent to a VM's owner and the filters applied (none are recorded by this server)."""
         found(store.get_vm(who, vm_id), "VM")
         return {"notices": [], "filters": [], "recorded": False}
 
     @app.get(f"{API}/scans/{{scan_id}}")
-    def get_scan(scan_id: int, who: Reader) -> dict[str, Any]:
+    def get_scan(scan_id: ScanId, who: Reader) -> dict[str, Any]:
         """Return one scan with its document (404 when unknown or another tenant's)."""
         return found(store.get_scan(who, scan_id), "scan")  # type: ignore[no-any-return]
 
     @app.patch(f"{API}/vms/{{vm_id}}", status_code=204)
-    def patch_vm(vm_id: int, patch: VmPatch, _who: Operator) -> Response:
+    def patch_vm(vm_id: VmId, patch: VmPatch, _who: Operator) -> Response:
         """Assign a VM to a tenant or flag it high-risk (operator only)."""
         if patch.tenant_id is not None and not store.tenant_exists(patch.tenant_id):
             raise HTTPException(404, "no such tenant")
