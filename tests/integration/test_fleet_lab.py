@@ -59,6 +59,7 @@ def test_sensor_once_stores_what_a_local_scan_sees(clean_guest: Any, default_kb:
         finally:
             with Qmp(clean_guest.qmp_socket) as qmp:
                 qmp.command("cont")
+        print("sensor sweep:", json.dumps({k: sweep[k] for k in ("cpu_s", "wall_s", "max_rss_mib", "kb_sharing")}))
         assert sweep["scanned"] == {clean_guest.name: METHODS} and sweep["pushed"] == 1 and sweep["buffered"] == 0
         (vm,) = _api(server, "/api/v1/vms")
         assert (vm["name"], vm["host"]) == (clean_guest.name, "lab-host")
