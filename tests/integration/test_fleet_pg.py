@@ -213,3 +213,40 @@ def test_api_fuzz_on_postgresql(fleet_pg: Any, tmp_path: Path) -> None:
     finally:
         fleet.client.close()
         fleet.store.engine.dispose()
+
+
+def test_central_kb_lookup_and_snapshot(tmp_path: Path) -> None:
+    """The server's KB (a real ELF ingested) answers page lookups and is downloaded once, then 304."""
+    import hashlib
+
+    from nephoscope.knowledge.binaries import CodePageDB, PackageMeta
+    from nephoscope.knowledge.elfpages import exec_pages
+
+    binary = Path("/usr/bin/true").resolve()
+    data = binary.read_bytes()
+    kb_path = tmp_path / "kb.sqlite"
+    db = CodePageDB.open(kb_path)
+    db.add_file(db.package_id(PackageMeta("coreutils", "9.1-1", "amd64")), "/usr/bin/true", exec_pages(data))
+    db.commit()
+    db.close()
+    offset = exec_pages(data).pages[0].file_offset
+    digest = hashlib.sha256(data[offset:offset + 4096]).hexdigest()  # computed here, not by the KB code
+    server = ServerProcess(f"sqlite:///{tmp_path / 'fleet.sqlite'}", tmp_path / "server", kb=kb_path)
+    server.start()
+    try:
+        token = _post(server, "/api/v1/tokens", {"scope": "sensor", "host": "hv-kb"})["token"]
+        req = urllib.request.Request(f"{server.url}/api/v1/kb/lookup", method="POST",
+                                     data=json.dumps({"digests": [digest, "ab" * 32]}).encode(),
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            hits = json.loads(resp.read())
+        assert hits["ab" * 32] == []
+        assert any(h["path"] == "/usr/bin/true" and h["package"] == "coreutils" and h["file_offset"] == offset
+                   for h in hits[digest])
+        client = Client(server.url, token)
+        cached = tmp_path / "sensor-kb.sqlite"
+        assert client.fetch_kb(cached) is True
+        assert cached.read_bytes() == kb_path.read_bytes()
+        assert client.fetch_kb(cached) is False  # unchanged: 304, not downloaded again
+    finally:
+        server.stop()

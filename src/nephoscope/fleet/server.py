@@ -114,7 +114,7 @@ def create_app(store: FleetStore, kb_path: Path | None = None) -> FastAPI:
         if who.host_id is None or store.host_name(who.host_id) != push.host:
             raise HTTPException(403, "a sensor token pushes only for its own host")
         try:
-            scan_id, created, high_risk = store.ingest(who.host_id, push.model_dump())
+            scan_id, created, high_risk = store.ingest(who.host_id, dict(push))  # fields as they are: no deep copy
         except (FleetError, ValueError, TypeError, AttributeError) as exc:
             raise HTTPException(422, f"the scan document does not fit: {exc}") from exc
         if not created:
