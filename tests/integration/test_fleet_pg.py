@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import inspect, text
 
 from nephoscope.core.errors import NephoscopeError
-from nephoscope.fleet.db import FleetStore, migrate, open_engine
+from nephoscope.fleet.db import FleetStore, Principal, migrate, open_engine
 from nephoscope.fleet.localrun import ServerProcess
 from nephoscope.fleet.sensor import Client, Sensor, parse_policy, vm_lock
 from nephoscope.hypervisor.discover import Discovery, HostVm
@@ -250,3 +250,44 @@ def test_central_kb_lookup_and_snapshot(tmp_path: Path) -> None:
         assert client.fetch_kb(cached) is False  # unchanged: 304, not downloaded again
     finally:
         server.stop()
+
+
+def test_concurrent_pushes_of_one_key_store_one_scan(fleet_pg: Any) -> None:
+    """Two replicas (here: two threads with their own engines) storing the same key race on the unique index."""
+    import threading
+
+    engine = open_engine(fleet_pg.url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    migrate(engine)
+    stores = [FleetStore(engine), FleetStore(open_engine(fleet_pg.url))]
+    host = stores[0].add_host("hv-race")
+    doc = stored_document()
+    results: list[tuple[int, bool, bool]] = []
+    barrier = threading.Barrier(8)
+
+    def push_once(store: FleetStore, key: str, vm: str) -> None:
+        barrier.wait()
+        results.append(store.ingest(host, {"idempotency_key": key, "host": "hv-race", "vm": vm,
+                                           "started": 1.0, "finished": 2.0, "document": doc}))
+
+    def race(keys: list[str], vm: str) -> None:
+        results.clear()
+        threads = [threading.Thread(target=push_once, args=(stores[i % 2], k, vm)) for i, k in enumerate(keys)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    try:
+        race(["hv-race.same-key"] * 8, "vm")  # one key, eight concurrent pushes
+        assert len(results) == 8 and len({r[0] for r in results}) == 1
+        assert sum(1 for r in results if r[1]) == 1
+        assert stores[0].count_scans() == 1
+        race([f"hv-race.k{i}" for i in range(8)], "new-vm")  # eight keys, one VM nobody has seen yet
+        assert len(results) == 8 and all(r[1] for r in results) and stores[0].count_scans() == 9
+        operator = Principal("operator")
+        assert [v["name"] for v in stores[0].list_vms(operator)] == ["vm", "new-vm"]
+    finally:
+        for s in stores:
+            s.engine.dispose()

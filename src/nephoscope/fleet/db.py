@@ -149,6 +149,18 @@ class FleetStore:
 
         The idempotency key makes a retry of a push that already landed a no-op returning the same id."""
         push = without_nul(push)
+        for _attempt in range(3):
+            try:
+                return self._ingest_once(host_id, push)
+            except IntegrityError:  # another writer created the same key or the same new VM first
+                with self.session() as s:
+                    existing = s.scalar(select(Scan).where(Scan.idempotency_key == str(push["idempotency_key"])))
+                    if existing is not None:
+                        vm = s.get(Vm, existing.vm_id)
+                        return existing.id, False, bool(vm and vm.high_risk)
+        return self._ingest_once(host_id, push)
+
+    def _ingest_once(self, host_id: int, push: dict[str, Any]) -> tuple[int, bool, bool]:
         key = str(push["idempotency_key"])
         doc = push["document"]
         scan = doc.get("scan", {})
@@ -157,35 +169,27 @@ class FleetStore:
             if existing is not None:
                 vm = s.get(Vm, existing.vm_id)
                 return existing.id, False, bool(vm and vm.high_risk)
-        try:
-            with self.session() as s:
-                vm = s.scalar(select(Vm).where(Vm.host_id == host_id, Vm.name == push["vm"]))
-                if vm is None:
-                    vm = Vm(host_id=host_id, name=push["vm"], high_risk=False, risk={})
-                    s.add(vm)
-                    s.flush()
-                now = time.time()
-                row = Scan(vm_id=vm.id, idempotency_key=key, started=float(push["started"]),
-                           finished=float(push["finished"]), received=now, status=str(scan.get("status", "ok")),
-                           methods=list(scan.get("methods", [])), summary=dict(scan.get("summary", {})),
-                           document=doc)
-                s.add(row)
+        with self.session() as s:
+            vm = s.scalar(select(Vm).where(Vm.host_id == host_id, Vm.name == push["vm"]))
+            if vm is None:
+                vm = Vm(host_id=host_id, name=push["vm"], high_risk=False, risk={})
+                s.add(vm)
                 s.flush()
-                for f in scan.get("findings", []):
-                    s.add(FindingRow(scan_id=row.id, vm_id=vm.id, time=float(push["finished"]),
-                                     kind=str(f.get("kind", "")), severity=str(f.get("severity", "")),
-                                     title=str(f.get("title", "")), evidence=list(f.get("evidence", []))))
-                if vm.latest_scan_id is None or row.finished >= self._finished(s, vm.latest_scan_id):
-                    vm.latest_scan_id = row.id
-                    vm.risk = risk_of(doc)
-                return row.id, True, vm.high_risk
-        except IntegrityError:  # a concurrent retry of the same key won the race: return its row
-            with self.session() as s:
-                existing = s.scalar(select(Scan).where(Scan.idempotency_key == key))
-                if existing is None:
-                    raise
-                vm = s.get(Vm, existing.vm_id)
-                return existing.id, False, bool(vm and vm.high_risk)
+            now = time.time()
+            row = Scan(vm_id=vm.id, idempotency_key=key, started=float(push["started"]),
+                       finished=float(push["finished"]), received=now, status=str(scan.get("status", "ok")),
+                       methods=list(scan.get("methods", [])), summary=dict(scan.get("summary", {})),
+                       document=doc)
+            s.add(row)
+            s.flush()
+            for f in scan.get("findings", []):
+                s.add(FindingRow(scan_id=row.id, vm_id=vm.id, time=float(push["finished"]),
+                                 kind=str(f.get("kind", "")), severity=str(f.get("severity", "")),
+                                 title=str(f.get("title", "")), evidence=list(f.get("evidence", []))))
+            if vm.latest_scan_id is None or row.finished >= self._finished(s, vm.latest_scan_id):
+                vm.latest_scan_id = row.id
+                vm.risk = risk_of(doc)
+            return row.id, True, vm.high_risk
 
     @staticmethod
     def _finished(s: Session, scan_id: int) -> float:
