@@ -291,3 +291,36 @@ def test_concurrent_pushes_of_one_key_store_one_scan(fleet_pg: Any) -> None:
     finally:
         for s in stores:
             s.engine.dispose()
+
+
+MEMORY_PROBE = """
+import json, resource, sys
+from pathlib import Path
+from nephoscope.fleet.sensor import Sensor, apply_budget, parse_policy
+from nephoscope.hypervisor.discover import Discovery, HostVm
+from nephoscope.hypervisor.target import VmTarget
+policy = parse_policy(sys.argv[2])
+apply_budget(policy)
+def scanner(vm, methods):
+    if vm.name == "vm-greedy":
+        hog = bytearray(400 << 20)  # more than the cap: must fail here, not take the host's memory
+        return {"scan": {"size": len(hog)}}
+    return {"scan": {"processes": [], "findings": [], "status": "ok"}}
+vms = Discovery([HostVm(n, "qemu", VmTarget(n, live=True), methods={"inspect": None})
+                 for n in ("vm-greedy", "vm-fine")], {})
+report = Sensor(None, policy, Path(sys.argv[1]), host="hv", discover=lambda: vms, scanner=scanner).sweep()
+print(json.dumps({"limit": resource.getrlimit(resource.RLIMIT_DATA)[0], "report": report.to_dict()}))
+"""
+
+
+def test_memory_cap_stops_a_greedy_scan_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    import subprocess
+
+    policy = '[budget]\nmemory_mib = 300\nnice = 0\n[[rule]]\nmethod = "inspect"\nevery_s = 0\n'
+    done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "s"), policy], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["limit"] == 300 << 20
+    assert out["report"]["errors"]["vm-greedy"].startswith("MemoryError")
+    assert list(out["report"]["scanned"]) == ["vm-fine"]
