@@ -169,8 +169,9 @@ def test_budget_defers_and_errors_do_not_stop_the_sweep(tmp_path: Path) -> None:
     policy = parse_policy(POLICY + "\n[budget]\ncpu_s_per_sweep = 0\n")
     sensor = Sensor(None, policy, tmp_path / "s", host="hv", discover=lambda: _vms("vm-1", "vm-2"),
                     scanner=lambda vm, _m: StoredResult(vm.name))
-    report = sensor.sweep()
-    assert not report.scanned and all(v.startswith("deferred") for v in report.skipped.values())
+    sweeps = [sensor.sweep() for _ in range(3)]  # a spent budget still scans one VM per sweep
+    assert [list(r.scanned) for r in sweeps] == [["vm-1"], ["vm-2"], ["vm-1"]]  # the deferred VM goes first next
+    assert sweeps[0].skipped == {"vm-2": "deferred: this sweep's CPU budget is spent"}
 
     def broken(vm: HostVm, _m: list[str]) -> dict[str, Any]:
         if vm.name == "vm-1":

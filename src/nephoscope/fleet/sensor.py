@@ -5,7 +5,8 @@ take the VM's lock (no VM is scanned twice at once, even by two sensor processes
 scan document to the on-disk outbox, then push the outbox oldest first. A push that fails leaves the
 document in the outbox for the next sweep; its idempotency key, fixed when the document was written,
 makes a retry of a push that did land a no-op on the server. CPU and memory are bounded per host:
-a sweep starts no new VM once its CPU budget is spent (the rest are deferred, not dropped), and the
+a sweep starts no new VM once its CPU budget is spent (the rest are deferred, not dropped, and go
+first next sweep; every sweep scans at least one VM), and the
 data segment is capped (RLIMIT_DATA) when the policy says so; each sweep reports what it used.
 """
 
@@ -40,7 +41,7 @@ exclude = []
 high_risk = []           # VM names flagged high-risk locally (the server's flag is added on each push)
 
 [budget]
-cpu_s_per_sweep = 120    # no new VM is started in a sweep once its CPU time exceeds this
+cpu_s_per_sweep = 120    # no further VM is started in a sweep once its CPU time exceeds this
 memory_mib = 0           # cap on the data segment (RLIMIT_DATA), 0 = none
 nice = 10                # scheduling niceness of the sensor
 
@@ -355,13 +356,16 @@ class Sensor:
 
     def _sweep_vms(self, report: SweepReport, cpu0: float) -> None:
         found = self.discover()
-        for vm in found.vms:
+        # least recently scanned first: a VM deferred by the CPU budget is first in line next sweep
+        order = sorted(found.vms, key=lambda v: max(self.state["last"].get(v.name, {}).values(), default=0.0))
+        for vm in order:
             if not self.policy.wants(vm.name):
                 continue
             if not vm.running:
                 report.skipped[vm.name] = f"not running ({vm.state})"
                 continue
-            if _cpu_s() - cpu0 >= self.policy.cpu_s_per_sweep:
+            started_one = bool(report.scanned or report.errors)  # every sweep makes progress on one VM
+            if started_one and _cpu_s() - cpu0 >= self.policy.cpu_s_per_sweep:
                 report.skipped[vm.name] = "deferred: this sweep's CPU budget is spent"
                 continue
             methods = self.due(vm, self.clock())
