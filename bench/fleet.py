@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import shutil
 import tempfile
 import threading
 import time
@@ -236,6 +237,7 @@ def main() -> int:
     finally:
         server.stop()
         pg.destroy()
+        shutil.rmtree(work, ignore_errors=True)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
