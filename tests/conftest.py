@@ -219,3 +219,21 @@ def server_guest(server_image: Image) -> Iterator[object]:
 def server_tampered_guest() -> Iterator[runner.Guest]:
     """The `server-tampered` profile under bare QEMU (shared RAM file), booted from its disk once per session."""
     yield from _boot("server-tampered", tag="srvtamp")
+
+
+@pytest.fixture(scope="session")
+def fleet_pg() -> Iterator[object]:
+    """A throwaway PostgreSQL 15 cluster (as `nobody` when root), stopped and deleted at the end of the session."""
+    import tempfile
+
+    from nephoscope.fleet.pgcluster import PgCluster, free_port
+
+    root = Path(tempfile.mkdtemp(prefix="nephoscope-pg-"))  # not under pytest's 0700 tree: postgres runs as nobody
+    root.chmod(0o755)
+    cluster = PgCluster(root / "pg", free_port())
+    cluster.init()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+        root.rmdir()

@@ -71,6 +71,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
               "event (pauses the VM per event)."),
     "vms": ("nephoscope.cli.vms", "vms",
             "List libvirt domains, other QEMU processes and lab guests with the methods each supports."),
+    "server": ("nephoscope.cli.server", "server",
+               "Run the fleet server: migrate the DB, create an operator token if none, serve API and dashboard."),
+    "sensor": ("nephoscope.cli.sensor", "sensor",
+               "Sweep this host's VMs by policy, push each scan (idempotent), buffer while the server is away."),
 }
 
 

@@ -2,8 +2,8 @@
 
 Run `python -m nephoscope.devtools.layers` (exit 1 and one line per violation when the rule is broken).
 The ranks follow the data flow in docs/architecture.md: connector → memory → kernel model → knowledge →
-methods → analysis → store → response → lab → service → faces. Packages of equal rank (the faces) may
-not import each other.
+methods → analysis → store → response → lab → service → fleet (server and sensor) → faces. Packages of
+equal rank (the faces) may not import each other.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 ROOT = "nephoscope"
 RANKS: dict[str, int] = {
     "core": 0, "hypervisor": 1, "memory": 2, "os": 3, "knowledge": 4, "introspect": 5, "analysis": 6,
-    "store": 7, "response": 8, "lab": 9, "service": 10, "api": 11, "web": 11, "cli": 11, "devtools": 12,
+    "store": 7, "response": 8, "lab": 9, "service": 10, "fleet": 11, "api": 12, "web": 12, "cli": 12,
+    "devtools": 13,
 }
 TOP_LEVEL = {"__init__", "__main__"}  # nephoscope/__init__.py: the version only
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from nephoscope.core.errors import ConnectorError, NephoscopeError
 from nephoscope.core.records import Observation
@@ -89,9 +90,10 @@ class ArchMethod:
 
     name = METHOD
 
-    def __init__(self, kb: str | Path | None = None, pause: bool = False) -> None:
+    def __init__(self, kb: str | Path | None = None, pause: bool = False, db: CodePageLookup | None = None) -> None:
         self.kb = Path(kb) if kb else None
         self.pause = pause
+        self.shared_db = db  # a KB the caller keeps open across scans (the sensor's per-sweep cache): not closed here
         self.extra_roots: list[int] = []
         self.extra_vcpus: list[VcpuState] = []
         self.last_report: ArchReport | None = None
@@ -101,14 +103,15 @@ class ArchMethod:
         from nephoscope.knowledge.binaries import CodePageDB
 
         try:
-            db = CodePageDB.open(self.kb)
+            db: Any = self.shared_db if self.shared_db is not None else CodePageDB.open(self.kb)
         except NephoscopeError as exc:
             yield unverifiable(METHOD, vm, "knowledge", str(exc))
             return
+        close = db.close if self.shared_db is None else (lambda: None)
         try:
             phys = _open(vm)
         except NephoscopeError as exc:
-            db.close()
+            close()
             yield unverifiable(METHOD, vm, "memory", str(exc))
             return
         try:
@@ -118,7 +121,7 @@ class ArchMethod:
             return
         finally:
             phys.close()
-            db.close()
+            close()
         if note:
             yield unverifiable(METHOD, vm, "vcpu-registers", note)
         self.last_report = report

@@ -1,0 +1,363 @@
+"""The central store's use cases: open and migrate the database, tokens and scopes, ingest and query scans.
+
+Everything the API does to the database goes through here, so the same calls serve PostgreSQL and SQLite.
+Nothing here trusts a pushed document beyond its shape: risk counts are derived from it, strings stay
+data (the dashboard renders them as text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from nephoscope.core.errors import NephoscopeError
+from nephoscope.fleet.models import SCOPES, FindingRow, Host, Scan, Tenant, Token, Vm
+from nephoscope.service.report import CODE_KINDS
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+RISKS = ("running_vulnerable", "malicious_unknown", "unverifiable")
+
+
+class FleetError(NephoscopeError):
+    """The fleet store refused a request (unknown token, wrong scope, bad document)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a token speaks for: its scope and the tenant or host it is bound to."""
+
+    scope: str
+    tenant_id: int | None = None
+    host_id: int | None = None
+    token_id: int | None = None
+
+
+def sqlite_url(path: Path) -> str:
+    """Return the SQLAlchemy URL of an SQLite file (the single-host store)."""
+    return f"sqlite:///{path}"
+
+
+def open_engine(url: str) -> Engine:
+    """Return an engine for `url` (postgresql+psycopg://... or sqlite:///...), pooled and pre-pinged."""
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(conn: Any, _record: Any) -> None:
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA journal_mode = WAL")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the database to `revision` with the Alembic migrations shipped in this package."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
+
+
+class FleetStore:
+    """The central store: one engine, short sessions per call."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """Yield a session that commits on success and rolls back on error."""
+        with self.sessions() as s, s.begin():
+            yield s
+
+    # ---------------------------------------------------------------- tenants, hosts, tokens
+
+    def add_tenant(self, name: str) -> int:
+        """Create a tenant (or return the existing one's id)."""
+        with self.session() as s:
+            found = s.scalar(select(Tenant).where(Tenant.name == name))
+            if found is not None:
+                return found.id
+            t = Tenant(name=name)
+            s.add(t)
+            s.flush()
+            return t.id
+
+    def _host(self, s: Session, name: str) -> Host:
+        host = s.scalar(select(Host).where(Host.name == name))
+        if host is None:
+            host = Host(name=name)
+            s.add(host)
+            s.flush()
+        return host
+
+    def add_host(self, name: str) -> int:
+        """Create a host (or return the existing one's id)."""
+        with self.session() as s:
+            return self._host(s, name).id
+
+    def issue_token(self, scope: str, *, tenant_id: int | None = None, host_id: int | None = None,
+                    label: str = "") -> str:
+        """Create a token of `scope` and return its secret (only its SHA-256 is stored)."""
+        if scope not in SCOPES:
+            raise FleetError(f"unknown scope {scope!r}; one of {', '.join(SCOPES)}")
+        if scope == "tenant" and tenant_id is None:
+            raise FleetError("a tenant token needs a tenant")
+        if scope == "sensor" and host_id is None:
+            raise FleetError("a sensor token needs a host")
+        secret = "nph_" + secrets.token_urlsafe(32)
+        with self.session() as s:
+            s.add(Token(digest=token_digest(secret), scope=scope, tenant_id=tenant_id if scope == "tenant" else None,
+                        host_id=host_id if scope == "sensor" else None, label=label, created=time.time()))
+        return secret
+
+    def has_operator(self) -> bool:
+        """Return whether any operator token exists (the server creates the first one)."""
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(Token).where(Token.scope == "operator")) > 0
+
+    def find_principal(self, secret: str) -> Principal | None:
+        """Return who a token secret speaks for, or None when it is unknown."""
+        if "\x00" in secret:
+            return None
+        with self.session() as s:
+            t = s.scalar(select(Token).where(Token.digest == token_digest(secret)))
+            return None if t is None else Principal(t.scope, t.tenant_id, t.host_id, t.id)
+
+    # ---------------------------------------------------------------- ingest
+
+    def ingest(self, host_id: int, push: dict[str, Any]) -> tuple[int, bool, bool]:
+        """Store one pushed scan; return (scan id, whether it was new, the VM's high-risk flag).
+
+        The idempotency key makes a retry of a push that already landed a no-op returning the same id."""
+        push = without_nul(push)
+        for _attempt in range(3):
+            try:
+                return self._ingest_once(host_id, push)
+            except IntegrityError:  # another writer created the same key or the same new VM first
+                with self.session() as s:
+                    existing = s.scalar(select(Scan).where(Scan.idempotency_key == str(push["idempotency_key"])))
+                    if existing is not None:
+                        vm = s.get(Vm, existing.vm_id)
+                        return existing.id, False, bool(vm and vm.high_risk)
+        return self._ingest_once(host_id, push)
+
+    def _ingest_once(self, host_id: int, push: dict[str, Any]) -> tuple[int, bool, bool]:
+        key = str(push["idempotency_key"])
+        doc = push["document"]
+        scan = doc.get("scan", {})
+        with self.session() as s:
+            existing = s.scalar(select(Scan).where(Scan.idempotency_key == key))
+            if existing is not None:
+                vm = s.get(Vm, existing.vm_id)
+                return existing.id, False, bool(vm and vm.high_risk)
+        with self.session() as s:
+            vm = s.scalar(select(Vm).where(Vm.host_id == host_id, Vm.name == push["vm"]))
+            if vm is None:
+                vm = Vm(host_id=host_id, name=push["vm"], high_risk=False, risk={})
+                s.add(vm)
+                s.flush()
+            now = time.time()
+            row = Scan(vm_id=vm.id, idempotency_key=key, started=float(push["started"]),
+                       finished=float(push["finished"]), received=now, status=str(scan.get("status", "ok")),
+                       methods=list(scan.get("methods", [])), summary=dict(scan.get("summary", {})),
+                       document=doc)
+            s.add(row)
+            s.flush()
+            for f in scan.get("findings", []):
+                s.add(FindingRow(scan_id=row.id, vm_id=vm.id, time=float(push["finished"]),
+                                 kind=str(f.get("kind", "")), severity=str(f.get("severity", "")),
+                                 title=str(f.get("title", "")), evidence=list(f.get("evidence", []))))
+            if vm.latest_scan_id is None or row.finished >= self._finished(s, vm.latest_scan_id):
+                vm.latest_scan_id = row.id
+                vm.risk = risk_of(doc)
+            return row.id, True, vm.high_risk
+
+    @staticmethod
+    def _finished(s: Session, scan_id: int) -> float:
+        return float(s.scalar(select(Scan.finished).where(Scan.id == scan_id)) or 0.0)
+
+    # ---------------------------------------------------------------- queries (scope-checked)
+
+    def _visible(self, who: Principal) -> Any:
+        q = select(Vm, Host.name, Tenant.name).join(Host, Vm.host_id == Host.id).outerjoin(
+            Tenant, Vm.tenant_id == Tenant.id)
+        if who.scope == "tenant":
+            q = q.where(Vm.tenant_id == who.tenant_id)
+        elif who.scope != "operator":
+            q = q.where(False)
+        return q
+
+    def list_vms(self, who: Principal, host: str | None = None, tenant: str | None = None,
+                 risk: str | None = None) -> list[dict[str, Any]]:
+        """Return the VMs `who` may see (filtered by host, tenant name, or a risk with a non-zero count)."""
+        q = self._visible(who)
+        if host:
+            q = q.where(Host.name == host)
+        if tenant:
+            q = q.where(Tenant.name == tenant)
+        with self.session() as s:
+            rows = [_vm_dict(vm, h, t) for vm, h, t in s.execute(q.order_by(Vm.id))]
+        if risk:
+            rows = [r for r in rows if r["risk"].get(risk)]
+        return rows
+
+    def get_vm(self, who: Principal, vm_id: int) -> dict[str, Any] | None:
+        """Return one VM `who` may see with its latest scan document, or None (unknown or not theirs)."""
+        with self.session() as s:
+            row = s.execute(self._visible(who).where(Vm.id == vm_id)).first()
+            if row is None:
+                return None
+            vm, h, t = row
+            out = _vm_dict(vm, h, t)
+            latest = s.get(Scan, vm.latest_scan_id) if vm.latest_scan_id else None
+            out["latest"] = _scan_dict(latest, with_document=True, tenant=who.scope == "tenant") if latest else None
+            return out
+
+    def vm_scans(self, who: Principal, vm_id: int, limit: int = 50) -> list[dict[str, Any]] | None:
+        """Return a visible VM's scans, newest first (None when the VM is not visible)."""
+        with self.session() as s:
+            if s.execute(self._visible(who).where(Vm.id == vm_id)).first() is None:
+                return None
+            rows = s.scalars(select(Scan).where(Scan.vm_id == vm_id).order_by(Scan.id.desc()).limit(limit))
+            return [_scan_dict(r) for r in rows]
+
+    def get_scan(self, who: Principal, scan_id: int) -> dict[str, Any] | None:
+        """Return one scan with its document when `who` may see its VM, else None."""
+        with self.session() as s:
+            row = s.get(Scan, scan_id)
+            if row is None or s.execute(self._visible(who).where(Vm.id == row.vm_id)).first() is None:
+                return None
+            return _scan_dict(row, with_document=True, tenant=who.scope == "tenant")
+
+    def vm_findings(self, who: Principal, vm_id: int, limit: int = 500) -> list[dict[str, Any]] | None:
+        """Return a visible VM's findings over time, newest first (None when not visible)."""
+        with self.session() as s:
+            if s.execute(self._visible(who).where(Vm.id == vm_id)).first() is None:
+                return None
+            rows = s.scalars(select(FindingRow).where(FindingRow.vm_id == vm_id)
+                             .order_by(FindingRow.time.desc(), FindingRow.id).limit(limit))
+            return [{"scan_id": r.scan_id, "time": r.time, "kind": r.kind, "severity": r.severity,
+                     "title": r.title, "evidence": r.evidence} for r in rows]
+
+    def overview(self, who: Principal) -> dict[str, Any]:
+        """Return VM counts by risk, per host and per tenant, over the VMs `who` may see."""
+        vms = self.list_vms(who)
+        def group(key: str) -> dict[str, dict[str, int]]:
+            out: dict[str, dict[str, int]] = {}
+            for vm in vms:
+                g = out.setdefault(vm[key] or "(no tenant)", {"vms": 0, **dict.fromkeys(RISKS, 0)})
+                g["vms"] += 1
+                for r in RISKS:
+                    g[r] += 1 if vm["risk"].get(r) else 0
+            return out
+        return {"vms": len(vms), "by_host": group("host"), "by_tenant": group("tenant"),
+                "totals": {r: sum(1 for v in vms if v["risk"].get(r)) for r in RISKS}}
+
+    def set_vm(self, vm_id: int, *, tenant_id: int | None = None, high_risk: bool | None = None) -> bool:
+        """Assign a VM to a tenant and/or flag it high-risk (operator); False when there is no such VM."""
+        with self.session() as s:
+            vm = s.get(Vm, vm_id)
+            if vm is None:
+                return False
+            if tenant_id is not None:
+                vm.tenant_id = tenant_id
+            if high_risk is not None:
+                vm.high_risk = high_risk
+            return True
+
+    def tenant_exists(self, tenant_id: int) -> bool:
+        """Return whether a tenant id exists."""
+        with self.session() as s:
+            return s.get(Tenant, tenant_id) is not None
+
+    def host_exists(self, host_id: int) -> bool:
+        """Return whether a host id exists."""
+        with self.session() as s:
+            return s.get(Host, host_id) is not None
+
+    def host_name(self, host_id: int) -> str | None:
+        """Return a host's name, or None."""
+        with self.session() as s:
+            h = s.get(Host, host_id)
+            return h.name if h else None
+
+    def count_scans(self) -> int:
+        """Return how many scans are stored (the bench's loss/duplicate check)."""
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).select_from(Scan)) or 0)
+
+
+def without_nul(value: Any) -> Any:
+    """Return a JSON value with every NUL character replaced by U+FFFD in keys and strings.
+
+    Guest strings may hold NULs; PostgreSQL's text and JSONB cannot store them (SQLite could), so the
+    same document must not be accepted by one store and refused by the other."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nul(v) for v in value]
+    return value
+
+
+def token_digest(secret: str) -> str:
+    """Return the stored form of a token secret (hex SHA-256)."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def risk_of(document: dict[str, Any]) -> dict[str, Any]:
+    """Return a scan document's risk counts: running-vulnerable packages, malicious/unknown code, unverifiable."""
+    scan = document.get("scan", {}) if isinstance(document, dict) else {}
+    report = document.get("report") if isinstance(document, dict) else None
+    findings = [f for f in scan.get("findings", []) if isinstance(f, dict)]
+    vulnerable = 0
+    if isinstance(report, dict):
+        vulnerable = sum(1 for v in report.get("vulnerable", []) if isinstance(v, dict) and v.get("running"))
+    else:
+        vulnerable = sum(1 for f in findings if f.get("kind") == "running-vulnerable")
+    code = sum(1 for f in findings if f.get("kind") in CODE_KINDS)
+    unverifiable = scan.get("status") == "unverifiable"
+    return {"running_vulnerable": vulnerable, "malicious_unknown": code, "unverifiable": 1 if unverifiable else 0,
+            "unverified_items": len(scan.get("unverifiable", []) or []), "findings": len(findings)}
+
+
+def _vm_dict(vm: Vm, host: str, tenant: str | None) -> dict[str, Any]:
+    return {"id": vm.id, "name": vm.name, "host": host, "tenant": tenant, "high_risk": vm.high_risk,
+            "latest_scan_id": vm.latest_scan_id, "risk": vm.risk or {}}
+
+
+TENANT_HIDDEN = ("observations", "timings")  # raw records and host timings: the operator's, not the tenant's
+
+
+def _scan_dict(row: Scan, with_document: bool = False, tenant: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": row.id, "vm_id": row.vm_id, "idempotency_key": row.idempotency_key,
+                           "started": row.started, "finished": row.finished, "received": row.received,
+                           "status": row.status, "methods": row.methods, "summary": row.summary}
+    if with_document:
+        doc = dict(row.document)
+        if tenant:
+            doc = {k: v for k, v in doc.items() if k not in TENANT_HIDDEN}
+            if isinstance(doc.get("scan"), dict):
+                doc["scan"] = {k: v for k, v in doc["scan"].items() if k not in TENANT_HIDDEN}
+        out["document"] = doc
+    return out

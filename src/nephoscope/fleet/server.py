@@ -1,0 +1,222 @@
+"""The central server's HTTP API (FastAPI): sensors push scans, operators and tenants read, the dashboard is static.
+
+Every endpoint takes a bearer token and checks its scope: operator (everything), tenant (only its own
+VMs; another tenant's VM is 404, as if it did not exist), sensor (push for its own host, and the KB).
+The OpenAPI spec is at /openapi.json. The dashboard (/) is plain HTML+JS that talks only to this API.
+"""
+
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from nephoscope.fleet.db import RISKS, FleetError, FleetStore, Principal
+
+STATIC = Path(__file__).with_name("static")
+API = "/api/v1"
+MAX_DIGESTS = 4096
+MAX_ID = 2**31 - 1  # ids are PostgreSQL `integer`: a larger one names nothing (and must not reach the driver)
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: refused here rather than failing in the driver
+VmId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
+ScanId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
+
+
+class ScanPush(BaseModel):
+    """One scan a sensor pushes: the scan document of `nephoscope scan --json`, its observations and report."""
+
+    idempotency_key: str = Field(min_length=8, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$")
+    host: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
+    vm: str = Field(min_length=1, max_length=300, pattern=NO_NUL)
+    started: float
+    finished: float
+    document: dict[str, Any]
+
+
+class PushResult(BaseModel):
+    """The stored scan's id, whether this push created it (False: a retry), and the VM's high-risk flag."""
+
+    scan_id: int
+    created: bool
+    high_risk: bool
+
+
+class TenantIn(BaseModel):
+    """A tenant to create."""
+
+    name: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
+
+
+class TokenIn(BaseModel):
+    """A token to issue: its scope and, for tenant/sensor scopes, the tenant id or host name it is bound to."""
+
+    scope: str = Field(pattern="^(operator|tenant|sensor)$")
+    tenant_id: int | None = Field(default=None, ge=1, le=MAX_ID)
+    host: str | None = Field(default=None, min_length=1, max_length=200, pattern=NO_NUL)
+    label: str = Field(default="", max_length=200, pattern=NO_NUL)
+
+
+class VmPatch(BaseModel):
+    """What an operator may change on a VM: its tenant and its high-risk flag (sensors trap those)."""
+
+    tenant_id: int | None = Field(default=None, ge=1, le=MAX_ID)
+    high_risk: bool | None = None
+
+
+class LookupIn(BaseModel):
+    """Page digests (hex SHA-256 of 4 KiB executable pages) to identify against the central KB."""
+
+    digests: list[Annotated[str, Field(pattern="^[0-9a-f]{64}$")]] = Field(max_length=MAX_DIGESTS)
+
+
+def create_app(store: FleetStore, kb_path: Path | None = None) -> FastAPI:
+    """Return the API and dashboard over `store`; `kb_path` is the code-page DB served to sensors."""
+    app = FastAPI(title="nephoscope fleet", version="1", description=__doc__)
+    app.state.store = store
+
+    def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
+        scheme, _, secret = (authorization or "").partition(" ")
+        who = store.find_principal(secret.strip()) if scheme.lower() == "bearer" and secret.strip() else None
+        if who is None:
+            raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+        return who
+
+    def scoped(*scopes: str) -> Any:
+        def check(who: Annotated[Principal, Depends(principal)]) -> Principal:
+            if who.scope not in scopes:
+                raise HTTPException(403, f"this endpoint needs a {' or '.join(scopes)} token")
+            return who
+        return check
+
+    Reader = Annotated[Principal, Depends(scoped("operator", "tenant"))]
+    Operator = Annotated[Principal, Depends(scoped("operator"))]
+    Sensor = Annotated[Principal, Depends(scoped("sensor"))]
+    KbReader = Annotated[Principal, Depends(scoped("operator", "sensor"))]
+
+    def found(value: Any, what: str) -> Any:
+        if value is None:
+            raise HTTPException(404, f"no such {what}")
+        return value
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        """Say the server runs (no token needed, no data)."""
+        return {"status": "ok"}
+
+    @app.post(f"{API}/scans", status_code=201, response_model=PushResult)
+    def push_scan(push: ScanPush, who: Sensor, response: Response) -> PushResult:
+        """Store a sensor's scan (idempotent per key: a retry returns the first push's id with 200)."""
+        if who.host_id is None or store.host_name(who.host_id) != push.host:
+            raise HTTPException(403, "a sensor token pushes only for its own host")
+        try:
+            scan_id, created, high_risk = store.ingest(who.host_id, dict(push))  # fields as they are: no deep copy
+        except (FleetError, ValueError, TypeError, AttributeError) as exc:
+            raise HTTPException(422, f"the scan document does not fit: {exc}") from exc
+        if not created:
+            response.status_code = 200
+        return PushResult(scan_id=scan_id, created=created, high_risk=high_risk)
+
+    @app.get(f"{API}/overview")
+    def overview(who: Reader) -> dict[str, Any]:
+        """Return VM counts by risk per host and per tenant (a tenant sees only its own VMs)."""
+        return store.overview(who)
+
+    @app.get(f"{API}/vms")
+    def list_vms(who: Reader, host: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
+                 tenant: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
+                 risk: Annotated[str | None, Query(pattern="^(" + "|".join(RISKS) + ")$")] = None
+                 ) -> list[dict[str, Any]]:
+        """Return the VMs the token may see, with their latest risk counts."""
+        return store.list_vms(who, host, tenant, risk)
+
+    @app.get(f"{API}/vms/{{vm_id}}")
+    def get_vm(vm_id: VmId, who: Reader) -> dict[str, Any]:
+        """Return one VM with its latest scan document (404 when unknown or another tenant's)."""
+        return found(store.get_vm(who, vm_id), "VM")  # type: ignore[no-any-return]
+
+    @app.get(f"{API}/vms/{{vm_id}}/scans")
+    def vm_scans(vm_id: VmId, who: Reader, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[dict[str, Any]]:
+        """Return a VM's scans, newest first (without their documents)."""
+        return found(store.vm_scans(who, vm_id, limit), "VM")  # type: ignore[no-any-return]
+
+    @app.get(f"{API}/vms/{{vm_id}}/findings")
+    def vm_findings(vm_id: VmId, who: Reader) -> list[dict[str, Any]]:
+        """Return a VM's findings over time, newest first."""
+        return found(store.vm_findings(who, vm_id), "VM")  # type: ignore[no-any-return]
+
+    @app.get(f"{API}/vms/{{vm_id}}/notices")
+    def vm_notices(vm_id: VmId, who: Reader) -> dict[str, Any]:
+        """Return the notices sent to a VM's owner and the filters applied (none are recorded by this server)."""
+        found(store.get_vm(who, vm_id), "VM")
+        return {"notices": [], "filters": [], "recorded": False}
+
+    @app.get(f"{API}/scans/{{scan_id}}")
+    def get_scan(scan_id: ScanId, who: Reader) -> dict[str, Any]:
+        """Return one scan with its document (404 when unknown or another tenant's)."""
+        return found(store.get_scan(who, scan_id), "scan")  # type: ignore[no-any-return]
+
+    @app.patch(f"{API}/vms/{{vm_id}}", status_code=204)
+    def patch_vm(vm_id: VmId, patch: VmPatch, _who: Operator) -> Response:
+        """Assign a VM to a tenant or flag it high-risk (operator only)."""
+        if patch.tenant_id is not None and not store.tenant_exists(patch.tenant_id):
+            raise HTTPException(404, "no such tenant")
+        found(store.set_vm(vm_id, tenant_id=patch.tenant_id, high_risk=patch.high_risk) or None, "VM")
+        return Response(status_code=204)
+
+    @app.post(f"{API}/tenants", status_code=201)
+    def add_tenant(tenant: TenantIn, _who: Operator) -> dict[str, int]:
+        """Create a tenant (operator only); an existing name returns its id."""
+        return {"id": store.add_tenant(tenant.name)}
+
+    @app.post(f"{API}/tokens", status_code=201)
+    def add_token(token: TokenIn, _who: Operator) -> dict[str, str]:
+        """Issue a token (operator only); the secret is shown once, only its hash is kept."""
+        host_id = store.add_host(token.host) if token.scope == "sensor" and token.host else None
+        if token.scope == "tenant" and (token.tenant_id is None or not store.tenant_exists(token.tenant_id)):
+            raise HTTPException(404, "no such tenant")
+        try:
+            return {"token": store.issue_token(token.scope, tenant_id=token.tenant_id, host_id=host_id,
+                                               label=token.label)}
+        except FleetError as exc:
+            raise HTTPException(422, str(exc)) from exc
+
+    def kb_file() -> Path:
+        if kb_path is None or not kb_path.is_file():
+            raise HTTPException(404, "this server has no code-page knowledge base")
+        return kb_path
+
+    @app.get(f"{API}/kb/snapshot", response_class=FileResponse, responses={304: {"description": "not modified"}})
+    def kb_snapshot(request: Request, _who: KbReader) -> Response:
+        """Download the central code-page DB (SQLite); send If-None-Match with the last ETag to skip it."""
+        path = kb_file()
+        stat = path.stat()
+        etag = '"' + hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32] + '"'
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers={"ETag": etag})
+        return FileResponse(path, media_type="application/vnd.sqlite3", headers={"ETag": etag})
+
+    @app.post(f"{API}/kb/lookup")
+    def kb_lookup(query: LookupIn, _who: KbReader) -> dict[str, list[dict[str, Any]]]:
+        """Return, per page digest, the packaged files and offsets where the central KB knows it."""
+        from nephoscope.knowledge.binaries import CodePageDB
+
+        db = CodePageDB.open(kb_file())
+        try:
+            hits = db.lookup_digests([bytes.fromhex(d) for d in query.digests])
+        finally:
+            db.close()
+        return {d: [{"path": h.path, "package": h.package, "version": h.version, "arch": h.arch,
+                     "file_offset": h.file_offset, "sha256": h.sha256} for h in found_hits]
+                for d, found_hits in zip(query.digests, hits, strict=True)}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def dashboard() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

@@ -1,0 +1,176 @@
+"""The fleet API on SQLite, in-process: every endpoint's scope check, tenant isolation, idempotent pushes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from fleet_docs import push, stored_document
+
+from nephoscope.fleet.db import FleetStore, migrate, open_engine, risk_of, sqlite_url
+from nephoscope.fleet.server import create_app
+
+
+class Fleet:
+    """A server with an operator, two tenants with one VM each on two hosts, and their tokens."""
+
+    def __init__(self, tmp: Path, url: str | None = None) -> None:
+        engine = open_engine(url or sqlite_url(tmp / "fleet.sqlite"))
+        migrate(engine)
+        self.store = FleetStore(engine)
+        self.client = TestClient(create_app(self.store, kb_path=tmp / "no-kb.sqlite"))
+        self.operator = self.store.issue_token("operator")
+        self.sensor_a = self.call("post", "/api/v1/tokens", self.operator, json={"scope": "sensor", "host": "hv-a"}
+                                  ).json()["token"]
+        self.sensor_b = self.call("post", "/api/v1/tokens", self.operator, json={"scope": "sensor", "host": "hv-b"}
+                                  ).json()["token"]
+        self.tenants: dict[str, int] = {}
+        self.tokens: dict[str, str] = {}
+        self.vms: dict[str, int] = {}
+        for tenant, host, sensor in (("acme", "hv-a", self.sensor_a), ("globex", "hv-b", self.sensor_b)):
+            tid = self.call("post", "/api/v1/tenants", self.operator, json={"name": tenant}).json()["id"]
+            self.tenants[tenant] = tid
+            self.tokens[tenant] = self.call("post", "/api/v1/tokens", self.operator,
+                                            json={"scope": "tenant", "tenant_id": tid}).json()["token"]
+            got = self.call("post", "/api/v1/scans", sensor, json=push(host, f"{tenant}-vm"))
+            assert got.status_code == 201, got.text
+            vm_id = self.store.get_scan(self.store.find_principal(self.operator), got.json()["scan_id"])["vm_id"]
+            self.vms[tenant] = vm_id
+            assert self.call("patch", f"/api/v1/vms/{vm_id}", self.operator, json={"tenant_id": tid}
+                             ).status_code == 204
+
+    def call(self, method: str, path: str, token: str | None, **kw: Any) -> Any:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return self.client.request(method, path, headers=headers, **kw)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(tmp_path)
+    yield f
+    f.client.close()
+    f.store.engine.dispose()
+
+
+READS = ["/api/v1/overview", "/api/v1/vms", "/api/v1/vms/{vm}", "/api/v1/vms/{vm}/scans", "/api/v1/vms/{vm}/findings",
+         "/api/v1/vms/{vm}/notices", "/api/v1/scans/{scan}"]
+
+
+def _paths(fleet: Fleet, tenant: str) -> list[str]:
+    vm = fleet.vms[tenant]
+    scan = fleet.call("get", f"/api/v1/vms/{vm}", fleet.operator).json()["latest_scan_id"]
+    return [p.format(vm=vm, scan=scan) for p in READS]
+
+
+def test_every_endpoint_wants_a_token(fleet: Fleet) -> None:
+    spec = fleet.client.get("/openapi.json").json()
+    for path, ops in spec["paths"].items():
+        if path == "/healthz":
+            continue
+        concrete = path.replace("{vm_id}", "1").replace("{scan_id}", "1")
+        for method in ops:
+            assert fleet.call(method, concrete, None, json={}).status_code == 401, (method, path)
+            assert fleet.call(method, concrete, "nph_wrong", json={}).status_code == 401, (method, path)
+
+
+def test_operator_reads_everything(fleet: Fleet) -> None:
+    for tenant in ("acme", "globex"):
+        for path in _paths(fleet, tenant):
+            assert fleet.call("get", path, fleet.operator).status_code == 200, path
+    assert {v["name"] for v in fleet.call("get", "/api/v1/vms", fleet.operator).json()} == {"acme-vm", "globex-vm"}
+
+
+def test_tenant_sees_only_its_own_vms(fleet: Fleet) -> None:
+    for path in _paths(fleet, "acme"):
+        assert fleet.call("get", path, fleet.tokens["acme"]).status_code == 200, path
+    for path in _paths(fleet, "globex")[2:]:  # every per-VM and per-scan read of another tenant's VM: 404
+        assert fleet.call("get", path, fleet.tokens["acme"]).status_code == 404, path
+    listed = fleet.call("get", "/api/v1/vms", fleet.tokens["acme"]).json()
+    assert [v["name"] for v in listed] == ["acme-vm"]
+    overview = fleet.call("get", "/api/v1/overview", fleet.tokens["acme"]).json()
+    assert overview["vms"] == 1 and list(overview["by_tenant"]) == ["acme"]
+
+
+def test_tenant_gets_no_raw_observations(fleet: Fleet) -> None:
+    vm = fleet.call("get", f"/api/v1/vms/{fleet.vms['acme']}", fleet.tokens["acme"]).json()
+    assert "observations" not in vm["latest"]["document"] and "timings" not in vm["latest"]["document"]["scan"]
+    assert vm["latest"]["document"]["scan"]["processes"]
+    full = fleet.call("get", f"/api/v1/vms/{fleet.vms['acme']}", fleet.operator).json()
+    assert full["latest"]["document"]["observations"]
+
+
+def test_tenant_and_sensor_cannot_write_or_administer(fleet: Fleet) -> None:
+    for token in (fleet.tokens["acme"], fleet.sensor_a):
+        assert fleet.call("post", "/api/v1/tenants", token, json={"name": "evil"}).status_code == 403
+        assert fleet.call("post", "/api/v1/tokens", token, json={"scope": "operator"}).status_code == 403
+        assert fleet.call("patch", f"/api/v1/vms/{fleet.vms['acme']}", token, json={"high_risk": True}
+                          ).status_code == 403
+    assert fleet.call("post", "/api/v1/scans", fleet.tokens["acme"], json=push("hv-a", "x")).status_code == 403
+    assert fleet.call("post", "/api/v1/scans", fleet.operator, json=push("hv-a", "x")).status_code == 403
+
+
+def test_sensor_pushes_only_and_only_for_its_host(fleet: Fleet) -> None:
+    for path in _paths(fleet, "acme"):
+        assert fleet.call("get", path, fleet.sensor_a).status_code == 403, path
+    assert fleet.call("post", "/api/v1/scans", fleet.sensor_a, json=push("hv-b", "globex-vm")).status_code == 403
+    assert fleet.call("post", "/api/v1/scans", fleet.sensor_a, json=push("hv-a", "new-vm")).status_code == 201
+
+
+def test_kb_is_for_sensors_and_operators(fleet: Fleet) -> None:
+    body = {"digests": ["00" * 32]}
+    assert fleet.call("post", "/api/v1/kb/lookup", fleet.tokens["acme"], json=body).status_code == 403
+    assert fleet.call("get", "/api/v1/kb/snapshot", fleet.tokens["acme"]).status_code == 403
+    # this server was given no KB file: an honest 404, not an empty answer that would read as "unknown code"
+    assert fleet.call("post", "/api/v1/kb/lookup", fleet.sensor_a, json=body).status_code == 404
+    assert fleet.call("get", "/api/v1/kb/snapshot", fleet.operator).status_code == 404
+
+
+def test_push_is_idempotent(fleet: Fleet) -> None:
+    body = push("hv-a", "acme-vm", key="hv-a.retry-me-0001")
+    first = fleet.call("post", "/api/v1/scans", fleet.sensor_a, json=body)
+    again = fleet.call("post", "/api/v1/scans", fleet.sensor_a, json=body)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json()["scan_id"] == again.json()["scan_id"] and again.json()["created"] is False
+    assert fleet.store.count_scans() == 3
+
+
+def test_stored_document_is_the_pushed_one(fleet: Fleet) -> None:
+    doc = stored_document()
+    vm = fleet.call("get", f"/api/v1/vms/{fleet.vms['acme']}", fleet.operator).json()
+    assert vm["latest"]["document"] == doc
+    findings = fleet.call("get", f"/api/v1/vms/{fleet.vms['acme']}/findings", fleet.operator).json()
+    assert sorted((f["kind"], f["title"]) for f in findings) == sorted((f["kind"], f["title"])
+                                                                       for f in doc["scan"]["findings"])
+    assert vm["risk"] == risk_of(doc) and vm["risk"]["malicious_unknown"] > 0
+
+
+def test_high_risk_flag_reaches_the_sensor(fleet: Fleet) -> None:
+    vm = fleet.vms["acme"]
+    assert fleet.call("patch", f"/api/v1/vms/{vm}", fleet.operator, json={"high_risk": True}).status_code == 204
+    got = fleet.call("post", "/api/v1/scans", fleet.sensor_a, json=push("hv-a", "acme-vm")).json()
+    assert got["high_risk"] is True
+
+
+def test_filters(fleet: Fleet) -> None:
+    assert [v["name"] for v in fleet.call("get", "/api/v1/vms?host=hv-b", fleet.operator).json()] == ["globex-vm"]
+    assert [v["name"] for v in fleet.call("get", "/api/v1/vms?tenant=acme", fleet.operator).json()] == ["acme-vm"]
+    assert len(fleet.call("get", "/api/v1/vms?risk=malicious_unknown", fleet.operator).json()) == 2
+    assert fleet.call("get", "/api/v1/vms?risk=running_vulnerable", fleet.operator).json() == []
+
+
+def test_nul_in_guest_strings_is_stored_as_replacement(fleet: Fleet) -> None:
+    doc = stored_document()
+    doc["scan"]["processes"][0]["cmdline"] = ["a\x00b"]
+    assert fleet.call("post", "/api/v1/scans", fleet.sensor_a, json=push("hv-a", "nul\x00vm", doc)).status_code == 422
+    got = fleet.call("post", "/api/v1/scans", fleet.sensor_a, json=push("hv-a", "nul-vm", doc))
+    assert got.status_code == 201
+    stored = fleet.call("get", f"/api/v1/scans/{got.json()['scan_id']}", fleet.operator).json()
+    assert stored["document"]["scan"]["processes"][0]["cmdline"] == ["a\ufffdb"]
+
+
+def test_ids_beyond_the_column_are_refused(fleet: Fleet) -> None:
+    for path in ("/api/v1/vms/9999999999999999999999", "/api/v1/scans/2147483648", "/api/v1/vms/0/findings"):
+        assert fleet.call("get", path, fleet.operator).status_code == 422, path
