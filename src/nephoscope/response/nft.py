@@ -61,7 +61,7 @@ class NftFilter:
     kind: str
     ports: tuple[int, ...]
     params: dict[str, Any] = field(hash=False, default_factory=dict)
-    proxy_port: int = 0  # haproxy-h2: where the host-side haproxy listens (one per VM port, same order)
+    proxy_ports: tuple[int, ...] = ()  # haproxy-h2: where the host-side haproxy listens, one per port in order
 
 
 def table_name(vm: str) -> str:
@@ -140,10 +140,11 @@ def ruleset(vm: str, net: VmNet, filters: list[NftFilter]) -> str:
             if not net.guest_ip:
                 raise FilterError(f"{f.mitigation} steers traffic through haproxy and needs the VM's address "
                                   "(--guest-ip)")
-            if len(f.ports) != 1 or not f.proxy_port:
-                raise FilterError(f"{f.mitigation}: a haproxy filter takes exactly one port and its proxy port")
-            redirects.append(f'iifname != "{net.tap}" ip daddr {net.guest_ip} tcp dport {f.ports[0]} '
-                             f'redirect to :{f.proxy_port} comment "{f.mitigation} {f.cve}"')
+            if len(f.proxy_ports) != len(f.ports):
+                raise FilterError(f"{f.mitigation}: a haproxy filter needs one proxy port per port")
+            redirects += [f'iifname != "{net.tap}" ip daddr {net.guest_ip} tcp dport {port} '
+                          f'redirect to :{proxy} comment "{f.mitigation} {f.cve}"'
+                          for port, proxy in zip(f.ports, f.proxy_ports, strict=True)]
     lines = [f"table {FAMILY} {table_name(vm)} {{", f'  comment "nephoscope filters of VM {_quote(vm)}"']
     lines += [f"  {s}" for s in sets]
     lines += ["  chain forward {", "    type filter hook forward priority filter - 10; policy accept;"]
