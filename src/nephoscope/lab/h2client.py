@@ -141,3 +141,39 @@ def http1_get(host: str, port: int, path: str = "/", timeout: float = 20.0) -> t
         return resp.status, resp.read()
     finally:
         conn.close()
+
+
+def _main(argv: list[str]) -> int:
+    """Run one client function with JSON arguments and print its result as JSON (for `netns.run_in`)."""
+    import json
+    import sys
+
+    name, args = argv[0], json.loads(argv[1]) if len(argv) > 1 else []
+    if name == "rapid_reset":
+        out: Any = rapid_reset(*args).to_dict()
+    elif name in ("h2_get", "http1_get"):
+        try:
+            status, body = (h2_get if name == "h2_get" else http1_get)(*args)
+            out = {"status": status, "body": body.decode("utf-8", "replace")[:2000], "error": ""}
+        except OSError as exc:
+            out = {"status": 0, "body": "", "error": str(exc)}
+    elif name == "timed":  # (what, host, port, count): per-request latency of `count` sequential requests
+        what, host, port, count = args
+        fn = h2_get if what == "h2" else http1_get
+        times = []
+        for _ in range(int(count)):
+            t = time.perf_counter()
+            fn(host, int(port))
+            times.append(time.perf_counter() - t)
+        out = {"seconds": times}
+    else:
+        print(f"unknown function {name}", file=sys.stderr)
+        return 2
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))

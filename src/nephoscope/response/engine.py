@@ -266,6 +266,7 @@ def rules_summary(f: NftFilter, net: VmNet) -> tuple[str, ...]:
 def _put_in_force(vm: str, net: VmNet, filters: list[NftFilter]) -> None:
     """Start/stop the VM's haproxy and replace its nft table so exactly `filters` are in force."""
     l7 = [f for f in filters if f.kind == "haproxy-h2"]
+    haproxy.track(vm, net)
     if l7:
         haproxy.start(vm, net, l7)
     nft.apply_table(vm, net, filters)
@@ -404,11 +405,14 @@ def gc(store: Any, alive: Callable[[str], bool] | None = None) -> list[FilterCha
                 _record(store, [], [], [(vm, a.mitigation) for a in mine])
     rows = active(store)
     with_l7 = {a.vm for a in rows if a.kind == "haproxy-h2"}
-    for vm, directory, _net in haproxy.iter_tracked():
+    spaces = {a.net.netns for a in rows} | {""}
+    for vm, directory, net in haproxy.iter_tracked():
+        if net is not None:
+            spaces.add(net.netns)
         if vm not in with_l7:
-            haproxy.stop_dir(directory)
+            haproxy.stop_dir(directory)  # a VM with only nft filters needs no state: its rows name its netns
     owned = {nft.table_name(a.vm) for a in rows}
-    for netns in sorted({a.net.netns for a in rows} | {""}):
+    for netns in sorted(spaces):
         try:
             for name in nft.live_tables(netns) - owned:
                 nft.delete_table_named(netns, name)

@@ -1,8 +1,9 @@
 """The host-side haproxy of the L7 filters: one process per VM, its config, pid and VM in a state directory.
 
-Processes are tracked in `<state>/<vm>/` (haproxy.cfg, haproxy.pid, net.json) so `gc` can reap one whose
-filter never got into force (nephoscope killed between starting haproxy and the nft transaction) or whose
-VM is gone. Only a pid whose command line names our config file is ever signalled.
+`<state>/<vm>/net.json` is written before any change to a VM's filters (where they go: tap, netns), and
+haproxy's config and pid live next to it, so `gc` can reap a haproxy or an nft table whose filter never got
+into the store (nephoscope killed mid-apply) or whose VM is gone. Only a pid whose command line names our
+config file is ever signalled.
 """
 
 from __future__ import annotations
@@ -75,10 +76,20 @@ def find_pid(directory: Path) -> int | None:
     return pid if b"haproxy" in cmdline and str(directory / "haproxy.cfg").encode() in cmdline else None
 
 
-def start(vm: str, net: VmNet, filters: list[NftFilter]) -> int:
-    """Start (or keep, when its config is unchanged) `vm`'s haproxy; return its pid."""
+def track(vm: str, net: VmNet) -> Path:
+    """Record where `vm`'s filters are about to go (before any change), so gc finds them after a kill."""
     d = vm_dir(vm)
     d.mkdir(parents=True, exist_ok=True)
+    meta = d / "net.json"
+    tmp = d / "net.json.tmp"
+    tmp.write_text(json.dumps({"vm": vm, **net.to_dict(), "started": time.time()}))
+    tmp.replace(meta)
+    return d
+
+
+def start(vm: str, net: VmNet, filters: list[NftFilter]) -> int:
+    """Start (or keep, when its config is unchanged) `vm`'s haproxy; return its pid."""
+    d = track(vm, net)
     text = config(vm, net, filters)
     cfg = d / "haproxy.cfg"
     pid = find_pid(d)
@@ -86,7 +97,6 @@ def start(vm: str, net: VmNet, filters: list[NftFilter]) -> int:
         return pid
     if pid is not None:
         stop_dir(d, keep=True)
-    (d / "net.json").write_text(json.dumps({"vm": vm, **net.to_dict(), "started": time.time()}))
     cfg.write_text(text)
     for args in (("-c", "-q", "-f", str(cfg)), ("-D", "-f", str(cfg), "-p", str(d / "haproxy.pid"))):
         try:
