@@ -35,6 +35,13 @@ def _headers(host: str, path: str = "/") -> list[tuple[str, str]]:
             ("user-agent", "nephoscope-lab")]
 
 
+def _connect(host: str, port: int, timeout: float) -> socket.socket:
+    """Connect with Nagle off: small frames go out at once, so timings measure the path, not delayed ACKs."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 def _pump(sock: socket.socket, conn: Any, wait: float) -> tuple[list[Any], bool]:
     """Read what the peer sent within `wait` seconds; return the h2 events and whether the socket closed."""
     import h2.exceptions
@@ -68,7 +75,7 @@ def rapid_reset(host: str, port: int, streams: int = 500, batch: int = 25, timeo
     started = time.monotonic()
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
     sent, goaway, closed = 0, False, False
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    with _connect(host, port, timeout) as sock:
         conn.initiate_connection()
         sock.sendall(conn.data_to_send())
         stream_id = 1
@@ -111,7 +118,7 @@ def h2_get(host: str, port: int, path: str = "/", timeout: float = 20.0) -> tupl
     import h2.events
 
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    with _connect(host, port, timeout) as sock:
         conn.initiate_connection()
         conn.send_headers(1, _headers(host, path), end_stream=True)
         sock.sendall(conn.data_to_send())
@@ -130,6 +137,52 @@ def h2_get(host: str, port: int, path: str = "/", timeout: float = 20.0) -> tupl
             if closed:
                 break
     raise OSError(f"no complete HTTP/2 response from {host}:{port}{path}")
+
+
+def h2_many(host: str, port: int, count: int, timeout: float = 20.0) -> int:
+    """Send `count` HTTP/2 GETs one after another on one connection; return how many were answered."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    done = 0
+    with _connect(host, port, timeout) as sock:
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        for i in range(count):
+            stream_id = 1 + 2 * i
+            conn.send_headers(stream_id, _headers(host), end_stream=True)
+            sock.sendall(conn.data_to_send())
+            ended = False
+            while not ended:
+                events, closed = _pump(sock, conn, timeout)
+                if closed:
+                    return done
+                for e in events:
+                    if isinstance(e, h2.events.DataReceived):
+                        conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+                    elif isinstance(e, h2.events.StreamEnded) and e.stream_id == stream_id:
+                        ended = True
+            done += 1
+    return done
+
+
+def http1_many(host: str, port: int, count: int, timeout: float = 20.0) -> int:
+    """Send `count` HTTP/1.1 GETs one after another on one keep-alive connection; return how many got 200."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    done = 0
+    try:
+        conn.connect()
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(count):
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            resp.read()
+            done += resp.status == 200
+    finally:
+        conn.close()
+    return done
 
 
 def http1_get(host: str, port: int, path: str = "/", timeout: float = 20.0) -> tuple[int, bytes]:
@@ -166,6 +219,19 @@ def _main(argv: list[str]) -> int:
             fn(host, int(port))
             times.append(time.perf_counter() - t)
         out = {"seconds": times}
+    elif name == "keepalive":  # (what, host, port, count): `count` sequential requests on one connection
+        what, host, port, count = args
+        t = time.perf_counter()
+        done = (h2_many if what == "h2" else http1_many)(host, int(port), int(count))
+        out = {"requests": done, "seconds": time.perf_counter() - t}
+    elif name == "download":  # (host, port, path, repeats): HTTP/1.1 bulk transfers, seconds and bytes each
+        host, port, path, repeats = args
+        runs = []
+        for _ in range(int(repeats)):
+            t = time.perf_counter()
+            _status, body = http1_get(host, int(port), path, 60.0)
+            runs.append({"seconds": time.perf_counter() - t, "bytes": len(body)})
+        out = {"runs": runs}
     else:
         print(f"unknown function {name}", file=sys.stderr)
         return 2
