@@ -6,6 +6,7 @@ for a lab guest on tap networking, from its run state. See docs/filters.md.
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -98,5 +99,5 @@ def after_scan(store: Store, vm: str, observations: list[Observation], methods: 
         if not engine.active(store):
             return []
         return engine.expire(store, vm, observations, methods, owner=kb_owner()) + engine.gc(store)
-    except NephoscopeError:
+    except (NephoscopeError, sqlite3.Error):
         return []  # the filters stay; `nephoscope filters list` / `gc` show and retry
