@@ -237,3 +237,28 @@ def test_qemu_tap_networking_keeps_the_default(tmp_path: Path, monkeypatch: pyte
     argv = runner.qemu_command(g, Img())  # type: ignore[arg-type]
     assert "tap,id=net0,ifname=t0,script=no,downscript=no" in argv and "hostfwd" not in " ".join(argv)
     assert runner.launch_argv(g, ["qemu"]) == ["ip", "netns", "exec", "ns0", "qemu"]
+
+
+def test_cli_plan_and_list_from_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import time
+
+    from typer.testing import CliRunner
+
+    from nephoscope.cli.main import app
+    from nephoscope.service import filters
+
+    monkeypatch.setenv("NEPHOSCOPE_DB", str(tmp_path / "s.sqlite"))
+    monkeypatch.setenv("NEPHOSCOPE_RUN", str(tmp_path / "run"))
+    monkeypatch.setattr(filters, "kb_owner", lambda: OWNER)
+    Store().save_scan(VM, ["agent", "inspect"], _scan(listen=(8080,)), [], {"status": "ok"}, time.time())
+    cli = CliRunner()
+    out = cli.invoke(app, ["filters", "plan", VM, "--json"])
+    assert out.exit_code == 0, out.output
+    plan = json.loads(out.stdout)
+    assert [f["mitigation"]["id"] for f in plan["filters"]] == ["nginx-h2-rapid-reset"]
+    assert plan["filters"][0]["evidence"]["ports_from"] == "listening in the scan"
+    listed = cli.invoke(app, ["filters", "list", "--json"])
+    assert listed.exit_code == 0 and json.loads(listed.stdout) == []
+    missing = cli.invoke(app, ["filters", "apply", VM])  # not a lab guest on a tap: where does traffic pass?
+    assert missing.exit_code != 0 and "--tap" in missing.output

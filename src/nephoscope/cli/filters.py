@@ -47,9 +47,13 @@ def plan(vm: str = typer.Argument(..., help="VM name (as in its stored scans)"),
     if json_out:
         emit_json(p.to_dict())
         return
-    table(f"filters plan for {vm} (scan {p.scan_id})", ["mitigation", "cve", "kind", "ports", "why", "stops not"],
-          [[f.mitigation.id, f.mitigation.cve, f.mitigation.kind, ",".join(map(str, f.ports)), f.reason(),
-            f.mitigation.does_not_stop] for f in p.filters])
+    table(f"filters plan for {vm} (scan {p.scan_id})", ["mitigation", "cve", "kind", "ports", "running"],
+          [[f.mitigation.id, f.mitigation.cve, f.mitigation.kind, ",".join(map(str, f.ports)),
+            f"{f.mitigation.package} {f.version}"] for f in p.filters])
+    for f in p.filters:
+        for label, text in (("why", f.reason()), ("does", f.mitigation.does),
+                            ("does not stop", f.mitigation.does_not_stop), ("source", f.mitigation.source)):
+            console.print(f"{f.mitigation.id}: {label}: {text}", markup=False, highlight=False)
     for s in p.skipped:
         console.print(f"not planned: {s['mitigation']}: {s['why']}", markup=False, highlight=False)
 
