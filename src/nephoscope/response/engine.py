@@ -2,8 +2,8 @@
 
 Order of an apply, so that a kill at any point leaves nothing behind that `gc` does not reap: start the
 VM's haproxy (tracked in its state directory), then one nft transaction for the VM's whole table, then one
-store transaction recording the filters and the audit rows. An exception (or Ctrl-C) on the way puts the
-previous table and haproxy back; a SIGKILL leaves at most a tracked haproxy or a table without a store row,
+store transaction recording the filters and the audit rows. An exception, Ctrl-C or SIGTERM on the way
+puts the previous table and haproxy back; a SIGKILL leaves at most a tracked haproxy or a table without a store row,
 and `gc` (run by every apply and every scan that expires filters) removes both.
 """
 
@@ -13,9 +13,11 @@ import contextlib
 import getpass
 import json
 import os
+import signal
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -291,9 +293,32 @@ def _record(store: Any, changes: list[FilterChange], upserts: list[ActiveFilter]
                          json.dumps(list(c.rules_summary))) for c in changes])
 
 
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Make SIGTERM raise SystemExit while a change is under way, so the rollback below runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _transition(store: Any, vm: str, net: VmNet, before: list[ActiveFilter], after: list[ActiveFilter],
                 changes: list[FilterChange]) -> None:
     """Put `after` in force instead of `before`, then record it; on any failure put `before` back."""
+    with _sigterm_unwinds():
+        _change(store, vm, net, before, after, changes)
+
+
+def _change(store: Any, vm: str, net: VmNet, before: list[ActiveFilter], after: list[ActiveFilter],
+            changes: list[FilterChange]) -> None:
     try:
         _put_in_force(vm, net, [a.nft() for a in after])
         keep = {a.mitigation for a in after}
