@@ -262,3 +262,15 @@ def test_cli_plan_and_list_from_the_store(tmp_path: Path, monkeypatch: pytest.Mo
     assert listed.exit_code == 0 and json.loads(listed.stdout) == []
     missing = cli.invoke(app, ["filters", "apply", VM])  # not a lab guest on a tap: where does traffic pass?
     assert missing.exit_code != 0 and "--tap" in missing.output
+
+
+def test_taps_from_libvirt_domain_xml() -> None:
+    from nephoscope.service.filters import taps_from_domain_xml
+
+    xml = """<domain type='qemu'><name>web</name><devices>
+      <interface type='bridge'><mac address='52:54:00:00:00:01'/><source bridge='br0'/><target dev='vnet3'/></interface>
+      <interface type='user'><mac address='52:54:00:00:00:02'/></interface>
+      <interface type='network'><source network='default'/><target dev='vnet4'/></interface>
+    </devices></domain>"""
+    assert taps_from_domain_xml(xml) == [("vnet3", "bridge"), ("vnet4", "network")]
+    assert taps_from_domain_xml("<domain") == []

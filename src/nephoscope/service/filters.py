@@ -44,8 +44,39 @@ def policy(paths: list[Path] | None = None) -> dict[str, Mitigation]:
     return load_policy(paths)
 
 
+def taps_from_domain_xml(xml: str) -> list[tuple[str, str]]:
+    """Return (tap device, interface type) of a libvirt domain's interfaces (`<target dev=...>`), in order."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return []
+    return [(t.get("dev", ""), iface.get("type", "")) for iface in root.iterfind("./devices/interface")
+            if (t := iface.find("target")) is not None and t.get("dev")]
+
+
+def _libvirt_tap(vm: str) -> str | None:
+    """Return the routed tap of libvirt domain `vm` (an `ethernet` interface), or None when there is no domain.
+
+    A tap that is a bridge port (`bridge`, `network` interfaces) is refused: bridged frames do not pass the
+    inet `forward` hook the filters use (docs/filters.md)."""
+    try:
+        from nephoscope.hypervisor import libvirt
+
+        dom = libvirt.lookup_domain(libvirt.shared_connection(), vm)
+        taps = taps_from_domain_xml(dom.XMLDesc(0)) if dom is not None else []
+    except Exception:  # libvirt missing or unreachable: the operator gives --tap
+        return None
+    routed = [dev for dev, kind in taps if kind == "ethernet"]
+    if not routed and taps:
+        raise FilterError(f"{vm}'s NIC {taps[0][0]} is a {taps[0][1]} port: bridged traffic does not pass the "
+                          "forward hook nephoscope's nft filters use; give a routed tap with --tap")
+    return routed[0] if routed else None
+
+
 def vm_net(vm: str, tap: str | None = None, guest_ip: str | None = None, netns: str | None = None) -> VmNet:
-    """Return where `vm`'s traffic passes: the options given, completed from a lab guest's tap networking."""
+    """Return where `vm`'s traffic passes: the options given, completed from a lab guest or libvirt domain."""
     from nephoscope.lab import runner
 
     guest = runner.load_guest(vm)
@@ -53,6 +84,8 @@ def vm_net(vm: str, tap: str | None = None, guest_ip: str | None = None, netns: 
         tap = tap or guest.tap
         netns = guest.netns if netns is None else netns
         guest_ip = guest_ip or runner.find_address(guest) or ""
+    elif not tap and (guest is None or not guest.alive()):
+        tap = _libvirt_tap(vm)
     if not tap:
         raise FilterError(f"where does {vm}'s traffic pass? give --tap (and --guest-ip, --netns); lab guests on "
                           "user networking have no tap device to filter")
