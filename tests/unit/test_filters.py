@@ -196,6 +196,7 @@ def test_apply_is_idempotent_audited_and_expires(host: Host, tmp_path: Path) -> 
     assert [c.action for c in gone] == ["expired"] and "fixed version" in gone[0].reason
     assert host.tables == {} and host.haproxy == {} and engine.active(store) == []
     engine.apply(store, VM, NET, plan, who="alice")
+    assert engine.expire(store, VM, _scan(nginx_running=False), ["agent"], owner=None) == []  # could not see it
     gone = engine.expire(store, VM, _scan(nginx_running=False), ["agent"], owner=OWNER)
     assert "no longer executing" in gone[0].reason
     assert [r["action"] for r in engine.audit_log(store, VM)] == ["expired", "applied", "expired", "applied"]

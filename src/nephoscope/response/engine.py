@@ -387,14 +387,19 @@ def expire(store: Any, vm: str, observations: list[Observation], methods: list[s
            owner: Owner | None = None) -> list[FilterChange]:
     """Remove `vm`'s filters a new scan no longer justifies (fixed version running, or the code not running).
 
-    A scan that obtained nothing, or saw no process at all, expires nothing (absence of evidence)."""
+    "Not running" needs a scan that could have seen it: process executables observed and a path -> package
+    lookup (`owner`). A scan that obtained nothing, saw no process or had no lookup expires nothing on
+    absence (absence of evidence is not evidence), only on a fixed version seen running."""
     before = active(store, vm)
     if not before or not any(o.kind == "process" and o.verdict != Verdict.UNVERIFIABLE for o in observations):
         return []
     running = running_packages(observations, methods, vm, owner)
+    could_see = owner is not None and bool(mapped_paths(observations))
     changes: list[FilterChange] = []
     for b in before:
         run = running.get(b.package)
+        if run is None and not could_see:
+            continue
         if run is None:
             why = f"{b.package} is no longer executing in the latest scan"
         elif not any(b.covers(v) for v in run.versions):
