@@ -275,3 +275,14 @@ def test_taps_from_libvirt_domain_xml() -> None:
     </devices></domain>"""
     assert taps_from_domain_xml(xml) == [("vnet3", "bridge"), ("vnet4", "network")]
     assert taps_from_domain_xml("<domain") == []
+
+
+def test_changes_carry_what_a_notice_needs(host: Host, tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite")
+    plan = engine.plan(VM, _scan(), ["agent"], load_policy(), scan_id=3, owner=OWNER)
+    applied = engine.apply(store, VM, NET, plan, who="t")[0]
+    assert applied.notice_action == "applied" and "What it does not stop:" in applied.notice_summary()
+    assert "CVE-2023-44487" in applied.notice_summary() and applied.does_not_stop
+    expired = engine.expire(store, VM, _scan(NGINX_FIXED), ["agent"], owner=OWNER)[0]
+    assert expired.action == "expired" and expired.notice_action == "removed"
+    assert "no longer filters" in expired.notice_summary() and expired.does  # kept from the store row

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS filters (
   vm TEXT NOT NULL, mitigation TEXT NOT NULL, cve TEXT NOT NULL, package TEXT NOT NULL, version TEXT NOT NULL,
   fixed TEXT NOT NULL, introduced TEXT NOT NULL, kind TEXT NOT NULL, ports TEXT NOT NULL, params TEXT NOT NULL,
   proxy_ports TEXT NOT NULL, net TEXT NOT NULL, reason TEXT NOT NULL, scan_id INTEGER, applied_at REAL NOT NULL,
-  applied_by TEXT NOT NULL, PRIMARY KEY (vm, mitigation));
+  applied_by TEXT NOT NULL, does TEXT NOT NULL DEFAULT '', does_not_stop TEXT NOT NULL DEFAULT '',
+  PRIMARY KEY (vm, mitigation));
 CREATE TABLE IF NOT EXISTS filter_audit (
   id INTEGER PRIMARY KEY, at REAL NOT NULL, who TEXT NOT NULL, vm TEXT NOT NULL, action TEXT NOT NULL,
   mitigation TEXT NOT NULL, cve TEXT NOT NULL, package TEXT NOT NULL, version TEXT NOT NULL, reason TEXT NOT NULL,
@@ -50,7 +51,9 @@ class FilterChange:
     """A filter change that happened: the event a notice is sent for (applied, removed, expired, collected).
 
     `rules_summary` is one line per nft rule (or haproxy limit) in force or taken away; `reason` says why
-    (the CVE and the running evidence, or why the filter expired); `at` is a Unix time."""
+    (the CVE and the running evidence, or why the filter expired); `at` is a Unix time; `does` and
+    `does_not_stop` are the policy entry's honest account. For `response.notices.notify_filter_change`
+    use `notice_action` ("applied" or "removed") and `notice_summary()`."""
 
     vm: str
     action: str
@@ -64,6 +67,23 @@ class FilterChange:
     reason: str
     who: str
     at: float
+    does: str = ""
+    does_not_stop: str = ""
+
+    @property
+    def notice_action(self) -> str:
+        """Return "applied" or "removed" (expired and collected filters are removed ones), as notices take it."""
+        return APPLIED if self.action == APPLIED else REMOVED
+
+    def notice_summary(self) -> str:
+        """Return what the change means for the customer: what, why, what it does and does not stop."""
+        verb = "now filters" if self.action == APPLIED else "no longer filters"
+        parts = [f"{self.mitigation} ({self.kind}) {verb} TCP port(s) {', '.join(map(str, self.ports))} for "
+                 f"{self.cve}: {self.reason}"]
+        if self.action == APPLIED:
+            parts += [f"What it does: {self.does}" if self.does else "",
+                      f"What it does not stop: {self.does_not_stop}" if self.does_not_stop else ""]
+        return "\n".join(p for p in parts if p)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -209,6 +229,8 @@ class ActiveFilter:
     scan_id: int | None
     applied_at: float
     applied_by: str
+    does: str = ""
+    does_not_stop: str = ""
 
     def nft(self) -> NftFilter:
         """Return the nftables view of this filter."""
@@ -230,7 +252,7 @@ class ActiveFilter:
 def active(store: Any, vm: str | None = None) -> list[ActiveFilter]:
     """Return the filters in force (of one VM, or all), oldest first."""
     q = ("SELECT vm, mitigation, cve, package, version, fixed, introduced, kind, ports, params, proxy_ports, net, "
-         "reason, scan_id, applied_at, applied_by FROM filters")
+         "reason, scan_id, applied_at, applied_by, does, does_not_stop FROM filters")
     rows = _db(store).execute(q + (" WHERE vm = ?" if vm else "") + " ORDER BY applied_at",
                               (vm,) if vm else ()).fetchall()
     out = []
@@ -239,7 +261,7 @@ def active(store: Any, vm: str | None = None) -> list[ActiveFilter]:
         out.append(ActiveFilter(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], tuple(json.loads(r[8])),
                                 json.loads(r[9]), tuple(json.loads(r[10])),
                                 VmNet(net["tap"], net.get("guest_ip", ""), net.get("netns", "")), r[12], r[13], r[14],
-                                r[15]))
+                                r[15], r[16], r[17]))
     return out
 
 
@@ -281,10 +303,11 @@ def _record(store: Any, changes: list[FilterChange], upserts: list[ActiveFilter]
     db = _db(store)
     with db:
         for a in upserts:
-            db.execute("INSERT OR REPLACE INTO filters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT OR REPLACE INTO filters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (a.vm, a.mitigation, a.cve, a.package, a.version, a.fixed, a.introduced, a.kind,
                         json.dumps(list(a.ports)), json.dumps(a.params), json.dumps(list(a.proxy_ports)),
-                        json.dumps(a.net.to_dict()), a.reason, a.scan_id, a.applied_at, a.applied_by))
+                        json.dumps(a.net.to_dict()), a.reason, a.scan_id, a.applied_at, a.applied_by, a.does,
+                        a.does_not_stop))
         for vm, mitigation in deletes:
             db.execute("DELETE FROM filters WHERE vm = ? AND mitigation = ?", (vm, mitigation))
         db.executemany("INSERT INTO filter_audit (at, who, vm, action, mitigation, cve, package, version, reason, "
@@ -354,13 +377,13 @@ def apply(store: Any, vm: str, net: VmNet, planned: FilterPlan, *, only: Iterabl
         m = p.mitigation
         proxies = tuple(haproxy.proxy_port(vm, port) for port in p.ports) if m.kind == "haproxy-h2" else ()
         new = ActiveFilter(vm, m.id, m.cve, m.package, p.version, m.fixed, m.introduced, m.kind, p.ports,
-                           dict(m.params), proxies, net, p.reason(), planned.scan_id, now, who)
+                           dict(m.params), proxies, net, p.reason(), planned.scan_id, now, who, m.does, m.does_not_stop)
         old = after.get(m.id)
         if old is not None and old.nft() == new.nft():
             continue
         after[m.id] = new
         changes.append(FilterChange(vm, APPLIED, m.id, m.cve, m.package, p.version, m.kind, p.ports,
-                                    rules_summary(new.nft(), net), new.reason, who, now))
+                                    rules_summary(new.nft(), net), new.reason, who, now, m.does, m.does_not_stop))
     _transition(store, vm, net, before, list(after.values()), changes)
     return changes
 
@@ -378,7 +401,7 @@ def remove(store: Any, vm: str, mitigations: Iterable[str] = (), *, reason: str 
         return []
     who, now = who or who_am_i(), time.time()
     changes = [FilterChange(vm, action, b.mitigation, b.cve, b.package, b.version, b.kind, b.ports,
-                            rules_summary(b.nft(), b.net), reason, who, now) for b in gone]
+                            rules_summary(b.nft(), b.net), reason, who, now, b.does, b.does_not_stop) for b in gone]
     _transition(store, vm, gone[0].net, before, [b for b in before if b not in gone], changes)
     return changes
 
