@@ -10,7 +10,7 @@ venv=${1:-.venv}
 # (lab/kmodules.py downloads linux-headers-<release>, its -common and linux-kbuild into the cache, not the host)
 apt_packages=(qemu-system-x86 qemu-utils busybox-static cpio zstd gcc make libelf1 libc6-dev bpftool python3 python3-venv
               python3-dev binutils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
-              mmdebstrap e2fsprogs postgresql-15 chromium)
+              mmdebstrap e2fsprogs postgresql-15 chromium nftables haproxy iproute2)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

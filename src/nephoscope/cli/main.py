@@ -69,6 +69,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
             "Write a Volatility 3 symbol table (ISF) from the guest's own BTF and kallsyms."),
     "watch": ("nephoscope.cli.watch", "watch", "Trap exec/exit/module-load in the guest kernel and stream each "
               "event (pauses the VM per event)."),
+    "filters": ("nephoscope.cli.filters", "app",
+                "Vulnerability-specific filters on a VM's network path: nftables on its tap, haproxy for L7."),
     "vms": ("nephoscope.cli.vms", "vms",
             "List libvirt domains, other QEMU processes and lab guests with the methods each supports."),
     "server": ("nephoscope.cli.server", "server",

@@ -97,6 +97,8 @@ class Guest(GuestFiles):
     image: str
     started: float
     ram: str = "file"  # file (shared /dev/shm file), anon (plain -m) or memfd (memory-backend-memfd)
+    tap: str = ""  # tap networking: the host's tap device (QEMU opens it; "" = user networking with hostfwd)
+    netns: str = ""  # the network namespace QEMU runs in (holding the tap), "" = the host's
 
     @property
     def directory(self) -> Path:
@@ -260,11 +262,17 @@ def qemu_command(guest: Guest, image: Image) -> list[str]:
         "-device", "virtio-serial-pci,id=vser0",
         "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
         *gdb,
-        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{guest.http_port}-:80,"
-                   f"hostfwd=tcp:127.0.0.1:{guest.ssh_port}-:22",
+        "-netdev", (f"tap,id=net0,ifname={guest.tap},script=no,downscript=no" if guest.tap else
+                    f"user,id=net0,hostfwd=tcp:127.0.0.1:{guest.http_port}-:80,"
+                    f"hostfwd=tcp:127.0.0.1:{guest.ssh_port}-:22"),
         "-device", "e1000,netdev=net0",
         "-pidfile", str(d / "qemu.pid"),
     ]
+
+
+def launch_argv(guest: Guest, argv: list[str]) -> list[str]:
+    """Return `argv` run inside the guest's network namespace when it has one (`ip netns exec` execs QEMU)."""
+    return ["ip", "netns", "exec", guest.netns, *argv] if guest.netns else argv
 
 
 def check_name(name: str) -> None:
@@ -276,7 +284,7 @@ def check_name(name: str) -> None:
 def start(name: str, image: Image, *, mem: str | None = None, smp: int = 1, kaslr: bool = True,
           accel: str = "tcg", cpu: str = "qemu64", http_port: int | None = None, gdb_port: int | None = None,
           timeout: float | None = None, progress: Progress = lambda _m: None, ram: str = "file",
-          gdb: bool = True) -> Guest:
+          gdb: bool = True, tap: str = "", netns: str = "") -> Guest:
     """Boot `image` as guest `name`, wait until its init reports ready, and write its manifest.
 
     `mem` None takes the profile's default (512M; disk profiles 1G); `timeout` None waits 180 s for an
@@ -285,7 +293,9 @@ def start(name: str, image: Image, *, mem: str | None = None, smp: int = 1, kasl
 
     `ram`: "file" (shared /dev/shm RAM file), "anon" (plain `-m`, RAM only in the QEMU process), "memfd", or
     "hugetlb" (memfd on 2 MiB huge pages from vm.nr_hugepages);
-    `gdb` False starts no gdbstub (trap/watch then start one on demand through the monitor)."""
+    `gdb` False starts no gdbstub (trap/watch then start one on demand through the monitor);
+    `tap` attaches the guest's NIC to that existing tap device (in `netns`, where QEMU then runs) instead of
+    user networking: the guest gets no DHCP there, so the caller configures its address (`set_address`)."""
     check_name(name)
     if ram not in RAM_KINDS:
         raise LabError(f"--ram must be one of {', '.join(RAM_KINDS)}, not {ram!r}")
@@ -303,7 +313,7 @@ def start(name: str, image: Image, *, mem: str | None = None, smp: int = 1, kasl
     ssh = _free_port()
     guest = Guest(name=name, profile=image.meta["profile"], pid=0, mem_mib=mem_mib, smp=smp, kaslr=kaslr,
                   accel=accel, cpu=cpu, gdb_port=gdb_at, http_port=http, ssh_port=ssh,
-                  image=str(image.directory), started=time.time(), ram=ram)
+                  image=str(image.directory), started=time.time(), ram=ram, tap=tap, netns=netns)
     try:
         guest.directory.mkdir(parents=True, exist_ok=False)
     except FileExistsError as exc:
@@ -314,7 +324,7 @@ def start(name: str, image: Image, *, mem: str | None = None, smp: int = 1, kasl
             from nephoscope.lab.server import make_overlay
 
             make_overlay(image, guest.directory)
-        argv = qemu_command(guest, image)
+        argv = launch_argv(guest, qemu_command(guest, image))
         (guest.directory / "qemu.argv").write_text(json.dumps(argv))
         with (guest.directory / "qemu.log").open("wb") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -370,6 +380,32 @@ def _wait_ready(guest: Guest, proc: subprocess.Popen, timeout: float, progress: 
             raise LabError("guest kernel panicked: " + text[text.index("Kernel panic"):][:400])
         time.sleep(0.1)
     raise LabError(f"guest {guest.name} was not ready after {timeout:.0f}s; see {guest.serial_log}")
+
+
+def set_address(guest: Guest, cidr: str, gateway: str = "", timeout: float = 60.0) -> None:
+    """Give a tap-networked guest a static IPv4 address on its first ethernet NIC through its agent."""
+    from nephoscope.hypervisor.qga import GuestAgent
+
+    with GuestAgent(guest.qga_socket, timeout=timeout) as agent:
+        rc, out, err = agent.exec(["/bin/sh", "-c", "ls /sys/class/net | grep -E '^(en|eth)' | head -1"])
+        nic = out.decode().strip()
+        if rc != 0 or not nic:
+            raise LabError(f"guest {guest.name} has no ethernet interface: {err.decode(errors='replace')[:200]}")
+        script = f"ip link set {nic} up && ip addr replace {cidr} dev {nic}"
+        if gateway:
+            script += f" && ip route replace default via {gateway}"
+        rc, _out, err = agent.exec(["/bin/sh", "-c", script])
+        if rc != 0:
+            raise LabError(f"cannot set {cidr} on {guest.name}:{nic}: {err.decode(errors='replace')[:300]}")
+    (guest.directory / "address.json").write_text(json.dumps({"cidr": cidr, "gateway": gateway, "nic": nic}))
+
+
+def find_address(guest: Guest) -> str | None:
+    """Return the IPv4 address `set_address` gave a tap-networked guest, or None."""
+    try:
+        return str(json.loads((guest.directory / "address.json").read_text())["cidr"]).split("/")[0]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @contextlib.contextmanager

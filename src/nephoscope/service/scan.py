@@ -39,6 +39,7 @@ class ScanResult:
     observations: list[Observation]
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
     scan_id: int | None = None
+    filter_changes: list[Any] = field(default_factory=list)  # filters this scan expired (service.filters)
 
     @property
     def status(self) -> str:
@@ -105,6 +106,8 @@ def run_scan(vm: VmTarget, methods: list[str] | None = None, *, store: Store | N
     result = ScanResult(vm, view, observations, timings)
     if store is not None:
         save_result(result, store, started)
+        from nephoscope.service.filters import after_scan
+        result.filter_changes = after_scan(store, vm.name, observations, names)
     return result
 
 
