@@ -101,13 +101,14 @@ def apply_vm(vm: str, net: VmNet, *, only: list[str] | None = None, policy_paths
              store: Store | None = None) -> list[FilterChange]:
     """Put `vm`'s planned filters in force (atomically, idempotently); return the changes, audited."""
     store = store or Store()
-    return engine.apply(store, vm, net, plan_vm(vm, policy_paths, store), only=only or ())
+    return notify(engine.apply(store, vm, net, plan_vm(vm, policy_paths, store), only=only or ()), store)
 
 
 def remove_vm(vm: str, mitigations: list[str] | None = None, reason: str = "removed by the operator",
               store: Store | None = None) -> list[FilterChange]:
     """Take `vm`'s filters (all, or the named ones) out of force; return the changes, audited."""
-    return engine.remove(store or Store(), vm, mitigations or (), reason=reason)
+    store = store or Store()
+    return notify(engine.remove(store, vm, mitigations or (), reason=reason), store)
 
 
 def list_filters(vm: str | None = None, store: Store | None = None) -> list[dict[str, Any]]:
@@ -123,7 +124,8 @@ def audit(vm: str | None = None, store: Store | None = None) -> list[dict[str, A
 
 def gc(store: Store | None = None) -> list[FilterChange]:
     """Remove the filters of VMs that are gone; reap left-over haproxy processes and tables."""
-    return engine.gc(store or Store())
+    store = store or Store()
+    return notify(engine.gc(store), store)
 
 
 def after_scan(store: Store, vm: str, observations: list[Observation], methods: list[str]) -> list[FilterChange]:
@@ -131,6 +133,33 @@ def after_scan(store: Store, vm: str, observations: list[Observation], methods: 
     try:
         if not engine.active(store):
             return []
-        return engine.expire(store, vm, observations, methods, owner=kb_owner()) + engine.gc(store)
+        changes = engine.expire(store, vm, observations, methods, owner=kb_owner()) + engine.gc(store)
     except (NephoscopeError, sqlite3.Error):
         return []  # the filters stay; `nephoscope filters list` / `gc` show and retry
+    return notify(changes, store)
+
+
+def notify(changes: list[FilterChange], store: Store) -> list[FilterChange]:
+    """Tell each changed VM's tenant that a filter was applied or removed on its behalf; return `changes`.
+
+    Only when notices are configured (a tenants file exists, docs/notices.md); a VM no tenant owns is
+    skipped. Delivery is retried and recorded by the notices (`nephoscope notices list`); a failed or
+    impossible notice never undoes or fails the filter change itself."""
+    if not changes:
+        return changes
+    from nephoscope.response.tenants import find_tenants
+    from nephoscope.service.notices import filter_changed
+
+    try:
+        tenants = find_tenants()
+    except NephoscopeError:
+        return changes  # an invalid tenants file: `nephoscope notices tenants` says why
+    if tenants is None:
+        return changes
+    for change in changes:
+        try:
+            filter_changed(change.vm, change.notice_action, change.cve, change.notice_summary(), store=store,
+                           tenants=tenants)
+        except (NephoscopeError, sqlite3.Error):
+            continue
+    return changes
