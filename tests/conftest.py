@@ -219,3 +219,16 @@ def server_guest(server_image: Image) -> Iterator[object]:
 def server_tampered_guest() -> Iterator[runner.Guest]:
     """The `server-tampered` profile under bare QEMU (shared RAM file), booted from its disk once per session."""
     yield from _boot("server-tampered", tag="srvtamp")
+
+
+@pytest.fixture(scope="session")
+def interp_guest() -> Iterator[runner.Guest]:
+    """The `interp` profile under bare QEMU (shared RAM file): gunicorn/Flask, php-fpm, a Java service, an
+    unpackaged Python script and py-spy; booted from its disk once per session and always stopped."""
+    image = build_image(load_profile("interp"))
+    name = f"interp-{_SUFFIX}"
+    guest = runner.start(name, image)
+    try:
+        yield guest
+    finally:
+        runner.stop(name, quiet=True)
