@@ -98,8 +98,8 @@ class PhpState:
         """Return the state as JSON-ready data."""
         return {"build": asdict(self.build) if self.build else None, "frames": [asdict(f) for f in self.frames],
                 "included_files": list(self.included_files), "request_uri": self.request_uri,
-                "request_method": self.request_method, "script": self.script, "activated": self.activated, "complete": self.complete,
-                "problem": self.problem}
+                "request_method": self.request_method, "script": self.script, "activated": self.activated,
+                "complete": self.complete, "problem": self.problem}
 
 
 # --- the binary: mapping, bias, build id ----------------------------------------------------------
@@ -135,7 +135,7 @@ def read_build_id(read: Read, base: int) -> tuple[str, int]:
     phdrs = read(base + phoff, phnum * 56)
     loads, notes = [], []
     for i in range(phnum):
-        p_type, _flags, p_offset, p_vaddr, _pa, p_filesz, _memsz, _align = struct.unpack_from("<IIQQQQQQ", phdrs, i * 56)
+        p_type, _fl, p_offset, p_vaddr, _pa, p_filesz, _mem, _al = struct.unpack_from("<IIQQQQQQ", phdrs, i * 56)
         if p_type == PT_LOAD:
             loads.append((p_offset, p_vaddr))
         elif p_type == PT_NOTE and 0 < p_filesz <= 4096:
@@ -154,6 +154,21 @@ def read_build_id(read: Read, base: int) -> tuple[str, int]:
                 return desc.hex(), base - bias
             pos = name_end + (descsz + 3) // 4 * 4
     raise GuestDataError("the ELF image has no GNU build id note")
+
+
+def file_view(data: bytes, absent: Sequence[int], base: int) -> Read:
+    """Return a Read over a file's first bytes (e.g. from the page cache) as if mapped at user gva `base`.
+
+    Only the file's first page is addressed this way (header and notes of PHP binaries live there);
+    pages listed in `absent` (not cached) read as unmapped.
+    """
+    def read(gva: int, size: int) -> bytes:
+        off = gva - base
+        if off < 0 or off + size > min(len(data), 4096) or any(p == 0 for p in absent):
+            raise MemoryAccessError(f"0x{gva:x}+{size} is not in the cached first page of the file")
+        return data[off:off + size]
+
+    return read
 
 
 def build_from_elf(path: Path, package: str, version: str, binary: str) -> PhpBuild:
