@@ -20,8 +20,13 @@ import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from nephoscope.core.errors import GuestDataError, MemoryAccessError
+
+if TYPE_CHECKING:
+    from nephoscope.os.linux.model import LinuxKernel
+    from nephoscope.os.linux.walkers import Task
 
 _BAD = (MemoryAccessError, GuestDataError)
 PAGE = 4096
@@ -262,3 +267,32 @@ def _same(path: str, entry: str) -> bool:
 
 def _on_class_path(path: str, cp: set[str]) -> bool:
     return any(_same(path, e) for e in cp)
+
+
+MAX_JAR_BYTES = 32 << 20
+
+
+def read_process(k: LinuxKernel, task: Task, threads: Sequence[Task]) -> JvmState | None:
+    """Return the JVM state of `task` (a process; `threads`: the guest's threads), None if it is no JVM.
+
+    Reads kernel structures and the page cache of the jars (kernel gvas); does not pause the VM.
+    """
+    if not is_java(task.exe or ""):
+        return None
+    from nephoscope.os.linux import pagecache
+
+    def read_file(file_gva: int) -> tuple[bytes, Sequence[int], int, str]:
+        c = pagecache.read_cached_file(k, file_gva, max_bytes=MAX_JAR_BYTES)
+        return c.data, c.absent, c.size, c.problem
+
+    vmas, opened = k.vmas(task), k.files(task)
+    own = [(t.pid, t.comm) for t in threads if t.tgid == task.pid]
+    state = inspect_jvm(task.cmdline or [], vmas.items, opened.items, own, read_file)
+    if task.cmdline is None:
+        state.fail("the command line is unreadable: " + "; ".join(task.notes))
+    for listing, what in ((vmas, "mappings"), (opened, "open files")):
+        if not listing.complete:
+            state.fail(f"the {what} walk stopped early: {listing.problem}")
+    if not own:
+        state.fail("no thread of the process on the thread list")
+    return state

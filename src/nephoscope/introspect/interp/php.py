@@ -20,10 +20,15 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nephoscope.core.errors import GuestDataError, KnowledgeError, MemoryAccessError, NephoscopeError
 from nephoscope.core.paths import cache_root
 from nephoscope.introspect.interp.php_layout import LAYOUTS
+
+if TYPE_CHECKING:
+    from nephoscope.os.linux.model import LinuxKernel
+    from nephoscope.os.linux.walkers import Task
 
 Read = Callable[[int, int], bytes]  # user gva, size -> bytes; MemoryAccessError / GuestDataError
 _BAD = (MemoryAccessError, GuestDataError)
@@ -37,6 +42,7 @@ MAX_STRING = 4096  # PATH_MAX: file names; function names are shorter
 MAX_INCLUDED = 1 << 14
 MAX_TABLE = 1 << 20  # a hash table's nTableSize cap (function_table holds a few thousand)
 PT_LOAD, PT_NOTE, NT_GNU_BUILD_ID = 1, 4, 3
+PAGE_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,3 +460,48 @@ def inspect_process(read: Read, exe: str, vmas: Sequence[object],
     if build is None:
         return PhpState().fail(f"{binary} build {build_id} is no Debian {package} build nephoscope can fetch")
     return read_state(read, build, bias)
+
+
+def read_process(k: LinuxKernel, task: Task, peers: Sequence[Task] = ()) -> PhpState | None:
+    """Return the PHP state of `task` (a process), None if it runs no Debian PHP binary.
+
+    The binary's ELF header is read through the process, else through `peers` (other processes, e.g.
+    the php-fpm master) mapping the same file, else from the page cache. Reads user memory through the
+    process's page tables (user gvas) and kernel structures; does not pause the VM.
+    """
+    exe = task.exe or ""
+    if php_binary(exe) is None or not task.mm_gva:
+        return None
+    vmas = k.vmas(task)
+
+    def reader(t: Task) -> Read:
+        space = k.user_space(k.u64(t.mm_gva + k.off["mm_struct.pgd"]))
+        return lambda gva, size: k.read_in(space, gva, size)
+
+    try:
+        read = reader(task)
+    except _BAD as exc:
+        return PhpState().fail(f"the address space of pid {task.pid} is unreadable ({exc})")
+    headers: list[tuple[Read, int]] = []
+    for peer in peers:
+        if peer.pid == task.pid or peer.exe != exe or not peer.mm_gva:
+            continue
+        try:
+            base = image_base(k.vmas(peer).items, exe)
+            if base is not None:
+                headers.append((reader(peer), base))
+        except _BAD:
+            continue
+    head = next((v for v in vmas.items if v.path == exe and v.offset == 0), None)
+    if head is not None and head.file_gva:
+        try:
+            from nephoscope.os.linux import pagecache
+
+            cached = pagecache.read_cached_file(k, head.file_gva, max_bytes=PAGE_SIZE)
+            headers.append((file_view(cached.data, cached.absent, head.start), head.start))
+        except _BAD:
+            pass
+    state = inspect_process(read, exe, vmas.items, headers=headers)
+    if state is not None and not vmas.complete:
+        state.fail(f"the mapping walk stopped early: {vmas.problem}")
+    return state
