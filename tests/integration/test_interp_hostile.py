@@ -39,7 +39,7 @@ def _top_frame(reader: _Reader, ctx) -> int:  # type: ignore[no-untyped-def]
 
 
 def test_clean_dump_reads_http_server(clean_dump: Path) -> None:
-    k, ctx, _reader = _context(clean_dump)
+    _k, ctx, _reader = _context(clean_dump)
     result = read_python(ctx)
     assert result is not None and result.verdict is Verdict.VERIFIED, result
     assert result.entry == "/usr/lib/python3.11/http/server.py"

@@ -128,7 +128,7 @@ def _packaged_symbols(package: str, version: str, binary: str, build_id: str) ->
     return tuple(sorted(found.items()))
 
 
-def find_build(ctx: ProcessContext) -> tuple[Build, int, str] | None | str:
+def find_build(ctx: ProcessContext) -> tuple[Build, int, str] | str | None:
     """Return (build, load bias, binary path) of the CPython mapped in this process, None if it runs none,
     or a string saying why a CPython it maps is not known."""
     images: dict[str, Any] = {}

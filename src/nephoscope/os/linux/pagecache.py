@@ -35,7 +35,7 @@ DEFAULT_MAX_NODES = 1 << 14
 XA_RETRY_ENTRY, XA_ZERO_ENTRY = 0x402, 0x406
 WANTED = {
     "file": ["f_inode", "f_mapping"],
-    "inode": ["i_mapping", "i_size", "i_ino"],
+    "inode": ["i_mapping", "i_size", "i_ino", "i_mode"],
     "address_space": ["host", "i_pages", "nrpages?"],
     "xarray": ["xa_head"],
     "xa_node": ["shift", "offset", "count", "parent", "slots"],
@@ -318,11 +318,17 @@ def _child(k: LinuxKernel, off: Offsets, parent: int, name: bytes) -> int | None
         child = node - link
         qstr = child + off["dentry.d_name"]
         length = k.u32(qstr + off["qstr.len"])
-        if length == len(name) and k.u64(child + off["dentry.d_parent"]) == parent:
-            if k.read(k.u64(qstr + off["qstr.name"]), length) == name:
-                return child
+        if length == len(name) and k.u64(child + off["dentry.d_parent"]) == parent and \
+                k.read(k.u64(qstr + off["qstr.name"]), length) == name:
+            return child
         node = k.u64(node)
     return None
+
+
+def inode_is_symlink(k: LinuxKernel, inode: int) -> bool:
+    """Return whether an inode is a symbolic link (S_IFLNK in i_mode)."""
+    mode = int.from_bytes(k.read(inode + layout(k).off["inode.i_mode"], 2), "little")
+    return mode & 0o170000 == 0o120000
 
 
 def dentry_inode(k: LinuxKernel, dentry: int) -> int:
@@ -336,4 +342,5 @@ def file_inode_number(k: LinuxKernel, file_gva: int) -> int:
     return k.u64(k.u64(file_gva + off["file.f_inode"]) + off["inode.i_ino"])
 
 
-__all__ = ["CachedFile", "dentry_inode", "lookup_dentry", "layout", "mapping_of", "read_cached_file", "file_inode_number"]
+__all__ = ["CachedFile", "dentry_inode", "file_inode_number", "inode_is_symlink", "layout", "lookup_dentry",
+           "mapping_of", "read_cached_file"]
