@@ -60,8 +60,10 @@ def _check_dump(dump: Path, manifest: dict) -> None:
 
 
 def test_python_binary_from_page_cache_61(clean_dump: Path) -> None:
-    manifest = json.loads((SHARED / "clean-6.1.manifest.json").read_text()) if (SHARED / "clean-6.1.manifest.json").exists() \
-        else json.loads((clean_dump.parent / "manifest.json").read_text())
+    shared = SHARED / "clean-6.1.manifest.json"
+    if not shared.exists():
+        pytest.skip("no manifest of the 6.1 dump (the lab ground truth names the python3.11 package)")
+    manifest = json.loads(shared.read_text())
     _check_dump(clean_dump, manifest)
 
 

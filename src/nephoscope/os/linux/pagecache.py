@@ -35,12 +35,16 @@ DEFAULT_MAX_NODES = 1 << 14
 XA_RETRY_ENTRY, XA_ZERO_ENTRY = 0x402, 0x406
 WANTED = {
     "file": ["f_inode", "f_mapping"],
-    "inode": ["i_mapping", "i_size", "i_ino"],
+    "inode": ["i_mapping", "i_size", "i_ino", "i_mode"],
     "address_space": ["host", "i_pages", "nrpages?"],
     "xarray": ["xa_head"],
     "xa_node": ["shift", "offset", "count", "parent", "slots"],
     "page": ["flags", "mapping", "index"],
+    # path lookup in the dentry cache: children on d_subdirs/d_child (6.1) or d_children/d_sib (6.8+)
+    "dentry": ["d_name", "d_inode", "d_parent", "d_subdirs?", "d_child?", "d_children?", "d_sib?"],
+    "qstr": ["len", "name"],
 }
+MAX_CHILDREN = 1 << 16
 _BAD = (MemoryAccessError, GuestDataError)
 
 
@@ -283,10 +287,60 @@ def _page_bytes(k: LinuxKernel, lay: _Layout, mapping: int, page_gva: int, index
     return k.phys.read(pfn << PAGE_SHIFT, PAGE)
 
 
+def lookup_dentry(k: LinuxKernel, root: int, path: str) -> int | None:
+    """Return the dentry gva of absolute `path` below dentry `root` in the dentry cache, None if not cached.
+
+    Only cached dentries are found (a file read recently is); mount points below `root` are not crossed.
+    Raise GuestDataError for a child list that loops or is absurdly long.
+    """
+    off = layout(k).off
+    dentry = root
+    for name in [p for p in path.split("/") if p]:
+        dentry = _child(k, off, dentry, name.encode())
+        if dentry is None:
+            return None
+    return dentry
+
+
+def _child(k: LinuxKernel, off: Offsets, parent: int, name: bytes) -> int | None:
+    if "dentry.d_children" in off:  # 6.8+ (commit da549bdd15c2): hlist of children linked by d_sib
+        node, link = k.u64(parent + off["dentry.d_children"]), off["dentry.d_sib"]
+        head = 0
+    else:
+        head = parent + off["dentry.d_subdirs"]
+        node, link = k.u64(head), off["dentry.d_child"]
+    seen = 0
+    while node and node != head:
+        seen += 1
+        if seen > MAX_CHILDREN:
+            raise GuestDataError(f"dentry 0x{parent:x} has more than {MAX_CHILDREN} children (a loop?)")
+        k.budget.node()
+        child = node - link
+        qstr = child + off["dentry.d_name"]
+        length = k.u32(qstr + off["qstr.len"])
+        if length == len(name) and k.u64(child + off["dentry.d_parent"]) == parent and \
+                k.read(k.u64(qstr + off["qstr.name"]), length) == name:
+            return child
+        node = k.u64(node)
+    return None
+
+
+def inode_is_symlink(k: LinuxKernel, inode: int) -> bool:
+    """Return whether an inode is a symbolic link (S_IFLNK in i_mode)."""
+    mode = int.from_bytes(k.read(inode + layout(k).off["inode.i_mode"], 2), "little")
+    return mode & 0o170000 == 0o120000
+
+
+def dentry_inode(k: LinuxKernel, dentry: int) -> int:
+    """Return the inode gva of a dentry (0 for a negative dentry)."""
+    return k.u64(dentry + layout(k).off["dentry.d_inode"])
+
+
 def file_inode_number(k: LinuxKernel, file_gva: int) -> int:
     """Return i_ino of the inode behind a struct file at kernel gva."""
     off = layout(k).off
     return k.u64(k.u64(file_gva + off["file.f_inode"]) + off["inode.i_ino"])
 
 
-__all__ = ["CachedFile", "layout", "mapping_of", "read_cached_file", "file_inode_number"]
+__all__ = ["CachedFile", "dentry_inode", "file_inode_number", "inode_is_symlink", "layout", "lookup_dentry",
+           "mapping_of", "read_cached_file"]
