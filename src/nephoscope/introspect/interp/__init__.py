@@ -97,6 +97,8 @@ Reader = Callable[[ProcessContext], "InterpResult | None"]
 # kind -> "module:function"; imported lazily so one reader's import problem does not stop the others
 READERS: dict[str, str] = {
     "python": "nephoscope.introspect.interp.python:read_python",
+    "php": "nephoscope.introspect.interp.php:read_php",
+    "java": "nephoscope.introspect.interp.java:read_java",
 }
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from nephoscope.core.errors import GuestDataError, MemoryAccessError
 
 if TYPE_CHECKING:
+    from nephoscope.introspect.interp import InterpResult, ProcessContext
     from nephoscope.os.linux.model import LinuxKernel
     from nephoscope.os.linux.walkers import Task
 
@@ -272,10 +273,36 @@ def _on_class_path(path: str, cp: set[str]) -> bool:
 MAX_JAR_BYTES = 32 << 20
 
 
-def read_process(k: LinuxKernel, task: Task, threads: Sequence[Task]) -> JvmState | None:
-    """Return the JVM state of `task` (a process; `threads`: the guest's threads), None if it is no JVM.
+def threads_of(k: LinuxKernel, task: Task) -> tuple[list[tuple[int, str]], str]:
+    """Return ((tid, comm) of every thread of process `task`, problem) from its signal->thread_head list."""
+    from nephoscope.os.linux import walkers
 
-    Reads kernel structures and the page cache of the jars (kernel gvas); does not pause the VM.
+    try:
+        signal = k.u64(task.gva + k.off["task_struct.signal"])
+        group = walkers.walk_list(k, signal + k.off["signal_struct.thread_head"], k.off["task_struct.thread_node"],
+                                  k.limits.max_threads, f"threads of pid {task.pid}")
+    except _BAD as exc:
+        return [], f"the thread list of pid {task.pid} is unreadable ({exc})"
+    out, problem = [], group.problem
+    for gva in group:
+        try:
+            t = walkers.read_task(k, gva, details=False)
+        except _BAD as exc:
+            problem = problem or f"thread 0x{gva:x} unreadable ({exc})"
+            continue
+        if t.tgid != task.pid:
+            problem = problem or f"thread 0x{gva:x} belongs to tgid {t.tgid}, not {task.pid}"
+            continue
+        out.append((t.pid, t.comm))
+    return out, problem
+
+
+def read_process(k: LinuxKernel, task: Task, threads: Sequence[Task] | None = None,
+                 vmas: Sequence[object] | None = None) -> JvmState | None:
+    """Return the JVM state of `task` (a process), None if it is no JVM.
+
+    `threads`: the guest's threads (default: the process's own thread list). Reads kernel structures and
+    the page cache of the jars (kernel gvas); does not pause the VM.
     """
     if not is_java(task.exe or ""):
         return None
@@ -285,14 +312,53 @@ def read_process(k: LinuxKernel, task: Task, threads: Sequence[Task]) -> JvmStat
         c = pagecache.read_cached_file(k, file_gva, max_bytes=MAX_JAR_BYTES)
         return c.data, c.absent, c.size, c.problem
 
-    vmas, opened = k.vmas(task), k.files(task)
-    own = [(t.pid, t.comm) for t in threads if t.tgid == task.pid]
-    state = inspect_jvm(task.cmdline or [], vmas.items, opened.items, own, read_file)
+    problems = []
+    if vmas is None:
+        listing = k.vmas(task)
+        vmas = listing.items
+        if not listing.complete:
+            problems.append(f"the mappings walk stopped early: {listing.problem}")
+    opened = k.files(task)
+    if not opened.complete:
+        problems.append(f"the open files walk stopped early: {opened.problem}")
+    if threads is None:
+        own, why = threads_of(k, task)
+        if why:
+            problems.append(why)
+    else:
+        own = [(t.pid, t.comm) for t in threads if t.tgid == task.pid]
+    state = inspect_jvm(task.cmdline or [], vmas, opened.items, own, read_file)
     if task.cmdline is None:
         state.fail("the command line is unreadable: " + "; ".join(task.notes))
-    for listing, what in ((vmas, "mappings"), (opened, "open files")):
-        if not listing.complete:
-            state.fail(f"the {what} walk stopped early: {listing.problem}")
+    for problem in problems:
+        state.fail(problem)
     if not own:
         state.fail("no thread of the process on the thread list")
     return state
+
+
+def read_java(ctx: ProcessContext) -> InterpResult | None:
+    """Return what the JVM of `ctx` runs as an interpreter result (the registry's reader; no pause)."""
+    from nephoscope.core.records import Verdict
+    from nephoscope.introspect.interp import InterpResult, InterpThread
+
+    task = ctx.task
+    state = read_process(ctx.kernel, task, vmas=ctx.vmas)
+    if state is None:
+        return None
+    exe = task.exe or ""
+    jdk = exe.split("/jvm/", 1)[-1].split("/", 1)[0] if "/jvm/" in exe else "unknown"
+    if state.complete:
+        verdict = Verdict.REPORTED
+        reason = ("main class and class path from the command line, thread names from the kernel's task comm "
+                  "(both settable by the process); jars from its file table, manifests from the page cache")
+    else:
+        verdict, reason = Verdict.UNVERIFIABLE, state.problem
+    jars = [j.path for j in state.jars if j.open_fd or j.mapped]
+    return InterpResult(task.pid, task.comm, "java", f"Java ({jdk})", verdict, reason,
+                        entry=state.launch.jar or state.main_class or state.launch.module or state.launch.source,
+                        threads=[InterpThread(0, tid, (), name) for tid, name in state.threads],
+                        scripts=jars,
+                        details={"binary": exe, "main_class": state.main_class,
+                                 "class_path": list(state.launch.class_path),
+                                 "jars": [asdict(j) for j in state.jars]})

@@ -14,10 +14,11 @@ a `problem`, never a made-up frame. Addresses are user gvas of the process. Noth
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +28,7 @@ from nephoscope.core.paths import cache_root
 from nephoscope.introspect.interp.php_layout import LAYOUTS
 
 if TYPE_CHECKING:
+    from nephoscope.introspect.interp import InterpResult, ProcessContext
     from nephoscope.os.linux.model import LinuxKernel
     from nephoscope.os.linux.walkers import Task
 
@@ -431,7 +433,7 @@ def _cstr(read: Read, gva: int, limit: int = MAX_STRING) -> str:
 
 def inspect_process(read: Read, exe: str, vmas: Sequence[object],
                     lookup: Callable[[str, str, str], PhpBuild | None] = find_build,
-                    headers: Sequence[tuple[Read, int]] = ()) -> PhpState | None:
+                    headers: Iterable[tuple[Read, int]] = ()) -> PhpState | None:
     """Return the PHP state of a process running Debian's PHP binary `exe`, or None when it is not PHP.
 
     `read` reads the process's user memory, `vmas` are its mappings (walkers.Vma), `lookup(build_id,
@@ -447,7 +449,7 @@ def inspect_process(read: Read, exe: str, vmas: Sequence[object],
     if base is None:
         return PhpState().fail(f"{binary} is not mapped at file offset 0")
     problems = []
-    for view_read, view_base in ((read, base), *headers):
+    for view_read, view_base in itertools.chain([(read, base)], headers):
         try:
             build_id, delta = read_build_id(view_read, view_base)
             break
@@ -462,46 +464,81 @@ def inspect_process(read: Read, exe: str, vmas: Sequence[object],
     return read_state(read, build, bias)
 
 
-def read_process(k: LinuxKernel, task: Task, peers: Sequence[Task] = ()) -> PhpState | None:
+def read_process(k: LinuxKernel, task: Task, peers: Iterable[Task] | None = None,
+                 vmas: Sequence[object] | None = None) -> PhpState | None:
     """Return the PHP state of `task` (a process), None if it runs no Debian PHP binary.
 
-    The binary's ELF header is read through the process, else through `peers` (other processes, e.g.
-    the php-fpm master) mapping the same file, else from the page cache. Reads user memory through the
-    process's page tables (user gvas) and kernel structures; does not pause the VM.
+    The binary's ELF header is read through the process, else from the page cache, else through `peers`
+    (other processes mapping the same file, e.g. the php-fpm master; default: the guest's process list,
+    walked only if needed). Reads user memory through the process's page tables (user gvas) and kernel
+    structures; does not pause the VM.
     """
     exe = task.exe or ""
     if php_binary(exe) is None or not task.mm_gva:
         return None
-    vmas = k.vmas(task)
+    incomplete = ""
+    if vmas is None:
+        listing = k.vmas(task)
+        vmas, incomplete = listing.items, listing.problem
 
     def reader(t: Task) -> Read:
         space = k.user_space(k.u64(t.mm_gva + k.off["mm_struct.pgd"]))
         return lambda gva, size: k.read_in(space, gva, size)
 
+    def views() -> Iterator[tuple[Read, int]]:
+        head = next((v for v in vmas if getattr(v, "path", "") == exe and getattr(v, "offset", 1) == 0), None)
+        if head is not None and head.file_gva:  # type: ignore[attr-defined]
+            try:
+                from nephoscope.os.linux import pagecache
+
+                cached = pagecache.read_cached_file(k, head.file_gva, max_bytes=PAGE_SIZE)  # type: ignore[attr-defined]
+                yield file_view(cached.data, cached.absent, head.start), head.start  # type: ignore[attr-defined]
+            except _BAD:
+                pass
+        for peer in peers if peers is not None else k.processes().items:
+            if peer.pid == task.pid or peer.exe != exe or not peer.mm_gva:
+                continue
+            try:
+                base = image_base(k.vmas(peer).items, exe)
+                if base is not None:
+                    yield reader(peer), base
+            except _BAD:
+                continue
+
     try:
         read = reader(task)
     except _BAD as exc:
         return PhpState().fail(f"the address space of pid {task.pid} is unreadable ({exc})")
-    headers: list[tuple[Read, int]] = []
-    for peer in peers:
-        if peer.pid == task.pid or peer.exe != exe or not peer.mm_gva:
-            continue
-        try:
-            base = image_base(k.vmas(peer).items, exe)
-            if base is not None:
-                headers.append((reader(peer), base))
-        except _BAD:
-            continue
-    head = next((v for v in vmas.items if v.path == exe and v.offset == 0), None)
-    if head is not None and head.file_gva:
-        try:
-            from nephoscope.os.linux import pagecache
-
-            cached = pagecache.read_cached_file(k, head.file_gva, max_bytes=PAGE_SIZE)
-            headers.append((file_view(cached.data, cached.absent, head.start), head.start))
-        except _BAD:
-            pass
-    state = inspect_process(read, exe, vmas.items, headers=headers)
-    if state is not None and not vmas.complete:
-        state.fail(f"the mapping walk stopped early: {vmas.problem}")
+    state = inspect_process(read, exe, vmas, headers=views())
+    if state is not None and incomplete:
+        state.fail(f"the mapping walk stopped early: {incomplete}")
     return state
+
+
+def read_php(ctx: ProcessContext) -> InterpResult | None:
+    """Return what the PHP process of `ctx` runs as an interpreter result (the registry's reader; no pause)."""
+    from nephoscope.core.records import Verdict
+    from nephoscope.introspect.interp import Frame, InterpResult, InterpThread
+
+    task = ctx.task
+    state = read_process(ctx.kernel, task, vmas=ctx.vmas)
+    if state is None:
+        return None
+    b = state.build
+    runtime = f"PHP {b.version.split('-')[0]} ({b.package} {b.version})" if b else "PHP (unknown build)"
+    frames = tuple(Frame(f.file or "<internal>", f"{f.cls}::{f.function}" if f.cls else f.function,
+                         f.line if not f.internal else -1) for f in state.frames)
+    details: dict[str, object] = {"binary": task.exe or "", "request_uri": state.request_uri,
+                                  "request_method": state.request_method, "activated": state.activated,
+                                  "busy": state.busy}
+    if b:
+        details.update(build_id=b.build_id, api=b.api, thread_safety=b.thread_safety)
+    if state.complete:
+        verdict, reason = Verdict.VERIFIED, ("executor_globals validated against the build; "
+                                             + ("serving a request" if state.busy else "idle (no request running)"))
+    else:
+        verdict, reason = Verdict.UNVERIFIABLE, state.problem
+    return InterpResult(task.pid, task.comm, "php", runtime, verdict, reason,
+                        entry=state.script or (state.frames[-1].file if state.frames else ""),
+                        threads=[InterpThread(0, task.pid, frames)] if state.activated else [],
+                        scripts=list(state.included_files), details=details)
