@@ -265,3 +265,14 @@ def test_binary_names() -> None:
     assert php.php_binary("/usr/bin/php8.2") == ("php8.2-cli", "/usr/bin/php8.2")
     assert php.php_binary("/usr/bin/php-cgi8.2") == ("php8.2-cgi", "/usr/bin/php-cgi8.2")
     assert php.php_binary("/tmp/php-fpm8.2") is None
+
+
+def test_a_page_cache_view_of_the_header_reads_only_the_cached_first_page() -> None:
+    header = _elf_header(bytes.fromhex("cd" * 20))
+    view = php.file_view(header + bytes(4096 - len(header)), (), BIAS)
+    assert php.read_build_id(view, BIAS) == ("cd" * 20, 0)
+    with pytest.raises(MemoryAccessError):
+        view(BIAS + 4090, 16)
+    absent = php.file_view(bytes(4096), (0,), BIAS)
+    with pytest.raises(MemoryAccessError):
+        absent(BIAS, 64)
