@@ -86,3 +86,31 @@ def test_stacks_equal_pyspy_in_the_guest(python_views) -> None:  # type: ignore[
         ours = {th.native_id: [(f.function.rsplit(".", 1)[-1], f.file.rsplit("/", 1)[-1], f.line)
                                for f in th.frames] for th in r.threads}
         assert ours == spy[r.pid], (r.pid, ours, spy[r.pid])
+
+
+def test_scripts_identified_by_page_cache_hash(interp_guest, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from nephoscope.analysis.scripts import UNKNOWN_SCRIPT
+    from nephoscope.knowledge.scripts import ScriptDB, ingest_package
+    from nephoscope.lab.build import build_image
+    from nephoscope.lab.profile import load_profile
+    from nephoscope.service.scripts import scripts_report
+
+    packages = build_image(load_profile("interp")).meta["packages"]
+    with ScriptDB(tmp_path / "scripts.sqlite") as db:
+        for name, version in packages.items():
+            if name.startswith(("python3", "libpython3")) or name == "gunicorn":
+                ingest_package(db, name, version)
+        report = scripts_report(resolve_target(interp_guest.name), db=db)
+    assert report.paused
+    by_path = {f.path: f for p in report.processes for f in p.files}
+    flask = by_path["/usr/lib/python3/dist-packages/flask/__init__.py"]
+    assert flask.verdict is Verdict.VERIFIED
+    version = packages["python3-flask"]
+    assert flask.label == f"flask {version.rsplit('-', 1)[0]} (python3-flask {version})"
+    unknown = {f.evidence[0]["path"]: f for f in report.findings if f.kind == UNKNOWN_SCRIPT}
+    # the script of no package, and the Flask app of the lab (also in no package): nothing else
+    assert set(unknown) == {"/opt/orphan/worker.py", "/opt/webapp/app.py"}, set(unknown)
+    head = unknown["/opt/orphan/worker.py"].evidence[0]["head"]
+    assert head[0] == "# nephoscope lab: a Python script that belongs to no package"
+    unverifiable = [f for f in by_path.values() if f.verdict is Verdict.UNVERIFIABLE]
+    assert all(f.reason for f in unverifiable)

@@ -44,9 +44,9 @@ def scripts(vm: str = VM_ARG, json_out: bool = typer.Option(False, "--json", hel
     rows = []
     for p in report.processes:
         r = p.result
-        known = sum(1 for f in p.files if f.known)
-        unknown = sum(1 for f in p.files if f.sha256 and not f.known)
-        unver = sum(1 for f in p.files if f.verdict == "unverifiable")
+        known = sum(1 for f in p.files if f.status == "known")
+        unknown = sum(1 for f in p.files if f.status in ("unknown", "modified"))
+        unver = sum(1 for f in p.files if f.status == "unverifiable")
         top = r.threads[-1].frames[0] if r.threads and r.threads[-1].frames else None
         rows.append([r.pid, r.comm, r.runtime, r.entry, f"{top.function} ({top.file}:{top.line})" if top else "",
                      len(r.threads), f"{known} known / {unknown} unknown / {unver} unverifiable", str(r.verdict)])
@@ -67,7 +67,7 @@ def scripts(vm: str = VM_ARG, json_out: bool = typer.Option(False, "--json", hel
                 console.print(Text(f"  pid {p.result.pid} {escape_guest(f.path)}: {f.label or f.reason}"))
     for finding in report.findings:
         console.print(Text(f"[{finding.severity}] {finding.kind}: {finding.title}"))
-        for line in finding.evidence[0].get("head", []) if finding.kind == "unknown-script" else []:
+        for line in finding.evidence[0].get("head", []):
             console.print(Text(f"    | {line}"))
     console.print(Text(f"read in {report.timings['read_s']}s" + (" (VM paused)" if report.paused else "")))
 

@@ -382,6 +382,7 @@ def read_python(ctx: ProcessContext) -> InterpResult | None:
     build, bias, binary = found
     result = InterpResult(task.pid, task.comm, "python", build.label, Verdict.VERIFIED,
                           details={"binary": binary, "build_id": build.build_id, "load_bias": bias,
+                                   "cache_tag": "cpython-" + build.python.replace(".", ""),
                                    "runtime_gva": bias + build.symbols["_PyRuntime"]})
     reader = _Reader(ctx, build, bias)
     problems: list[str] = []
