@@ -21,6 +21,7 @@ from nephoscope.lab.profile import load_profile
 from nephoscope.service.targets import resolve_target
 
 SLOW = "/var/www/php/slow.php"
+SECONDS = 90  # long enough for the three tests on a TCG guest, short enough to wait for at the end
 pytestmark = pytest.mark.guest
 
 
@@ -30,12 +31,16 @@ def _line(text: str, needle: str) -> int:
 
 @pytest.fixture(scope="module")
 def slow_request(interp_guest) -> Iterator[dict[str, object]]:  # type: ignore[no-untyped-def]
-    """Issue GET /slow.php?s=120 through the forwarded port and keep it running while the tests read."""
+    """Issue GET /slow.php?s=SECONDS through the forwarded port; wait for its answer when the module ends.
+
+    Waiting leaves the session's guest as the module found it (no PHP request still running when the next
+    module's tests look at the guest's scripts).
+    """
     answer: dict[str, object] = {}
 
     def run() -> None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{interp_guest.http_port}/slow.php?s=120",
+            with urllib.request.urlopen(f"http://127.0.0.1:{interp_guest.http_port}/slow.php?s={SECONDS}",
                                         timeout=400) as reply:
                 answer["body"] = reply.read()
         except OSError as exc:
@@ -44,6 +49,7 @@ def slow_request(interp_guest) -> Iterator[dict[str, object]]:  # type: ignore[n
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
     yield answer
+    worker.join(timeout=SECONDS + 120)
 
 
 def _states(vm):  # type: ignore[no-untyped-def]
@@ -112,6 +118,7 @@ def test_a_corrupted_copy_of_the_workers_memory_is_unverifiable(interp_guest, sl
             procs = k.processes().items
             found = [(t, s) for t in procs if (s := php.read_process(k, t, procs)) is not None and s.busy]
             if not found:
+                time.sleep(2)
                 continue
             task, state = found[0]
             assert state.build is not None

@@ -111,6 +111,7 @@ def engine(busy: bool = True) -> tuple[Memory, dict[str, int]]:
     m.u64(eg + L["zend_executor_globals.function_table"], m.table([f"f{i}" for i in range(20)], 32))
     m.u64(eg + L["zend_executor_globals.class_table"], m.table([f"c{i}" for i in range(10)], 16))
     m.place_table(eg + L["zend_executor_globals.included_files"], ["/var/www/slow.php", "/var/www/lib.php"])
+    m.write(eg + L["zend_executor_globals.active"], b"\x01")
     names: dict[str, int] = {"eg": eg, "sg": sg}
     if busy:
         main, main_ops = m.function(None, "/var/www/slow.php", [1, 2, 11, 12])
@@ -144,10 +145,26 @@ def test_reads_the_stack_innermost_first_and_the_included_files() -> None:
                                             "line": 5, "internal": False}
 
 
-def test_an_idle_worker_has_no_frames() -> None:
+def test_an_active_executor_without_frames_is_idle() -> None:
     m, _ = engine(busy=False)
     state = php.read_state(m.read, BUILD, BIAS)
     assert state.complete and not state.busy and state.activated
+
+
+def test_between_requests_the_stale_included_files_are_not_reported() -> None:
+    m, n = engine(busy=False)
+    m.write(n["eg"] + L["zend_executor_globals.active"], b"\x00")  # the request ended; the table is stale
+    state = php.read_state(m.read, BUILD, BIAS)
+    assert state.complete and not state.activated and state.included_files == [] and not state.frames
+
+
+def test_an_inactive_executor_with_a_frame_or_a_non_bool_flag_is_unverifiable() -> None:
+    m, n = engine()
+    m.write(n["eg"] + L["zend_executor_globals.active"], b"\x00")
+    state = php.read_state(m.read, BUILD, BIAS)
+    assert not state.complete and "not active" in state.problem and not state.frames
+    m.write(n["eg"] + L["zend_executor_globals.active"], b"\x07")
+    assert "not a bool" in php.read_state(m.read, BUILD, BIAS).problem
 
 
 def test_a_process_whose_executor_never_started_is_not_activated() -> None:

@@ -88,7 +88,7 @@ class PhpState:
     request_uri: str = ""
     request_method: str = ""
     script: str = ""  # SG(request_info).path_translated
-    activated: bool = True  # False: the executor was never started in this process (EG still zero)
+    activated: bool = True  # False: no request is active (EG(active) clear, or EG still zero: never started)
     complete: bool = True
     problem: str = ""
 
@@ -382,6 +382,19 @@ def read_state(read: Read, build: PhpBuild, bias: int) -> PhpState:
                 raise GuestDataError(f"EG({name}) holds only {count} entries")
     except _BAD as exc:
         return state.fail(f"executor_globals at 0x{eg:x} does not validate: {exc}")
+    try:
+        active = eng.read(eg + o["zend_executor_globals.active"], 1)[0]
+    except _BAD as exc:
+        return state.fail(f"EG(active) unreadable: {exc}")
+    if active > 1:
+        return state.fail(f"EG(active) is {active}, not a bool")
+    if not active:
+        # between requests: zend_shutdown_executor_values() cleared EG(active) and zend_hash_destroy() freed
+        # EG(included_files) without resetting it, so its (stale) contents belong to a finished request
+        state.activated = False
+        if head[2]:
+            state.fail(f"EG(current_execute_data) is 0x{head[2]:x} while the executor is not active")
+        return state
     sg = bias + build.sapi_globals
     try:
         ri = {k: eng.u64(sg + o[f"sapi_globals_struct.request_info.{k}"])

@@ -36,6 +36,7 @@ int main(void) {
   S(zval);
   O(zend_executor_globals, current_execute_data); O(zend_executor_globals, included_files);
   O(zend_executor_globals, function_table); O(zend_executor_globals, class_table);
+  O(zend_executor_globals, active);
   O(zend_execute_data, opline); O(zend_execute_data, func); O(zend_execute_data, prev_execute_data);
   O(zend_function, type); O(zend_function, common.function_name); O(zend_function, common.scope);
   O(zend_function, op_array.filename); O(zend_function, op_array.opcodes); O(zend_function, op_array.last);
@@ -62,6 +63,7 @@ PHP82_NTS: dict[str, int] = {
     "sizeof.zend_op": 32, "sizeof.HashTable": 56, "sizeof.Bucket": 32, "sizeof.zval": 16,
     "zend_executor_globals.current_execute_data": 488, "zend_executor_globals.included_files": 360,
     "zend_executor_globals.function_table": 432, "zend_executor_globals.class_table": 440,
+    "zend_executor_globals.active": 992,
     "zend_execute_data.opline": 0, "zend_execute_data.func": 24, "zend_execute_data.prev_execute_data": 48,
     "zend_function.type": 0, "zend_function.common.function_name": 8, "zend_function.common.scope": 16,
     "zend_function.op_array.filename": 152, "zend_function.op_array.opcodes": 88,
