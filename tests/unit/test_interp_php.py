@@ -293,3 +293,27 @@ def test_a_page_cache_view_of_the_header_reads_only_the_cached_first_page() -> N
     absent = php.file_view(bytes(4096), (0,), BIAS)
     with pytest.raises(MemoryAccessError):
         absent(BIAS, 64)
+
+
+def test_find_build_fetches_versions_until_the_build_id_matches_and_remembers_every_build(
+        tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    from nephoscope.knowledge.debian import archive
+
+    monkeypatch.setenv("NEPHOSCOPE_CACHE", str(tmp_path))
+    fetched: list[str] = []
+    monkeypatch.setattr(archive, "available_versions", lambda name: ("8.2.36-1", "8.2.32-1"))
+
+    def download(name: str, version: str, cache: Path) -> Path:
+        fetched.append(version)
+        return cache / f"{name}_{version}.deb"
+
+    monkeypatch.setattr(archive, "download", download)
+    monkeypatch.setattr(archive, "unpack", lambda deb, cache: cache / deb.stem)
+    monkeypatch.setattr(php, "build_from_elf", lambda path, package, version, binary: php.PhpBuild(
+        **{**php.asdict(BUILD), "version": version, "build_id": "b" + version}))
+    found = php.find_build("b8.2.32-1", "php8.2-fpm", "/usr/sbin/php-fpm8.2")
+    assert found is not None and found.version == "8.2.32-1" and fetched == ["8.2.36-1", "8.2.32-1"]
+    assert php.find_build("b8.2.32-1", "php8.2-fpm", "/usr/sbin/php-fpm8.2") == found and len(fetched) == 2
+    assert php.find_build("nope", "php8.2-fpm", "/usr/sbin/php-fpm8.2") is None and len(fetched) == 2

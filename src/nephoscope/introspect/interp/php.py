@@ -232,7 +232,10 @@ def find_build(build_id: str, package: str, binary: str, versions: Sequence[str]
         except NephoscopeError:
             return None
     debs = cache_root() / "debs"
+    found = None
     for version in versions:
+        if any(b.get("package") == package and b.get("version") == version for b in table.values()):
+            continue  # this version's build is known already and is not the one asked for
         try:
             root = archive.unpack(archive.download(package, version, debs), cache_root() / "unpacked") / "root"
             build = build_from_elf(root / binary.lstrip("/"), package, version, binary)
@@ -240,10 +243,14 @@ def find_build(build_id: str, package: str, binary: str, versions: Sequence[str]
             continue
         table[build.build_id] = asdict(build)
         if build.build_id == build_id:
-            known.parent.mkdir(parents=True, exist_ok=True)
-            known.write_text(json.dumps(table, indent=1, sort_keys=True))
-            return build
-    return None
+            found = build
+            break
+    try:  # every build seen is remembered, so an unknown build id costs no new downloads next time
+        known.parent.mkdir(parents=True, exist_ok=True)
+        known.write_text(json.dumps(table, indent=1, sort_keys=True))
+    except OSError:
+        pass
+    return found
 
 
 # --- the engine state --------------------------------------------------------------------------------
