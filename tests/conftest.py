@@ -237,3 +237,16 @@ def fleet_pg() -> Iterator[object]:
     finally:
         cluster.destroy()
         root.rmdir()
+
+
+@pytest.fixture(scope="session")
+def interp_guest() -> Iterator[runner.Guest]:
+    """The `interp` profile under bare QEMU (shared RAM file): gunicorn/Flask, php-fpm, a Java service, an
+    unpackaged Python script and py-spy; booted from its disk once per session and always stopped."""
+    image = build_image(load_profile("interp"))
+    name = f"interp-{_SUFFIX}"
+    guest = runner.start(name, image)
+    try:
+        yield guest
+    finally:
+        runner.stop(name, quiet=True)

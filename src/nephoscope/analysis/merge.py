@@ -14,10 +14,12 @@ from typing import Any
 
 from nephoscope.analysis.facts import dedupe
 from nephoscope.analysis.network import scan_findings
+from nephoscope.analysis.scripts import interpreter_summary, script_findings
 from nephoscope.core.payloads import (
     CrossView,
     Details,
     Image,
+    Interpreter,
     KernelImage,
     KernelTamper,
     Mapping,
@@ -49,6 +51,7 @@ class ProcessView:
     seen_by: dict[str, str] = field(default_factory=dict)  # method -> verdict
     binaries: list[dict[str, Any]] = field(default_factory=list)  # identified executable images (arch)
     verdict: str = Verdict.UNVERIFIABLE.value
+    interpreter: dict[str, Any] | None = None  # what an interpreter process runs (introspect/interp)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -144,6 +147,7 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
     by_cr3: dict[int, list[dict[str, Any]]] = defaultdict(list)
     pid_cr3: dict[int, int] = {}
     sockets: list[tuple[str, Socket]] = []
+    interpreters: list[Interpreter] = []
     unsound = {o.provenance.method for o in observations  # (arch's own "kernel" note is about kernel text)
                if o.verdict == Verdict.UNVERIFIABLE and o.key in PROCESS_VIEWS and o.provenance.method != "arch"
                and o.via != "arch"}
@@ -200,6 +204,9 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
                                         "from every known version", vm, [o.to_dict()]))
         elif isinstance(p, Socket):
             sockets.append((method, p))
+        elif isinstance(p, Interpreter):
+            processes.setdefault(p.pid, ProcessView(p.pid)).interpreter = interpreter_summary(p)
+            interpreters.append(p)
         elif isinstance(p, UnknownCode) and o.verdict == Verdict.UNVERIFIABLE:
             # kb sync: code in a packaged file whose installed version the archive no longer offers
             unverifiable.append({"method": method, "what": o.key, "reason": o.reason})
@@ -253,6 +260,7 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
                                     [{"pid": view.pid, "comm": view.comm, "cmdline": view.cmdline,
                                       "exe": view.exe}]))
     findings += scan_findings(sockets, processes, unverifiable, vm, agent_credible)
+    findings += script_findings(interpreters, vm)
     pids_of_root: dict[int, list[int]] = defaultdict(list)
     for pid, cr3 in sorted(pid_cr3.items()):
         pids_of_root[cr3].append(pid)

@@ -62,6 +62,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "files": ("nephoscope.cli.inspect", "files", "List a process's open file descriptors."),
     "net": ("nephoscope.cli.net", "net", "List every socket of every process (like netstat -tuanpx) from kernel "
             "memory, with code identity and findings."),
+    "scripts": ("nephoscope.cli.scripts", "scripts", "List what every interpreter process runs: entry script, "
+                "stacks and script files, identified by hash."),
     "modules": ("nephoscope.cli.inspect", "modules", "List loaded kernel modules from the kernel's module list."),
     "kernel": ("nephoscope.cli.inspect", "kernel",
                "Show what was detected about the guest kernel, and how (stage by stage, with timings)."),

@@ -414,6 +414,39 @@ class KernelTamper(Payload):
     evidence: str = ""
 
 
+# --- interpreters: what scripts a process runs -------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ScriptEntry(Record):
+    """One script file an interpreter runs, read from the guest page cache and identified by its sha256.
+
+    `status`: known (a packaged file), unknown (outside the package trees, in no package), modified (a
+    packaged path with other bytes), unverifiable (not cached, not found; `reason` says why)."""
+
+    path: str = ""
+    status: str = ""
+    sha256: str = ""
+    identity: str = ""  # "flask 2.2.2 (python3-flask 2.2.2-3)"
+    package: str = ""
+    version: str = ""
+    reason: str = ""
+    head: tuple[str, ...] = ()  # first lines, escaped (unknown and modified files)
+
+
+@dataclass(frozen=True, slots=True)
+class Interpreter(Payload):
+    """What one interpreter process runs: its build, entry script, every thread's stack and script files."""
+
+    KINDS = ("interpreter",)
+    pid: int = 0
+    kind: str = ""  # python, php, java
+    runtime: str = ""
+    entry: str = ""
+    stacks: tuple[tuple[str, ...], ...] = ()  # per thread, innermost first: "function (file:line)"
+    scripts: int = 0  # script files loaded
+    files: tuple[ScriptEntry, ...] = ()
+
+
 # --- method bookkeeping -----------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -466,7 +499,8 @@ class Details(Payload):
 
 PAYLOADS: tuple[type[Payload], ...] = (Process, Mapping, Module, Package, CrossView, Image, UnknownCode, Vdso,
                                        KernelCode, KernelImage, UnknownKernelCode, AddressSpace, UnfoundRoot, Exec,
-                                       Exit, ModuleLoad, Checkpoint, KernelTamper, Unverifiable, Details, Socket)
+                                       Exit, ModuleLoad, Checkpoint, KernelTamper, Unverifiable, Details, Socket,
+                                       Interpreter)
 REGISTRY: dict[str, type[Payload]] = {kind: cls for cls in PAYLOADS for kind in cls.KINDS}
 
 

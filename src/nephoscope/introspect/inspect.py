@@ -38,6 +38,7 @@ class InspectMethod:
         self.cache = cache  # reuse a validated kernel model of the same build
         self.last_stats: dict[str, float] = {}
         self.kernel_integrity = True  # task/module cross-views and kernel pointer checks (kernel_integrity.py)
+        self.interpreters = True  # what interpreter processes run: stacks and script files (introspect/interp)
 
     @staticmethod
     def _idtr_base(vm: VmTarget) -> int | None:
@@ -119,6 +120,8 @@ class InspectMethod:
         if not mods.complete:
             yield unverifiable(NAME, vm, "modules", f"module list walk stopped: {mods.problem}")
         yield from self._sockets(k, vm, procs)
+        if self.interpreters:
+            yield from self._interpreters(k, vm)
         if self.kernel_integrity:
             from nephoscope.introspect import kernel_integrity
 
@@ -127,6 +130,25 @@ class InspectMethod:
             yield unverifiable(NAME, vm, "budget", f"the read budget ran out ({k.budget.exhausted}); "
                                                    "later walks are incomplete")
         self.last_stats = {"reads": float(k.budget.reads), "read_bytes": float(k.budget.bytes)}
+
+    @staticmethod
+    def _interpreters(k: LinuxKernel, vm: VmTarget) -> Iterator[Observation]:
+        """Yield one `interpreter` observation per interpreter process (introspect/interp/files.py)."""
+        from nephoscope.introspect.interp import GUEST_ERRORS
+        from nephoscope.introspect.interp.files import collect_scripts, observations
+        from nephoscope.knowledge.scripts import open_default
+
+        try:
+            db = open_default()
+        except GUEST_ERRORS:
+            db = None
+        try:
+            yield from observations(NAME, vm, collect_scripts(k, db))
+        except GUEST_ERRORS as exc:
+            yield unverifiable(NAME, vm, "interpreters", f"interpreter processes could not be read: {exc}")
+        finally:
+            if db is not None:
+                db.close()
 
     @staticmethod
     def _sockets(k: LinuxKernel, vm: VmTarget, procs: Listing[Task]) -> Iterator[Observation]:

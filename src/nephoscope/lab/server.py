@@ -16,7 +16,9 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -277,6 +279,22 @@ def _build_locked(profile: Profile, kernel: KernelChoice, specs: list[str], key:
     return Image(directory, meta)
 
 
+def wheel_program(requirement: str, program: str, workdir: Path) -> bytes:
+    """Return the script `program` of a PyPI wheel (NAME==VERSION), downloaded on the host with pip."""
+    dest = workdir / "wheels"
+    _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(dest),
+          requirement], f"pip download {requirement}", timeout=600)
+    name = requirement.split("==", 1)[0].replace("-", "_").lower()
+    for wheel in sorted(dest.glob("*.whl")):
+        if not wheel.name.lower().startswith(name + "-"):
+            continue
+        with zipfile.ZipFile(wheel) as archive_file:
+            member = next((m for m in archive_file.namelist() if m.endswith(f".data/scripts/{program}")), None)
+            if member is not None:
+                return archive_file.read(member)
+    raise LabError(f"no wheel of {requirement} in {dest} has a script named {program}")
+
+
 def _customise(root: Path, profile: Profile, progress: Progress) -> None:
     """Add the profile's files, units, helpers and setup commands to a bootstrapped tree."""
     for path, content in profile.files.items():
@@ -297,6 +315,8 @@ def _customise(root: Path, profile: Profile, progress: Progress) -> None:
         progress(f"making {artifact.output}")
         if artifact.kind == "compile":
             data = compile_artifact(artifact, work)
+        elif artifact.kind == "wheel":
+            data = wheel_program(artifact.source, Path(artifact.output).name, work)
         else:
             data = patch_text_padding((root / normalise_path(artifact.source)).read_bytes())
         _write(root, artifact.output, data, 0o755)

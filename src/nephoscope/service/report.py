@@ -18,19 +18,22 @@ from nephoscope.analysis.facts import dedupe, finding_location, pids_by_root
 from nephoscope.analysis.malware import regions_from, scan_regions
 from nephoscope.analysis.merge import KERNEL_KINDS, ScanView, merge
 from nephoscope.analysis.network import NETWORK_KINDS
+from nephoscope.analysis.scripts import MODIFIED_SCRIPT, UNKNOWN_SCRIPT, VULNERABLE_SCRIPT, script_findings
 from nephoscope.analysis.vulnerable import RUNNING, Owner, installed_from, mapped_paths, vulnerable_findings
 from nephoscope.core.errors import NephoscopeError
+from nephoscope.core.payloads import Interpreter
 from nephoscope.core.records import Finding, Observation
 from nephoscope.knowledge.vulns import VulnDB
 from nephoscope.service.scan import scan_status
 
 CODE_KINDS = tuple(dict.fromkeys(("malicious-code", "unknown-code", "modified-binary", "anonymous-exec",
                                    "hidden-process", "fileless", "modified-kernel-code", "unknown-kernel-code",
-                                   "deleted-binary", "masquerading", *KERNEL_KINDS)))
+                                   "deleted-binary", "masquerading", UNKNOWN_SCRIPT, MODIFIED_SCRIPT,
+                                   *KERNEL_KINDS)))
 DETAIL_KEYS = ("pid", "pids", "comm", "exe", "cmdline", "path", "package", "start", "end", "gva_start", "gva_end",
                "gva", "rule",
                "description", "technique", "sha256", "perms", "check", "where", "target", "module", "function",
-               "owner", "evidence", "method", "verdict", "seen_by")
+               "owner", "evidence", "method", "verdict", "seen_by", "head")
 # what a network-behaviour item shows of a socket (guest-side addresses only: never the host's end of a flow)
 SOCKET_KEYS = ("proto", "state", "local", "local_port", "remote", "remote_port")
 _HOST_PATTERNS = [(re.compile(p), r) for p, r in (
@@ -78,6 +81,7 @@ class Report:
     vulnerable: list[VulnItem] = field(default_factory=list)
     code: list[CodeItem] = field(default_factory=list)
     behaviour: list[CodeItem] = field(default_factory=list)  # what processes do on the network (analysis.network)
+    interpreters: list[dict[str, Any]] = field(default_factory=list)  # what each interpreter process runs
     unverified: list[dict[str, str]] = field(default_factory=list)
     summary: dict[str, int] = field(default_factory=dict)
     status: str = "ok"  # "unverifiable" when no method obtained anything: nothing here is an all-clear
@@ -190,9 +194,21 @@ def _behaviour_item(f: Finding, view: ScanView, host_strings: tuple[str, ...]) -
 
 def _vuln_item(f: Finding) -> VulnItem:
     ev = f.evidence[0]
-    return VulnItem(ev["package"], ev["versions"], f.kind == RUNNING, ev.get("fixed_version"), ev["cves"],
-                    [{"pid": p["pid"], "comm": p["comm"]} for p in ev.get("processes", [])],
+    return VulnItem(ev["package"], ev["versions"], f.kind in (RUNNING, VULNERABLE_SCRIPT), ev.get("fixed_version"),
+                    ev["cves"], [{"pid": p["pid"], "comm": p.get("comm", "")} for p in ev.get("processes", [])],
                     f"{', '.join(ev.get('methods', [])) or '?'} ({ev.get('verdict', '?')})")
+
+
+def _interpreters(view: ScanView) -> list[dict[str, Any]]:
+    """Return what each interpreter process runs (guest paths and names, nothing of the host)."""
+    out = []
+    for pid, p in sorted(view.processes.items()):
+        i = p.interpreter
+        if i:
+            out.append({"pid": pid, "comm": p.comm, "runtime": i.get("runtime", ""), "entry": i.get("entry", ""),
+                        "now": list(i.get("now", []))[:3], "packages": list(i.get("packages", [])),
+                        "unknown": list(i.get("unknown", [])), "files": dict(i.get("files", {}))})
+    return out
 
 
 def build_report(vm: str, view: ScanView, observations: list[Observation], *, scan_id: int | None = None,
@@ -217,6 +233,9 @@ def build_report(vm: str, view: ScanView, observations: list[Observation], *, sc
     findings += vulnerable_findings(view, installed, index, vm, sources=db.binaries(),
                                     paths=mapped_paths(observations), owner=owner or kb_owner(),
                                     observations=observations)
+    interpreters = [o.payload for o in observations if isinstance(o.payload, Interpreter)]
+    findings += [f for f in script_findings(interpreters, vm, index) if f.kind == VULNERABLE_SCRIPT]
+    report.interpreters = _interpreters(view)
     regions = regions_from(observations)
     if regions and ram_path is not None:
         findings += _malware(vm, ram_path, regions, unverified)
@@ -227,7 +246,7 @@ def build_report(vm: str, view: ScanView, observations: list[Observation], *, sc
     findings = [f for f in findings if f.kind not in CODE_KINDS] + dedupe(
         [f for f in findings if f.kind in CODE_KINDS], pids_of_root)  # one finding per fact, all methods
     for f in sorted(findings, key=lambda f: SEVERITY_ORDER.get(f.severity, 9)):
-        if f.kind in (RUNNING, "installed-vulnerable"):
+        if f.kind in (RUNNING, "installed-vulnerable", VULNERABLE_SCRIPT):
             report.vulnerable.append(_vuln_item(f))
         elif f.kind in CODE_KINDS:
             report.code.append(_code_item(f, view, pids_of_root))

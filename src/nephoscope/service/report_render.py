@@ -100,6 +100,13 @@ def render_markdown(report: Report) -> str:
         for c in report.behaviour:
             lines.append(f"- **{md(c.severity)}** {md(c.kind)}: {md(c.title)}{md(_seen(c.methods))}")
             lines += [f"  - {md(detail_text(d), line_start=True)}" for d in c.details]
+    if report.interpreters:
+        lines += ["", "## What interpreters run", ""]
+        for i in report.interpreters:
+            lines.append(f"- pid {i['pid']} {md(i['comm'])}: {md(i['entry'] or '?')} ({md(i['runtime'])})"
+                         + (f", now in {md(i['now'][0])}" if i["now"] else "")
+                         + (f"; packages: {md(', '.join(i['packages']))}" if i["packages"] else "")
+                         + (f"; **unknown scripts: {md(', '.join(i['unknown']))}**" if i["unknown"] else ""))
     lines += ["", "## What could not be verified", ""]
     lines += [f"- {md(u['what'], line_start=True)} ({md(u['method'])}): {md(u['reason'])}"
               for u in report.unverified] or ["- nothing"]
@@ -120,6 +127,12 @@ def render_html(report: Report) -> str:
     behaviour = "".join(
         f"<li><b>{h(c.severity)}</b> {h(c.kind)}: {h(c.title)}{h(_seen(c.methods))}<ul>"
         + "".join(f"<li>{h(detail_text(d))}</li>" for d in c.details) + "</ul></li>" for c in report.behaviour)
+    interp = "".join(
+        f"<li>pid {i['pid']} {h(i['comm'])}: {h(i['entry'] or '?')} ({h(i['runtime'])})"
+        + (f", now in {h(i['now'][0])}" if i["now"] else "")
+        + (f"; packages: {h(', '.join(i['packages']))}" if i["packages"] else "")
+        + (f"; <b>unknown scripts: {h(', '.join(i['unknown']))}</b>" if i["unknown"] else "") + "</li>"
+        for i in report.interpreters)
     unverified = "".join(f"<li>{h(u['what'])} ({h(u['method'])}): {h(u['reason'])}</li>"
                          for u in report.unverified) or "<li>nothing</li>"
     s = report.summary
@@ -134,7 +147,8 @@ def render_html(report: Report) -> str:
             "<table border='1'><tr><th>state</th><th>package</th><th>version</th><th>update to</th>"
             f"<th>processes</th><th>CVEs</th><th>evidence</th></tr>{rows}</table>"
             f"<h2>Malicious, unknown or suspicious code</h2><ul>{code}</ul>"
-            + (f"<h2>Network behaviour</h2><ul>{behaviour}</ul>" if behaviour else "") +
+            + (f"<h2>Network behaviour</h2><ul>{behaviour}</ul>" if behaviour else "")
+            + (f"<h2>What interpreters run</h2><ul>{interp}</ul>" if interp else "") +
             f"<h2>What could not be verified</h2><ul>{unverified}</ul></body></html>\n")
 
 
