@@ -169,6 +169,8 @@ class _Reader:
         self.types = {name: bias + value for name, value in build.symbols.items() if name.endswith("_Type")}
         self.runtime = bias + build.symbols["_PyRuntime"]
         self._strings: dict[int, str] = {}
+        self._file_key = 0  # the interned "__file__" str object, once seen
+        self._other_keys: set[int] = set()  # str objects known not to be "__file__"
 
     def u64(self, gva: int) -> int:
         return self.ctx.u64(gva)
@@ -311,12 +313,25 @@ class _Reader:
             if not self.is_type(module, "PyModule_Type"):
                 continue  # a module subclass or a placeholder object: not a plain module
             name = self.string(key)
-            for k2, v2 in self.dict_items(self.u64(module + self.o["PyModuleObject.md_dict"])):
-                if self.is_type(k2, "PyUnicode_Type") and self.string(k2) == "__file__":
-                    if self.is_type(v2, "PyUnicode_Type"):
-                        out[name] = self.string(v2)
-                    break
+            path = self._module_file(self.u64(module + self.o["PyModuleObject.md_dict"]))
+            if path is not None:
+                out[name] = path
         return out
+
+    def _module_file(self, md_dict: int) -> str | None:
+        """Return a module dict's __file__ (str), or None."""
+        items = self.dict_items(md_dict)
+        if self._file_key:  # attribute names are interned: one str object per process, compared by address
+            value = next((v for k2, v in items if k2 == self._file_key), None)
+            # (a module without that key has no __file__: builtin and frozen modules)
+            return self.string(value) if value is not None and self.is_type(value, "PyUnicode_Type") else None
+        for k2, v2 in items:
+            if k2 not in self._other_keys and self.is_type(k2, "PyUnicode_Type"):
+                if self.string(k2) == "__file__":
+                    self._file_key = k2
+                    return self.string(v2) if self.is_type(v2, "PyUnicode_Type") else None
+                self._other_keys.add(k2)
+        return None
 
 
 def addr2line(table: bytes, first_line: int, addr: int) -> int:
