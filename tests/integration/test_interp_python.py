@@ -114,3 +114,23 @@ def test_scripts_identified_by_page_cache_hash(interp_guest, tmp_path) -> None: 
     assert head[0] == "# nephoscope lab: a Python script that belongs to no package"
     unverifiable = [f for f in by_path.values() if f.verdict is Verdict.UNVERIFIABLE]
     assert all(f.reason for f in unverifiable)
+
+
+def test_scan_and_report_show_what_interpreters_run(interp_guest) -> None:  # type: ignore[no-untyped-def]
+    from nephoscope.service.report import report_from_result
+    from nephoscope.service.report_render import render_markdown
+    from nephoscope.service.scan import run_scan
+
+    manifest = interp_guest.manifest()
+    orphan = next(p["pid"] for p in manifest["processes"] if p["tag"] == "orphan")
+    result = run_scan(resolve_target(interp_guest.name), ["inspect"])
+    view = result.view.processes[orphan].interpreter
+    assert view is not None and view["entry"] == "/opt/orphan/worker.py"
+    assert view["unknown"] == ["/opt/orphan/worker.py"]
+    assert any(f.kind == "unknown-script" and f.evidence[0]["path"] == "/opt/orphan/worker.py"
+               for f in result.view.findings)
+    workers = [p for p in result.view.processes.values() if p.interpreter and p.interpreter["entry"] ==
+               "/usr/bin/gunicorn"]
+    assert len(workers) == 3  # the master and its 2 workers
+    text = render_markdown(report_from_result(result))
+    assert "## What interpreters run" in text and "/opt/orphan/worker.py" in text
