@@ -21,19 +21,20 @@ from nephoscope.service.targets import resolve_target
 
 pytestmark = pytest.mark.guest
 
-PYSPY_THREAD = re.compile(r'^Thread (\d+) \(\w+\)')
+PYSPY_THREAD = re.compile(r'^Thread (\d+) \(\w+\)(?:: "(.*)")?')
 PYSPY_FRAME = re.compile(r"^\s+(\S+) \((.+):(\d+)\)$")
 
 
 def pyspy_stacks(agent: GuestAgent, pid: int) -> dict[int, list[tuple[str, str, int]]]:
-    """Return {native tid: [(function, file basename, line)]} from `py-spy dump` inside the guest."""
+    """Return {native tid: [(function, file basename, line)]} from `py-spy dump` inside the guest; the thread's
+    name (when py-spy prints one) is the first item, as ("name", NAME, 0)."""
     code, out, err = agent.exec(["/usr/local/bin/py-spy", "dump", "--pid", str(pid)], timeout=120)
     assert code == 0, err.decode(errors="replace")
     stacks: dict[int, list[tuple[str, str, int]]] = {}
     current: list[tuple[str, str, int]] = []
     for line in out.decode().splitlines():
         if m := PYSPY_THREAD.match(line):
-            current = stacks.setdefault(int(m.group(1)), [])
+            current = stacks.setdefault(int(m.group(1)), [("name", m.group(2) or "", 0)])
         elif m := PYSPY_FRAME.match(line):
             current.append((m.group(1), m.group(2).rsplit("/", 1)[-1], int(m.group(3))))
     return stacks
@@ -83,8 +84,8 @@ def test_entry_scripts_are_what_the_lab_started(python_views) -> None:  # type: 
 def test_stacks_equal_pyspy_in_the_guest(python_views) -> None:  # type: ignore[no-untyped-def]
     _manifest, results, spy = python_views
     for r in results:
-        ours = {th.native_id: [(f.function.rsplit(".", 1)[-1], f.file.rsplit("/", 1)[-1], f.line)
-                               for f in th.frames] for th in r.threads}
+        ours = {th.native_id: [("name", th.name, 0)] + [(f.function.rsplit(".", 1)[-1], f.file.rsplit("/", 1)[-1],
+                                                         f.line) for f in th.frames] for th in r.threads}
         assert ours == spy[r.pid], (r.pid, ours, spy[r.pid])
 
 
