@@ -126,3 +126,24 @@ def test_addr2line_on_garbage_tables() -> None:
     assert type(info.value).__name__ == "GuestDataError"
     # 14 = long form with line delta +2 then three varints; one code unit
     assert addr2line(bytes([0x80 | (14 << 3), 4, 0, 0, 0]), 5, 0) == 7
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_words_over_frames_and_code_never_crash(clean_dump: Path, tmp_path: Path, seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+
+    def edit(_k, ctx, reader):  # type: ignore[no-untyped-def]
+        o = reader.o
+        frame = _top_frame(reader, ctx)
+        code = reader.u64(frame + o["_PyInterpreterFrame.f_code"])
+        targets = [frame + rng.randrange(0, o["sizeof._PyInterpreterFrame"], 8),
+                   code + rng.randrange(0, o["sizeof.PyCodeObject"], 8),
+                   reader.interpreters()[0] + o["_is.modules"]]
+        return [(t, struct.pack("<Q", rng.choice([0, 1, 0xFFFFFFFFFFFFFFFF, t, rng.getrandbits(64)])))
+                for t in rng.sample(targets, rng.randint(1, 3))]
+
+    result = _corrupt(clean_dump, tmp_path, edit)
+    assert result.verdict in (Verdict.VERIFIED, Verdict.UNVERIFIABLE)
+    assert result.verdict is Verdict.VERIFIED or result.reason

@@ -21,19 +21,20 @@ from nephoscope.service.targets import resolve_target
 
 pytestmark = pytest.mark.guest
 
-PYSPY_THREAD = re.compile(r'^Thread (\d+) \(\w+\)')
+PYSPY_THREAD = re.compile(r'^Thread (\d+) \(\w+\)(?:: "(.*)")?')
 PYSPY_FRAME = re.compile(r"^\s+(\S+) \((.+):(\d+)\)$")
 
 
 def pyspy_stacks(agent: GuestAgent, pid: int) -> dict[int, list[tuple[str, str, int]]]:
-    """Return {native tid: [(function, file basename, line)]} from `py-spy dump` inside the guest."""
+    """Return {native tid: [(function, file basename, line)]} from `py-spy dump` inside the guest; the thread's
+    name (when py-spy prints one) is the first item, as ("name", NAME, 0)."""
     code, out, err = agent.exec(["/usr/local/bin/py-spy", "dump", "--pid", str(pid)], timeout=120)
     assert code == 0, err.decode(errors="replace")
     stacks: dict[int, list[tuple[str, str, int]]] = {}
     current: list[tuple[str, str, int]] = []
     for line in out.decode().splitlines():
         if m := PYSPY_THREAD.match(line):
-            current = stacks.setdefault(int(m.group(1)), [])
+            current = stacks.setdefault(int(m.group(1)), [("name", m.group(2) or "", 0)])
         elif m := PYSPY_FRAME.match(line):
             current.append((m.group(1), m.group(2).rsplit("/", 1)[-1], int(m.group(3))))
     return stacks
@@ -83,8 +84,8 @@ def test_entry_scripts_are_what_the_lab_started(python_views) -> None:  # type: 
 def test_stacks_equal_pyspy_in_the_guest(python_views) -> None:  # type: ignore[no-untyped-def]
     _manifest, results, spy = python_views
     for r in results:
-        ours = {th.native_id: [(f.function.rsplit(".", 1)[-1], f.file.rsplit("/", 1)[-1], f.line)
-                               for f in th.frames] for th in r.threads}
+        ours = {th.native_id: [("name", th.name, 0)] + [(f.function.rsplit(".", 1)[-1], f.file.rsplit("/", 1)[-1],
+                                                         f.line) for f in th.frames] for th in r.threads}
         assert ours == spy[r.pid], (r.pid, ours, spy[r.pid])
 
 
@@ -116,3 +117,23 @@ def test_scripts_identified_by_page_cache_hash(interp_guest, tmp_path) -> None: 
     assert head[0] == "# nephoscope lab: a Python script that belongs to no package"
     unverifiable = [f for f in by_path.values() if f.verdict is Verdict.UNVERIFIABLE]
     assert all(f.reason for f in unverifiable)
+
+
+def test_scan_and_report_show_what_interpreters_run(interp_guest) -> None:  # type: ignore[no-untyped-def]
+    from nephoscope.service.report import report_from_result
+    from nephoscope.service.report_render import render_markdown
+    from nephoscope.service.scan import run_scan
+
+    manifest = interp_guest.manifest()
+    orphan = next(p["pid"] for p in manifest["processes"] if p["tag"] == "orphan")
+    result = run_scan(resolve_target(interp_guest.name), ["inspect"])
+    view = result.view.processes[orphan].interpreter
+    assert view is not None and view["entry"] == "/opt/orphan/worker.py"
+    assert view["unknown"] == ["/opt/orphan/worker.py"]
+    assert any(f.kind == "unknown-script" and f.evidence[0]["path"] == "/opt/orphan/worker.py"
+               for f in result.view.findings)
+    workers = [p for p in result.view.processes.values() if p.interpreter and p.interpreter["entry"] ==
+               "/usr/bin/gunicorn"]
+    assert len(workers) == 3  # the master and its 2 workers
+    text = render_markdown(report_from_result(result))
+    assert "## What interpreters run" in text and "/opt/orphan/worker.py" in text

@@ -21,7 +21,8 @@ def scripts(vm: str = VM_ARG, json_out: bool = typer.Option(False, "--json", hel
                                              help="hash this package's script files into the script DB first"),
             no_pause: bool = typer.Option(False, "--no-pause", help="read without pausing the VM (stacks may "
                                                                     "be torn while it runs)"),
-            db_path: Path | None = typer.Option(None, "--db", help="script-hash DB (default <cache>/scripts.sqlite)")
+            db_path: Path | None = typer.Option(None, "--db", help="the KB holding the script hashes "
+                                                                   "(default: the code-page KB)")
             ) -> None:
     """List what every interpreter process runs: entry script, stacks and script files, identified by hash."""
     from nephoscope.knowledge.scripts import ScriptDB, ingest_package

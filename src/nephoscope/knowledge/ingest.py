@@ -18,7 +18,7 @@ from pathlib import Path
 from debian import deb822
 from elftools.elf.elffile import ELFFile
 
-from nephoscope.core.errors import GuestDataError, NephoscopeError
+from nephoscope.core.errors import GuestDataError, KnowledgeError, NephoscopeError
 from nephoscope.core.paths import cache_root
 from nephoscope.knowledge.binaries import CodePageDB, PackageMeta
 from nephoscope.knowledge.elfpages import ELF_MAGIC, PARSE_ERRORS, PageInfo, exec_pages, page_at
@@ -151,6 +151,7 @@ def ingest_unpacked(db: CodePageDB, unpacked: Path, origin: str, progress: Progr
     meta = PackageMeta(name, version, control.get("Architecture", ""), source,
                        rest.strip("() ") or version, origin)
     report = ingest_tree(db, unpacked / "root", meta, progress)
+    add_scripts(db, unpacked / "root", name, version, report)
     if name.startswith("linux-image-"):
         package_id = db.package_id(meta)
         from nephoscope.knowledge.kernelpkg import ingest_kernel_tree
@@ -166,6 +167,18 @@ def ingest_unpacked(db: CodePageDB, unpacked: Path, origin: str, progress: Progr
                 report.errors.append((VDSO_PATH, str(exc)))
     db.commit()
     return report
+
+
+def add_scripts(db: CodePageDB, root: Path, name: str, version: str, report: IngestReport) -> None:
+    """Hash the package's script files (.py, .php, .jar, ... and CPython's pycs) into the KB (knowledge/scripts)."""
+    from nephoscope.knowledge.scripts import ScriptDB
+
+    db.commit()
+    try:
+        with ScriptDB(db.path) as scripts:
+            scripts.add_tree(root, name, version)
+    except KnowledgeError as exc:
+        report.errors.append((name, f"script hashes: {exc}"))
 
 
 def ingest_deb(db: CodePageDB, deb: Path, progress: Progress = lambda _m: None) -> IngestReport:
@@ -194,6 +207,7 @@ def ingest_apt(db: CodePageDB, spec: str, progress: Progress = lambda _m: None) 
         if name.startswith("linux-image-") and not db.kernel_store().has_package(name, version):
             return _add_kernel_code(db, name, version, progress)  # stored before the KB kept kernel code
         progress(f"{name} {version} is already in the KB")
+        # (packages stored before the KB kept script hashes: `nephoscope scripts --ingest NAME=VERSION`)
         return IngestReport(packages=[f"{name}={version}"])
     progress(f"downloading {name} {version}")
     return ingest_deb(db, archive.download(name, version, cache_root() / "debs"), progress)

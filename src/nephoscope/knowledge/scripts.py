@@ -1,9 +1,11 @@
-"""Known script files: sha256 of every .py/.php/.jar/... file of ingested Debian packages (SQLite).
+"""Known script files: sha256 of every .py/.php/.jar/... file of ingested Debian packages.
 
-A separate table set from the code-page DB (its own file, `scripts.sqlite` next to the KB by default) so
-its schema can grow without touching the code-page DB's: `script_files(sha256, path, package, version)`.
-`ingest_package` hashes the script files of one package version (the .deb from the shared download cache,
-unpacked once); `identify` returns every (package, version, path) holding a file of that hash.
+Two tables in the code-page KB's SQLite file (`script_packages`, `script_files(sha256, path, package,
+version)`), kept by their own class so the code-page DB's schema and index stay as they are. Every KB
+ingest of a package (knowledge/ingest.py) fills them; `ingest_package` adds a package already in the KB
+(the .deb from the shared download cache, unpacked once); `identify` returns every (package, version,
+path) holding a file of that hash. For Python sources the table also holds the pycs CPython writes for
+them at install (see PYC_COMPILER).
 """
 
 from __future__ import annotations
@@ -70,8 +72,10 @@ def pyc_compiler(minor: str) -> str | None:
 
 
 def default_path() -> Path:
-    """Return the default script-hash DB path (<cache>/scripts.sqlite)."""
-    return cache_root() / "scripts.sqlite"
+    """Return the default script-hash DB path: the code-page KB's file (NEPHOSCOPE_KB or <cache>/kb.sqlite)."""
+    from nephoscope.knowledge.binaries import default_path as kb_path
+
+    return kb_path()
 
 
 class ScriptDB:
@@ -81,7 +85,7 @@ class ScriptDB:
         self.path = path or default_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.db = sqlite3.connect(self.path)
+            self.db = sqlite3.connect(self.path, timeout=60)
             self.db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise KnowledgeError(f"script DB {self.path}: {exc}") from exc

@@ -38,8 +38,13 @@ WANTED_311: dict[str, list[str]] = {
     "PyDictKeyEntry": ["me_hash", "me_key", "me_value"],
     "PyDictUnicodeEntry": ["me_key", "me_value"],
     "PyModuleObject": ["md_dict"],
+    # thread names: threading._active {ident: Thread}, each Thread's _name (an instance attribute)
+    "_typeobject": ["tp_flags", "tp_dictoffset"],
+    "_heaptypeobject": ["ht_cached_keys"],
+    "_longobject": ["ob_digit"],
 }
-SYMBOLS_311 = ("_PyRuntime", "PyCode_Type", "PyUnicode_Type", "PyBytes_Type", "PyDict_Type", "PyModule_Type")
+SYMBOLS_311 = ("_PyRuntime", "PyCode_Type", "PyUnicode_Type", "PyBytes_Type", "PyDict_Type", "PyModule_Type",
+               "PyLong_Type")
 MODIFIERS = {"DW_TAG_typedef", "DW_TAG_const_type", "DW_TAG_volatile_type", "DW_TAG_atomic_type"}
 
 

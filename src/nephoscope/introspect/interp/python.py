@@ -39,6 +39,11 @@ MAX_LINETABLE = 1 << 16
 MAX_DICT_ENTRIES = 1 << 16
 MAX_MODULES = 1 << 14
 ELF_HEADER = 64
+MAX_LONG_DIGITS = 4  # thread idents are pthread_t values: at most 64 bits, three 30-bit digits
+# Include/object.h (3.11): Py_TPFLAGS_MANAGED_DICT; such an instance keeps its dict pointer 3 words and its
+# inline values pointer 4 words before the object (_PyObject_ManagedDictPointer, _PyObject_ValuesPointer)
+MANAGED_DICT = 1 << 4
+MANAGED_DICT_OFFSET, VALUES_OFFSET = -24, -32
 ELF_PREFIX = 16 << 10  # the ELF header, program headers and notes of a CPython binary
 
 
@@ -169,6 +174,8 @@ class _Reader:
         self.types = {name: bias + value for name, value in build.symbols.items() if name.endswith("_Type")}
         self.runtime = bias + build.symbols["_PyRuntime"]
         self._strings: dict[int, str] = {}
+        self._file_key = 0  # the interned "__file__" str object, once seen
+        self._other_keys: set[int] = set()  # str objects known not to be "__file__"
 
     def u64(self, gva: int) -> int:
         return self.ctx.u64(gva)
@@ -304,6 +311,73 @@ class _Reader:
                 out.append((key, value))
         return out
 
+    def long_value(self, obj: int) -> int:
+        """Return the value of a small int object (at most MAX_LONG_DIGITS 30-bit digits)."""
+        if not self.is_type(obj, "PyLong_Type"):
+            raise GuestDataError(f"0x{obj:x} is not an int")
+        size = int.from_bytes(self.ctx.read(obj + self.o["PyVarObject.ob_size"], 8), "little", signed=True)
+        if abs(size) > MAX_LONG_DIGITS:
+            raise GuestDataError(f"int 0x{obj:x} has {size} digits")
+        raw = self.ctx.read(obj + self.o["_longobject.ob_digit"], 4 * abs(size))
+        value = sum((int.from_bytes(raw[i * 4:i * 4 + 4], "little") & ((1 << 30) - 1)) << (30 * i)
+                    for i in range(abs(size)))
+        return -value if size < 0 else value
+
+    def attribute(self, obj: int, name: str) -> int | None:
+        """Return the object an instance attribute names (its __dict__ or 3.11 inline values), or None."""
+        o = self.o
+        tp = self.u64(obj + o["_object.ob_type"])
+        flags = self.u64(tp + o["_typeobject.tp_flags"])
+        if flags & MANAGED_DICT:
+            dict_ = self.u64(obj + MANAGED_DICT_OFFSET)
+            values = self.u64(obj + VALUES_OFFSET) if not dict_ else 0
+            if values:  # split keys shared by the class (ht_cached_keys), values inline
+                keys = self.u64(tp + o["_heaptypeobject.ht_cached_keys"])
+                head = self.ctx.read(keys, o["sizeof._dictkeysobject"])
+                log2_index = head[o["_dictkeysobject.dk_log2_index_bytes"]]
+                nentries, = struct.unpack_from("<q", head, o["_dictkeysobject.dk_nentries"])
+                if head[o["_dictkeysobject.dk_kind"]] != 2 or log2_index > 23 or not 0 <= nentries <= 1 << 10:
+                    raise GuestDataError(f"class keys 0x{keys:x} are not a split table")
+                size = o["sizeof.PyDictUnicodeEntry"]
+                entries = self.ctx.read(keys + o["_dictkeysobject.dk_indices"] + (1 << log2_index), nentries * size)
+                for i in range(nentries):
+                    key, = struct.unpack_from("<Q", entries, i * size + o["PyDictUnicodeEntry.me_key"])
+                    if key and self.string(key) == name:
+                        value = self.u64(values + 8 * i)
+                        return value or None
+                return None
+        else:
+            offset = int.from_bytes(self.ctx.read(tp + o["_typeobject.tp_dictoffset"], 8), "little", signed=True)
+            dict_ = self.u64(obj + offset) if 0 < offset < 1 << 16 else 0
+        if not dict_:
+            return None
+        return next((v for k2, v in self.dict_items(dict_)
+                     if self.is_type(k2, "PyUnicode_Type") and self.string(k2) == name), None)
+
+    def module_object(self, interp: int, name: str) -> int | None:
+        """Return the module object sys.modules holds under `name`, or None."""
+        for key, module in self.dict_items(self.u64(interp + self.o["_is.modules"]), MAX_MODULES):
+            if self.is_type(key, "PyUnicode_Type") and self.string(key) == name:
+                return module if self.is_type(module, "PyModule_Type") else None
+        return None
+
+    def thread_names(self, interp: int) -> dict[int, str]:
+        """Return {thread ident: name} from threading._active (empty if threading is not imported)."""
+        threading = self.module_object(interp, "threading")
+        if threading is None:
+            return {}
+        md_dict = self.u64(threading + self.o["PyModuleObject.md_dict"])
+        active = next((v for k2, v in self.dict_items(md_dict)
+                       if self.is_type(k2, "PyUnicode_Type") and self.string(k2) == "_active"), None)
+        if active is None:
+            return {}
+        names = {}
+        for ident, thread in self.dict_items(active, MAX_THREADS):
+            name = self.attribute(thread, "_name")
+            if name is not None and self.is_type(name, "PyUnicode_Type"):
+                names[self.long_value(ident)] = self.string(name)
+        return names
+
     def modules(self, interp: int) -> dict[str, str]:
         """Return {module name: __file__} of the interpreter's sys.modules (modules without a file left out)."""
         out: dict[str, str] = {}
@@ -311,12 +385,25 @@ class _Reader:
             if not self.is_type(module, "PyModule_Type"):
                 continue  # a module subclass or a placeholder object: not a plain module
             name = self.string(key)
-            for k2, v2 in self.dict_items(self.u64(module + self.o["PyModuleObject.md_dict"])):
-                if self.is_type(k2, "PyUnicode_Type") and self.string(k2) == "__file__":
-                    if self.is_type(v2, "PyUnicode_Type"):
-                        out[name] = self.string(v2)
-                    break
+            path = self._module_file(self.u64(module + self.o["PyModuleObject.md_dict"]))
+            if path is not None:
+                out[name] = path
         return out
+
+    def _module_file(self, md_dict: int) -> str | None:
+        """Return a module dict's __file__ (str), or None."""
+        items = self.dict_items(md_dict)
+        if self._file_key:  # attribute names are interned: one str object per process, compared by address
+            value = next((v for k2, v in items if k2 == self._file_key), None)
+            # (a module without that key has no __file__: builtin and frozen modules)
+            return self.string(value) if value is not None and self.is_type(value, "PyUnicode_Type") else None
+        for k2, v2 in items:
+            if k2 not in self._other_keys and self.is_type(k2, "PyUnicode_Type"):
+                if self.string(k2) == "__file__":
+                    self._file_key = k2
+                    return self.string(v2) if self.is_type(v2, "PyUnicode_Type") else None
+                self._other_keys.add(k2)
+        return None
 
 
 def addr2line(table: bytes, first_line: int, addr: int) -> int:
@@ -410,6 +497,12 @@ def read_python(ctx: ProcessContext) -> InterpResult | None:
             modules.update(reader.modules(interp))
         except GUEST_ERRORS as exc:
             problems.append(f"sys.modules: {exc}")
+        try:  # names are a label, not evidence: a thread without one keeps its ids
+            names = reader.thread_names(interp)
+            result.threads = [InterpThread(t.thread_id, t.native_id, t.frames, names.get(t.thread_id, t.name))
+                              for t in result.threads]
+        except GUEST_ERRORS as exc:
+            result.details["thread_names"] = f"unreadable ({exc})"
     result.scripts = sorted(set(modules.values()))
     main = modules.get("__main__")
     if main:
