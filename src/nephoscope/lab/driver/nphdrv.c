@@ -157,10 +157,11 @@ static int stats_show(struct seq_file *m, void *v)
 	spin_unlock_irqrestore(&ring_lock, flags);
 	seq_printf(m, "nphdrv-stats 1\nloaded_ns %llu\nnow_ns %llu\nevents %llu\ncapacity %d\ndropped %llu\n",
 		   loaded_ns, ktime_get_ns(), seq, NPH_RING, seq > NPH_RING ? seq - NPH_RING : 0);
+	seq_printf(m, "now_boot_ns %llu\n", ktime_get_boottime_ns());
 	seq_printf(m, "hooks exec=%d exit=%d module=1\n", tp_exec != NULL, tp_exit != NULL);
 	for (k = 0; k < EV_KINDS; k++)
 		seq_printf(m, "cost %s %llu %llu %llu\n", kind_name[k], c[k], t[k], x[k]);
-	seq_printf(m, "end %d\n", 3 + EV_KINDS);
+	seq_printf(m, "end %d\n", 7 + EV_KINDS);
 	return 0;
 }
 
