@@ -222,7 +222,8 @@ def test_a_dkom_hidden_task_is_a_mismatch_too() -> None:
 
 def test_no_mismatch_claim_without_grounds() -> None:
     # exited per the driver's own log (pid 376), started after the driver read (now_boot_ns 5000), unsound views
-    obs = _scene([1, 131]) + [_inspect(376), _inspect(600, start=9999), _inspect(601, start=None)]  # type: ignore[arg-type]
+    later = [_inspect(376), _inspect(600, start=9999), _inspect(601, start=None)]  # type: ignore[arg-type]
+    obs = [*_scene([1, 131]), *later]
     assert driver_findings(obs, set(), "synth") == []
     assert driver_findings([*_scene([1]), _inspect(555)], {"driver"}, "synth") == []
     assert driver_findings([*_scene([1]), _inspect(555)], {"inspect"}, "synth") == []
