@@ -5,7 +5,8 @@ other test on it sees: inspect reports nphdrv's tracepoint hooks). Ground truth:
 through the agent, and the lab manifest. Power: a 50 ms process is in the driver's event log, exec and exit,
 while a periodic scan (inspect, run once afterwards, as any scan at an instant outside those 50 ms) cannot
 list it. Weakness: on the rootkit guest the DKOM-hidden task is missing from the driver's table (it walks the
-same task list), and the comparison with inspect turns that into a `driver-view-mismatch` finding.
+same task list), and the comparison with inspect turns that into a `driver-view-mismatch` finding; a module
+that removes the driver's probes (tests/integration/kmod_unhook) makes its events `unverifiable` (the canary).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -23,12 +25,14 @@ from nephoscope.introspect.agent import AgentMethod
 from nephoscope.introspect.driver import DriverMethod
 from nephoscope.lab import runner
 from nephoscope.lab.build import build_image, choose_kernel
-from nephoscope.lab.driverload import build_driver, load_driver, unload_driver
+from nephoscope.lab.driverload import build_driver, load_driver, put_file, unload_driver
+from nephoscope.lab.kmodules import build_module
 from nephoscope.lab.profile import load_profile
 from nephoscope.service.scan import run_scan
 from nephoscope.service.targets import resolve_target
 
 pytestmark = pytest.mark.guest
+UNHOOK_DIR = Path(__file__).parent / "kmod_unhook"
 
 
 def _guest_with_driver(profile: str) -> Iterator[runner.Guest]:
@@ -121,6 +125,23 @@ def test_an_unloaded_driver_is_unverifiable(driver_guest: runner.Guest) -> None:
     finally:
         with GuestAgent(driver_guest.qga_socket, timeout=60) as agent:
             load_driver(agent, build_driver(choose_kernel(None, lambda _m: None)))
+
+
+def test_a_driver_whose_hooks_were_removed_is_unverifiable(driver_guest: runner.Guest) -> None:
+    # nph_unhook (tests/integration/kmod_unhook) removes nphdrv's tracepoint probes and leaves it loaded: its
+    # files still answer and its counters still claim the hooks; the canary exec is what gives it away
+    ko = build_module("nph_unhook", choose_kernel(None, lambda _m: None), UNHOOK_DIR)
+    with GuestAgent(driver_guest.qga_socket, timeout=60) as agent:
+        put_file(agent, "/tmp/nph_unhook.ko", ko)
+        code, out, err = agent.exec(["/bin/sh", "-c", "insmod /tmp/nph_unhook.ko"], timeout=60)
+        assert code == 0, (out, err)
+    obs = _driver(driver_guest)
+    events = {o.key: o.reason for o in obs if o.verdict == Verdict.UNVERIFIABLE}
+    assert "canary" in events.get("events", ""), events
+    stats = next(o.payload.data for o in obs if o.kind == "driver-stats")
+    assert stats["hooks"]["exec"]  # the driver itself does not know: only the canary tells
+    # its process table is still the kernel's: reported, not a finding
+    assert [o for o in obs if o.kind == "process"]
 
 
 @pytest.fixture(scope="module")
