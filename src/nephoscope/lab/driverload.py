@@ -70,3 +70,14 @@ def unload_driver(agent: GuestAgent, timeout: float = 60) -> None:
         raise LabError(f"cannot unload {MODULE} through the guest agent: {exc}") from exc
     if driver_loaded(agent):
         raise LabError(f"rmmod {MODULE} failed in the guest (exit {code}): {(err or out)[-300:]!r}")
+
+
+def manifest_kernel(manifest: dict) -> KernelChoice:
+    """Return the KernelChoice a lab guest booted, from its manifest's release, package and version (else LabError)."""
+    from nephoscope.lab.build import KernelChoice
+
+    kernel = manifest.get("kernel") or {}
+    if not all(isinstance(kernel.get(k), str) and kernel.get(k) for k in ("release", "package", "version")):
+        raise LabError("the guest's manifest names no Debian kernel package: nphdrv cannot be built for it")
+    return KernelChoice(kernel["release"], Path(kernel.get("source") or ""), None, kernel["package"],
+                        kernel["version"])
