@@ -235,3 +235,19 @@ def test_the_listing_stream_is_bounded_base64_free() -> None:
     # the driver files are plain text read by guest-file-read (no shell): a base64 reply is not a listing
     obs = collect(tasks=base64.b64encode(tasks_file()))
     assert "processes" in unverifiable(obs)
+
+
+def test_evaluate_renders_the_drivers_event_power_and_cost() -> None:
+    from nephoscope.core.records import Finding
+    from nephoscope.service.driver_eval import own_hook
+    from nephoscope.service.evaluate import MethodScore
+    from nephoscope.service.evaluate_render import markdown
+
+    score = MethodScore("driver", "clean", 13, 13, 0, short_lived="seen (exec+exit of pid 9)",
+                        event_cost_ns={"exec": 10481, "exit": 18641}, guest_slowdown=1.01)
+    text = markdown([MethodScore("inspect", "clean", 13, 13), score])
+    assert "| clean | driver | seen (exec+exit of pid 9) | exec 10481, exit 18641 |" in text
+    assert "| clean | inspect |" in text.split("## Event-driven")[0]
+    assert own_hook(Finding("inline-hook", "critical", "__SCT__tp_func_sched_process_exec+0x0 is hooked: ... of "
+                            "module nphdrv, which ...", "vm", []))
+    assert not own_hook(Finding("inline-hook", "critical", "__x64_sys_acct+0x0 is hooked: jmp into nphrk", "vm", []))
