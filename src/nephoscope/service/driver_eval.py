@@ -4,13 +4,14 @@ Power: the processes it lists, and whether a 50 ms process (busybox sleep 0.05, 
 is in its event log, exec and exit. Robustness: its own view, and (on profiles with techniques) its view
 compared with inspect's (`driver-view-mismatch`). Cost: the module's own kernel time per event (ktime,
 its stats) and the in-guest time of an exec-heavy loop with the module against the same guest without it,
-in one run (the CPU-loop slowdown evaluate measures for the other methods says nothing here: the
+in one run, rounds interleaved (the CPU-loop slowdown evaluate measures for the other methods says nothing here: the
 driver costs the guest per event, not per read). The module is unloaded at the end so the guest is
 what it was. Nothing here pauses the VM.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -27,6 +28,7 @@ from nephoscope.store.sqlite import Store
 
 Progress = Callable[[str], None]
 EXEC_LOOP = 200
+ROUNDS = 5
 EXEC_SCRIPT = "read a r < /proc/uptime; i=0; while [ $i -lt {n} ]; do /bin/true; i=$((i+1)); done; " \
               "read b r < /proc/uptime; echo $a $b"
 SHORT = ["/bin/busybox", "sleep", "0.05"]
@@ -52,6 +54,24 @@ def run_short(agent: GuestAgent, timeout: float = 60) -> int:
             raise ConnectorError(f"{' '.join(SHORT)} (guest pid {pid}) did not finish within {timeout:.0f}s")
         time.sleep(0.05)
     return int(pid)
+
+
+def interleaved_slowdown(agent: GuestAgent, ko: bytes, rounds: int = ROUNDS) -> tuple[float, float]:
+    """Return (in-guest, host-wall) ratios of the exec loop with nphdrv loaded to without, medians of interleaved
+    rounds (without, load, with, unload) after one uncounted warm-up; the guest ends without the module.
+
+    Interleaving matters: on a shared host one loop's time varies by 2-3x from run to run, and a block of runs
+    without followed by a block with measures the host's drift, not the module."""
+    exec_loop(agent)  # warm-up: a freshly booted guest's first loops are the slowest
+    without: list[tuple[float, float]] = []
+    with_: list[tuple[float, float]] = []
+    for _ in range(rounds):
+        without.append(exec_loop(agent))
+        load_driver(agent, ko)
+        with_.append(exec_loop(agent))
+        unload_driver(agent)
+    return (round(statistics.median(w[0] for w in with_) / statistics.median(w[0] for w in without), 3),
+            round(statistics.median(w[1] for w in with_) / statistics.median(w[1] for w in without), 3))
 
 
 def short_lived_seen(result: ScanResult, pid: int) -> str:
@@ -92,15 +112,13 @@ def score_driver(guest: runner.Guest, *, slowdown: bool = False, store: Store | 
         score = MethodScore("driver", guest.profile, len(truth_processes(guest.manifest())))
         score.unverifiable = [f"driver: nphdrv cannot be built for this guest: {exc}"]
         return [score]
-    base: tuple[float, float] | None = None
+    ratios: tuple[float, float] | None = None
     with GuestAgent(guest.qga_socket, timeout=60) as agent:  # type: ignore[arg-type]
         if driver_loaded(agent):
             unload_driver(agent)
         if slowdown:
-            progress(f"{guest.profile}: exec loop without the driver")
-            exec_loop(agent)  # warm-up, not counted: a freshly booted guest's first loops are the slowest
-            runs = [exec_loop(agent) for _ in range(3)]
-            base = (min(r[0] for r in runs), min(r[1] for r in runs))
+            progress(f"{guest.profile}: exec loop without and with the driver, interleaved")
+            ratios = interleaved_slowdown(agent, ko)
         load_driver(agent, ko)
     try:
         with GuestAgent(guest.qga_socket, timeout=60) as agent:  # type: ignore[arg-type]
@@ -113,6 +131,8 @@ def score_driver(guest: runner.Guest, *, slowdown: bool = False, store: Store | 
         cost = stats.get("cost") if isinstance(stats.get("cost"), dict) else {}
         score.event_cost_ns = {k: round(v["mean_ns"]) for k, v in cost.items()
                                if isinstance(v, dict) and isinstance(v.get("mean_ns"), float)}
+        if ratios is not None:
+            score.guest_slowdown, score.wall_slowdown = ratios
         scores = [score]
         if score.techniques:
             progress(f"{guest.profile}: driver+inspect")
@@ -121,12 +141,6 @@ def score_driver(guest: runner.Guest, *, slowdown: bool = False, store: Store | 
             # the provider knows its own module, and they must not score a rootkit's inline patch as detected
             both.view.findings = [f for f in both.view.findings if not own_hook(f)]
             scores.append(_score(both, "driver+inspect", guest))
-        if slowdown and base is not None:
-            progress(f"{guest.profile}: exec loop with the driver")
-            with GuestAgent(guest.qga_socket, timeout=60) as agent:  # type: ignore[arg-type]
-                runs = [exec_loop(agent) for _ in range(3)]
-            score.guest_slowdown = round(min(r[0] for r in runs) / base[0], 3)
-            score.wall_slowdown = round(min(r[1] for r in runs) / base[1], 3)
         return scores
     finally:
         with GuestAgent(guest.qga_socket, timeout=60) as agent:  # type: ignore[arg-type]
