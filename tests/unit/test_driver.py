@@ -251,3 +251,10 @@ def test_evaluate_renders_the_drivers_event_power_and_cost() -> None:
     assert own_hook(Finding("inline-hook", "critical", "__SCT__tp_func_sched_process_exec+0x0 is hooked: ... of "
                             "module nphdrv, which ...", "vm", []))
     assert not own_hook(Finding("inline-hook", "critical", "__x64_sys_acct+0x0 is hooked: jmp into nphrk", "vm", []))
+
+
+def test_a_lying_agent_cannot_crash_the_canary() -> None:
+    for pid in (None, "12", True, {"x": 1}):
+        agent = FakeAgent({"tasks": tasks_file(), "events": events_file(), "stats": stats_file()}, exec_pid=pid)
+        obs = list(DriverMethod(timeout=5).collect_from(agent, VM))  # type: ignore[arg-type]
+        assert "canary" in unverifiable(obs)["events"]

@@ -211,8 +211,9 @@ def parse_stats(data: bytes) -> DriverStats:
 
 def run_canary(agent: GuestAgent, timeout: float) -> int:
     """Run /bin/true in the guest through guest-exec, wait until it is reaped, and return its guest pid."""
-    pid = agent.call("guest-exec", path=CANARY, arg=[], **{"capture-output": False}).get("pid")
-    if not isinstance(pid, int):
+    started = agent.call("guest-exec", path=CANARY, arg=[], **{"capture-output": False})
+    pid = started.get("pid") if isinstance(started, dict) else None
+    if not isinstance(pid, int) or isinstance(pid, bool):
         raise ConnectorError(f"guest-exec gave no pid for {CANARY}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -113,13 +113,18 @@ def score_driver(guest: runner.Guest, *, slowdown: bool = False, store: Store | 
         score.unverifiable = [f"driver: nphdrv cannot be built for this guest: {exc}"]
         return [score]
     ratios: tuple[float, float] | None = None
-    with GuestAgent(guest.qga_socket, timeout=60) as agent:  # type: ignore[arg-type]
-        if driver_loaded(agent):
-            unload_driver(agent)
-        if slowdown:
-            progress(f"{guest.profile}: exec loop without and with the driver, interleaved")
-            ratios = interleaved_slowdown(agent, ko)
-        load_driver(agent, ko)
+    try:
+        with GuestAgent(guest.qga_socket, timeout=60) as agent:  # type: ignore[arg-type]
+            if driver_loaded(agent):
+                unload_driver(agent)
+            if slowdown:
+                progress(f"{guest.profile}: exec loop without and with the driver, interleaved")
+                ratios = interleaved_slowdown(agent, ko)
+            load_driver(agent, ko)
+    except NephoscopeError as exc:
+        score = MethodScore("driver", guest.profile, len(truth_processes(guest.manifest())))
+        score.unverifiable = [f"driver: nphdrv could not be loaded into the guest: {exc}"]
+        return [score]
     try:
         with GuestAgent(guest.qga_socket, timeout=60) as agent:  # type: ignore[arg-type]
             short_pid = run_short(agent)
@@ -143,5 +148,8 @@ def score_driver(guest: runner.Guest, *, slowdown: bool = False, store: Store | 
             scores.append(_score(both, "driver+inspect", guest))
         return scores
     finally:
-        with GuestAgent(guest.qga_socket, timeout=60) as agent:  # type: ignore[arg-type]
-            unload_driver(agent)
+        try:
+            with GuestAgent(guest.qga_socket, timeout=60) as agent:  # type: ignore[arg-type]
+                unload_driver(agent)
+        except NephoscopeError as exc:
+            progress(f"{guest.profile}: nphdrv could not be removed from the guest: {exc}")
