@@ -258,3 +258,23 @@ def test_a_lying_agent_cannot_crash_the_canary() -> None:
         agent = FakeAgent({"tasks": tasks_file(), "events": events_file(), "stats": stats_file()}, exec_pid=pid)
         obs = list(DriverMethod(timeout=5).collect_from(agent, VM))  # type: ignore[arg-type]
         assert "canary" in unverifiable(obs)["events"]
+
+
+def test_random_damage_is_an_error_or_a_parse_never_a_crash() -> None:
+    import contextlib
+    import random
+
+    rng = random.Random(18)
+    for parse, good in ((parse_tasks, tasks_file()), (parse_events, events_file()), (parse_stats, stats_file())):
+        for _ in range(400):
+            data = bytearray(good)
+            for _ in range(rng.randint(1, 4)):
+                op, at = rng.randrange(3), rng.randrange(len(data))
+                if op == 0:
+                    data[at] = rng.randrange(256)
+                elif op == 1:
+                    del data[at:at + rng.randint(1, 20)]
+                else:
+                    data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+            with contextlib.suppress(DriverOutputError):
+                parse(bytes(data))  # type: ignore[operator]
