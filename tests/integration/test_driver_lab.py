@@ -164,3 +164,18 @@ def test_a_dkom_hidden_task_is_a_driver_view_mismatch(rootkit_driver_guest: runn
     assert fhide in driver  # the ftrace hook hides /proc entries from userland, not tasks from the kernel
     mismatch = [f for f in result.view.findings if f.kind == "driver-view-mismatch"]
     assert [ev["pid"] for f in mismatch for ev in f.evidence] == [dkom], [f.title for f in mismatch]
+
+
+def test_evaluate_scores_the_driver_and_removes_it(rootkit_driver_guest: runner.Guest) -> None:
+    # last on this guest: score_driver loads nphdrv for its measurement and removes it afterwards
+    from nephoscope.lab.driverload import driver_loaded
+    from nephoscope.service.driver_eval import score_driver
+
+    alone, both = score_driver(rootkit_driver_guest)
+    assert (alone.method, both.method) == ("driver", "driver+inspect")
+    assert alone.seen == alone.truth_processes and alone.short_lived.startswith("seen (exec+exit")
+    assert alone.event_cost_ns.get("exec", 0) > 0
+    assert alone.techniques["dkom-hidden-task"] == "missed" and both.techniques["dkom-hidden-task"] == "detected"
+    assert "driver-view-mismatch" in both.findings
+    with GuestAgent(rootkit_driver_guest.qga_socket, timeout=60) as agent:
+        assert not driver_loaded(agent)
