@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from nephoscope.analysis.driver import driver_findings
 from nephoscope.analysis.facts import dedupe
 from nephoscope.analysis.network import scan_findings
 from nephoscope.analysis.scripts import interpreter_summary, script_findings
@@ -261,6 +262,7 @@ def merge(observations: list[Observation], methods: list[str], vm: str) -> ScanV
                                       "exe": view.exe}]))
     findings += scan_findings(sockets, processes, unverifiable, vm, agent_credible)
     findings += script_findings(interpreters, vm)
+    findings += driver_findings(observations, unsound, vm)  # the in-guest driver's table vs inspect/checkpoint
     pids_of_root: dict[int, list[int]] = defaultdict(list)
     for pid, cr3 in sorted(pid_cr3.items()):
         pids_of_root[cr3].append(pid)

@@ -10,7 +10,7 @@ from nephoscope.core.payloads import Payload, Unverifiable
 from nephoscope.core.records import Observation, Provenance, Verdict
 from nephoscope.hypervisor.target import VmTarget
 
-METHOD_NAMES = ("agent", "inspect", "checkpoint", "arch", "trap")
+METHOD_NAMES = ("agent", "driver", "inspect", "checkpoint", "arch", "trap")
 
 
 class Method(Protocol):

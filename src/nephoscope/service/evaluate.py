@@ -55,6 +55,8 @@ class MethodScore:
     wall_slowdown: float | None = None  # host-observed time of the same loop (includes pauses)
     findings: list[str] = field(default_factory=list)
     unverifiable: list[str] = field(default_factory=list)
+    short_lived: str = ""  # event-driven methods (driver): how a 50 ms process was seen ("" = not measured)
+    event_cost_ns: dict[str, int] = field(default_factory=dict)  # driver: guest kernel ns per event, by kind
 
     @property
     def power_seen(self) -> float:
@@ -136,7 +138,8 @@ def score_techniques(result: ScanResult, manifest: dict[str, Any]) -> dict[str, 
     kinds = {f.kind for f in result.view.findings}
     hidden_modules = {str(ev.get("module")) for f in result.view.findings if f.kind == "hidden-module"
                       for ev in f.evidence}
-    hidden_pids = _finding_pids(result, "hidden-process")
+    # the driver's table against inspect: the task it lacks is the hidden one (analysis/driver.py)
+    hidden_pids = _finding_pids(result, "hidden-process") | _finding_pids(result, "driver-view-mismatch")
     rules.update({  # the rootkit profile's kernel techniques (lab/rootkit/nphrk.c)
         "dkom-hidden-task": lambda f: bool(f & hidden_pids),
         # the /proc entry is gone but the task list keeps it: a hidden-process finding (the guest's ls misses
@@ -316,7 +319,11 @@ def evaluate(methods: list[str], profiles: tuple[str, ...] = ("clean", "tampered
                 problem = ensure_kernel_code(guest.manifest(), progress)
                 if problem:
                     progress(f"kernel code of {profile} not in the KB, so not verified: {problem}")
-            scores += score_guest(guest, methods, slowdown=slowdown, progress=progress)
+            scores += score_guest(guest, [m for m in methods if m != "driver"], slowdown=slowdown, progress=progress)
+            if "driver" in methods:  # last: nphdrv is loaded for its own measurement only, then removed
+                from nephoscope.service.driver_eval import score_driver
+
+                scores += score_driver(guest, slowdown=slowdown, progress=progress)
         finally:
             if owned:
                 runner.stop(guest.name, quiet=True)

@@ -37,6 +37,17 @@ def markdown(scores: list[MethodScore]) -> str:
         for t in techniques:
             lines.append(f"| {t} | " + " | ".join(SYMBOL.get(s.techniques.get(t, ""), s.techniques.get(t, "–"))
                                                   for s in tampered) + " |")
+    events = [s for s in scores if s.short_lived or s.event_cost_ns]
+    if events:  # the driver: what only an event-driven method sees, and what it costs the guest per event
+        lines += ["", "## Event-driven power and in-guest cost", "",
+                  "A 50 ms process (busybox sleep 0.05) run before the scan: a periodic method misses it unless it "
+                  "happens to scan inside those 50 ms. The driver's guest slowdown above is an exec-heavy loop "
+                  "(/bin/true) with nphdrv loaded against the same guest without it, in one run.", "",
+                  "| profile | method | 50 ms process | guest kernel ns per event (module's own ktime) |",
+                  "|---|---|---|---|"]
+        for s in events:
+            cost = ", ".join(f"{k} {v}" for k, v in sorted(s.event_cost_ns.items())) or "–"
+            lines.append(f"| {s.profile} | {s.method} | {s.short_lived or '–'} | {cost} |")
     lines += ["", "## What each method could not verify", ""]
     for s in scores:
         reasons: dict[str, int] = {}

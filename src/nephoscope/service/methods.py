@@ -11,6 +11,7 @@ from nephoscope.introspect.base import METHOD_NAMES, Method
 # method name -> "module:factory"; a method whose module is absent is simply not offered
 _FACTORIES = {
     "agent": "nephoscope.introspect.agent:AgentMethod",
+    "driver": "nephoscope.introspect.driver:DriverMethod",
     "inspect": "nephoscope.introspect.inspect:InspectMethod",
     "checkpoint": "nephoscope.introspect.checkpoint:CheckpointMethod",
     "arch": "nephoscope.introspect.arch:ArchMethod",
@@ -32,8 +33,11 @@ def available_methods() -> list[str]:
 
 
 def default_methods() -> list[str]:
-    """Return the methods `scan` runs by default (all available except the event-driven trap)."""
-    return [n for n in available_methods() if n != "trap"]
+    """Return the methods `scan` runs by default (all available except the event-driven trap and the driver).
+
+    The driver needs nephoscope's kernel module inside the guest (the customer's side of the trade): it is
+    run only when asked for (`--methods driver`, evaluate on guests that load it)."""
+    return [n for n in available_methods() if n not in ("trap", "driver")]
 
 
 def get_method(name: str, **options: object) -> Method:
