@@ -97,6 +97,7 @@ class Guest(GuestFiles):
     image: str
     started: float
     ram: str = "file"  # file (shared /dev/shm file), anon (plain -m) or memfd (memory-backend-memfd)
+    arch_events: bool = False  # started with the archevents TCG plugin (docs/arch-events.md)
 
     @property
     def directory(self) -> Path:
@@ -113,6 +114,11 @@ class Guest(GuestFiles):
     @property
     def console_socket(self) -> Path:
         return self.directory / "console.sock"
+
+    @property
+    def arch_events_socket(self) -> Path:
+        """Return the archevents plugin's listening socket (present only for guests started with it)."""
+        return self.directory / "archevents.sock"
 
     @property
     def ram_path(self) -> Path | None:
@@ -264,7 +270,23 @@ def qemu_command(guest: Guest, image: Image) -> list[str]:
                    f"hostfwd=tcp:127.0.0.1:{guest.ssh_port}-:22",
         "-device", "e1000,netdev=net0",
         "-pidfile", str(d / "qemu.pid"),
+        *_plugin_args(guest),
     ]
+
+
+def _plugin_args(guest: Guest) -> list[str]:
+    """Return `-plugin` for the archevents TCG plugin (TCG with a file or memfd RAM backend only)."""
+    if not guest.arch_events:
+        return []
+    if guest.accel != "tcg":
+        raise LabError("--arch-events needs TCG (a QEMU plugin sees only translated code; KVM hosts use periodic "
+                       "arch scans and trap)")
+    if guest.ram not in ("file", "memfd"):
+        raise LabError("--arch-events needs --ram file or memfd (the plugin finds guest RAM by its mapping)")
+    from nephoscope.lab.plugin import build_plugin
+
+    ram = str(guest.ram_path) if guest.ram == "file" else "memfd:ram0"
+    return ["-plugin", f"{build_plugin()},sock={guest.arch_events_socket},ram={ram}"]
 
 
 def check_name(name: str) -> None:
@@ -276,7 +298,7 @@ def check_name(name: str) -> None:
 def start(name: str, image: Image, *, mem: str | None = None, smp: int = 1, kaslr: bool = True,
           accel: str = "tcg", cpu: str = "qemu64", http_port: int | None = None, gdb_port: int | None = None,
           timeout: float | None = None, progress: Progress = lambda _m: None, ram: str = "file",
-          gdb: bool = True) -> Guest:
+          gdb: bool = True, arch_events: bool = False) -> Guest:
     """Boot `image` as guest `name`, wait until its init reports ready, and write its manifest.
 
     `mem` None takes the profile's default (512M; disk profiles 1G); `timeout` None waits 180 s for an
@@ -285,7 +307,8 @@ def start(name: str, image: Image, *, mem: str | None = None, smp: int = 1, kasl
 
     `ram`: "file" (shared /dev/shm RAM file), "anon" (plain `-m`, RAM only in the QEMU process), "memfd", or
     "hugetlb" (memfd on 2 MiB huge pages from vm.nr_hugepages);
-    `gdb` False starts no gdbstub (trap/watch then start one on demand through the monitor)."""
+    `gdb` False starts no gdbstub (trap/watch then start one on demand through the monitor);
+    `arch_events` loads the archevents TCG plugin (its socket: `Guest.arch_events_socket`)."""
     check_name(name)
     if ram not in RAM_KINDS:
         raise LabError(f"--ram must be one of {', '.join(RAM_KINDS)}, not {ram!r}")
@@ -303,7 +326,7 @@ def start(name: str, image: Image, *, mem: str | None = None, smp: int = 1, kasl
     ssh = _free_port()
     guest = Guest(name=name, profile=image.meta["profile"], pid=0, mem_mib=mem_mib, smp=smp, kaslr=kaslr,
                   accel=accel, cpu=cpu, gdb_port=gdb_at, http_port=http, ssh_port=ssh,
-                  image=str(image.directory), started=time.time(), ram=ram)
+                  image=str(image.directory), started=time.time(), ram=ram, arch_events=arch_events)
     try:
         guest.directory.mkdir(parents=True, exist_ok=False)
     except FileExistsError as exc:
