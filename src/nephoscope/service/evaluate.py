@@ -316,7 +316,12 @@ def evaluate(methods: list[str], profiles: tuple[str, ...] = ("clean", "tampered
                 problem = ensure_kernel_code(guest.manifest(), progress)
                 if problem:
                     progress(f"kernel code of {profile} not in the KB, so not verified: {problem}")
-            scores += score_guest(guest, methods, slowdown=slowdown, progress=progress)
+            scores += score_guest(guest, [m for m in methods if m != "arch-events"], slowdown=slowdown,
+                                  progress=progress)
+            if "arch-events" in methods:  # a stream, not a registry method: its own guest with the TCG plugin
+                from nephoscope.service.evaluate_archevents import score_arch_events
+
+                scores.append(score_arch_events(profile, guest, slowdown=slowdown, keep=keep, progress=progress))
         finally:
             if owned:
                 runner.stop(guest.name, quiet=True)
