@@ -44,6 +44,38 @@ def workload(guest: runner.Guest, execs: int, loop: int) -> dict[str, float]:
     return {"cpu_loop_s": cpu, "exec_loop_s": min(runs)}
 
 
+def with_plugin(guest: runner.Guest, execs: int, loop: int) -> dict[str, object]:
+    """Read the replay, then run the workload while the stream is consumed; return times and stream counts."""
+    phys = open_ram(resolve_target(guest.name))
+    db, _why = open_kb()
+    stream = ArchEventStream(guest.arch_events_socket, phys, db)
+    t0 = time.monotonic()
+    replay = list(stream.iter_events(duration=60, should_stop=lambda: stream.replay_done))
+    replay_s = time.monotonic() - t0
+    stop = threading.Event()
+    result: dict[str, dict[str, float]] = {}
+
+    def run() -> None:  # the KB connection belongs to the reading thread: the workload runs in this one
+        try:
+            result["w"] = workload(guest, execs, loop)
+        finally:
+            stop.set()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    live = list(stream.iter_events(duration=900, should_stop=stop.is_set))
+    worker.join()
+    stream.request_stats()
+    list(stream.iter_events(duration=1))
+    stream.close()
+    phys.close()
+    if db is not None:
+        db.close()
+    return result["w"] | {"replay_records": len(replay), "replay_s": round(replay_s, 3),
+                          "replay_per_s": round(len(replay) / replay_s, 1) if replay_s else None,
+                          "live_events": len(live), "counts": stream.counts, "plugin_stats": stream.plugin_stats}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--execs", type=int, default=200)
@@ -58,31 +90,7 @@ def main() -> None:
             if not plugin:
                 out[label] = workload(guest, args.execs, args.loop)
                 continue
-            phys = open_ram(resolve_target(name))
-            db, _why = open_kb()
-            stream = ArchEventStream(guest.arch_events_socket, phys, db)
-            t0 = time.monotonic()
-            replay = list(stream.iter_events(duration=60, should_stop=lambda: stream.replay_done))
-            replay_s = time.monotonic() - t0
-            stop = threading.Event()
-            live: list[object] = []
-            # the KB connection belongs to this thread: the workload runs in another one
-            result: dict[str, dict[str, float]] = {}
-            worker = threading.Thread(target=lambda: (result.update(w=workload(guest, args.execs, args.loop)),
-                                                      stop.set()))
-            worker.start()
-            live += stream.iter_events(duration=900, should_stop=stop.is_set)
-            worker.join()
-            stream.request_stats()
-            list(stream.iter_events(duration=1))
-            stream.close()
-            phys.close()
-            if db is not None:
-                db.close()
-            out[label] = result["w"] | {"replay_records": len(replay), "replay_s": round(replay_s, 3),
-                                        "replay_per_s": round(len(replay) / replay_s, 1) if replay_s else None,
-                                        "live_events": len(live), "counts": stream.counts,
-                                        "plugin_stats": stream.plugin_stats}
+            out[label] = with_plugin(guest, args.execs, args.loop)
         finally:
             runner.stop(name, quiet=True)
     w, wo = out["with"], out["without"]
