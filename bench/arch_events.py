@@ -1,11 +1,11 @@
 """Benchmark the archevents TCG plugin: guest slowdown against the same guest without it, and event throughput.
 
-One run boots the clean profile twice, one guest at a time: without the plugin, then with it (file RAM, TCG,
-the same kernel and initramfs). In each, a fixed in-guest workload is timed through the agent: a CPU-bound
-shell loop (`evaluate`'s) and an exec-heavy loop (N runs of /bin/true, each a fresh address space whose pages
-are first executions for the plugin only if new, else cached translations). With the plugin a reader consumes
-the stream during the workload; throughput is the replay's records per second (every page executed since
-boot, with its 4 KiB, identified against the code-page DB).
+One run boots the clean profile three times, one guest at a time: without the plugin, with it, and with it
+but no store tracking (`writes=off`: first executions only); file RAM, TCG, the same kernel and initramfs.
+In each, a fixed in-guest workload is timed through the agent: a CPU-bound shell loop (`evaluate`'s) and an
+exec-heavy loop (N runs of /bin/true). With the plugin a reader consumes the stream during the workload;
+throughput is the replay's records per second (every page executed since boot, with its 4 KiB, identified
+against the code-page DB).
 
 Usage: .venv/bin/python bench/arch_events.py [--execs 200] [--loop 60000]
 """
@@ -83,9 +83,9 @@ def main() -> None:
     args = ap.parse_args()
     image = build_image(load_profile("clean"))
     out: dict[str, object] = {}
-    for label, plugin in (("without", False), ("with", True)):
+    for label, plugin, writes in (("without", False, True), ("with", True, True), ("with-no-writes", True, False)):
         name = f"bench-ae-{label}"
-        guest = runner.start(name, image, arch_events=plugin)
+        guest = runner.start(name, image, arch_events=plugin, arch_events_writes=writes)
         try:
             if not plugin:
                 out[label] = workload(guest, args.execs, args.loop)
@@ -93,9 +93,12 @@ def main() -> None:
             out[label] = with_plugin(guest, args.execs, args.loop)
         finally:
             runner.stop(name, quiet=True)
-    w, wo = out["with"], out["without"]
-    assert isinstance(w, dict) and isinstance(wo, dict)
-    out["slowdown"] = {k: round(w[k] / wo[k], 3) for k in ("cpu_loop_s", "exec_loop_s")}
+    wo = out["without"]
+    assert isinstance(wo, dict)
+    for label in ("with", "with-no-writes"):
+        w = out[label]
+        assert isinstance(w, dict)
+        out[f"slowdown {label}"] = {k: round(w[k] / wo[k], 3) for k in ("cpu_loop_s", "exec_loop_s")}
     print(json.dumps(out, indent=1))
 
 

@@ -172,3 +172,21 @@ def test_plugin_build_is_cached(events_guest: runner.Guest) -> None:
     first = build_plugin()
     assert first == build_plugin() and first.stat().st_size > 0
     assert str(first) in " ".join(Path(events_guest.directory / "qemu.argv").read_text().split())
+
+
+def test_watch_arch_streams_pages_as_json(events_guest: runner.Guest, default_kb: None) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from nephoscope.cli.main import app
+
+    result = CliRunner().invoke(app, ["watch", "--arch", events_guest.name, "--all", "--json", "-d", "3"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert "TCG only" in lines[0]["ready"]["limit"]
+    pages = [x["page"] for x in lines if "page" in x]
+    assert {p["verdict"] for p in pages} >= {"known", "kernel"}
+    stats = lines[-1]["stats"]
+    assert stats["ended"] == "" and stats["records"] >= len(pages) and stats["counts"]["known"] > 500

@@ -98,6 +98,7 @@ class Guest(GuestFiles):
     started: float
     ram: str = "file"  # file (shared /dev/shm file), anon (plain -m) or memfd (memory-backend-memfd)
     arch_events: bool = False  # started with the archevents TCG plugin (docs/arch-events.md)
+    arch_events_writes: bool = True  # the plugin tracks stores (executed-after-written events); off: cheaper
 
     @property
     def directory(self) -> Path:
@@ -286,7 +287,8 @@ def _plugin_args(guest: Guest) -> list[str]:
     from nephoscope.lab.plugin import build_plugin
 
     ram = str(guest.ram_path) if guest.ram == "file" else "memfd:ram0"
-    return ["-plugin", f"{build_plugin()},sock={guest.arch_events_socket},ram={ram}"]
+    writes = "on" if guest.arch_events_writes else "off"
+    return ["-plugin", f"{build_plugin()},sock={guest.arch_events_socket},ram={ram},writes={writes}"]
 
 
 def check_name(name: str) -> None:
@@ -298,7 +300,7 @@ def check_name(name: str) -> None:
 def start(name: str, image: Image, *, mem: str | None = None, smp: int = 1, kaslr: bool = True,
           accel: str = "tcg", cpu: str = "qemu64", http_port: int | None = None, gdb_port: int | None = None,
           timeout: float | None = None, progress: Progress = lambda _m: None, ram: str = "file",
-          gdb: bool = True, arch_events: bool = False) -> Guest:
+          gdb: bool = True, arch_events: bool = False, arch_events_writes: bool = True) -> Guest:
     """Boot `image` as guest `name`, wait until its init reports ready, and write its manifest.
 
     `mem` None takes the profile's default (512M; disk profiles 1G); `timeout` None waits 180 s for an
@@ -308,7 +310,8 @@ def start(name: str, image: Image, *, mem: str | None = None, smp: int = 1, kasl
     `ram`: "file" (shared /dev/shm RAM file), "anon" (plain `-m`, RAM only in the QEMU process), "memfd", or
     "hugetlb" (memfd on 2 MiB huge pages from vm.nr_hugepages);
     `gdb` False starts no gdbstub (trap/watch then start one on demand through the monitor);
-    `arch_events` loads the archevents TCG plugin (its socket: `Guest.arch_events_socket`)."""
+    `arch_events` loads the archevents TCG plugin (its socket: `Guest.arch_events_socket`), tracking stores
+    unless `arch_events_writes` is false."""
     check_name(name)
     if ram not in RAM_KINDS:
         raise LabError(f"--ram must be one of {', '.join(RAM_KINDS)}, not {ram!r}")
@@ -326,7 +329,8 @@ def start(name: str, image: Image, *, mem: str | None = None, smp: int = 1, kasl
     ssh = _free_port()
     guest = Guest(name=name, profile=image.meta["profile"], pid=0, mem_mib=mem_mib, smp=smp, kaslr=kaslr,
                   accel=accel, cpu=cpu, gdb_port=gdb_at, http_port=http, ssh_port=ssh,
-                  image=str(image.directory), started=time.time(), ram=ram, arch_events=arch_events)
+                  image=str(image.directory), started=time.time(), ram=ram, arch_events=arch_events,
+                  arch_events_writes=arch_events_writes)
     try:
         guest.directory.mkdir(parents=True, exist_ok=False)
     except FileExistsError as exc:
