@@ -6,8 +6,9 @@ with the page's bytes as they were when TCG translated it. Here the stream is pa
 bounded records, every field checked), each page is identified against the code-page DB at once (its
 SHA-256, as the arch scan hashes pages, `knowledge.pagehash`), and an unknown user page is attributed
 to the address spaces that map it: the plugin API of QEMU 7.2 exposes no registers, so no cr3 comes
-with an event; the page-table roots found in RAM (`memory.roots.scan_roots`) are walked for the
-event's vaddr instead. Nothing here pauses the VM.
+with an event; the executable user pages of the page-table roots found in RAM (`memory.roots.scan_roots`)
+are mapped back to their roots instead (at any vaddr: shared code sits at different addresses per
+process). Nothing here pauses the VM.
 
 TCG only: under KVM no plugin sees guest code; KVM hosts use periodic arch scans and trap.
 Addresses: `gpa` guest-physical (the plugin's RAM offset; equal to the gpa below the PCI hole, which
@@ -17,8 +18,10 @@ executed on the page, in whatever address space was current).
 
 from __future__ import annotations
 
+import queue
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from nephoscope.core.errors import ConnectorError, GuestDataError, MemoryAccessError
-from nephoscope.introspect.codepages import KERNEL_REASON, USER_TOP, CodePageLookup
+from nephoscope.introspect.codepages import KERNEL_REASON, SCAN_BUDGET, USER_TOP, CodePageLookup
 from nephoscope.knowledge.pagehash import PAGE_SIZE, page_digest
-from nephoscope.memory.paging import AddressSpace
+from nephoscope.memory.paging import AddressSpace, Budget
 from nephoscope.memory.physical import PhysicalMemory
-from nephoscope.memory.roots import Root, scan_roots
+from nephoscope.memory.roots import scan_roots
 
 __all__ = ["LIMIT", "MAGIC", "TCG_ONLY", "ArchEventStream", "PageEvent", "Record", "StreamParser"]
 
@@ -45,10 +48,12 @@ MAX_GPA = 1 << 52
 MAX_VADDR = (1 << 64) - 1
 MAX_IMAGES = 4  # candidate files named per page (a page shared by many files names a few)
 MAX_ROOT_SCANS_PER_S = 1.0  # an unknown page not mapped by any known root rescans RAM at most this often
-MAX_ROOTS = 512  # address spaces walked per unknown page
+MAX_ROOTS = 512  # address spaces walked per rebuild of the reverse map
+MAX_LARGE = 2 << 20  # pages of a user large page mapped (a 1 GiB user page is not expanded past 2 MiB)
 TCG_ONLY = "TCG only: under KVM no QEMU plugin sees guest code; KVM hosts use periodic arch scans and trap"
 LIMIT = ("the plugin sees code as TCG translates it and CPU stores; a page changed by device DMA after it was "
          "executed is seen only if it is executed from a page never executed before")
+MAX_QUEUED = 64  # batches (each at most one 1 MiB read) between the socket thread and identification
 VDSO_SONAME = b"linux-vdso.so.1"
 BOOT_NOTE = ("identity-mapped (vaddr = gpa): firmware or early boot code; the 7.2 plugin API gives no privilege "
              "level, so user code that happened to run at its own physical address would be labelled so too")
@@ -142,7 +147,7 @@ class PageEvent:
     verdict: str
     digest: str = ""
     images: list[dict[str, str]] = field(default_factory=list)
-    cr3: list[int] = field(default_factory=list)  # roots (guest-physical) mapping vaddr -> gpa, user pages only
+    cr3: list[int] = field(default_factory=list)  # roots (guest-physical) mapping gpa executable, user pages only
     note: str = ""
 
     @property
@@ -178,7 +183,11 @@ class ArchEventStream:
         self.replay_done = False
         self.ended = ""
         self._sock: socket.socket | None = None
-        self._roots: list[Root] = []
+        self._queue: queue.Queue[list[Record]] = queue.Queue(maxsize=MAX_QUEUED)
+        self._reader: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._end_reason = ""
+        self._owners: dict[int, list[int]] = {}  # gpa of an executable user page -> roots mapping it
         self._roots_at = 0.0
         self.ram_end = max((e for _, e in phys.ranges), default=0) if phys is not None else 0
 
@@ -202,9 +211,39 @@ class ArchEventStream:
 
     def close(self) -> None:
         """Disconnect (the plugin keeps tracking pages; the next reader gets them as a replay)."""
+        self._closing.set()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+            self._reader = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+    def _read_loop(self, sock: socket.socket) -> None:
+        """Read the socket into the queue (its own thread: identification stalls never stall the guest's sends)."""
+        while not self._closing.is_set():
+            try:
+                data = sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                self._end_reason = f"plugin socket error ({exc})"
+                return
+            if not data:
+                self._end_reason = "the plugin closed the stream (QEMU exited, or it dropped a reader stalled 5 s)"
+                return
+            records = self.parser.feed(data)
+            while records and not self._closing.is_set():
+                try:  # a full queue stops reading: the plugin's sends then wait (back-pressure, bounded memory)
+                    self._queue.put(records, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+            if self.parser.broken:
+                self._end_reason = f"malformed stream: {self.parser.broken}"
+                return
+        tail = self.parser.close()
+        self._end_reason = self._end_reason or tail
 
     def request_stats(self) -> None:
         """Ask the plugin for a stats record (arrives in the stream)."""
@@ -220,21 +259,18 @@ class ArchEventStream:
         if self._sock is None:
             self.connect()
         assert self._sock is not None
+        if self._reader is None:
+            self._reader = threading.Thread(target=self._read_loop, args=(self._sock,), daemon=True,
+                                            name="archevents-reader")
+            self._reader.start()
         end = time.monotonic() + duration if duration else None
         while not should_stop() and (end is None or time.monotonic() < end) and not self.ended:
             try:
-                data = self._sock.recv(1 << 20)
-            except TimeoutError:
+                records = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                if not self._reader.is_alive():  # drained after the reader stopped: the stream is over
+                    self.ended = self._end_reason or "the plugin closed the stream"
                 continue
-            except OSError as exc:
-                self.ended = f"plugin socket error ({exc})"
-                break
-            if not data:
-                self.ended = "the plugin closed the stream (QEMU exited, or it dropped a reader stalled 5 s)"
-                break
-            records = self.parser.feed(data)
-            if self.parser.broken:
-                self.ended = f"malformed stream: {self.parser.broken}"
             pages = []
             for rec in records:
                 if rec.kind == "hello":
@@ -246,9 +282,6 @@ class ArchEventStream:
                 elif replay or rec.kind != "replay":
                     pages.append(rec)
             yield from self.identify(pages)
-        tail = self.parser.close()
-        if tail and not self.ended:
-            self.ended = tail
 
     def identify(self, records: Sequence[Record]) -> list[PageEvent]:
         """Identify page records against the code-page DB (one batched lookup); attribute unknown user pages."""
@@ -309,31 +342,31 @@ class ArchEventStream:
         return prev[:4] == b"\x7fELF" and VDSO_SONAME in prev
 
     def _attribute(self, gpa: int, vaddr: int) -> list[int]:
-        """Return the roots whose user tables map `vaddr` to `gpa` (rescanning RAM's roots, rate-limited)."""
+        """Return the roots whose user tables map `gpa` executable (any vaddr: shared code sits at different
+        addresses per process), rebuilding the reverse map of RAM's roots when it has not got `gpa` (rate-limited)."""
         if self.phys is None:
             return []
-        found = self._mapping_roots(gpa, vaddr)
+        found = self._owners.get(gpa, [])
         if not found and time.monotonic() - self._roots_at > 1.0 / MAX_ROOT_SCANS_PER_S:
             self._rescan()
-            found = self._mapping_roots(gpa, vaddr)
-        return found
+            found = self._owners.get(gpa, [])
+        return list(found)
 
     def _rescan(self) -> None:
+        """Map every executable user page of every root found in RAM to its roots (bounded by one Budget)."""
         assert self.phys is not None
         self._roots_at = time.monotonic()
+        owners: dict[int, list[int]] = {}
+        budget = Budget(*SCAN_BUDGET)
         try:
-            self._roots = scan_roots(self.phys).process_roots[:MAX_ROOTS]
+            roots = scan_roots(self.phys).process_roots[:MAX_ROOTS]
         except (MemoryAccessError, GuestDataError, ValueError):
-            self._roots = []
-
-    def _mapping_roots(self, gpa: int, vaddr: int) -> list[int]:
-        assert self.phys is not None
-        out = []
-        for root in self._roots:
-            try:
-                got = AddressSpace(self.phys, root.user_gpa, self.levels).find_translation(vaddr)
-            except (MemoryAccessError, GuestDataError, ValueError):
-                continue
-            if got is not None and got & ~(PAGE_SIZE - 1) == gpa:
-                out.append(root.gpa)
-        return out
+            roots = []
+        for root in roots:
+            asp = AddressSpace(self.phys, root.user_gpa, self.levels)
+            for m in asp.iter_mappings(user_only=True, exec_only=True, end=USER_TOP + PAGE_SIZE, budget=budget):
+                for off in range(0, min(m.size, MAX_LARGE), PAGE_SIZE):
+                    roots_of = owners.setdefault(m.gpa + off, [])
+                    if root.gpa not in roots_of:
+                        roots_of.append(root.gpa)
+        self._owners = owners

@@ -18,7 +18,7 @@
  * Wire format (little-endian): a 40-byte header {u32 magic "NPAE", u8 kind, u8 flags, u16 reserved,
  * u32 length, u32 reserved, u64 gpa, u64 vaddr, u64 time_ns} followed by `length` payload bytes.
  * Kinds: 1 first execution, 2 execution after a write, 3 replay (a page executed before this reader
- * connected), 4 hello (text), 5 stats (8 x u64), 6 replay done. One reader at a time: a new connection
+ * connected and not written since), 4 hello (text), 5 stats (8 x u64), 6 replay done. One reader at a time: a new connection
  * replaces the old one. The reader may send 's' to ask for a stats record.
  */
 #define _GNU_SOURCE
@@ -273,7 +273,7 @@ static void greet(void)
                        track_writes, send_bytes);
     send_record(EV_HELLO, 0, 0, hello, (uint32_t)len, 0);
     for (uint64_t page = 0; page < n_pages && client_fd >= 0; page++) {
-        if (state[page] != ST_NEVER) {
+        if (state[page] == ST_EXEC) { /* written since: its bytes are no longer the code that ran */
             n_replayed++;
             send_page(EV_REPLAY, page, page_vaddr[page]);
         }
