@@ -106,3 +106,40 @@ def test_no_kb_makes_user_pages_unverifiable() -> None:
     stream = ArchEventStream(Path("/nonexistent"), None, None, db_reason="no code-page DB (x)")
     (ev,) = stream.identify([Record("first", 0x5000, 0x401000, 0, bytes(PAGE), True)])
     assert ev.verdict == "unverifiable" and "x" in ev.note
+
+
+def _fake_plugin(tmp_path: Path, data: bytes) -> Path:
+    """Listen like the plugin, send `data` to the first reader, then close."""
+    import socket
+    import threading
+
+    path = tmp_path / "ae.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        conn.sendall(data)
+        conn.close()
+        server.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return path
+
+
+def test_stream_over_a_socket_ends_with_the_reason(tmp_path: Path) -> None:
+    page = os.urandom(PAGE)
+    data = rec(4, payload=b"archevents 1\n") + rec(3, 0x5000, 0x401000, page) + rec(6) + rec(1, 0x6000, 0x402000, page)
+    stream = ArchEventStream(_fake_plugin(tmp_path, data + b"\xff" * 40), None, None)
+    events = list(stream.iter_events(duration=10))
+    assert [e.kind for e in events] == ["replay", "first"] and stream.replay_done and stream.hello == "archevents 1"
+    assert "malformed" in stream.ended and "bad magic" in stream.ended
+    stream.close()
+
+
+def test_stream_truncated_by_the_plugin(tmp_path: Path) -> None:
+    stream = ArchEventStream(_fake_plugin(tmp_path, rec(6) + rec(1, 0x6000, 0x402000, bytes(PAGE))[:100]), None, None)
+    assert list(stream.iter_events(duration=10)) == []
+    assert stream.replay_done and "truncated" in stream.ended
+    stream.close()

@@ -230,7 +230,9 @@ class ArchEventStream:
                 self._end_reason = f"plugin socket error ({exc})"
                 return
             if not data:
-                self._end_reason = "the plugin closed the stream (QEMU exited, or it dropped a reader stalled 5 s)"
+                tail = self.parser.close()
+                self._end_reason = (f"{tail} at the end of the stream" if tail else
+                                    "the plugin closed the stream (QEMU exited, or it dropped a reader stalled 5 s)")
                 return
             records = self.parser.feed(data)
             while records and not self._closing.is_set():
