@@ -143,3 +143,21 @@ def test_stream_truncated_by_the_plugin(tmp_path: Path) -> None:
     assert list(stream.iter_events(duration=10)) == []
     assert stream.replay_done and "truncated" in stream.ended
     stream.close()
+
+
+def test_runner_adds_the_plugin_only_when_asked() -> None:
+    import pytest
+
+    from nephoscope.core.errors import LabError
+    from nephoscope.lab import runner
+
+    def guest(**kw: object) -> runner.Guest:
+        base = dict(name="g", profile="clean", pid=0, mem_mib=512, smp=1, kaslr=True, accel="tcg", cpu="qemu64",
+                    gdb_port=0, http_port=1, ssh_port=2, image="/x", started=0.0)
+        return runner.Guest(**(base | kw))  # type: ignore[arg-type]
+
+    assert runner._plugin_args(guest()) == []
+    with pytest.raises(LabError, match="TCG"):
+        runner._plugin_args(guest(arch_events=True, accel="kvm"))
+    with pytest.raises(LabError, match="ram"):
+        runner._plugin_args(guest(arch_events=True, ram="anon"))
