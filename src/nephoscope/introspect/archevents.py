@@ -172,9 +172,11 @@ class ArchEventStream:
     """Read the archevents plugin's socket and identify each executed page (reads RAM only, never pauses)."""
 
     def __init__(self, socket_path: Path, phys: PhysicalMemory | None, db: CodePageLookup | None, *,
-                 levels: int = 4, attribute: bool = True, db_reason: str = "no code-page DB") -> None:
+                 levels: int = 4, attribute: bool = True, attribute_known: bool = False,
+                 db_reason: str = "no code-page DB") -> None:
         self.socket_path = socket_path
         self.phys, self.db, self.levels, self.attribute = phys, db, levels, attribute
+        self.attribute_known = attribute_known  # also name the roots of known pages (evaluation: who runs what)
         self.db_reason = db_reason
         self.parser = StreamParser()
         self.hello = ""
@@ -308,6 +310,8 @@ class ArchEventStream:
                     for h in found:
                         seen.setdefault((h.path, h.package, h.version), None)
                     ev.images = [{"path": p, "package": k, "version": v} for p, k, v in list(seen)[:MAX_IMAGES]]
+                    if self.attribute_known:
+                        ev.cr3 = self._attribute(rec.gpa, rec.vaddr)
                 elif self._is_vdso(rec, data):
                     ev.verdict, ev.note = "vdso", "the kernel's vDSO (arch scans check it against the kernel package)"
                 elif rec.vaddr & ~(PAGE_SIZE - 1) == rec.gpa:

@@ -2,10 +2,11 @@
 booted with the archevents TCG plugin, next to the same profile's guest without it.
 
 The stream knows pages, not processes: a truth process counts as seen/identified when its binary's pages were
-executed and identified (exact package version) — per binary, as arch scores before pids are linked — and a
+executed and identified (exact package version), per binary, as arch scores before pids are linked. A
 technique counts as detected when unknown code is attributed (through the page tables) to the technique's
-process or its children; pids come from inspect's cr3 of each task (evaluation only). Masquerading and deleted
-binaries are about names, which the stream never sees: missed, by construction.
+process or its children; a process hidden from the guest's listings counts when any of its code is seen
+running. Pids come from inspect's cr3 of each task (evaluation only). Masquerading and deleted binaries are
+about names, which the stream never sees: missed, by construction.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from nephoscope.service.methods import get_method
 from nephoscope.service.targets import resolve_target
 
 METHOD = "arch-events"
-CODE_TECHNIQUES = ("code-injection", "unpackaged-binary", "trojaned-binary", "fileless-memfd", "preload-hidden")
+CODE_TECHNIQUES = ("code-injection", "unpackaged-binary", "trojaned-binary", "fileless-memfd")
+SEEN_TECHNIQUES = ("preload-hidden",)
 Progress = Callable[[str], None]
 
 
@@ -45,7 +47,7 @@ def read_stream(guest: runner.Guest, settle_s: float = 3.0) -> tuple[list[PageEv
     target = resolve_target(guest.name)
     phys = open_ram(target)
     db, why = open_kb()
-    stream = ArchEventStream(guest.arch_events_socket, phys, db, db_reason=why)
+    stream = ArchEventStream(guest.arch_events_socket, phys, db, attribute_known=True, db_reason=why)
     cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
     try:
         stream.connect()
@@ -85,13 +87,17 @@ def score_stream(events: list[PageEvent], manifest: dict[str, Any], pids: dict[i
             seen += 1
             identified += bool(t["package"]) and (t["package"], t["version"]) in got
     unknown_roots = {c for e in events if e.verdict == "unknown" and e.user for c in e.cr3}
+    running_roots = {c for e in events if e.user for c in e.cr3}
     children = {p["pid"]: p["ppid"] for p in manifest["processes"]}
     techniques = {}
     for tech in manifest.get("techniques", []):
         if tech.get("kind") == "kernel":
             continue
         family = {tech["pid"]} | {c for c, p in children.items() if p == tech["pid"]}
-        hit = tech["id"] in CODE_TECHNIQUES and any(pids.get(pid) in unknown_roots for pid in family)
+        if tech["id"] in SEEN_TECHNIQUES:  # hidden from the guest's listings: detected when its code is seen running
+            hit = any(pids.get(pid) in running_roots for pid in family)
+        else:
+            hit = tech["id"] in CODE_TECHNIQUES and any(pids.get(pid) in unknown_roots for pid in family)
         techniques[tech["id"]] = DETECTED if hit else MISSED
     return seen, identified, techniques
 
