@@ -46,6 +46,7 @@ def test_truncated_stream_is_reported_not_invented() -> None:
 
 def test_malformed_headers_break_the_stream() -> None:
     bad = [rec(1, magic=0xDEADBEEF), rec(9), rec(1, 0x1001, 0, bytes(PAGE)), rec(1, 0x1000, 0, bytes(100)),
+           rec(3, 0x1000, 0, bytes(PAGE), flags=5),
            rec(5, payload=bytes(8)), rec(4, payload=bytes(2000)), rec(1, 0x1000, 0, bytes(PAGE), flags=0x80),
            rec(2, 1 << 60, 0, bytes(PAGE))]
     for data in bad:
@@ -161,3 +162,15 @@ def test_runner_adds_the_plugin_only_when_asked() -> None:
         runner._plugin_args(guest(arch_events=True, accel="kvm"))
     with pytest.raises(LabError, match="ram"):
         runner._plugin_args(guest(arch_events=True, ram="anon"))
+
+
+def test_a_replayed_page_written_since_is_stale_unless_mapped_executable() -> None:
+    p = StreamParser()
+    (r,) = p.feed(rec(3, 0x6000, 0x7F0000001000, bytes(PAGE), flags=3))
+    assert r.written_since and r.has_bytes
+    stream = ArchEventStream(Path("/nonexistent"), None, FakeDb({}))
+    (ev,) = stream.identify([r])
+    assert ev.verdict == "stale" and "no longer code" in ev.note
+    stream._owners = {0x6000: [0x11000]}
+    (ev,) = stream.identify([r])
+    assert ev.verdict == "unknown" and ev.cr3 == [0x11000]

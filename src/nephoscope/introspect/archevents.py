@@ -53,6 +53,8 @@ MAX_LARGE = 2 << 20  # pages of a user large page mapped (a 1 GiB user page is n
 TCG_ONLY = "TCG only: under KVM no QEMU plugin sees guest code; KVM hosts use periodic arch scans and trap"
 LIMIT = ("the plugin sees code as TCG translates it and CPU stores; a page changed by device DMA after it was "
          "executed is seen only if it is executed from a page never executed before")
+STALE_NOTE = ("written since it last ran (before this reader connected) and no address space maps it executable "
+              "now: its bytes are no longer code")
 MAX_QUEUED = 64  # batches (each at most one 1 MiB read) between the socket thread and identification
 VDSO_SONAME = b"linux-vdso.so.1"
 BOOT_NOTE = ("identity-mapped (vaddr = gpa): firmware or early boot code; the 7.2 plugin API gives no privilege "
@@ -69,6 +71,7 @@ class Record:
     time_ns: int
     payload: bytes
     has_bytes: bool
+    written_since: bool = False  # a replayed page stored to after it last ran: its bytes may not be code now
 
     def stats(self) -> dict[str, int]:
         """Return a stats record's counters by name."""
@@ -106,7 +109,8 @@ class StreamParser:
                 break
             kind = KINDS[code]
             payload = bytes(buf[pos + HEADER.size:pos + HEADER.size + length])
-            out.append(Record(kind, gpa, vaddr, time_ns, payload, bool(flags & 1) and length == PAGE_SIZE))
+            out.append(Record(kind, gpa, vaddr, time_ns, payload, bool(flags & 1) and length == PAGE_SIZE,
+                              bool(flags & 2) and kind == "replay"))
             self.records += 1
             pos += HEADER.size + length
         del buf[:pos]
@@ -125,7 +129,7 @@ def _check(magic: int, code: int, flags: int, length: int, gpa: int) -> str:
     kind = KINDS.get(code)
     if kind is None:
         return f"unknown kind {code}"
-    if flags & ~1:
+    if flags & ~3:
         return f"unknown flags {flags:#x}"
     if length > MAX_PAYLOAD[kind]:
         return f"{kind} payload of {length} bytes (limit {MAX_PAYLOAD[kind]})"
@@ -138,7 +142,7 @@ def _check(magic: int, code: int, flags: int, length: int, gpa: int) -> str:
 
 @dataclass(slots=True)
 class PageEvent:
-    """One executed page, identified: `verdict` known/unknown/kernel/vdso/boot/unreadable/unverifiable."""
+    """One executed page, identified: `verdict` known/unknown/kernel/vdso/boot/stale/unreadable/unverifiable."""
 
     kind: str  # first, written (executed after a store to it), replay (executed before the reader connected)
     gpa: int
@@ -316,9 +320,11 @@ class ArchEventStream:
                     ev.verdict, ev.note = "vdso", "the kernel's vDSO (arch scans check it against the kernel package)"
                 elif rec.vaddr & ~(PAGE_SIZE - 1) == rec.gpa:
                     ev.verdict, ev.note = "boot", BOOT_NOTE
-                elif self.attribute:
+                elif self.attribute or rec.written_since:
                     ev.cr3 = self._attribute(rec.gpa, rec.vaddr)
-                    if not ev.cr3:
+                    if not ev.cr3 and rec.written_since:
+                        ev.verdict, ev.note = "stale", STALE_NOTE
+                    elif not ev.cr3:
                         ev.note = "no address space in RAM maps it now (the process may have exited)"
             self.counts[ev.verdict] = self.counts.get(ev.verdict, 0) + 1
             out.append(ev)
@@ -350,10 +356,8 @@ class ArchEventStream:
     def _attribute(self, gpa: int, vaddr: int) -> list[int]:
         """Return the roots whose user tables map `gpa` executable (any vaddr: shared code sits at different
         addresses per process), rebuilding the reverse map of RAM's roots when it has not got `gpa` (rate-limited)."""
-        if self.phys is None:
-            return []
         found = self._owners.get(gpa, [])
-        if not found and time.monotonic() - self._roots_at > 1.0 / MAX_ROOT_SCANS_PER_S:
+        if not found and self.phys is not None and time.monotonic() - self._roots_at > 1.0 / MAX_ROOT_SCANS_PER_S:
             self._rescan()
             found = self._owners.get(gpa, [])
         return list(found)

@@ -18,7 +18,7 @@
  * Wire format (little-endian): a 40-byte header {u32 magic "NPAE", u8 kind, u8 flags, u16 reserved,
  * u32 length, u32 reserved, u64 gpa, u64 vaddr, u64 time_ns} followed by `length` payload bytes.
  * Kinds: 1 first execution, 2 execution after a write, 3 replay (a page executed before this reader
- * connected and not written since), 4 hello (text), 5 stats (8 x u64), 6 replay done. One reader at a time: a new connection
+ * connected; flag bit 1 when written since), 4 hello (text), 5 stats (8 x u64), 6 replay done. One reader at a time: a new connection
  * replaces the old one. The reader may send 's' to ask for a stats record.
  */
 #define _GNU_SOURCE
@@ -50,7 +50,7 @@ enum { ST_NEVER = 0, ST_EXEC = 1, ST_WRITTEN = 2 };
 struct record {
     uint32_t magic;
     uint8_t kind;
-    uint8_t flags; /* bit 0: the payload is the page's bytes */
+    uint8_t flags; /* bit 0: the payload is the page's bytes; bit 1 (replay): written since it ran */
     uint16_t reserved0;
     uint32_t length;
     uint32_t reserved1;
@@ -177,11 +177,11 @@ static void send_record(uint8_t kind, uint64_t gpa, uint64_t vaddr, const void *
     n_sent++;
 }
 
-static void send_page(uint8_t kind, uint64_t page, uint64_t vaddr)
+static void send_page(uint8_t kind, uint64_t page, uint64_t vaddr, uint8_t flags)
 {
     const uint8_t *host = ram_host + (page << PAGE_SHIFT) - ram_file_offset;
     send_record(kind, page << PAGE_SHIFT, vaddr, send_bytes ? host : NULL, send_bytes ? PAGE_SIZE : 0,
-                send_bytes ? 1 : 0);
+                flags | (send_bytes ? 1 : 0));
 }
 
 static void send_stats(void)
@@ -213,7 +213,7 @@ static void check_insn(struct qemu_plugin_insn *insn)
         } else {
             n_first++;
         }
-        send_page(s == ST_WRITTEN ? EV_WRITTEN : EV_FIRST, page, vaddr);
+        send_page(s == ST_WRITTEN ? EV_WRITTEN : EV_FIRST, page, vaddr, 0);
     }
     pthread_mutex_unlock(&lock);
 }
@@ -273,9 +273,9 @@ static void greet(void)
                        track_writes, send_bytes);
     send_record(EV_HELLO, 0, 0, hello, (uint32_t)len, 0);
     for (uint64_t page = 0; page < n_pages && client_fd >= 0; page++) {
-        if (state[page] == ST_EXEC) { /* written since: its bytes are no longer the code that ran */
+        if (state[page] != ST_NEVER) { /* flag 2: written since it ran, the bytes may not be that code */
             n_replayed++;
-            send_page(EV_REPLAY, page, page_vaddr[page]);
+            send_page(EV_REPLAY, page, page_vaddr[page], state[page] == ST_WRITTEN ? 2 : 0);
         }
     }
     send_record(EV_REPLAY_DONE, 0, 0, NULL, 0, 0);
