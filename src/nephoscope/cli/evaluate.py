@@ -14,8 +14,8 @@ from nephoscope.service.methods import default_methods
 
 
 def evaluate(
-    methods: str = typer.Option("", "--methods", "-m",
-                                help="comma-separated methods (default: all but trap, with driver)"),
+    methods: str = typer.Option("", "--methods", "-m", help="comma-separated methods (default: all but trap, "
+                                "plus driver and arch-events: the TCG plugin's event stream)"),
     profiles: str = typer.Option("clean,tampered", "--profiles", help="lab profiles to boot and score"),
     out: Path = typer.Option(Path("evaluation"), "--out", "-o", help="directory for evaluation.md and .png"),
     slowdown: bool = typer.Option(True, "--slowdown/--no-slowdown", help="measure guest slowdown (slow)"),
@@ -25,7 +25,7 @@ def evaluate(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Run every method on the clean and tampered lab guests; write Markdown and a PNG chart."""
-    chosen = [m.strip() for m in methods.split(",") if m.strip()] or [*default_methods(), "driver"]
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] or [*default_methods(), "driver", "arch-events"]
     try:
         with progress("evaluate", quiet=json_out) as log:
             scores = run_evaluation(chosen, tuple(p.strip() for p in profiles.split(",") if p.strip()),

@@ -59,6 +59,9 @@ def up(
     json_out: bool = typer.Option(False, "--json", help="print the guest description as JSON"),
     libvirt: bool = typer.Option(False, "--libvirt",
                                  help="boot it as a transient libvirt TCG domain (plain RAM, agent via libvirt)"),
+    arch_events: bool = typer.Option(False, "--arch-events",
+                                     help="load the archevents TCG plugin (first execution of every code page; "
+                                          "bare QEMU + TCG only; docs/arch-events.md)"),
 ) -> None:
     """Build if needed and boot a guest; return once its init reports ready (manifest written)."""
     started = time.monotonic()
@@ -70,7 +73,7 @@ def up(
         with progress(f"lab up {name}", quiet=json_out) as log:
             image = build_image(load_profile(profile), kernel, log)
             guest = runner.start(name, image, mem=mem, smp=smp, kaslr=kaslr, accel=accel, cpu=cpu,
-                                 http_port=http_port, gdb_port=gdb_port, progress=log)
+                                 http_port=http_port, gdb_port=gdb_port, progress=log, arch_events=arch_events)
     except NephoscopeError as exc:
         fail(exc)
     info = _describe(guest)
@@ -143,7 +146,7 @@ def _describe(guest: runner.Guest) -> dict[str, object]:
         "ram": str(guest.ram_path), "gdb": f"127.0.0.1:{guest.gdb_port}",
         "http": f"http://127.0.0.1:{guest.http_port}/", "ssh": f"127.0.0.1:{guest.ssh_port}",
         "manifest": str(guest.manifest_path),
-    }
+    } | ({"arch_events": str(guest.arch_events_socket)} if guest.arch_events else {})
 
 
 @app.command("down")

@@ -73,6 +73,9 @@ def watch(
     stop: bool = typer.Option(False, "--stop", help="only remove every breakpoint and resume the VM, then exit"),
     no_identify: bool = typer.Option(False, "--no-identify",
                                      help="do not identify exec'd code via the code-page DB (no identity records)"),
+    arch: bool = typer.Option(False, "--arch", help="stream the archevents plugin's executed pages instead of "
+                              "trapping (unknown code as it first runs; TCG guests started with --arch-events)"),
+    all_pages: bool = typer.Option(False, "--all", help="with --arch: print every page, not only unknown ones"),
 ) -> None:
     """Trap exec/exit/module-load in the guest kernel and stream each event (pauses the VM per event)."""
     stopping: list[int] = []
@@ -83,6 +86,11 @@ def watch(
     # installed before detection: a signal while the model loads must not leave a traceback either
     previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
     try:
+        if arch:
+            from nephoscope.cli.watch_arch import watch_arch
+
+            watch_arch(vm, json_out, duration, all_pages, stopping)
+            return
         _watch(vm, events, json_out, duration, budget, no_store, stop, no_identify, stopping)
     finally:
         for sig, handler in previous.items():

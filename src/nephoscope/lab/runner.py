@@ -99,6 +99,8 @@ class Guest(GuestFiles):
     ram: str = "file"  # file (shared /dev/shm file), anon (plain -m) or memfd (memory-backend-memfd)
     tap: str = ""  # tap networking: the host's tap device (QEMU opens it; "" = user networking with hostfwd)
     netns: str = ""  # the network namespace QEMU runs in (holding the tap), "" = the host's
+    arch_events: bool = False  # started with the archevents TCG plugin (docs/arch-events.md)
+    arch_events_writes: bool = True  # the plugin tracks stores (executed-after-written events); off: cheaper
 
     @property
     def directory(self) -> Path:
@@ -115,6 +117,11 @@ class Guest(GuestFiles):
     @property
     def console_socket(self) -> Path:
         return self.directory / "console.sock"
+
+    @property
+    def arch_events_socket(self) -> Path:
+        """Return the archevents plugin's listening socket (present only for guests started with it)."""
+        return self.directory / "archevents.sock"
 
     @property
     def ram_path(self) -> Path | None:
@@ -267,12 +274,29 @@ def qemu_command(guest: Guest, image: Image) -> list[str]:
                     f"hostfwd=tcp:127.0.0.1:{guest.ssh_port}-:22"),
         "-device", "e1000,netdev=net0",
         "-pidfile", str(d / "qemu.pid"),
+        *_plugin_args(guest),
     ]
 
 
 def launch_argv(guest: Guest, argv: list[str]) -> list[str]:
     """Return `argv` run inside the guest's network namespace when it has one (`ip netns exec` execs QEMU)."""
     return ["ip", "netns", "exec", guest.netns, *argv] if guest.netns else argv
+
+
+def _plugin_args(guest: Guest) -> list[str]:
+    """Return `-plugin` for the archevents TCG plugin (TCG with a file or memfd RAM backend only)."""
+    if not guest.arch_events:
+        return []
+    if guest.accel != "tcg":
+        raise LabError("--arch-events needs TCG (a QEMU plugin sees only translated code; KVM hosts use periodic "
+                       "arch scans and trap)")
+    if guest.ram not in ("file", "memfd"):
+        raise LabError("--arch-events needs --ram file or memfd (the plugin finds guest RAM by its mapping)")
+    from nephoscope.lab.plugin import build_plugin
+
+    ram = str(guest.ram_path) if guest.ram == "file" else "memfd:ram0"
+    writes = "on" if guest.arch_events_writes else "off"
+    return ["-plugin", f"{build_plugin()},sock={guest.arch_events_socket},ram={ram},writes={writes}"]
 
 
 def check_name(name: str) -> None:
@@ -284,7 +308,8 @@ def check_name(name: str) -> None:
 def start(name: str, image: Image, *, mem: str | None = None, smp: int = 1, kaslr: bool = True,
           accel: str = "tcg", cpu: str = "qemu64", http_port: int | None = None, gdb_port: int | None = None,
           timeout: float | None = None, progress: Progress = lambda _m: None, ram: str = "file",
-          gdb: bool = True, tap: str = "", netns: str = "") -> Guest:
+          gdb: bool = True, tap: str = "", netns: str = "", arch_events: bool = False,
+          arch_events_writes: bool = True) -> Guest:
     """Boot `image` as guest `name`, wait until its init reports ready, and write its manifest.
 
     `mem` None takes the profile's default (512M; disk profiles 1G); `timeout` None waits 180 s for an
@@ -295,7 +320,9 @@ def start(name: str, image: Image, *, mem: str | None = None, smp: int = 1, kasl
     "hugetlb" (memfd on 2 MiB huge pages from vm.nr_hugepages);
     `gdb` False starts no gdbstub (trap/watch then start one on demand through the monitor);
     `tap` attaches the guest's NIC to that existing tap device (in `netns`, where QEMU then runs) instead of
-    user networking: the guest gets no DHCP there, so the caller configures its address (`set_address`)."""
+    user networking: the guest gets no DHCP there, so the caller configures its address (`set_address`).
+    `arch_events` loads the archevents TCG plugin (its socket: `Guest.arch_events_socket`), tracking stores
+    unless `arch_events_writes` is false."""
     check_name(name)
     if ram not in RAM_KINDS:
         raise LabError(f"--ram must be one of {', '.join(RAM_KINDS)}, not {ram!r}")
@@ -313,7 +340,8 @@ def start(name: str, image: Image, *, mem: str | None = None, smp: int = 1, kasl
     ssh = _free_port()
     guest = Guest(name=name, profile=image.meta["profile"], pid=0, mem_mib=mem_mib, smp=smp, kaslr=kaslr,
                   accel=accel, cpu=cpu, gdb_port=gdb_at, http_port=http, ssh_port=ssh,
-                  image=str(image.directory), started=time.time(), ram=ram, tap=tap, netns=netns)
+                  image=str(image.directory), started=time.time(), ram=ram, tap=tap, netns=netns,
+                  arch_events=arch_events, arch_events_writes=arch_events_writes)
     try:
         guest.directory.mkdir(parents=True, exist_ok=False)
     except FileExistsError as exc:

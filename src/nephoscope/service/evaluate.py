@@ -319,7 +319,12 @@ def evaluate(methods: list[str], profiles: tuple[str, ...] = ("clean", "tampered
                 problem = ensure_kernel_code(guest.manifest(), progress)
                 if problem:
                     progress(f"kernel code of {profile} not in the KB, so not verified: {problem}")
-            scores += score_guest(guest, [m for m in methods if m != "driver"], slowdown=slowdown, progress=progress)
+            registry = [m for m in methods if m not in ("driver", "arch-events")]
+            scores += score_guest(guest, registry, slowdown=slowdown, progress=progress)
+            if "arch-events" in methods:  # a stream, not a registry method: its own guest with the TCG plugin
+                from nephoscope.service.evaluate_archevents import score_arch_events
+
+                scores.append(score_arch_events(profile, guest, slowdown=slowdown, keep=keep, progress=progress))
             if "driver" in methods:  # last: nphdrv is loaded for its own measurement only, then removed
                 from nephoscope.service.driver_eval import score_driver
 
