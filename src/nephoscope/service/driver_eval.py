@@ -21,7 +21,13 @@ from nephoscope.core.records import Finding
 from nephoscope.hypervisor.qga import GuestAgent
 from nephoscope.lab import runner
 from nephoscope.lab.driverload import build_driver, driver_loaded, load_driver, manifest_kernel, unload_driver
-from nephoscope.service.evaluate import MethodScore, score_power, score_techniques, truth_processes
+from nephoscope.service.evaluate import (
+    MethodScore,
+    score_power,
+    score_techniques,
+    timed_guest_script,
+    truth_processes,
+)
 from nephoscope.service.scan import ScanResult, run_scan
 from nephoscope.service.targets import resolve_target
 from nephoscope.store.sqlite import Store
@@ -36,13 +42,7 @@ SHORT = ["/bin/busybox", "sleep", "0.05"]
 
 def exec_loop(agent: GuestAgent, n: int = EXEC_LOOP) -> tuple[float, float]:
     """Run `n` execs of /bin/true in the guest; return (in-guest seconds, host-observed seconds)."""
-    started = time.monotonic()
-    code, out, err = agent.exec(["/bin/sh", "-c", EXEC_SCRIPT.format(n=n)], timeout=1800)
-    wall = time.monotonic() - started
-    if code != 0:
-        raise ConnectorError(f"guest exec loop failed: {err[:200]!r}")
-    a, b = (float(x) for x in out.split()[:2])
-    return b - a, wall
+    return timed_guest_script(agent, EXEC_SCRIPT.format(n=n), timeout=1800)
 
 
 def run_short(agent: GuestAgent, timeout: float = 60) -> int:

@@ -219,12 +219,20 @@ def identified_as(result: ScanResult, binary_name: str) -> set[int]:
 
 def guest_cpu_loop(agent: GuestAgent, n: int = BENCH_LOOP) -> tuple[float, float]:
     """Run a CPU-bound shell loop in the guest; return (in-guest seconds, host-observed seconds)."""
+    return timed_guest_script(agent, BENCH_SCRIPT.format(n=n), timeout=300)
+
+
+def timed_guest_script(agent: GuestAgent, script: str, timeout: float) -> tuple[float, float]:
+    """Run a shell `script` that echoes two /proc/uptime readings; return (in-guest seconds, host seconds)."""
     start = time.monotonic()
-    code, out, err = agent.exec(["/bin/sh", "-c", BENCH_SCRIPT.format(n=n)], timeout=300)
+    code, out, err = agent.exec(["/bin/sh", "-c", script], timeout=timeout)
     wall = time.monotonic() - start
     if code != 0:
         raise ConnectorError(f"guest benchmark failed: {err[:200]!r}")
-    s, e = (float(x) for x in out.split()[:2])
+    try:
+        s, e = (float(x) for x in out.split()[:2])
+    except ValueError:
+        raise ConnectorError(f"guest benchmark printed no two uptimes: {out[:200]!r}") from None
     return e - s, wall
 
 

@@ -10,33 +10,14 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from nephoscope.analysis.vulnerable import Owner
 from nephoscope.core.errors import NephoscopeError
 from nephoscope.core.records import Observation
 from nephoscope.response import engine
 from nephoscope.response.engine import FilterChange, FilterPlan
 from nephoscope.response.nft import FilterError, VmNet
 from nephoscope.response.policy import Mitigation, load_policy
+from nephoscope.service.report import kb_owner
 from nephoscope.store.sqlite import Store
-
-
-def kb_owner() -> Owner | None:
-    """Return a guest path -> binary package lookup from the code-page DB, or None when there is none."""
-    from nephoscope.knowledge.binaries import CodePageDB, default_path
-
-    if not default_path().exists():
-        return None
-    try:
-        db = CodePageDB.open()
-        owners: dict[str, str] = {}
-        for _id, path, package, _v in db.find_files():
-            owners[path] = package
-            if path.startswith(("/bin/", "/sbin/", "/lib/", "/lib64/")):  # merged /usr in the guest
-                owners["/usr" + path] = package
-        db.close()
-    except NephoscopeError:
-        return None
-    return owners.get
 
 
 def policy(paths: list[Path] | None = None) -> dict[str, Mitigation]:
