@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nephoscope.core.errors import GuestDataError, KnowledgeError, MemoryAccessError
+from nephoscope.core.errors import GuestDataError, KnowledgeError, MemoryAccessError, NephoscopeError
 from nephoscope.introspect.interp.php_layout import LAYOUTS
 
 if TYPE_CHECKING:
@@ -465,7 +465,10 @@ def inspect_process(read: Read, exe: str, vmas: Sequence[object],
     else:
         return PhpState().fail(f"{binary}: build id unreadable ({'; '.join(problems)})")
     bias = base - delta
-    build = lookup(build_id, package, binary)
+    try:
+        build = lookup(build_id, package, binary)
+    except NephoscopeError as exc:  # a lookup that cannot run (no KB, no apt) is a reason, not a crash
+        return PhpState().fail(f"{binary} build {build_id}: the build lookup failed ({exc})")
     if build is None:
         return PhpState().fail(f"{binary} build {build_id} is no Debian {package} build nephoscope can fetch")
     return read_state(read, build, bias)
