@@ -166,8 +166,7 @@ class BuildCache:
 
     def save(self) -> None:
         """Write the records (merged with valid ones another process added meanwhile); best effort, atomic."""
-        merged = {**{k: v for k, v in BuildCache(self.path.name, self.valid, self.path).entries.items()},
-                  **self.entries}
+        merged = {**BuildCache(self.path.name, self.valid, self.path).entries, **self.entries}
         tmp = ""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
