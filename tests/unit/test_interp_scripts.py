@@ -98,3 +98,47 @@ def test_interp_profile_loads_and_wheels_need_a_pin(tmp_path: Path) -> None:
                    'output = "/usr/local/bin/py-spy"\n')
     with pytest.raises(ProfileError, match="pinned"):
         load_profile(str(bad))
+
+
+def _jar(manifest: str | None, extra: dict[str, bytes] | None = None) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as jar:
+        if manifest is not None:
+            jar.writestr("META-INF/MANIFEST.MF", manifest)
+        for name, data in (extra or {"demo/Main.class": b"\xca\xfe\xba\xbe" + bytes(64)}).items():
+            jar.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_an_unknown_jar_is_shown_by_its_manifest_not_its_zip_bytes() -> None:
+    from nephoscope.introspect.interp.files import head_of
+
+    manifest = ("Manifest-Version: 1.0\r\nCreated-By: 17.0.13 (Debian)\r\nMain-Class: demo.Main\r\n"
+                "Implementation-Title: demo \x1b[31mservice\r\nImplementation-Version: 1.2\r\n"
+                "Class-Path: lib/a.jar\r\n\r\nName: demo/Main.class\r\nMain-Class: not.the.main.Section\r\n")
+    assert head_of("/opt/javasvc/app.jar", _jar(manifest)) == [
+        "META-INF/MANIFEST.MF:", "Main-Class: demo.Main", "Implementation-Title: demo \\x1b[31mservice",
+        "Implementation-Version: 1.2", "Created-By: 17.0.13 (Debian)"]
+    assert head_of("/opt/x.war", _jar("Manifest-Version: 1.0\r\n\r\n")) == [
+        "(a zip archive; its manifest has none of Main-Class, Implementation-Title, Implementation-Version, "
+        "Created-By)"]
+    assert head_of("/opt/x.jar", _jar(None)) == ["(a zip archive; no manifest to show: the jar has no "
+                                                 "META-INF/MANIFEST.MF)"]
+    broken = head_of("/opt/x.jar", b"PK\x03\x04\x1b[2J" + bytes(100))
+    assert len(broken) == 1 and broken[0].startswith("(a zip archive; no manifest to show: the jar does not parse")
+    assert "\x1b" not in broken[0]
+    # a damaged manifest entry (CRC-32 mismatch) is not shown
+    good = _jar("Main-Class: demo.Main\r\n", {"demo/A.class": b"x"})
+    at = good.index(b"Main-Class") if b"Main-Class" in good else -1
+    if at >= 0:  # stored uncompressed only when deflate does not pay; otherwise flip a byte of the deflated data
+        damaged = good[:at] + b"N" + good[at + 1:]
+    else:
+        start = good.index(b"META-INF/MANIFEST.MF") + len("META-INF/MANIFEST.MF")
+        damaged = good[:start + 2] + bytes([good[start + 2] ^ 0xFF]) + good[start + 3:]
+    shown = head_of("/opt/x.jar", damaged)
+    assert len(shown) == 1 and "no manifest to show" in shown[0]
+    # other scripts keep their first lines, escaped
+    assert head_of("/opt/w.py", b"#!/usr/bin/python3\n\x1b[31mx = 1\n") == ["#!/usr/bin/python3", "\\x1b[31mx = 1"]

@@ -66,6 +66,8 @@ def scripts(vm: str = VM_ARG, json_out: bool = typer.Option(False, "--json", hel
         if files:
             for f in p.files:
                 console.print(Text(f"  pid {p.result.pid} {escape_guest(f.path)}: {f.label or f.reason}"))
+                for line in f.head:  # escaped already: first lines, or a jar's manifest attributes
+                    console.print(Text(f"      | {line}"))
     for finding in report.findings:
         console.print(Text(f"[{finding.severity}] {finding.kind}: {finding.title}"))
         for line in finding.evidence[0].get("head", []):

@@ -28,7 +28,7 @@ from nephoscope.knowledge.elfpages import ElfPages, PageInfo
 if TYPE_CHECKING:
     from nephoscope.knowledge.kernelpkg import KernelStore
 
-__all__ = ["CodePageDB", "KbStats", "PackageMeta", "PageHit", "PageInfo", "default_path"]
+__all__ = ["CodePageDB", "KbStats", "PackageMeta", "PageHit", "PageInfo", "default_path", "files_with_build_id"]
 
 DIGEST_SIZE = 32
 _SCHEMA = """
@@ -51,6 +51,22 @@ CREATE INDEX IF NOT EXISTS pages_file ON pages(file_id);
 def default_path() -> Path:
     """Return the KB path: NEPHOSCOPE_KB, else `cache_root()/kb.sqlite`."""
     return Path(os.environ.get("NEPHOSCOPE_KB") or cache_root() / "kb.sqlite")
+
+
+def files_with_build_id(build_id: str, path: Path | None = None) -> list[tuple[str, str, str]]:
+    """Return (file path, package, version) of every KB file with GNU build id `build_id` ([] without a KB).
+
+    Opens the KB read-only (no schema set-up, no write lock), so a lookup never waits on an ingest."""
+    path = Path(path) if path is not None else default_path()
+    if not path.is_file():
+        return []
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)) as conn:
+            rows = conn.execute("SELECT f.path, p.name, p.version FROM files f JOIN packages p ON p.id = f.package_id "
+                                "WHERE f.build_id = ? ORDER BY p.version DESC", (build_id,)).fetchall()
+    except sqlite3.Error as exc:
+        raise KnowledgeError(f"cannot read the code-page DB {path}: {exc}") from exc
+    return [(str(a), str(b), str(c)) for a, b, c in rows]
 
 
 def _signed(v: int) -> int:

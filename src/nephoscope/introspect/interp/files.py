@@ -28,6 +28,8 @@ from nephoscope.knowledge.scripts import SCRIPT_SUFFIXES, KnownScript, ScriptDB,
 MAX_SCRIPT_BYTES = 8 << 20
 HEAD_LINES, HEAD_CHARS = 5, 160
 MAX_STACK = 64
+ARCHIVE_SUFFIXES = (".jar", ".war")  # zip archives: shown by their manifest, not their first bytes
+MANIFEST_KEYS = ("Main-Class", "Implementation-Title", "Implementation-Version", "Created-By")
 _BAD = (MemoryAccessError, GuestDataError)
 DIST = re.compile(r"/(?:dist|site)-packages/([^/]+)/")
 KNOWN, UNKNOWN, MODIFIED, UNVERIFIABLE = "known", "unknown", "modified", "unverifiable"
@@ -43,7 +45,8 @@ class ScriptFile:
     sha256: str = ""
     size: int = 0
     known: list[KnownScript] = field(default_factory=list)
-    head: list[str] = field(default_factory=list)  # first lines, escaped (unknown and modified files)
+    # first lines (a jar: its manifest's main attributes), escaped (unknown and modified files)
+    head: list[str] = field(default_factory=list)
 
     @property
     def verdict(self) -> Verdict:
@@ -84,9 +87,29 @@ class InterpProcess:
         return {**self.result.to_dict(), "files": [f.to_dict() for f in self.files]}
 
 
-def _head(data: bytes) -> list[str]:
+def head_of(path: str, data: bytes) -> list[str]:
+    """Return what shows a file: its first lines, or a jar's manifest attributes (all escaped)."""
+    if path.endswith(ARCHIVE_SUFFIXES):
+        return _manifest_head(data)
     text = data[:HEAD_LINES * HEAD_CHARS * 2].decode("utf-8", "backslashreplace")
     return [escape_guest(line, HEAD_CHARS) for line in text.splitlines()[:HEAD_LINES]]
+
+
+def _manifest_head(data: bytes) -> list[str]:
+    """Return "META-INF/MANIFEST.MF:" and the manifest's main attributes, or why there are none to show.
+
+    A jar's first lines are zip bytes; its manifest says what it is. `data` is the whole file as read from
+    the page cache (the CRC-32 of the manifest entry is checked).
+    """
+    from nephoscope.introspect.interp.java import read_manifest
+
+    manifest, problem = read_manifest(data, (), len(data))
+    if problem:
+        return [escape_guest(f"(a zip archive; no manifest to show: {problem})", HEAD_CHARS)]
+    shown = [f"{key}: {manifest[key]}" for key in MANIFEST_KEYS if manifest.get(key)]
+    if not shown:
+        return ["(a zip archive; its manifest has none of " + ", ".join(MANIFEST_KEYS) + ")"]
+    return ["META-INF/MANIFEST.MF:", *(escape_guest(line, HEAD_CHARS) for line in shown)]
 
 
 def read_script(k: Any, root: int, path: str, db: ScriptDB | None, cache_tag: str = "") -> ScriptFile:
@@ -133,10 +156,10 @@ def _read_one(k: Any, root: int, path: str, db: ScriptDB | None) -> ScriptFile:
     shipping = db.shipping(path) if db is not None else []
     if shipping:
         return ScriptFile(path, MODIFIED, f"{shipping[0].package} {shipping[0].version} ships this path with "
-                          "other bytes", digest, cached.size, [], _head(cached.data))
+                          "other bytes", digest, cached.size, [], head_of(path, cached.data))
     if outside_packages(path):
         return ScriptFile(path, UNKNOWN, "its sha256 is in no known package, and Debian packages never install "
-                          "there", digest, cached.size, [], _head(cached.data))
+                          "there", digest, cached.size, [], head_of(path, cached.data))
     return ScriptFile(path, UNVERIFIABLE, "its sha256 is in no ingested package (ingest the guest's packages: "
                       "nephoscope scripts --ingest PKG=VERSION)" if db is not None else "no script-hash DB",
                       digest, cached.size)

@@ -15,7 +15,6 @@ a `problem`, never a made-up frame. Addresses are user gvas of the process. Noth
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nephoscope.core.errors import GuestDataError, KnowledgeError, MemoryAccessError, NephoscopeError
-from nephoscope.core.paths import cache_root
 from nephoscope.introspect.interp.php_layout import LAYOUTS
 
 if TYPE_CHECKING:
@@ -205,52 +203,41 @@ def build_from_elf(path: Path, package: str, version: str, binary: str) -> PhpBu
                     *syms["executor_globals"], *syms["sapi_globals"])
 
 
-def _builds_file() -> Path:
-    return cache_root() / "interp" / "php-builds.json"
+def _valid_build(build_id: str, record: dict[str, object]) -> bool:
+    """Return whether a cached record is a PhpBuild of `build_id`."""
+    build = PhpBuild(**record)  # type: ignore[arg-type]
+    return build.build_id == build_id and all(isinstance(getattr(build, f), int) for f in (
+        "api", "executor_globals", "executor_globals_size", "sapi_globals", "sapi_globals_size"))
 
 
 def find_build(build_id: str, package: str, binary: str, versions: Sequence[str] | None = None) -> PhpBuild | None:
     """Return the Debian build of `package` whose `binary` has `build_id` (cached; downloads .debs), or None.
 
-    `versions`: the package versions to try (default: every version apt knows). Host only, no guest access.
+    `versions`: the package versions to try (default: the KB's record of the file, then every version apt
+    knows). Every build seen on the way is cached in <cache>/interp/php-builds.json, so an unknown build
+    id costs no new downloads next time. Host only, no guest access.
     """
-    known = _builds_file()
-    try:
-        table = json.loads(known.read_text()) if known.exists() else {}
-    except (OSError, ValueError):
-        table = {}
-    if build_id in table:
-        try:
-            return PhpBuild(**table[build_id])
-        except TypeError:
-            pass
-    from nephoscope.knowledge.debian import archive
+    from nephoscope.introspect.interp import builds
 
-    if versions is None:
-        try:
-            versions = archive.available_versions(package)
-        except NephoscopeError:
-            return None
-    debs = cache_root() / "debs"
-    found = None
-    for version in versions:
-        if any(b.get("package") == package and b.get("version") == version for b in table.values()):
-            continue  # this version's build is known already and is not the one asked for
-        try:
-            root = archive.unpack(archive.download(package, version, debs), cache_root() / "unpacked") / "root"
-            build = build_from_elf(root / binary.lstrip("/"), package, version, binary)
-        except NephoscopeError:
-            continue
-        table[build.build_id] = asdict(build)
-        if build.build_id == build_id:
-            found = build
-            break
-    try:  # every build seen is remembered, so an unknown build id costs no new downloads next time
-        known.parent.mkdir(parents=True, exist_ok=True)
-        known.write_text(json.dumps(table, indent=1, sort_keys=True))
-    except OSError:
-        pass
-    return found
+    cache = builds.BuildCache("php-builds.json", _valid_build)
+    record = cache.get(build_id)
+    if record is not None:
+        return PhpBuild(**record)
+    if builds.failure(cache, package, binary, build_id) is not None:
+        return None  # tried in vain earlier in this run
+
+    def identify(version: str, path: Path) -> str:
+        build = build_from_elf(path, package, version, binary)
+        cache.put(build.build_id, asdict(build))
+        return build.build_id
+
+    search = builds.find_debian_version(build_id, package, binary, versions=versions,
+                                        skip=cache.versions(package), identify=identify)
+    cache.save()
+    if search.version is None:
+        builds.remember_failure(cache, package, binary, build_id, search.why(build_id, package, binary))
+        return None
+    return PhpBuild(**cache.entries[build_id])
 
 
 # --- the engine state --------------------------------------------------------------------------------
@@ -478,7 +465,10 @@ def inspect_process(read: Read, exe: str, vmas: Sequence[object],
     else:
         return PhpState().fail(f"{binary}: build id unreadable ({'; '.join(problems)})")
     bias = base - delta
-    build = lookup(build_id, package, binary)
+    try:
+        build = lookup(build_id, package, binary)
+    except NephoscopeError as exc:  # a lookup that cannot run (no KB, no apt) is a reason, not a crash
+        return PhpState().fail(f"{binary} build {build_id}: the build lookup failed ({exc})")
     if build is None:
         return PhpState().fail(f"{binary} build {build_id} is no Debian {package} build nephoscope can fetch")
     return read_state(read, build, bias)

@@ -6,6 +6,11 @@ build id). `offsets_from_dwarf` reads the members the reader needs from it (pyel
 stored in `py_offsets.json`, keyed by build id, with the package and version they belong to. A test
 regenerates the table from the dbg package and compares. Regenerate with
 `python -m nephoscope.introspect.interp.pyoffsets DEBUGFILE PACKAGE VERSION`.
+
+A build the table lacks is derived on demand (`find_offsets`): the Debian version whose binary has that
+build id is found (builds.find_debian_version: the KB's record of the file, else every version apt
+offers), that version's dbg package is downloaded and the offsets are read from the debug file of exactly
+that build id; the result is cached in `<cache>/interp/py-builds.json` (validated on load). Host only.
 """
 
 from __future__ import annotations
@@ -45,6 +50,14 @@ WANTED_311: dict[str, list[str]] = {
 }
 SYMBOLS_311 = ("_PyRuntime", "PyCode_Type", "PyUnicode_Type", "PyBytes_Type", "PyDict_Type", "PyModule_Type",
                "PyLong_Type")
+# the Debian CPython binaries whose builds can be derived on demand: binary -> (its package, the dbg package
+# with the detached debug file of the same build)
+DEBIAN_BINARIES: dict[str, tuple[str, str]] = {
+    "/usr/bin/python3.11": ("python3.11-minimal", "python3.11-dbg"),
+    "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0": ("libpython3.11", "libpython3.11-dbg"),
+}
+BUILDS_CACHE = "py-builds.json"
+MAX_OFFSET = 1 << 24
 MODIFIERS = {"DW_TAG_typedef", "DW_TAG_const_type", "DW_TAG_volatile_type", "DW_TAG_atomic_type"}
 
 
@@ -122,10 +135,99 @@ def offsets_from_dwarf(debug_file: Path, wanted: dict[str, list[str]] = WANTED_3
         for struct, members in wanted.items():
             out[f"sizeof.{struct}"] = int(dies[struct].attributes["DW_AT_byte_size"].value)
             for member in members:
-                bit = member in ("PyASCIIObject.state.kind",) or member.startswith("state.")
-                value = _resolve(dies[struct], member)
-                out[f"{struct}.{member}" + ("@bit" if bit else "")] = value
+                out[_key(struct, member)] = _resolve(dies[struct], member)
         return out
+
+
+def _key(struct: str, member: str) -> str:
+    bit = member in ("PyASCIIObject.state.kind",) or member.startswith("state.")
+    return f"{struct}.{member}" + ("@bit" if bit else "")
+
+
+def offset_keys(wanted: dict[str, list[str]] = WANTED_311) -> set[str]:
+    """Return the keys `offsets_from_dwarf(..., wanted)` produces."""
+    return {f"sizeof.{s}" for s in wanted} | {_key(s, m) for s, members in wanted.items() for m in members}
+
+
+def valid_entry(build_id: str, entry: Any) -> bool:
+    """Return whether `entry` is a complete table entry for `build_id`: names, and every offset the reader needs."""
+    offsets = entry.get("offsets")
+    return (entry.get("build_id", build_id) == build_id and isinstance(entry.get("package"), str)
+            and isinstance(entry.get("version"), str) and entry.get("python") == "3.11"
+            and isinstance(offsets, dict) and set(offsets) == offset_keys()
+            and all(type(v) is int and 0 <= v < MAX_OFFSET for v in offsets.values()))
+
+
+def builds_path() -> Path:
+    """Return the cache of builds derived on demand: <cache>/interp/py-builds.json."""
+    from nephoscope.core.paths import cache_root
+
+    return cache_root() / "interp" / BUILDS_CACHE
+
+
+def find_offsets(build_id: str, binary: str) -> tuple[dict[str, Any] | None, str]:
+    """Return (table entry, "") for the Debian CPython build `build_id` of `binary`, or (None, why not).
+
+    The shipped table first, then the builds derived earlier (<cache>/interp/py-builds.json), then on
+    demand: the package version whose binary has this build id (KB record, then every version apt offers;
+    downloads .debs), its dbg package, the DWARF of `/usr/lib/debug/.build-id/XX/YYYY.debug`. A build id
+    that is found nowhere is tried once per process. Never raises; host only, no guest access.
+    """
+    from nephoscope.introspect.interp import builds
+
+    table = load_table()
+    if build_id in table:
+        return {**table[build_id], "build_id": build_id}, ""
+    if binary not in DEBIAN_BINARIES:
+        return None, (f"build id {build_id} of {binary} is not in the shipped offsets table, and {binary} is "
+                      "no Debian CPython binary nephoscope can fetch the build of")
+    package, dbg = DEBIAN_BINARIES[binary]
+    cache = builds.BuildCache(BUILDS_CACHE, valid_entry, builds_path())
+    entry = cache.get(build_id)
+    if entry is not None:
+        return entry, ""
+    why = builds.failure(cache, package, binary, build_id)
+    if why is not None:
+        return None, why
+    known = {e["version"]: b for b, e in table.items() if e.get("package") == package} | cache.versions(package)
+    search = builds.find_debian_version(build_id, package, binary, skip=known)
+    if search.version is None:
+        why = search.why(build_id, package, binary)
+    else:
+        try:
+            entry = derive_entry(build_id, package, search.version, dbg)
+        except KnowledgeError as exc:
+            why = f"{binary} build {build_id} is {package} {search.version}, but its offsets are unknown: {exc}"
+        else:
+            entry["found_by"] = "the KB's record of the file" if search.from_kb else "the build ids of apt's versions"
+            cache.put(build_id, entry)
+            cache.save()
+            return entry, ""
+    builds.remember_failure(cache, package, binary, build_id, why)
+    return None, why
+
+
+def derive_entry(build_id: str, package: str, version: str, dbg: str) -> dict[str, Any]:
+    """Return the table entry of one build from `dbg`=`version`'s debug file of `build_id` (downloads it)."""
+    from elftools.common.exceptions import DWARFError, ELFError
+
+    from nephoscope.core.paths import cache_root
+    from nephoscope.knowledge.debian import archive
+
+    root = archive.unpack(archive.download(dbg, version, cache_root() / "debs"), cache_root() / "unpacked") / "root"
+    debug = root / "usr/lib/debug/.build-id" / build_id[:2] / f"{build_id[2:]}.debug"
+    if not debug.is_file():
+        raise KnowledgeError(f"{dbg} {version} has no debug file for build {build_id}")
+    try:
+        offsets = offsets_from_dwarf(debug)
+    except (ELFError, DWARFError, OSError, ValueError, KeyError, AttributeError) as exc:
+        raise KnowledgeError(f"the DWARF of {debug.name} ({dbg} {version}) does not parse: {exc}") from None
+    entry = {"build_id": build_id, "package": package, "version": version, "python": "3.11",
+             "source": f"DWARF of .build-id/{build_id[:2]}/{debug.name} ({dbg} {version}), derived on demand",
+             "offsets": offsets}
+    if not valid_entry(build_id, entry):
+        raise KnowledgeError(f"the DWARF of {debug.name} ({dbg} {version}) gives implausible offsets")
+    return entry
 
 
 def load_table() -> dict[str, dict[str, Any]]:

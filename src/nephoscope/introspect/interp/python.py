@@ -1,9 +1,10 @@
 """CPython from outside: `_PyRuntime` → interpreters → thread states → frames → code objects, and modules.
 
 A process is a known CPython when one of its file mappings is a `pythonX.Y` ELF whose GNU build id (read
-from the mapped ELF header in the process's memory) is in `py_offsets.json`: the table names the Debian
-package and version of that exact build, and holds the struct offsets read from that build's DWARF
-(python3.11-dbg; see pyoffsets.py). Symbols (`_PyRuntime`, `PyCode_Type`, ...) come from the same
+from the mapped ELF header in the process's memory) names a Debian build with known offsets: one in
+`py_offsets.json`, or one derived on demand from that build's python3.11-dbg (pyoffsets.find_offsets);
+the entry names the Debian package and version of that exact build and holds the struct offsets read
+from that build's DWARF. Symbols (`_PyRuntime`, `PyCode_Type`, ...) come from the same
 build's symbol table in the packaged binary (the .deb from the KB's download cache, pyelftools), relocated
 by the load bias (the start of the file's offset-0 mapping). Every object is proved before use: the
 interpreter points back at the runtime, every thread state at its interpreter, every code object,
@@ -28,7 +29,7 @@ from typing import Any
 from nephoscope.core.errors import GuestDataError, KnowledgeError
 from nephoscope.core.records import Verdict
 from nephoscope.introspect.interp import GUEST_ERRORS, Frame, InterpResult, InterpThread, ProcessContext
-from nephoscope.introspect.interp.pyoffsets import SYMBOLS_311, load_table
+from nephoscope.introspect.interp.pyoffsets import SYMBOLS_311, find_offsets
 
 PYTHON_RE = re.compile(r"/(?:lib)?python(3\.\d+)[a-z]*(?:\.so[.\d]*)?$")
 MAX_INTERPRETERS = 64
@@ -57,6 +58,7 @@ class Build:
     python: str
     offsets: dict[str, int]
     symbols: dict[str, int]
+    source: str = ""  # where the offsets come from (the DWARF of which dbg package; shipped or derived)
 
     @property
     def label(self) -> str:
@@ -142,7 +144,6 @@ def find_build(ctx: ProcessContext) -> tuple[Build, int, str] | str | None:
             images.setdefault(vma.path, vma)
     if not images:
         return None
-    table = load_table()
     why = []
     for path, vma in images.items():
         try:
@@ -150,18 +151,21 @@ def find_build(ctx: ProcessContext) -> tuple[Build, int, str] | str | None:
         except GUEST_ERRORS as exc:
             why.append(f"{path}: ELF header unreadable ({exc})")
             continue
-        entry = table.get(build_id or "")
-        if entry is None:
-            why.append(f"{path}: build id {build_id or 'none'} is no CPython build with known offsets")
-            continue
         binary = path.removesuffix(" (deleted)")
+        if not build_id:
+            why.append(f"{path}: the ELF file has no GNU build id, so its build cannot be named")
+            continue
+        entry, problem = find_offsets(build_id, binary)  # the shipped table, else derived from the dbg package
+        if entry is None:
+            why.append(f"{path}: {problem}")
+            continue
         try:
             symbols = dict(_packaged_symbols(entry["package"], entry["version"], binary, build_id))
         except KnowledgeError as exc:
             why.append(f"{path}: {exc}")
             continue
-        build = Build(build_id or "", entry["package"], entry["version"], entry["python"],
-                      dict(entry["offsets"]), symbols)
+        build = Build(build_id, entry["package"], entry["version"], entry["python"], dict(entry["offsets"]),
+                      symbols, str(entry.get("source", "")))
         return build, vma.start - first_vaddr, binary
     return "; ".join(why)
 
@@ -470,6 +474,7 @@ def read_python(ctx: ProcessContext) -> InterpResult | None:
     result = InterpResult(task.pid, task.comm, "python", build.label, Verdict.VERIFIED,
                           details={"binary": binary, "build_id": build.build_id, "load_bias": bias,
                                    "cache_tag": "cpython-" + build.python.replace(".", ""),
+                                   "offsets_source": build.source,
                                    "runtime_gva": bias + build.symbols["_PyRuntime"]})
     reader = _Reader(ctx, build, bias)
     problems: list[str] = []
