@@ -8,6 +8,7 @@ provider's VMs run: then nephoscope reads guest RAM from the QEMU process itself
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -166,9 +167,34 @@ def load_guest(name: str) -> Guest | None:
     """Return the recorded state of guest `name`, or None."""
     state = run_root() / name / "state.json"
     try:
-        return Guest(**json.loads(state.read_text()))
-    except (OSError, ValueError, TypeError):
+        data = json.loads(state.read_text())
+        known = {f.name for f in dataclasses.fields(Guest)}
+        # state written by a newer nephoscope may carry fields this one does not know: keep what it knows
+        return Guest(**{k: v for k, v in data.items() if k in known})
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
+
+
+def _qemu_of(directory: Path) -> bool:
+    """Return whether a QEMU process of the guest with run directory `directory` still runs.
+
+    Asked before a directory whose state cannot be read is removed: the state may be half-written, or
+    written by another nephoscope version, while its QEMU (named in qemu.pid and its command line) runs."""
+    try:
+        pid = int((directory / "qemu.pid").read_text().strip() or 0)
+    except (OSError, ValueError):
+        pid = 0
+    if pid and _qemu_alive(pid, directory.name):
+        return True
+    needle = str(directory).encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and needle in cmdline:
+            return True
+    return False
 
 
 def get_guest(name: str) -> Guest:
@@ -218,7 +244,7 @@ def cleanup_stale() -> list[str]:
             guest = load_guest(d.name)
             if guest is None or not guest.alive():
                 # a directory without state may be a start in progress; leave young ones alone
-                if guest is None and time.time() - d.stat().st_mtime < 300:
+                if guest is None and (time.time() - d.stat().st_mtime < 300 or _qemu_of(d)):
                     continue
                 _cleanup(d.name, only_unused_ram=True)
                 stale.append(d.name)
