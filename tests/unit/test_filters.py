@@ -161,7 +161,7 @@ class Host:
         monkeypatch.setattr(nft, "apply_table", self.apply_table)
         monkeypatch.setattr(nft, "live_tables", lambda netns="": set(self.tables))
         monkeypatch.setattr(haproxy, "start", lambda vm, net, fs: self.haproxy.__setitem__(vm, fs) or 1)
-        monkeypatch.setattr(haproxy, "stop", lambda vm: self.haproxy.pop(vm, None) is not None)
+        monkeypatch.setattr(haproxy, "stop", lambda vm, keep_track=False: self.haproxy.pop(vm, None) is not None)
         monkeypatch.setattr(engine, "net_present", lambda net: True)
 
     def apply_table(self, vm: str, net: VmNet, filters: list[NftFilter]) -> str:
