@@ -286,3 +286,106 @@ def test_changes_carry_what_a_notice_needs(host: Host, tmp_path: Path) -> None:
     expired = engine.expire(store, VM, _scan(NGINX_FIXED), ["agent"], owner=OWNER)[0]
     assert expired.action == "expired" and expired.notice_action == "removed"
     assert "no longer filters" in expired.notice_summary() and expired.does  # kept from the store row
+
+
+BRIDGED = VmNet("vnet3", "10.77.0.2", "", "virbr0")
+NO_BRIDGE_CT = nft.BridgeCaps(reject=False, conntrack=False)  # this host's kernel (no nft_reject_bridge, no ct)
+FULL_BRIDGE = nft.BridgeCaps(reject=True, conntrack=True)      # e.g. Debian's kernel with both modules
+
+
+def test_bridged_ruleset_is_a_bridge_table_in_the_kernel_s_dialect() -> None:
+    fs = [NftFilter("c", "CVE-1-1", "nft-close", (23,)),
+          NftFilter("a", "CVE-1-2", "nft-allow", (80,), {"allow": ["10.0.0.0/8"]}),
+          NftFilter("r", "CVE-1-3", "nft-rate", (22,), {"new_per_second": 5, "burst": 10})]
+    text = nft.ruleset("vm", BRIDGED, fs, NO_BRIDGE_CT)
+    assert text == nft.ruleset("vm", BRIDGED, list(reversed(fs)), NO_BRIDGE_CT)  # deterministic
+    assert text.startswith(f"table bridge {nft.table_name('vm')} {{") and "on bridge virbr0" in text
+    assert "type filter hook forward priority filter - 10; policy accept;" in text and "prerouting" not in text
+    assert 'oifname "vnet3" tcp dport 23 drop comment "c CVE-1-1"' in text  # no reject in this bridge family
+    assert 'oifname "vnet3" tcp dport 80 ip saddr != { 10.0.0.0/8 } drop' in text
+    assert 'oifname "vnet3" tcp dport 80 meta protocol ip6 drop' in text  # never `meta nfproto` in a bridge
+    assert "nfproto" not in text and "ct state" not in text and "reject" not in text
+    assert ("tcp dport 22 tcp flags & (syn | ack) == syn update @rate_r_v4 { ip saddr limit rate over 5/second "
+            "burst 10 packets } drop") in text
+    full = nft.ruleset("vm", BRIDGED, [*fs, NftFilter("n", "CVE-1-4", "nft-connlimit", (22,),
+                                                     {"max_per_source": 3})], FULL_BRIDGE)
+    assert 'oifname "vnet3" tcp dport 23 reject with tcp reset' in full
+    assert "ct state new update @rate_r_v4" in full
+    assert "ct state new add @conn_n_v4 { ip saddr ct count over 3 }" in full
+    assert nft.ruleset("vm", VmNet("vnet3", "10.77.0.2"), fs).startswith("table inet ")  # routed: unchanged
+    # one transaction clears the VM's table in both families, whatever its tap was before
+    tx = nft.replace_transaction("vm", text).splitlines()
+    assert tx[:4] == [f"table inet {nft.table_name('vm')} {{}}", f"delete table inet {nft.table_name('vm')}",
+                      f"table bridge {nft.table_name('vm')} {{}}", f"delete table bridge {nft.table_name('vm')}"]
+
+
+def test_what_a_bridged_tap_cannot_do_is_refused_with_the_reason() -> None:
+    assert nft.refusal("haproxy-h2", NET) is None and nft.refusal("nft-connlimit", NET) is None
+    assert "haproxy" in (nft.refusal("haproxy-h2", BRIDGED, FULL_BRIDGE) or "")
+    assert "conntrack" in (nft.refusal("nft-connlimit", BRIDGED, NO_BRIDGE_CT) or "")
+    assert nft.refusal("nft-connlimit", BRIDGED, FULL_BRIDGE) is None
+    assert all(nft.refusal(k, BRIDGED, NO_BRIDGE_CT) is None for k in ("nft-close", "nft-allow", "nft-rate"))
+    with pytest.raises(FilterError, match="conntrack"):
+        nft.ruleset("vm", BRIDGED, [NftFilter("n", "CVE-1-4", "nft-connlimit", (22,), {"max_per_source": 3})],
+                    NO_BRIDGE_CT)
+    with pytest.raises(FilterError, match="bridge"):
+        nft.ruleset("vm", BRIDGED, [NftFilter("h", "CVE-2023-44487", "haproxy-h2", (8080,), {}, (41234,))],
+                    FULL_BRIDGE)
+    with pytest.raises(FilterError):
+        VmNet("vnet3", bridge='br0"; flush ruleset')
+    assert VmNet.from_dict(BRIDGED.to_dict()) == BRIDGED and "bridge" not in NET.to_dict()
+    assert VmNet.from_dict({"tap": "t0"}) == VmNet("t0")  # rows stored before bridges existed
+
+
+def test_plan_leaves_out_kinds_the_tap_cannot_take(host: Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                   ) -> None:
+    monkeypatch.setattr(nft, "bridge_caps", lambda netns="": NO_BRIDGE_CT)
+    policy = load_policy()
+    p = engine.plan(VM, _scan(listen=(8080,)), ["agent", "inspect"], policy, owner=OWNER, net=BRIDGED)
+    assert p.filters == [] and p.net == BRIDGED and p.to_dict()["net"]["bridge"] == "virbr0"
+    refused = [s for s in p.skipped if s["mitigation"] == "nginx-h2-rapid-reset"]
+    assert refused and "haproxy-h2 refused" in refused[0]["why"] and "virbr0" in refused[0]["why"]
+    routed = engine.plan(VM, _scan(listen=(8080,)), ["agent", "inspect"], policy, owner=OWNER, net=NET)
+    assert [f.mitigation.id for f in routed.filters] == ["nginx-h2-rapid-reset"]
+    with pytest.raises(FilterError, match="haproxy-h2 refused"):  # --only names a refused one: say why
+        engine.apply(Store(tmp_path / "s.sqlite"), VM, BRIDGED, p, only=["nginx-h2-rapid-reset"])
+    assert host.tables == {}
+
+
+class _Proc:
+    def __init__(self, rc: int, out: str) -> None:
+        self.returncode, self.stdout, self.stderr = rc, out, ""
+
+
+@pytest.mark.parametrize(("rc", "out", "want"), [
+    (0, '[{"ifname": "vnet3", "master": "virbr0", "linkinfo": {"info_slave_kind": "bridge"}}]', "virbr0"),
+    (0, '[{"ifname": "vnet3", "linkinfo": {"info_kind": "tun"}}]', ""),
+    (1, "", None),
+])
+def test_find_bridge_reads_the_kernel_s_link_details(monkeypatch: pytest.MonkeyPatch, rc: int, out: str,
+                                                     want: str | None) -> None:
+    import subprocess
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "run", lambda argv, **kw: seen.append(argv) or _Proc(rc, out))
+    assert nft.find_bridge("vnet3", "ns1") == want
+    assert seen[0][:3] == ["ip", "-n", "ns1"] and seen[0][-2:] == ["dev", "vnet3"]
+
+
+def test_find_bridge_refuses_other_kinds_of_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    ovs = '[{"ifname": "vnet3", "master": "ovs-system", "linkinfo": {"info_slave_kind": "openvswitch"}}]'
+    monkeypatch.setattr(subprocess, "run", lambda argv, **kw: _Proc(0, ovs))
+    with pytest.raises(FilterError, match="openvswitch"):
+        nft.find_bridge("vnet3")
+
+
+def test_libvirt_interfaces_on_a_bridge_are_taps_now() -> None:
+    from nephoscope.service.filters import pick_tap
+
+    assert pick_tap("web", [("vnet3", "bridge"), ("vnet4", "network")]) == "vnet3"
+    assert pick_tap("web", [("macvtap0", "direct"), ("vnet5", "ethernet")]) == "vnet5"
+    assert pick_tap("web", []) is None
+    with pytest.raises(FilterError, match="direct"):
+        pick_tap("web", [("macvtap0", "direct")])
