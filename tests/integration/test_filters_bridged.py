@@ -157,13 +157,9 @@ def test_supported_kinds_cut_what_they_should_on_a_bridged_tap(lab) -> None:
     assert trail[0] == ("removed", "t-rate") and trail[-1] == ("applied", "t-close")
 
 
-def test_kinds_the_bridge_cannot_express_are_refused_in_the_plan(lab) -> None:
+def test_connlimit_needs_conntrack_in_the_bridge(lab) -> None:
     net, vmnet, store = lab
     caps = nft.bridge_caps(net.host_ns)
-    h2 = load_policy()["nginx-h2-rapid-reset"]
-    planned = engine.plan(VM, [], ["agent"], {"x": h2}, net=vmnet)  # nothing runs: nothing planned
-    assert planned.filters == []
-    assert "bridge" in (nft.refusal("haproxy-h2", vmnet) or "")
     why = nft.refusal("nft-connlimit", vmnet)
     before = _ruleset(net)
     if caps.conntrack:
@@ -174,12 +170,39 @@ def test_kinds_the_bridge_cannot_express_are_refused_in_the_plan(lab) -> None:
         engine.remove(store, VM, who="test")
     else:
         assert why is not None and "conntrack" in why
+        planned = engine.plan(VM, [], ["agent"], {}, net=vmnet)
+        assert planned.net == vmnet
         with pytest.raises(FilterError, match="conntrack"):  # never a rule that would do nothing
             engine.apply(store, VM, vmnet, _plan(CONN), who="test")
         assert engine.active(store) == [] and engine.audit_log(store) == []
-    with pytest.raises(FilterError, match="bridge"):
-        engine.apply(store, VM, vmnet, _plan(h2), who="test")
     assert _ruleset(net) == before and list(haproxy.iter_tracked()) == []
+
+
+@pytest.mark.parametrize("br_netfilter", ["0", "1"])
+def test_haproxy_h2_filter_on_a_bridged_tap(lab, br_netfilter: str) -> None:
+    """The rapid-reset filter through the bridge: frames for the port go up to the host, then to haproxy."""
+    net, vmnet, store = lab
+    subprocess.run(["ip", "netns", "exec", net.host_ns, "sysctl", "-qw",
+                    f"net.bridge.bridge-nf-call-iptables={br_netfilter}"], check=True, capture_output=True, timeout=30)
+    m = load_policy()["nginx-h2-rapid-reset"]
+    assert nft.refusal(m.kind, vmnet) is None  # the host has 10.77.0.1/24 on the bridge
+    assert nft.refusal(m.kind, VmNet(vmnet.tap, "192.0.2.9", vmnet.netns, vmnet.bridge)) is not None
+    before = _ruleset(net)
+    assert netns.run_in(net.client_ns, "rapid_reset", netns.GUEST_IP, 8080, 500)["cut_off"] is False
+    changes = engine.apply(store, VM, vmnet, _plan(m, net=vmnet), who="test")
+    assert [c.action for c in changes] == ["applied"]
+    assert any("meta pkttype set host" in r for r in changes[0].rules_summary)
+    assert any("redirect to :" in r for r in changes[0].rules_summary)
+    attack = netns.run_in(net.client_ns, "rapid_reset", netns.GUEST_IP, 8080, 500)
+    assert attack["cut_off"] is True and attack["streams_sent"] < 500
+    assert _get(net, "h2_get", 8080) == 200 and _get(net, "http1_get", 8080) == 200  # through haproxy
+    assert _get(net, "http1_get", 80) == 200  # another port: switched to the VM as before
+    filtered = _ruleset(net)
+    assert engine.apply(store, VM, vmnet, _plan(m, net=vmnet), who="test") == []  # idempotent
+    assert _ruleset(net) == filtered
+    engine.remove(store, VM, who="test")
+    assert _ruleset(net) == before and list(haproxy.iter_tracked()) == []
+    assert netns.run_in(net.client_ns, "rapid_reset", netns.GUEST_IP, 8080, 500)["cut_off"] is False
 
 
 def test_gc_takes_a_gone_bridged_vm_s_table(lab) -> None:

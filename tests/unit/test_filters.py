@@ -321,16 +321,40 @@ def test_bridged_ruleset_is_a_bridge_table_in_the_kernel_s_dialect() -> None:
 
 def test_what_a_bridged_tap_cannot_do_is_refused_with_the_reason() -> None:
     assert nft.refusal("haproxy-h2", NET) is None and nft.refusal("nft-connlimit", NET) is None
-    assert "haproxy" in (nft.refusal("haproxy-h2", BRIDGED, FULL_BRIDGE) or "")
+    on_bridge = nft.PortFacts("fe:54:00:12:34:56", ("10.77.0.1/24",))
+    assert nft.refusal("haproxy-h2", BRIDGED, FULL_BRIDGE, on_bridge) is None
+    assert "subnet" in (nft.refusal("haproxy-h2", BRIDGED, NO_BRIDGE_CT, nft.PortFacts(on_bridge.mac, ())) or "")
+    assert "subnet" in (nft.refusal("haproxy-h2", BRIDGED, NO_BRIDGE_CT,
+                                    nft.PortFacts(on_bridge.mac, ("192.168.122.1/24",))) or "")
+    assert "MAC" in (nft.refusal("haproxy-h2", BRIDGED, NO_BRIDGE_CT, nft.PortFacts("", on_bridge.nets)) or "")
+    assert "--guest-ip" in (nft.refusal("haproxy-h2", VmNet("vnet3", bridge="virbr0"), NO_BRIDGE_CT, on_bridge) or "")
     assert "conntrack" in (nft.refusal("nft-connlimit", BRIDGED, NO_BRIDGE_CT) or "")
     assert nft.refusal("nft-connlimit", BRIDGED, FULL_BRIDGE) is None
     assert all(nft.refusal(k, BRIDGED, NO_BRIDGE_CT) is None for k in ("nft-close", "nft-allow", "nft-rate"))
     with pytest.raises(FilterError, match="conntrack"):
         nft.ruleset("vm", BRIDGED, [NftFilter("n", "CVE-1-4", "nft-connlimit", (22,), {"max_per_source": 3})],
                     NO_BRIDGE_CT)
-    with pytest.raises(FilterError, match="bridge"):
+    with pytest.raises(FilterError, match="subnet"):
         nft.ruleset("vm", BRIDGED, [NftFilter("h", "CVE-2023-44487", "haproxy-h2", (8080,), {}, (41234,))],
-                    FULL_BRIDGE)
+                    FULL_BRIDGE, nft.PortFacts(on_bridge.mac, ()))
+
+
+def test_bridged_l7_hands_the_port_up_to_the_host_then_redirects() -> None:
+    port = nft.PortFacts("fe:54:00:12:34:56", ("10.77.0.1/24",))
+    fs = [NftFilter("h", "CVE-2023-44487", "haproxy-h2", (8080,), {}, (41234,)),
+          NftFilter("c", "CVE-1-1", "nft-close", (23,))]
+    text = nft.ruleset("vm", BRIDGED, fs, NO_BRIDGE_CT, port)
+    bridge, inet = text.split(f"table inet {nft.table_name('vm')} {{")
+    assert bridge.startswith(f"table bridge {nft.table_name('vm')} {{")
+    assert "type filter hook prerouting priority dstnat - 10;" in bridge
+    assert ('iifname != "vnet3" ether type ip ip daddr 10.77.0.2 tcp dport 8080 meta pkttype set host '
+            'ether daddr set fe:54:00:12:34:56 comment "h CVE-2023-44487"') in bridge
+    assert 'oifname "vnet3" tcp dport 23 drop' in bridge and "redirect" not in bridge
+    assert "type nat hook prerouting priority dstnat - 10;" in inet
+    assert 'iifname != "vnet3" ip daddr 10.77.0.2 tcp dport 8080 redirect to :41234' in inet
+    assert "forward" not in inet and "vnet3\" tcp dport 23" not in inet
+    assert text == nft.ruleset("vm", BRIDGED, list(reversed(fs)), NO_BRIDGE_CT, port)
+    assert "table inet" not in nft.ruleset("vm", BRIDGED, fs[1:], NO_BRIDGE_CT, port)  # no L7: bridge only
     with pytest.raises(FilterError):
         VmNet("vnet3", bridge='br0"; flush ruleset')
     assert VmNet.from_dict(BRIDGED.to_dict()) == BRIDGED and "bridge" not in NET.to_dict()
@@ -340,11 +364,13 @@ def test_what_a_bridged_tap_cannot_do_is_refused_with_the_reason() -> None:
 def test_plan_leaves_out_kinds_the_tap_cannot_take(host: Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                    ) -> None:
     monkeypatch.setattr(nft, "bridge_caps", lambda netns="": NO_BRIDGE_CT)
+    monkeypatch.setattr(nft, "port_facts", lambda net: nft.PortFacts("fe:54:00:12:34:56", ("192.168.122.1/24",)))
     policy = load_policy()
     p = engine.plan(VM, _scan(listen=(8080,)), ["agent", "inspect"], policy, owner=OWNER, net=BRIDGED)
     assert p.filters == [] and p.net == BRIDGED and p.to_dict()["net"]["bridge"] == "virbr0"
     refused = [s for s in p.skipped if s["mitigation"] == "nginx-h2-rapid-reset"]
     assert refused and "haproxy-h2 refused" in refused[0]["why"] and "virbr0" in refused[0]["why"]
+    assert "subnet" in refused[0]["why"]  # 10.77.0.2 is not in the host's 192.168.122.1/24 on the bridge
     routed = engine.plan(VM, _scan(listen=(8080,)), ["agent", "inspect"], policy, owner=OWNER, net=NET)
     assert [f.mitigation.id for f in routed.filters] == ["nginx-h2-rapid-reset"]
     with pytest.raises(FilterError, match="haproxy-h2 refused"):  # --only names a refused one: say why

@@ -182,20 +182,58 @@ def _filter_lines(f: NftFilter, tap: str, d: _Dialect = INET) -> tuple[list[str]
     return sets, rules
 
 
-BRIDGED_L7 = ("on a bridged tap the bridge switches the VM's frames without handing them to the host's IP "
-              "stack, so there is nothing for an inet redirect to steer to haproxy; nephoscope does not rewrite "
-              "frames to the bridge's MAC or turn on br_netfilter for it (docs/filters.md)")
 BRIDGED_CONNLIMIT = ("counting a source's concurrent connections (`ct count`) needs conntrack in the bridge "
                      "family (nf_conntrack_bridge, CONFIG_NF_CONNTRACK_BRIDGE), which this kernel does not "
                      "have (nft -c refuses `ct` in a bridge chain)")
 
 
-def refusal(kind: str, net: VmNet, caps: BridgeCaps | None = None) -> str | None:
+@dataclass(frozen=True, slots=True)
+class PortFacts:
+    """What the L7 kind needs of a bridged tap: the tap's own MAC and the bridge's IPv4 networks (host side)."""
+
+    mac: str                # the tap's host-side MAC: a local address of the bridge for as long as the tap lives
+    nets: tuple[str, ...]   # the IPv4 networks the host has addresses in on the bridge ("10.77.0.1/24")
+
+
+def _ip_json(netns: str, *args: str) -> list[dict[str, Any]]:
+    argv = ["ip", *(["-n", netns] if netns else []), "-j", *args]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        return list(json.loads(proc.stdout)) if proc.returncode == 0 and proc.stdout.strip() else []
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return []
+
+
+def port_facts(net: VmNet) -> PortFacts:
+    """Return the tap's MAC and the bridge's host IPv4 networks (in the tap's namespace; empty when unknown)."""
+    link = _ip_json(net.netns, "link", "show", "dev", net.tap)
+    mac = str(link[0].get("address", "")) if link else ""
+    nets = tuple(f"{a['local']}/{a['prefixlen']}" for d in _ip_json(net.netns, "-4", "addr", "show", "dev", net.bridge)
+                 for a in d.get("addr_info", []) if a.get("family") == "inet" and "local" in a)
+    return PortFacts(mac if re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac) else "", nets)
+
+
+def _l7_refusal(net: VmNet, port: PortFacts) -> str | None:
+    where = f"{net.tap} is a port of bridge {net.bridge}"
+    if not net.guest_ip:
+        return f"{where}: steering a port to haproxy needs the VM's address (--guest-ip)"
+    if not port.mac:
+        return f"{where}: cannot read {net.tap}'s MAC address, which the bridge rule delivers the VM's frames to"
+    guest = ipaddress.IPv4Address(net.guest_ip)
+    if not any(guest in ipaddress.ip_interface(n).network for n in port.nets):
+        have = ", ".join(port.nets) or "none"
+        return (f"{where}: the host has no address on {net.bridge} in {net.guest_ip}'s subnet (has: {have}); "
+                "haproxy could not reach the VM there and a redirect of frames arriving on the bridge has no "
+                "local address to land on")
+    return None
+
+
+def refusal(kind: str, net: VmNet, caps: BridgeCaps | None = None, port: PortFacts | None = None) -> str | None:
     """Return why filter `kind` cannot be put in force on `net` here, or None when it can (probes a bridge)."""
     if not net.bridge:
         return None
     if kind == "haproxy-h2":
-        return f"{net.tap} is a port of bridge {net.bridge}: {BRIDGED_L7}"
+        return _l7_refusal(net, port or port_facts(net))
     if kind == "nft-connlimit" and not (caps or bridge_caps(net.netns)).conntrack:
         return f"{net.tap} is a port of bridge {net.bridge}: {BRIDGED_CONNLIMIT}"
     return None
@@ -227,55 +265,83 @@ def bridge_caps(netns: str = "") -> BridgeCaps:
     return BridgeCaps(not _probe(netns, "reject"), not _probe(netns, "conntrack"))
 
 
-def ruleset(vm: str, net: VmNet, filters: list[NftFilter], caps: BridgeCaps | None = None) -> str:
-    """Return the table holding every filter of `vm` (nft syntax), deterministic for the same input.
+def ruleset(vm: str, net: VmNet, filters: list[NftFilter], caps: BridgeCaps | None = None,
+            port: PortFacts | None = None) -> str:
+    """Return the table(s) holding every filter of `vm` (nft syntax), deterministic for the same input.
 
-    A routed tap gets an `inet` table, a bridged one a `bridge` table written for `caps` (probed when not
-    given); a kind `refusal` names raises FilterError."""
+    A routed tap gets an `inet` table; a bridged one a `bridge` table written for `caps` (probed when not
+    given), plus, for the L7 kind, an `inet` table with the redirect (both in the same transaction); a kind
+    `refusal` names raises FilterError."""
     if net.bridge:
-        return _bridge_ruleset(vm, net, filters, caps or bridge_caps(net.netns))
+        return _bridge_ruleset(vm, net, filters, caps or bridge_caps(net.netns), port)
     sets: list[str] = []
     forward: list[str] = []
-    redirects: list[str] = []
     for f in sorted(filters, key=lambda f: f.mitigation):
         s, r = _filter_lines(f, net.tap)
         sets += s
         forward += r
-        if f.kind == "haproxy-h2":
-            if not net.guest_ip:
-                raise FilterError(f"{f.mitigation} steers traffic through haproxy and needs the VM's address "
-                                  "(--guest-ip)")
-            if len(f.proxy_ports) != len(f.ports):
-                raise FilterError(f"{f.mitigation}: a haproxy filter needs one proxy port per port")
-            redirects += [f'iifname != "{net.tap}" ip daddr {net.guest_ip} tcp dport {port} '
-                          f'redirect to :{proxy} comment "{f.mitigation} {f.cve}"'
-                          for port, proxy in zip(f.ports, f.proxy_ports, strict=True)]
     lines = [f"table {FAMILY} {table_name(vm)} {{", f'  comment "nephoscope filters of VM {_quote(vm)}"']
     lines += [f"  {s}" for s in sets]
     lines += ["  chain forward {", "    type filter hook forward priority filter - 10; policy accept;"]
     lines += [f"    {r}" for r in forward] + ["  }"]
-    if redirects:
-        lines += ["  chain prerouting {", "    type nat hook prerouting priority dstnat - 10; policy accept;"]
-        lines += [f"    {r}" for r in redirects] + ["  }"]
+    lines += _redirect_chain(net, filters)
     return "\n".join([*lines, "}"]) + "\n"
 
 
-def _bridge_ruleset(vm: str, net: VmNet, filters: list[NftFilter], caps: BridgeCaps) -> str:
+def _redirect_chain(net: VmNet, filters: list[NftFilter]) -> list[str]:
+    """Return the inet `prerouting` nat chain steering the L7 kinds' ports to haproxy ([] when none)."""
+    redirects: list[str] = []
+    for f in sorted(filters, key=lambda f: f.mitigation):
+        if f.kind != "haproxy-h2":
+            continue
+        if not net.guest_ip:
+            raise FilterError(f"{f.mitigation} steers traffic through haproxy and needs the VM's address "
+                              "(--guest-ip)")
+        if len(f.proxy_ports) != len(f.ports):
+            raise FilterError(f"{f.mitigation}: a haproxy filter needs one proxy port per port")
+        redirects += [f'iifname != "{net.tap}" ip daddr {net.guest_ip} tcp dport {port} '
+                      f'redirect to :{proxy} comment "{f.mitigation} {f.cve}"'
+                      for port, proxy in zip(f.ports, f.proxy_ports, strict=True)]
+    if not redirects:
+        return []
+    return ["  chain prerouting {", "    type nat hook prerouting priority dstnat - 10; policy accept;",
+            *[f"    {r}" for r in redirects], "  }"]
+
+
+def _bridge_ruleset(vm: str, net: VmNet, filters: list[NftFilter], caps: BridgeCaps,
+                    port: PortFacts | None) -> str:
     sets: list[str] = []
     forward: list[str] = []
+    deliver: list[str] = []
+    l7 = [f for f in filters if f.kind == "haproxy-h2"]
+    facts = port or (port_facts(net) if l7 else PortFacts("", ()))
     for f in sorted(filters, key=lambda f: f.mitigation):
-        why = refusal(f.kind, net, caps)
+        why = refusal(f.kind, net, caps, facts)
         if why:
             raise FilterError(f"{f.mitigation} ({f.kind}) cannot be put in force: {why}")
         s, r = _filter_lines(f, net.tap, _bridge_dialect(caps))
         sets += s
         forward += r
-    lines = [f"table {BRIDGE_FAMILY} {table_name(vm)} {{",
+        if f.kind == "haproxy-h2":
+            # frames for the VM's port from any other port are handed to the host's IP stack (addressed to
+            # the tap's own MAC, a local address of the bridge) where the inet redirect takes them to haproxy
+            deliver += [f'iifname != "{net.tap}" ether type ip ip daddr {net.guest_ip} tcp dport {p} '
+                        f'meta pkttype set host ether daddr set {facts.mac} comment "{f.mitigation} {f.cve}"'
+                        for p in sorted(f.ports)]
+    name = table_name(vm)
+    lines = [f"table {BRIDGE_FAMILY} {name} {{",
              f'  comment "nephoscope filters of VM {_quote(vm)} on bridge {net.bridge}"']
     lines += [f"  {s}" for s in sets]
     lines += ["  chain forward {", "    type filter hook forward priority filter - 10; policy accept;"]
     lines += [f"    {r}" for r in forward] + ["  }"]
-    return "\n".join([*lines, "}"]) + "\n"
+    if deliver:
+        lines += ["  chain prerouting {", "    type filter hook prerouting priority dstnat - 10; policy accept;"]
+        lines += [f"    {r}" for r in deliver] + ["  }"]
+    lines.append("}")
+    if l7:
+        lines += [f"table {FAMILY} {name} {{", f'  comment "nephoscope filters of VM {_quote(vm)}: redirects"',
+                  *_redirect_chain(net, l7), "}"]
+    return "\n".join(lines) + "\n"
 
 
 def _quote(text: str) -> str:
