@@ -5,7 +5,10 @@ A routed tap gets an `inet` table: inbound filters hook `forward` on packets lea
 A tap that is a bridge port gets a `bridge` table instead: its `forward` hook sees every frame the bridge
 switches to the port (`oifname TAP`), without br_netfilter; what the bridge family can express depends on
 the kernel (reject, conntrack in the bridge: `bridge_caps` asks the kernel with `nft -c`), and a kind it
-cannot express is refused (`refusal`), never applied as a rule that would do nothing. Applying the same
+cannot express is refused (`refusal`), never applied as a rule that would do nothing. The L7 kind on a
+bridged tap hands the port's frames up to the host (bridge `prerouting`: `meta pkttype set host`, `ether
+daddr set` the tap's own MAC, a local address of the bridge) and an `inet` table of the same name redirects
+them to haproxy, both in the one transaction. Applying the same
 filters twice gives the same table (idempotent); the transaction either replaces the whole table (in both
 families) or changes nothing (atomic).
 """
