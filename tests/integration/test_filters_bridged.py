@@ -203,6 +203,11 @@ def test_haproxy_h2_filter_on_a_bridged_tap(lab, br_netfilter: str) -> None:
     engine.remove(store, VM, who="test")
     assert _ruleset(net) == before and list(haproxy.iter_tracked()) == []
     assert netns.run_in(net.client_ns, "rapid_reset", netns.GUEST_IP, 8080, 500)["cut_off"] is False
+    engine.apply(store, VM, vmnet, _plan(m, net=vmnet), who="test")
+    netns.ip("-n", net.host_ns, "link", "del", net.tap)  # the VM goes: its tap (whose MAC the rule used) with it
+    collected = engine.gc(store)
+    assert [c.action for c in collected] == ["collected"] and any("redirect" in r for r in collected[0].rules_summary)
+    assert _ruleset(net) == before and list(haproxy.iter_tracked()) == [] and engine.active(store) == []
 
 
 def test_gc_takes_a_gone_bridged_vm_s_table(lab) -> None:

@@ -288,7 +288,11 @@ def audit_log(store: Any, vm: str | None = None, limit: int = 200) -> list[dict[
 
 def rules_summary(f: NftFilter, net: VmNet) -> tuple[str, ...]:
     """Return the nft rules (and haproxy limits) one filter puts in force, one line each."""
-    table = nft.ruleset("x", net, [f])
+    try:
+        table = nft.ruleset("x", net, [f])
+    except FilterError:  # a bridged tap (or its namespace) gone: the rules it had, without asking the kernel
+        table = nft.ruleset("x", net, [f], nft.BridgeCaps(reject=True, conntrack=True),
+                            nft.PortFacts("(the tap's MAC)", (f"{net.guest_ip or '0.0.0.0'}/0",)))
     lines = [ln.strip() for ln in table.splitlines() if f'comment "{f.mitigation} ' in ln]
     if f.kind == "haproxy-h2":
         lines += [f"haproxy: max {f.params['max_concurrent_streams']} concurrent streams; drop a connection "
