@@ -1,8 +1,9 @@
 """Filters against a real guest whose tap is a bridge port (the libvirt virbr0 / provider br0 case).
 
-One clean lab guest (initramfs, its own nginx on 80) on a tap enslaved to a bridge in a host namespace,
-a client namespace on the same bridge. Ground truth: the guest's nginx answering (or not) real clients,
-the running nginx version from a real scan, and `nft -j list ruleset` of the host namespace before/after.
+One server-h2 lab guest (the old nginx: HTTP/1.1 on 80, h2c on 8080) on a tap enslaved to a bridge in a host
+namespace, a client namespace on the same bridge. Ground truth: the guest's nginx answering (or not) real
+clients, the rapid-reset pattern from the `h2` library, the running nginx version from a real scan, and
+`nft -j list ruleset` of the host namespace before/after.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from nephoscope.service.targets import resolve_target
 from nephoscope.store.sqlite import Store
 
 pytestmark = [pytest.mark.guest,
-              pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"), reason="needs root and nft")]
+              pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("haproxy"),
+                                 reason="needs root, nft and haproxy (scripts/setup.sh)")]
 POLICY = """schema = 1
 [[mitigation]]
 id = "t-nginx-rate"
@@ -59,9 +61,9 @@ def bridged_guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ru
     run = tmp_path_factory.mktemp("bridged-run")
     old = os.environ.get("NEPHOSCOPE_RUN")
     os.environ["NEPHOSCOPE_RUN"] = str(run)
-    image = build_image(load_profile("clean"))
+    image = build_image(load_profile("server-h2"))
     net = netns.create(f"brgl{os.getpid() % 1000}", bridged=True)
-    name = f"bridged-clean-{os.getpid() % 100000}"
+    name = f"bridged-h2-{os.getpid() % 100000}"
     store = Store(run / "store.sqlite")
     policy = run / "policy.toml"
     policy.write_text(POLICY)
@@ -87,6 +89,27 @@ def _ruleset(net: netns.NetLab) -> list[dict[str, Any]]:
                 body.pop("handle", None)
             out.append(item)
     return out
+
+
+def test_rapid_reset_filter_through_the_bridge_on_a_real_nginx(bridged_guest) -> None:
+    guest, net, store, _policy = bridged_guest
+    attack = netns.run_in(net.client_ns, "rapid_reset", netns.GUEST_IP, 8080, 500)
+    assert attack["cut_off"] is False and attack["final_status"] == 200  # the old nginx takes the whole burst
+    before = _ruleset(net)
+    run_scan(resolve_target(guest.name), ["agent"], store=store)
+    vmnet = filters.vm_net(guest.name)
+    assert vmnet.bridge == net.bridge and vmnet.guest_ip == netns.GUEST_IP
+    plan = filters.plan_vm(guest.name, None, store, vmnet)
+    assert [p.mitigation.id for p in plan.filters] == ["nginx-h2-rapid-reset"], plan.skipped
+    changes = filters.apply_vm(guest.name, vmnet, store=store)
+    assert [(c.action, c.mitigation) for c in changes] == [("applied", "nginx-h2-rapid-reset")]
+    cut = netns.run_in(net.client_ns, "rapid_reset", netns.GUEST_IP, 8080, 500)
+    assert cut["cut_off"] is True and cut["streams_sent"] < 500
+    for what, port in (("h2_get", 8080), ("http1_get", 8080), ("http1_get", 80)):
+        assert netns.run_in(net.client_ns, what, netns.GUEST_IP, port, "/", 20.0)["status"] == 200, (what, port)
+    filters.remove_vm(guest.name, store=store)
+    assert _ruleset(net) == before
+    assert netns.run_in(net.client_ns, "rapid_reset", netns.GUEST_IP, 8080, 500)["cut_off"] is False
 
 
 def test_rate_filter_on_a_real_guest_behind_a_bridge(bridged_guest) -> None:
