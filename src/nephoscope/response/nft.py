@@ -8,9 +8,8 @@ the kernel (reject, conntrack in the bridge: `bridge_caps` asks the kernel with 
 cannot express is refused (`refusal`), never applied as a rule that would do nothing. The L7 kind on a
 bridged tap hands the port's frames up to the host (bridge `prerouting`: `meta pkttype set host`, `ether
 daddr set` the tap's own MAC, a local address of the bridge) and an `inet` table of the same name redirects
-them to haproxy, both in the one transaction. Applying the same
-filters twice gives the same table (idempotent); the transaction either replaces the whole table (in both
-families) or changes nothing (atomic).
+them to haproxy, both in the one transaction. Applying the same filters twice gives the same table
+(idempotent); the transaction either replaces the whole table (in both families) or changes nothing (atomic).
 """
 
 from __future__ import annotations
