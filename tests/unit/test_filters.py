@@ -252,6 +252,7 @@ def test_cli_plan_and_list_from_the_store(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("NEPHOSCOPE_DB", str(tmp_path / "s.sqlite"))
     monkeypatch.setenv("NEPHOSCOPE_RUN", str(tmp_path / "run"))
     monkeypatch.setattr(filters, "kb_owner", lambda: OWNER)
+    monkeypatch.setattr(filters, "_libvirt_tap", lambda vm: None)  # no libvirt domain of that name (hermetic)
     Store().save_scan(VM, ["agent", "inspect"], _scan(listen=(8080,)), [], {"status": "ok"}, time.time())
     cli = CliRunner()
     out = cli.invoke(app, ["filters", "plan", VM, "--json"])
@@ -259,6 +260,7 @@ def test_cli_plan_and_list_from_the_store(tmp_path: Path, monkeypatch: pytest.Mo
     plan = json.loads(out.stdout)
     assert [f["mitigation"]["id"] for f in plan["filters"]] == ["nginx-h2-rapid-reset"]
     assert plan["filters"][0]["evidence"]["ports_from"] == "listening in the scan"
+    assert plan["net"] is None  # no tap known: the kinds are not checked against one
     listed = cli.invoke(app, ["filters", "list", "--json"])
     assert listed.exit_code == 0 and json.loads(listed.stdout) == []
     missing = cli.invoke(app, ["filters", "apply", VM])  # not a lab guest on a tap: where does traffic pass?
