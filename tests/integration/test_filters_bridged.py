@@ -71,8 +71,8 @@ def _plan(*mitigations: Mitigation, net: VmNet | None = None) -> FilterPlan:
                               for m in mitigations], net=net)
 
 
-def _get(net: netns.NetLab, what: str, port: int) -> int:
-    return int(netns.run_in(net.client_ns, what, netns.GUEST_IP, port, "/", 2.0)["status"])
+def _get(net: netns.NetLab, what: str, port: int, client: str = "") -> int:
+    return int(netns.run_in(client or net.client_ns, what, netns.GUEST_IP, port, "/", 2.0)["status"])
 
 
 def _kernel_config() -> dict[str, str]:
@@ -131,6 +131,12 @@ def test_supported_kinds_cut_what_they_should_on_a_bridged_tap(lab) -> None:
                 and i["table"]["name"] == nft.table_name(VM)}
     assert families == {"bridge"}
     assert _get(net, "http1_get", 80) == 0 and _get(net, "h2_get", 8080) == 200  # 80 cut, 8080 passes
+    assert _get(net, "http1_get", 80, net.routed_client_ns) == 0  # routed into the bridge: the output hook
+    assert _get(net, "h2_get", 8080, net.routed_client_ns) == 200
+    host = subprocess.run(["ip", "netns", "exec", net.host_ns, sys.executable, "-m", "nephoscope.lab.h2client",
+                           "http1_get", f'["{netns.GUEST_IP}", 80, "/", 2.0]'], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert '"status": 200' in host.stdout, host  # the host's own connections to the VM are not filtered
     closed = _ruleset(net)
     assert engine.apply(store, VM, vmnet, _plan(CLOSE, net=vmnet), who="test") == []  # idempotent
     assert _ruleset(net) == closed
@@ -141,6 +147,7 @@ def test_supported_kinds_cut_what_they_should_on_a_bridged_tap(lab) -> None:
                        {"allow": [f"{net.client_ip}/32"]}, "only the client may reach 8080", "spoofing", "test")
     engine.apply(store, VM, vmnet, _plan(allow), who="test")
     assert _get(net, "h2_get", 8080) == 200  # the allowed source passes
+    assert _get(net, "h2_get", 8080, net.routed_client_ns) == 0  # 10.78.0.2 is not on the list
     deny = Mitigation("t-allow", "CVE-2000-0002", "nginx", "2", "nft-allow", (8080,), {"allow": ["192.0.2.0/24"]},
                       "only 192.0.2.0/24 may reach 8080", "spoofing", "test")
     engine.apply(store, VM, vmnet, _plan(deny), who="test")  # same id, new rule: one transaction
@@ -197,6 +204,9 @@ def test_haproxy_h2_filter_on_a_bridged_tap(lab, br_netfilter: str) -> None:
     assert attack["cut_off"] is True and attack["streams_sent"] < 500
     assert _get(net, "h2_get", 8080) == 200 and _get(net, "http1_get", 8080) == 200  # through haproxy
     assert _get(net, "http1_get", 80) == 200  # another port: switched to the VM as before
+    routed = netns.run_in(net.routed_client_ns, "rapid_reset", netns.GUEST_IP, 8080, 500)
+    assert routed["cut_off"] is True  # routed into the bridge: the inet redirect takes it at the host's ingress
+    assert _get(net, "h2_get", 8080, net.routed_client_ns) == 200
     filtered = _ruleset(net)
     assert engine.apply(store, VM, vmnet, _plan(m, net=vmnet), who="test") == []  # idempotent
     assert _ruleset(net) == filtered

@@ -312,6 +312,10 @@ def test_bridged_ruleset_is_a_bridge_table_in_the_kernel_s_dialect() -> None:
     full = nft.ruleset("vm", BRIDGED, [*fs, NftFilter("n", "CVE-1-4", "nft-connlimit", (22,),
                                                      {"max_per_source": 3})], FULL_BRIDGE)
     assert 'oifname "vnet3" tcp dport 23 reject with tcp reset' in full
+    forward, output = full.split("  chain output {")
+    assert "reject" in forward and "reject" not in output  # the kernel allows no bridge reject in `output`
+    assert "type filter hook output priority filter - 10;" in output and "meta skuid 0-4294967295 accept" in output
+    assert 'oifname "vnet3" tcp dport 23 drop comment "c CVE-1-1"' in output
     assert "ct state new update @rate_r_v4" in full
     assert "ct state new add @conn_n_v4 { ip saddr ct count over 3 }" in full
     assert nft.ruleset("vm", VmNet("vnet3", "10.77.0.2"), fs).startswith("table inet ")  # routed: unchanged

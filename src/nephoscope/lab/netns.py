@@ -5,9 +5,11 @@ Routed (the default):
     client ns (10.78.0.2) ──veth── host ns (10.78.0.1 | 10.77.0.1) ──tap── guest (10.77.0.2)
 
 Bridged (`bridged=True`): the tap and the client's veth are ports of one bridge in the host namespace,
-so client → VM frames are switched, never routed (the libvirt virbr0 / provider br0 case):
+so client → VM frames are switched, never routed (the libvirt virbr0 / provider br0 case); a second,
+routed client stands for clients outside the bridge that the host routes into it (libvirt's NAT network):
 
     client ns (10.77.0.3) ──veth── [bridge in host ns, 10.77.0.1] ──tap── guest (10.77.0.2)
+    routed client ns (10.78.0.2) ──veth── host ns (10.78.0.1) ──routed into the bridge──┘
 
 The host namespace stands for the hypervisor host: it routes between the client and the guest, and the
 VM's filters (nft table, haproxy) live there. Routed rather than bridged on purpose: traffic to the VM
@@ -75,8 +77,14 @@ class NetLab:
     def client_ip(self) -> str:
         return BRIDGED_CLIENT_IP if self.bridged else CLIENT_IP
 
+    @property
+    def routed_client_ns(self) -> str:
+        """A client outside the bridge, routed into it by the host (bridged networks only, else "")."""
+        return f"{self.prefix}-rcli" if self.bridged else ""
+
     def namespaces(self) -> list[str]:
-        return [self.host_ns, self.client_ns, *([self.vm_ns] if self.kind == "veth" else [])]
+        return [self.host_ns, self.client_ns, *([self.vm_ns] if self.kind == "veth" else []),
+                *([self.routed_client_ns] if self.bridged else [])]
 
 
 def create(prefix: str, kind: str = "tap", bridged: bool = False) -> NetLab:
@@ -103,6 +111,13 @@ def create(prefix: str, kind: str = "tap", bridged: bool = False) -> NetLab:
                 ip("-n", h, "link", "set", port, "master", net.bridge)
             ip("-n", h, "link", "set", net.bridge, "up")
             ip("-n", c, "addr", "add", f"{BRIDGED_CLIENT_IP}/24", "dev", "cli0")
+            r = net.routed_client_ns
+            ip("link", "add", "rcli0", "netns", r, "type", "veth", "peer", "name", "hrcli0", "netns", h)
+            ip("-n", r, "addr", "add", f"{CLIENT_IP}/24", "dev", "rcli0")
+            ip("-n", h, "addr", "add", f"{HOST_CLIENT_IP}/24", "dev", "hrcli0")
+            ip("-n", r, "link", "set", "rcli0", "up")
+            ip("-n", h, "link", "set", "hrcli0", "up")
+            ip("-n", r, "route", "add", "default", "via", HOST_CLIENT_IP)
         else:
             ip("-n", h, "addr", "add", f"{HOST_TAP_IP}/24", "dev", net.tap)
             ip("-n", c, "addr", "add", f"{CLIENT_IP}/24", "dev", "cli0")
@@ -112,8 +127,8 @@ def create(prefix: str, kind: str = "tap", bridged: bool = False) -> NetLab:
         ip("-n", h, "link", "set", "hcli0", "up")
         if not bridged:
             ip("-n", c, "route", "add", "default", "via", HOST_CLIENT_IP)
-            subprocess.run(["ip", "netns", "exec", h, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True,
-                           capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "exec", h, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True,
+                       capture_output=True, timeout=30)
     except BaseException:
         destroy(net)
         raise

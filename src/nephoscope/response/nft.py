@@ -20,7 +20,7 @@ import json
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -314,6 +314,7 @@ def _bridge_ruleset(vm: str, net: VmNet, filters: list[NftFilter], caps: BridgeC
                     port: PortFacts | None) -> str:
     sets: list[str] = []
     forward: list[str] = []
+    output: list[str] = []
     deliver: list[str] = []
     l7 = [f for f in filters if f.kind == "haproxy-h2"]
     facts = port or (port_facts(net) if l7 else PortFacts("", ()))
@@ -324,6 +325,9 @@ def _bridge_ruleset(vm: str, net: VmNet, filters: list[NftFilter], caps: BridgeC
         s, r = _filter_lines(f, net.tap, _bridge_dialect(caps))
         sets += s
         forward += r
+        # the same rules for what the host routes into the bridge (a client outside it, libvirt's NAT network):
+        # such frames leave by the bridge's `output` hook, not `forward`; no bridge reject is allowed there
+        output += _filter_lines(f, net.tap, replace(_bridge_dialect(caps), refuse="drop"))[1]
         if f.kind == "haproxy-h2":
             # frames for the VM's port from any other port are handed to the host's IP stack (addressed to
             # the tap's own MAC, a local address of the bridge) where the inet redirect takes them to haproxy
@@ -336,6 +340,10 @@ def _bridge_ruleset(vm: str, net: VmNet, filters: list[NftFilter], caps: BridgeC
     lines += [f"  {s}" for s in sets]
     lines += ["  chain forward {", "    type filter hook forward priority filter - 10; policy accept;"]
     lines += [f"    {r}" for r in forward] + ["  }"]
+    if output:  # the host's own connections to the VM (haproxy's upstream among them) have a socket: not filtered
+        lines += ["  chain output {", "    type filter hook output priority filter - 10; policy accept;",
+                  "    meta skuid 0-4294967295 accept"]
+        lines += [f"    {r}" for r in output] + ["  }"]
     if deliver:
         lines += ["  chain prerouting {", "    type filter hook prerouting priority dstnat - 10; policy accept;"]
         lines += [f"    {r}" for r in deliver] + ["  }"]
