@@ -105,6 +105,7 @@ def test_rapid_reset_filter_through_the_bridge_on_a_real_nginx(bridged_guest) ->
     assert [(c.action, c.mitigation) for c in changes] == [("applied", "nginx-h2-rapid-reset")]
     cut = netns.run_in(net.client_ns, "rapid_reset", netns.GUEST_IP, 8080, 500)
     assert cut["cut_off"] is True and cut["streams_sent"] < 500
+    assert netns.run_in(net.routed_client_ns, "rapid_reset", netns.GUEST_IP, 8080, 500)["cut_off"] is True
     for what, port in (("h2_get", 8080), ("http1_get", 8080), ("http1_get", 80)):
         assert netns.run_in(net.client_ns, what, netns.GUEST_IP, port, "/", 20.0)["status"] == 200, (what, port)
     filters.remove_vm(guest.name, store=store)
@@ -135,6 +136,8 @@ def test_rate_filter_on_a_real_guest_behind_a_bridge(bridged_guest) -> None:
     assert any(i["table"]["family"] == "bridge" for i in nft.list_json(net.host_ns)["nftables"] if "table" in i)
     burst = netns.run_in(net.client_ns, "connects", netns.GUEST_IP, 80, 10, 0.3)["connected"]
     assert 2 <= burst < 10  # the burst reaches the guest, then new connections are dropped at its port
+    routed = netns.run_in(net.routed_client_ns, "connects", netns.GUEST_IP, 80, 10, 0.3)["connected"]
+    assert 2 <= routed < 10  # the same for a client the host routes into the bridge (bridge output hook)
     filters.remove_vm(guest.name, store=store)
     assert _ruleset(net) == before
     assert netns.run_in(net.client_ns, "connects", netns.GUEST_IP, 80, 10, 2.0)["connected"] == 10
