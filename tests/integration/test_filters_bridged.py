@@ -238,7 +238,7 @@ from nephoscope.response.nft import VmNet
 from nephoscope.response.policy import Mitigation
 from nephoscope.store.sqlite import Store
 
-where, db, tap, ns, bridge, vm = sys.argv[1:7]
+where, db, tap, ns, bridge, vm, kind = sys.argv[1:8]
 
 def hang(*args, **kwargs):
     print("ready", flush=True)
@@ -249,20 +249,28 @@ if where == "before-nft":
 else:  # after the nft transaction, before the store commit
     engine._record = hang
 m = Mitigation("t-close", "CVE-2000-0001", "nginx", "2", "nft-close", (80,), {}, "closes port 80", "others", "t")
+if kind == "haproxy-h2":
+    from nephoscope.response.policy import load_policy
+    m = load_policy()["nginx-h2-rapid-reset"]
 plan = FilterPlan(vm, 1, [PlannedFilter(m, "1", m.ports, {"scan_id": 1})])
 engine.apply(Store(Path(db)), vm, VmNet(tap, "10.77.0.2", ns, bridge), plan, who="child")
 """
 
 
-@pytest.mark.parametrize(("where", "sig"), [("before-nft", "KILL"), ("after-nft", "KILL"), ("after-nft", "TERM")])
-def test_killed_bridged_apply_leaves_nothing_behind(lab, where: str, sig: str) -> None:
+@pytest.mark.parametrize(("where", "sig", "kind"), [
+    ("before-nft", "KILL", "nft-close"), ("after-nft", "KILL", "nft-close"), ("after-nft", "TERM", "nft-close"),
+    ("after-nft", "KILL", "haproxy-h2")])
+def test_killed_bridged_apply_leaves_nothing_behind(lab, where: str, sig: str, kind: str) -> None:
     net, vmnet, store = lab
     before = _ruleset(net)
     child = subprocess.Popen([sys.executable, "-c", CHILD, where, str(store.path), vmnet.tap, vmnet.netns,
-                              vmnet.bridge, VM], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              vmnet.bridge, VM, kind], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "ready", child.stderr
         assert (nft.table_name(VM) in nft.live_tables(net.host_ns)) == (where == "after-nft")
+        if kind == "haproxy-h2":  # both tables of the VM went in, in the one transaction
+            assert {i["table"]["family"] for i in nft.list_json(net.host_ns)["nftables"] if "table" in i
+                    and i["table"]["name"] == nft.table_name(VM)} == {"bridge", "inet"}
         child.send_signal(getattr(signal, f"SIG{sig}"))
         child.wait(30)
     finally:
