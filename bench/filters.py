@@ -12,8 +12,12 @@ network: each path is measured open, then filtered, so the difference is what th
 - throughput: sequential requests on one keep-alive connection (req/s), and HTTP/1.1 bulk downloads (MB/s).
 Open and filtered rounds alternate `--repeat` times; medians over all samples (client sockets TCP_NODELAY).
 
+`--bridged` runs the same on the bridged lab network (the stand-in VM's veth and the client's are ports of
+one bridge): the nft filters are then a `bridge` table, and the nftables kind is `nft-rate` (connlimit needs
+conntrack in the bridge, which not every kernel has); the haproxy kind hands the port's frames up first.
+
 Usage (root; needs nft, haproxy, iproute2): .venv/bin/python bench/filters.py [--requests 200] [--repeat 5]
-  [--mib 16] [--json]
+  [--mib 16] [--bridged] [--json]
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from nephoscope.core.payloads import Package, Process, Socket
 from nephoscope.core.records import Observation, Provenance, Verdict
 from nephoscope.lab import netns
 from nephoscope.response import engine
-from nephoscope.response.nft import VmNet
+from nephoscope.response.nft import VmNet, find_bridge
 from nephoscope.response.policy import Mitigation, load_policy
 from nephoscope.store.sqlite import Store
 
@@ -54,7 +58,7 @@ def _scan_observations() -> list[Observation]:
     return out
 
 
-def _policies() -> dict[str, dict[str, Mitigation]]:
+def _policies(bridged: bool = False) -> dict[str, dict[str, Mitigation]]:
     builtin = load_policy()["nginx-h2-rapid-reset"]
     bulk = Mitigation("bench-h2-bulk", builtin.cve, "nginx", builtin.fixed, "haproxy-h2", (BULK_PORT,),
                       {**builtin.params, "upstream": "h1"}, builtin.does, builtin.does_not_stop, "bench",
@@ -62,6 +66,10 @@ def _policies() -> dict[str, dict[str, Mitigation]]:
     limits = Mitigation("bench-nft", "CVE-2024-6387", "nginx", builtin.fixed, "nft-connlimit", (80, BULK_PORT),
                         {"max_per_source": 10000, "new_per_minute": 1000000}, "connlimit + rate, never reached",
                         "bench: limits set so that nothing is dropped", "bench", builtin.introduced)
+    if bridged:
+        limits = Mitigation("bench-nft", "CVE-2024-6387", "nginx", builtin.fixed, "nft-rate", (80, BULK_PORT),
+                            {"new_per_second": 1000000, "burst": 1000000}, "rate, never reached",
+                            "bench: limits set so that nothing is dropped", "bench", builtin.introduced)
     return {"haproxy": {builtin.id: builtin, bulk.id: bulk}, "nftables": {limits.id: limits}}
 
 
@@ -90,7 +98,7 @@ def _summary(kind: str, samples: dict[str, list[float]]) -> dict[str, Any]:
             "bulk_mb_s": round(statistics.median(samples["bulk_mb_s"]), 1)}
 
 
-def run(requests: int, repeat: int, mib: int) -> dict[str, Any]:
+def run(requests: int, repeat: int, mib: int, bridged: bool = False) -> dict[str, Any]:
     """Build the network, measure every kind, tear everything down; return the numbers."""
     tmp = Path(tempfile.mkdtemp(prefix="nph-bench-filters-"))
     os.environ["NEPHOSCOPE_RUN"] = str(tmp / "run")
@@ -98,15 +106,19 @@ def run(requests: int, repeat: int, mib: int) -> dict[str, Any]:
     (tmp / "www" / "bulk.bin").write_bytes(os.urandom(mib << 20))
     store = Store(tmp / "store.sqlite")
     owner = {"/usr/sbin/nginx": "nginx"}.get
-    out: dict[str, Any] = {"requests": requests, "repeat": repeat, "bulk_mib": mib, "kinds": {}}
-    with netns.lab_network(f"nphb{os.getpid() % 1000}", "veth") as net, netns.origin_server(net, tmp):
+    out: dict[str, Any] = {"requests": requests, "repeat": repeat, "bulk_mib": mib, "bridged": bridged, "kinds": {}}
+    with netns.lab_network(f"nphb{os.getpid() % 1000}", "veth", bridged) as net, netns.origin_server(net, tmp):
         bulk = subprocess.Popen(["ip", "netns", "exec", net.vm_ns, sys.executable, "-m", "http.server",
                                  str(BULK_PORT), "--bind", netns.GUEST_IP, "--directory", str(tmp / "www")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            time.sleep(1.0)
-            vmnet = VmNet(net.tap, netns.GUEST_IP, net.host_ns)
-            for kind, policy in _policies().items():
+            for _ in range(60):  # http.server looks its own name up first: slow where DNS is unreachable
+                if netns.run_in(net.client_ns, "connects", netns.GUEST_IP, BULK_PORT, 1, 0.5)["connected"]:
+                    break
+                time.sleep(0.5)
+            vmnet = VmNet(net.tap, netns.GUEST_IP, net.host_ns, find_bridge(net.tap, net.host_ns) or "")
+            assert vmnet.bridge == net.bridge, (vmnet, net)
+            for kind, policy in _policies(bridged).items():
                 to_force, plan_ms = [], []
                 for _ in range(repeat):
                     scan_id = store.save_scan(VM, ["agent", "inspect"], _scan_observations(), [], {"status": "ok"},
@@ -147,12 +159,13 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=200, help="requests per latency / keep-alive measurement")
     ap.add_argument("--repeat", type=int, default=5, help="applies timed, and open/filtered rounds")
     ap.add_argument("--mib", type=int, default=16, help="bulk file size in MiB")
+    ap.add_argument("--bridged", action="store_true", help="the tap is a bridge port (bridge-family filters)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/filters.py needs root (network namespaces, nft)", file=sys.stderr)
         return 2
-    res = run(args.requests, args.repeat, args.mib)
+    res = run(args.requests, args.repeat, args.mib, args.bridged)
     if args.json:
         print(json.dumps(res, indent=1))
         return 0

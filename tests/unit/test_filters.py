@@ -161,7 +161,7 @@ class Host:
         monkeypatch.setattr(nft, "apply_table", self.apply_table)
         monkeypatch.setattr(nft, "live_tables", lambda netns="": set(self.tables))
         monkeypatch.setattr(haproxy, "start", lambda vm, net, fs: self.haproxy.__setitem__(vm, fs) or 1)
-        monkeypatch.setattr(haproxy, "stop", lambda vm: self.haproxy.pop(vm, None) is not None)
+        monkeypatch.setattr(haproxy, "stop", lambda vm, keep_track=False: self.haproxy.pop(vm, None) is not None)
         monkeypatch.setattr(engine, "net_present", lambda net: True)
 
     def apply_table(self, vm: str, net: VmNet, filters: list[NftFilter]) -> str:
@@ -252,6 +252,7 @@ def test_cli_plan_and_list_from_the_store(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("NEPHOSCOPE_DB", str(tmp_path / "s.sqlite"))
     monkeypatch.setenv("NEPHOSCOPE_RUN", str(tmp_path / "run"))
     monkeypatch.setattr(filters, "kb_owner", lambda: OWNER)
+    monkeypatch.setattr(filters, "_libvirt_tap", lambda vm: None)  # no libvirt domain of that name (hermetic)
     Store().save_scan(VM, ["agent", "inspect"], _scan(listen=(8080,)), [], {"status": "ok"}, time.time())
     cli = CliRunner()
     out = cli.invoke(app, ["filters", "plan", VM, "--json"])
@@ -259,6 +260,7 @@ def test_cli_plan_and_list_from_the_store(tmp_path: Path, monkeypatch: pytest.Mo
     plan = json.loads(out.stdout)
     assert [f["mitigation"]["id"] for f in plan["filters"]] == ["nginx-h2-rapid-reset"]
     assert plan["filters"][0]["evidence"]["ports_from"] == "listening in the scan"
+    assert plan["net"] is None  # no tap known: the kinds are not checked against one
     listed = cli.invoke(app, ["filters", "list", "--json"])
     assert listed.exit_code == 0 and json.loads(listed.stdout) == []
     missing = cli.invoke(app, ["filters", "apply", VM])  # not a lab guest on a tap: where does traffic pass?
@@ -286,3 +288,136 @@ def test_changes_carry_what_a_notice_needs(host: Host, tmp_path: Path) -> None:
     expired = engine.expire(store, VM, _scan(NGINX_FIXED), ["agent"], owner=OWNER)[0]
     assert expired.action == "expired" and expired.notice_action == "removed"
     assert "no longer filters" in expired.notice_summary() and expired.does  # kept from the store row
+
+
+BRIDGED = VmNet("vnet3", "10.77.0.2", "", "virbr0")
+NO_BRIDGE_CT = nft.BridgeCaps(reject=False, conntrack=False)  # this host's kernel (no nft_reject_bridge, no ct)
+FULL_BRIDGE = nft.BridgeCaps(reject=True, conntrack=True)      # e.g. Debian's kernel with both modules
+
+
+def test_bridged_ruleset_is_a_bridge_table_in_the_kernel_s_dialect() -> None:
+    fs = [NftFilter("c", "CVE-1-1", "nft-close", (23,)),
+          NftFilter("a", "CVE-1-2", "nft-allow", (80,), {"allow": ["10.0.0.0/8"]}),
+          NftFilter("r", "CVE-1-3", "nft-rate", (22,), {"new_per_second": 5, "burst": 10})]
+    text = nft.ruleset("vm", BRIDGED, fs, NO_BRIDGE_CT)
+    assert text == nft.ruleset("vm", BRIDGED, list(reversed(fs)), NO_BRIDGE_CT)  # deterministic
+    assert text.startswith(f"table bridge {nft.table_name('vm')} {{") and "on bridge virbr0" in text
+    assert "type filter hook forward priority filter - 10; policy accept;" in text and "prerouting" not in text
+    assert 'oifname "vnet3" tcp dport 23 drop comment "c CVE-1-1"' in text  # no reject in this bridge family
+    assert 'oifname "vnet3" tcp dport 80 ip saddr != { 10.0.0.0/8 } drop' in text
+    assert 'oifname "vnet3" tcp dport 80 meta protocol ip6 drop' in text  # never `meta nfproto` in a bridge
+    assert "nfproto" not in text and "ct state" not in text and "reject" not in text
+    assert ("tcp dport 22 tcp flags & (syn | ack) == syn update @rate_r_v4 { ip saddr limit rate over 5/second "
+            "burst 10 packets } drop") in text
+    full = nft.ruleset("vm", BRIDGED, [*fs, NftFilter("n", "CVE-1-4", "nft-connlimit", (22,),
+                                                     {"max_per_source": 3})], FULL_BRIDGE)
+    assert 'oifname "vnet3" tcp dport 23 reject with tcp reset' in full
+    forward, output = full.split("  chain output {")
+    assert "reject" in forward and "reject" not in output  # the kernel allows no bridge reject in `output`
+    assert "type filter hook output priority filter - 10;" in output and "meta skuid 0-4294967295 accept" in output
+    assert 'oifname "vnet3" tcp dport 23 drop comment "c CVE-1-1"' in output
+    assert "ct state new update @rate_r_v4" in full
+    assert "ct state new add @conn_n_v4 { ip saddr ct count over 3 }" in full
+    assert nft.ruleset("vm", VmNet("vnet3", "10.77.0.2"), fs).startswith("table inet ")  # routed: unchanged
+    # one transaction clears the VM's table in both families, whatever its tap was before
+    tx = nft.replace_transaction("vm", text).splitlines()
+    assert tx[:4] == [f"table inet {nft.table_name('vm')} {{}}", f"delete table inet {nft.table_name('vm')}",
+                      f"table bridge {nft.table_name('vm')} {{}}", f"delete table bridge {nft.table_name('vm')}"]
+
+
+def test_what_a_bridged_tap_cannot_do_is_refused_with_the_reason() -> None:
+    assert nft.refusal("haproxy-h2", NET) is None and nft.refusal("nft-connlimit", NET) is None
+    on_bridge = nft.PortFacts("fe:54:00:12:34:56", ("10.77.0.1/24",))
+    assert nft.refusal("haproxy-h2", BRIDGED, FULL_BRIDGE, on_bridge) is None
+    assert "subnet" in (nft.refusal("haproxy-h2", BRIDGED, NO_BRIDGE_CT, nft.PortFacts(on_bridge.mac, ())) or "")
+    assert "subnet" in (nft.refusal("haproxy-h2", BRIDGED, NO_BRIDGE_CT,
+                                    nft.PortFacts(on_bridge.mac, ("192.168.122.1/24",))) or "")
+    assert "MAC" in (nft.refusal("haproxy-h2", BRIDGED, NO_BRIDGE_CT, nft.PortFacts("", on_bridge.nets)) or "")
+    assert "--guest-ip" in (nft.refusal("haproxy-h2", VmNet("vnet3", bridge="virbr0"), NO_BRIDGE_CT, on_bridge) or "")
+    assert "conntrack" in (nft.refusal("nft-connlimit", BRIDGED, NO_BRIDGE_CT) or "")
+    assert nft.refusal("nft-connlimit", BRIDGED, FULL_BRIDGE) is None
+    assert all(nft.refusal(k, BRIDGED, NO_BRIDGE_CT) is None for k in ("nft-close", "nft-allow", "nft-rate"))
+    with pytest.raises(FilterError, match="conntrack"):
+        nft.ruleset("vm", BRIDGED, [NftFilter("n", "CVE-1-4", "nft-connlimit", (22,), {"max_per_source": 3})],
+                    NO_BRIDGE_CT)
+    with pytest.raises(FilterError, match="subnet"):
+        nft.ruleset("vm", BRIDGED, [NftFilter("h", "CVE-2023-44487", "haproxy-h2", (8080,), {}, (41234,))],
+                    FULL_BRIDGE, nft.PortFacts(on_bridge.mac, ()))
+
+
+def test_bridged_l7_hands_the_port_up_to_the_host_then_redirects() -> None:
+    port = nft.PortFacts("fe:54:00:12:34:56", ("10.77.0.1/24",))
+    fs = [NftFilter("h", "CVE-2023-44487", "haproxy-h2", (8080,), {}, (41234,)),
+          NftFilter("c", "CVE-1-1", "nft-close", (23,))]
+    text = nft.ruleset("vm", BRIDGED, fs, NO_BRIDGE_CT, port)
+    bridge, inet = text.split(f"table inet {nft.table_name('vm')} {{")
+    assert bridge.startswith(f"table bridge {nft.table_name('vm')} {{")
+    assert "type filter hook prerouting priority dstnat - 10;" in bridge
+    assert ('iifname != "vnet3" ether type ip ip daddr 10.77.0.2 tcp dport 8080 meta pkttype set host '
+            'ether daddr set fe:54:00:12:34:56 comment "h CVE-2023-44487"') in bridge
+    assert 'oifname "vnet3" tcp dport 23 drop' in bridge and "redirect" not in bridge
+    assert "type nat hook prerouting priority dstnat - 10;" in inet
+    assert 'iifname != "vnet3" ip daddr 10.77.0.2 tcp dport 8080 redirect to :41234' in inet
+    assert "forward" not in inet and "vnet3\" tcp dport 23" not in inet
+    assert text == nft.ruleset("vm", BRIDGED, list(reversed(fs)), NO_BRIDGE_CT, port)
+    assert "table inet" not in nft.ruleset("vm", BRIDGED, fs[1:], NO_BRIDGE_CT, port)  # no L7: bridge only
+    with pytest.raises(FilterError):
+        VmNet("vnet3", bridge='br0"; flush ruleset')
+    assert VmNet.from_dict(BRIDGED.to_dict()) == BRIDGED and "bridge" not in NET.to_dict()
+    assert VmNet.from_dict({"tap": "t0"}) == VmNet("t0")  # rows stored before bridges existed
+
+
+def test_plan_leaves_out_kinds_the_tap_cannot_take(host: Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                   ) -> None:
+    monkeypatch.setattr(nft, "bridge_caps", lambda netns="": NO_BRIDGE_CT)
+    monkeypatch.setattr(nft, "port_facts", lambda net: nft.PortFacts("fe:54:00:12:34:56", ("192.168.122.1/24",)))
+    policy = load_policy()
+    p = engine.plan(VM, _scan(listen=(8080,)), ["agent", "inspect"], policy, owner=OWNER, net=BRIDGED)
+    assert p.filters == [] and p.net == BRIDGED and p.to_dict()["net"]["bridge"] == "virbr0"
+    refused = [s for s in p.skipped if s["mitigation"] == "nginx-h2-rapid-reset"]
+    assert refused and "haproxy-h2 refused" in refused[0]["why"] and "virbr0" in refused[0]["why"]
+    assert "subnet" in refused[0]["why"]  # 10.77.0.2 is not in the host's 192.168.122.1/24 on the bridge
+    routed = engine.plan(VM, _scan(listen=(8080,)), ["agent", "inspect"], policy, owner=OWNER, net=NET)
+    assert [f.mitigation.id for f in routed.filters] == ["nginx-h2-rapid-reset"]
+    with pytest.raises(FilterError, match="haproxy-h2 refused"):  # --only names a refused one: say why
+        engine.apply(Store(tmp_path / "s.sqlite"), VM, BRIDGED, p, only=["nginx-h2-rapid-reset"])
+    assert host.tables == {}
+
+
+class _Proc:
+    def __init__(self, rc: int, out: str) -> None:
+        self.returncode, self.stdout, self.stderr = rc, out, ""
+
+
+@pytest.mark.parametrize(("rc", "out", "want"), [
+    (0, '[{"ifname": "vnet3", "master": "virbr0", "linkinfo": {"info_slave_kind": "bridge"}}]', "virbr0"),
+    (0, '[{"ifname": "vnet3", "linkinfo": {"info_kind": "tun"}}]', ""),
+    (1, "", None),
+])
+def test_find_bridge_reads_the_kernel_s_link_details(monkeypatch: pytest.MonkeyPatch, rc: int, out: str,
+                                                     want: str | None) -> None:
+    import subprocess
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "run", lambda argv, **kw: seen.append(argv) or _Proc(rc, out))
+    assert nft.find_bridge("vnet3", "ns1") == want
+    assert seen[0][:3] == ["ip", "-n", "ns1"] and seen[0][-2:] == ["dev", "vnet3"]
+
+
+def test_find_bridge_refuses_other_kinds_of_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    ovs = '[{"ifname": "vnet3", "master": "ovs-system", "linkinfo": {"info_slave_kind": "openvswitch"}}]'
+    monkeypatch.setattr(subprocess, "run", lambda argv, **kw: _Proc(0, ovs))
+    with pytest.raises(FilterError, match="openvswitch"):
+        nft.find_bridge("vnet3")
+
+
+def test_libvirt_interfaces_on_a_bridge_are_taps_now() -> None:
+    from nephoscope.service.filters import pick_tap
+
+    assert pick_tap("web", [("vnet3", "bridge"), ("vnet4", "network")]) == "vnet3"
+    assert pick_tap("web", [("macvtap0", "direct"), ("vnet5", "ethernet")]) == "vnet5"
+    assert pick_tap("web", []) is None
+    with pytest.raises(FilterError, match="direct"):
+        pick_tap("web", [("macvtap0", "direct")])

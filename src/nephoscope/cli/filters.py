@@ -36,17 +36,28 @@ def _changes(changes: list, json_out: bool, none: str) -> None:
 
 @app.command("plan")
 def plan(vm: str = typer.Argument(..., help="VM name (as in its stored scans)"), policy: list[Path] = POLICY,
-         json_out: bool = JSON) -> None:
-    """Show what `apply` would put in force for a VM and why: CVE and running evidence from its latest scan."""
+         tap: str = TAP, guest_ip: str = GUEST_IP, netns: str = NETNS, json_out: bool = JSON) -> None:
+    """Show what `apply` would put in force for a VM and why: CVE and running evidence from its latest scan.
+
+    When the VM's tap is known (a lab guest, a libvirt domain, --tap), each kind is also checked against it:
+    routed or bridge port, and what this kernel's bridge family can do; a kind that cannot work is refused."""
     from nephoscope.service import filters
 
+    note = ""
     try:
-        p = filters.plan_vm(vm, policy)
+        try:
+            net = filters.vm_net(vm, tap, guest_ip, netns)
+        except NephoscopeError as exc:
+            net, note = None, f"not checked against the VM's tap: {exc}"
+        p = filters.plan_vm(vm, policy, net=net)
     except NephoscopeError as exc:
         fail(exc)
     if json_out:
         emit_json(p.to_dict())
         return
+    if p.net is not None:
+        where = f"bridged tap {p.net.tap} (port of {p.net.bridge})" if p.net.bridge else f"routed tap {p.net.tap}"
+        note = f"checked against {where}" + (f" in netns {p.net.netns}" if p.net.netns else "")
     table(f"filters plan for {vm} (scan {p.scan_id})", ["mitigation", "cve", "kind", "ports", "running"],
           [[f.mitigation.id, f.mitigation.cve, f.mitigation.kind, ",".join(map(str, f.ports)),
             f"{f.mitigation.package} {f.version}"] for f in p.filters])
@@ -56,6 +67,7 @@ def plan(vm: str = typer.Argument(..., help="VM name (as in its stored scans)"),
             console.print(f"{f.mitigation.id}: {label}: {text}", markup=False, highlight=False)
     for s in p.skipped:
         console.print(f"not planned: {s['mitigation']}: {s['why']}", markup=False, highlight=False)
+    err_console.print(note, markup=False, highlight=False)
 
 
 @app.command("apply")
@@ -108,7 +120,8 @@ def list_(vm: str = typer.Argument(None, help="VM name (default: every VM)"),
     else:
         table("filters in force", ["vm", "mitigation", "cve", "since", "by", "tap", "rules"],
               [[r["vm"], r["mitigation"], r["cve"], _when(r["applied_at"]), r["applied_by"],
-                f"{r['net']['tap']}" + (f" (netns {r['net']['netns']})" if r["net"]["netns"] else ""),
+                f"{r['net']['tap']}" + (f" on bridge {r['net']['bridge']}" if r["net"].get("bridge") else "")
+                + (f" (netns {r['net']['netns']})" if r["net"]["netns"] else ""),
                 "\n".join(r["rules"])] for r in rows])
 
 

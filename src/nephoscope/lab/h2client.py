@@ -196,6 +196,40 @@ def http1_get(host: str, port: int, path: str = "/", timeout: float = 20.0) -> t
         conn.close()
 
 
+def connects(host: str, port: int, count: int, timeout: float = 0.3) -> int:
+    """Open `count` new TCP connections one after another (each closed at once); return how many connected."""
+    done = 0
+    for _ in range(count):
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                done += 1
+        except OSError:
+            continue
+    return done
+
+
+def hold(host: str, port: int, count: int, timeout: float = 2.0) -> list[bool]:
+    """Open `count` TCP connections and keep them all open; return which ones connected and got an HTTP answer."""
+    socks, out = [], []
+    try:
+        for _ in range(count):
+            try:
+                s = socket.create_connection((host, port), timeout=timeout)
+            except OSError:
+                out.append(False)
+                continue
+            socks.append(s)
+            try:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                out.append(s.recv(12).startswith(b"HTTP/1."))
+            except OSError:
+                out.append(False)
+    finally:
+        for s in socks:
+            s.close()
+    return out
+
+
 def _main(argv: list[str]) -> int:
     """Run one client function with JSON arguments and print its result as JSON (for `netns.run_in`)."""
     import json
@@ -210,6 +244,10 @@ def _main(argv: list[str]) -> int:
             out = {"status": status, "body": body.decode("utf-8", "replace")[:2000], "error": ""}
         except OSError as exc:
             out = {"status": 0, "body": "", "error": str(exc)}
+    elif name == "connects":
+        out = {"connected": connects(*args)}
+    elif name == "hold":
+        out = {"answered": hold(*args)}
     elif name == "timed":  # (what, host, port, count): per-request latency of `count` sequential requests
         what, host, port, count = args
         fn = h2_get if what == "h2" else http1_get

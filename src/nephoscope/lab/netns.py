@@ -1,6 +1,15 @@
-"""A routed lab network in namespaces: a host-side namespace holding the VM's tap, and a client namespace.
+"""A lab network in namespaces: a host-side namespace holding the VM's tap, and a client namespace.
+
+Routed (the default):
 
     client ns (10.78.0.2) ──veth── host ns (10.78.0.1 | 10.77.0.1) ──tap── guest (10.77.0.2)
+
+Bridged (`bridged=True`): the tap and the client's veth are ports of one bridge in the host namespace,
+so client → VM frames are switched, never routed (the libvirt virbr0 / provider br0 case); a second,
+routed client stands for clients outside the bridge that the host routes into it (libvirt's NAT network):
+
+    client ns (10.77.0.3) ──veth── [bridge in host ns, 10.77.0.1] ──tap── guest (10.77.0.2)
+    routed client ns (10.78.0.2) ──veth── host ns (10.78.0.1) ──routed into the bridge──┘
 
 The host namespace stands for the hypervisor host: it routes between the client and the guest, and the
 VM's filters (nft table, haproxy) live there. Routed rather than bridged on purpose: traffic to the VM
@@ -23,6 +32,7 @@ from typing import Any
 from nephoscope.core.errors import LabError
 
 GUEST_IP, HOST_TAP_IP, CLIENT_IP, HOST_CLIENT_IP = "10.77.0.2", "10.77.0.1", "10.78.0.2", "10.78.0.1"
+BRIDGED_CLIENT_IP = "10.77.0.3"  # on a bridged lab network the client shares the guest's subnet
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -39,6 +49,7 @@ class NetLab:
 
     prefix: str
     kind: str = "tap"
+    bridged: bool = False
 
     @property
     def host_ns(self) -> str:
@@ -57,13 +68,28 @@ class NetLab:
     def tap(self) -> str:
         return f"{self.prefix[:10]}-tap"
 
+    @property
+    def bridge(self) -> str:
+        """The bridge in the host namespace (bridged networks only, else "")."""
+        return f"{self.prefix[:10]}-br" if self.bridged else ""
+
+    @property
+    def client_ip(self) -> str:
+        return BRIDGED_CLIENT_IP if self.bridged else CLIENT_IP
+
+    @property
+    def routed_client_ns(self) -> str:
+        """A client outside the bridge, routed into it by the host (bridged networks only, else "")."""
+        return f"{self.prefix}-rcli" if self.bridged else ""
+
     def namespaces(self) -> list[str]:
-        return [self.host_ns, self.client_ns, *([self.vm_ns] if self.kind == "veth" else [])]
+        return [self.host_ns, self.client_ns, *([self.vm_ns] if self.kind == "veth" else []),
+                *([self.routed_client_ns] if self.bridged else [])]
 
 
-def create(prefix: str, kind: str = "tap") -> NetLab:
+def create(prefix: str, kind: str = "tap", bridged: bool = False) -> NetLab:
     """Create the lab network (removing a left-over one of the same prefix first)."""
-    net = NetLab(prefix, kind)
+    net = NetLab(prefix, kind, bridged)
     destroy(net)
     try:
         for ns in net.namespaces():
@@ -77,14 +103,30 @@ def create(prefix: str, kind: str = "tap") -> NetLab:
             ip("-n", net.vm_ns, "addr", "add", f"{GUEST_IP}/24", "dev", "eth0")
             ip("-n", net.vm_ns, "link", "set", "eth0", "up")
             ip("-n", net.vm_ns, "route", "add", "default", "via", HOST_TAP_IP)
-        ip("-n", h, "addr", "add", f"{HOST_TAP_IP}/24", "dev", net.tap)
-        ip("-n", h, "link", "set", net.tap, "up")
         ip("link", "add", "cli0", "netns", c, "type", "veth", "peer", "name", "hcli0", "netns", h)
-        ip("-n", c, "addr", "add", f"{CLIENT_IP}/24", "dev", "cli0")
-        ip("-n", h, "addr", "add", f"{HOST_CLIENT_IP}/24", "dev", "hcli0")
+        if bridged:
+            ip("-n", h, "link", "add", net.bridge, "type", "bridge")
+            ip("-n", h, "addr", "add", f"{HOST_TAP_IP}/24", "dev", net.bridge)
+            for port in (net.tap, "hcli0"):
+                ip("-n", h, "link", "set", port, "master", net.bridge)
+            ip("-n", h, "link", "set", net.bridge, "up")
+            ip("-n", c, "addr", "add", f"{BRIDGED_CLIENT_IP}/24", "dev", "cli0")
+            r = net.routed_client_ns
+            ip("link", "add", "rcli0", "netns", r, "type", "veth", "peer", "name", "hrcli0", "netns", h)
+            ip("-n", r, "addr", "add", f"{CLIENT_IP}/24", "dev", "rcli0")
+            ip("-n", h, "addr", "add", f"{HOST_CLIENT_IP}/24", "dev", "hrcli0")
+            ip("-n", r, "link", "set", "rcli0", "up")
+            ip("-n", h, "link", "set", "hrcli0", "up")
+            ip("-n", r, "route", "add", "default", "via", HOST_CLIENT_IP)
+        else:
+            ip("-n", h, "addr", "add", f"{HOST_TAP_IP}/24", "dev", net.tap)
+            ip("-n", c, "addr", "add", f"{CLIENT_IP}/24", "dev", "cli0")
+            ip("-n", h, "addr", "add", f"{HOST_CLIENT_IP}/24", "dev", "hcli0")
+        ip("-n", h, "link", "set", net.tap, "up")
         ip("-n", c, "link", "set", "cli0", "up")
         ip("-n", h, "link", "set", "hcli0", "up")
-        ip("-n", c, "route", "add", "default", "via", HOST_CLIENT_IP)
+        if not bridged:
+            ip("-n", c, "route", "add", "default", "via", HOST_CLIENT_IP)
         subprocess.run(["ip", "netns", "exec", h, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True,
                        capture_output=True, timeout=30)
     except BaseException:
@@ -100,9 +142,9 @@ def destroy(net: NetLab) -> None:
 
 
 @contextlib.contextmanager
-def lab_network(prefix: str, kind: str = "tap") -> Iterator[NetLab]:
+def lab_network(prefix: str, kind: str = "tap", bridged: bool = False) -> Iterator[NetLab]:
     """Yield a fresh lab network and always remove it afterwards."""
-    net = create(prefix, kind)
+    net = create(prefix, kind, bridged)
     try:
         yield net
     finally:

@@ -1,10 +1,12 @@
 """Plan, apply, remove, expire and collect a VM's filters, each change audited in the scan store.
 
-Order of an apply, so that a kill at any point leaves nothing behind that `gc` does not reap: start the
-VM's haproxy (tracked in its state directory), then one nft transaction for the VM's whole table, then one
-store transaction recording the filters and the audit rows. An exception, Ctrl-C or SIGTERM on the way
-puts the previous table and haproxy back; a SIGKILL leaves at most a tracked haproxy or a table without a store row,
-and `gc` (run by every apply and every scan that expires filters) removes both.
+Order of an apply, so that a kill at any point leaves nothing behind that `gc` does not reap: record where
+the filters go (the VM's state directory: tap, netns, bridge) and start the VM's haproxy, then one nft
+transaction for the VM's whole table (inet or bridge family), then one store transaction recording the
+filters and the audit rows; only then is a VM without haproxy forgotten from the state directory. An
+exception, Ctrl-C or SIGTERM on the way puts the previous table and haproxy back; a SIGKILL leaves at most
+a tracked haproxy or a tracked table without a store row, and `gc` (run by every apply and every scan that
+expires filters) removes both.
 """
 
 from __future__ import annotations
@@ -123,11 +125,12 @@ class FilterPlan:
     scan_id: int | None
     filters: list[PlannedFilter] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    net: VmNet | None = None  # where the plan was checked to be expressible (None: not checked)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
         return {"vm": self.vm, "scan_id": self.scan_id, "filters": [f.to_dict() for f in self.filters],
-                "skipped": self.skipped}
+                "skipped": self.skipped, "net": self.net.to_dict() if self.net else None}
 
 
 def who_am_i() -> str:
@@ -168,9 +171,12 @@ def listening_ports(observations: Iterable[Observation], pids: set[int]) -> set[
 
 
 def plan(vm: str, observations: list[Observation], methods: list[str], policy: dict[str, Mitigation], *,
-         scan_id: int | None = None, owner: Owner | None = None) -> FilterPlan:
-    """Return the filters a scan's running code calls for under `policy` (no host change)."""
-    out = FilterPlan(vm, scan_id)
+         scan_id: int | None = None, owner: Owner | None = None, net: VmNet | None = None) -> FilterPlan:
+    """Return the filters a scan's running code calls for under `policy` (no host change).
+
+    With `net` (where the VM's traffic passes), a kind that cannot be put in force there (e.g. haproxy on
+    a bridged tap, `ct count` without conntrack in the bridge) is left out with the reason."""
+    out = FilterPlan(vm, scan_id, net=net)
     running = running_packages(observations, methods, vm, owner)
     procs = {o.payload.pid: o.payload.comm for o in observations if o.kind == "process" and hasattr(o.payload, "pid")}
     for m in sorted(policy.values(), key=lambda m: m.id):
@@ -192,6 +198,10 @@ def plan(vm: str, observations: list[Observation], methods: list[str], policy: d
             out.skipped.append({"mitigation": m.id, "why": f"{m.package} listens on none of ports "
                                 f"{', '.join(map(str, m.ports))} (listening: {heard})"})
             continue
+        why = nft.refusal(m.kind, net) if net is not None else None
+        if why:
+            out.skipped.append({"mitigation": m.id, "why": f"{m.kind} refused: {why}"})
+            continue
         out.filters.append(PlannedFilter(m, covered[-1], ports, {
             "scan_id": scan_id, "processes": [{"pid": p, "comm": procs.get(p, "")} for p in sorted(run.pids)],
             "paths": sorted(run.paths), "methods": sorted(run.methods), "verdict": run.verdict,
@@ -199,11 +209,13 @@ def plan(vm: str, observations: list[Observation], methods: list[str], policy: d
     return out
 
 
-def plan_latest(store: Any, vm: str, policy: dict[str, Mitigation], owner: Owner | None = None) -> FilterPlan:
-    """Return the plan from the latest stored scan of `vm` that obtained anything."""
+def plan_latest(store: Any, vm: str, policy: dict[str, Mitigation], owner: Owner | None = None,
+                net: VmNet | None = None) -> FilterPlan:
+    """Return the plan from the latest stored scan of `vm` that obtained anything (checked against `net`)."""
     for rec in store.scans(vm, limit=20):
         if rec.summary.get("status", "ok") != "unverifiable":
-            return plan(vm, store.load_observations(rec.id, vm), rec.methods, policy, scan_id=rec.id, owner=owner)
+            return plan(vm, store.load_observations(rec.id, vm), rec.methods, policy, scan_id=rec.id, owner=owner,
+                        net=net)
     raise FilterError(f"no usable stored scan of {vm!r}; run `nephoscope scan {vm}` first")
 
 
@@ -260,7 +272,7 @@ def active(store: Any, vm: str | None = None) -> list[ActiveFilter]:
         net = json.loads(r[11])
         out.append(ActiveFilter(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], tuple(json.loads(r[8])),
                                 json.loads(r[9]), tuple(json.loads(r[10])),
-                                VmNet(net["tap"], net.get("guest_ip", ""), net.get("netns", "")), r[12], r[13], r[14],
+                                VmNet.from_dict(net), r[12], r[13], r[14],
                                 r[15], r[16], r[17]))
     return out
 
@@ -276,7 +288,11 @@ def audit_log(store: Any, vm: str | None = None, limit: int = 200) -> list[dict[
 
 def rules_summary(f: NftFilter, net: VmNet) -> tuple[str, ...]:
     """Return the nft rules (and haproxy limits) one filter puts in force, one line each."""
-    table = nft.ruleset("x", net, [f])
+    try:
+        table = nft.ruleset("x", net, [f])
+    except FilterError:  # a bridged tap (or its namespace) gone: the rules it had, without asking the kernel
+        table = nft.ruleset("x", net, [f], nft.BridgeCaps(reject=True, conntrack=True),
+                            nft.PortFacts("(the tap's MAC)", (f"{net.guest_ip or '0.0.0.0'}/0",)))
     lines = [ln.strip() for ln in table.splitlines() if f'comment "{f.mitigation} ' in ln]
     if f.kind == "haproxy-h2":
         lines += [f"haproxy: max {f.params['max_concurrent_streams']} concurrent streams; drop a connection "
@@ -294,8 +310,8 @@ def _put_in_force(vm: str, net: VmNet, filters: list[NftFilter]) -> None:
     if l7:
         haproxy.start(vm, net, l7)
     nft.apply_table(vm, net, filters)
-    if not l7:
-        haproxy.stop(vm)
+    if not l7:  # keep net.json until the store has the rows: a table in another netns stays findable by gc
+        haproxy.stop(vm, keep_track=True)
 
 
 def _record(store: Any, changes: list[FilterChange], upserts: list[ActiveFilter], deletes: list[tuple[str, str]]
@@ -346,9 +362,13 @@ def _change(store: Any, vm: str, net: VmNet, before: list[ActiveFilter], after: 
         _put_in_force(vm, net, [a.nft() for a in after])
         keep = {a.mitigation for a in after}
         _record(store, changes, after, [(vm, b.mitigation) for b in before if b.mitigation not in keep])
+        if not any(a.kind == "haproxy-h2" for a in after):
+            haproxy.untrack(vm)  # the store rows now say where the table is
     except BaseException as exc:
         with contextlib.suppress(NephoscopeError):  # if even that fails, gc compares the store with what is live
             _put_in_force(vm, before[0].net if before else net, [b.nft() for b in before])
+            if not any(b.kind == "haproxy-h2" for b in before):
+                haproxy.untrack(vm)
         if isinstance(exc, NephoscopeError | KeyboardInterrupt | SystemExit):
             raise
         raise FilterError(f"applying filters of {vm} failed: {exc}") from exc
@@ -365,7 +385,9 @@ def apply(store: Any, vm: str, net: VmNet, planned: FilterPlan, *, only: Iterabl
     wanted = [p for p in planned.filters if not only or p.mitigation.id in set(only)]
     missing = set(only) - {p.mitigation.id for p in planned.filters}
     if missing:
-        raise FilterError(f"not in the plan of {vm}: {', '.join(sorted(missing))}; `nephoscope filters plan {vm}`")
+        why = "; ".join(f"{s['mitigation']}: {s['why']}" for s in planned.skipped if s["mitigation"] in missing)
+        raise FilterError(f"not in the plan of {vm}: {', '.join(sorted(missing))}" + (f" ({why})" if why else "")
+                          + f"; `nephoscope filters plan {vm}`")
     before = active(store, vm)
     if before and before[0].net != net:
         raise FilterError(f"{vm}'s filters are in force on {before[0].net.to_dict()}, not {net.to_dict()}; "

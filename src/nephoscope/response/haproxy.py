@@ -131,9 +131,22 @@ def stop_dir(directory: Path, keep: bool = False) -> bool:
     return pid is not None
 
 
-def stop(vm: str) -> bool:
-    """Stop `vm`'s haproxy and remove its state; return whether one ran."""
-    return stop_dir(vm_dir(vm))
+def stop(vm: str, keep_track: bool = False) -> bool:
+    """Stop `vm`'s haproxy and remove its state (`keep_track`: all but net.json); return whether one ran."""
+    d = vm_dir(vm)
+    if not keep_track:
+        return stop_dir(d)
+    ran = stop_dir(d, keep=True)
+    for name in ("haproxy.cfg", "haproxy.pid"):
+        (d / name).unlink(missing_ok=True)
+    return ran
+
+
+def untrack(vm: str) -> None:
+    """Forget where `vm`'s filters go once the store records them (only when no haproxy of it runs)."""
+    d = vm_dir(vm)
+    if find_pid(d) is None:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def iter_tracked() -> Iterator[tuple[str, Path, VmNet | None]]:
@@ -144,6 +157,6 @@ def iter_tracked() -> Iterator[tuple[str, Path, VmNet | None]]:
     for d in sorted(root.iterdir()):
         try:
             meta = json.loads((d / "net.json").read_text())
-            yield str(meta["vm"]), d, VmNet(meta["tap"], meta.get("guest_ip", ""), meta.get("netns", ""))
+            yield str(meta["vm"]), d, VmNet.from_dict(meta)
         except (OSError, ValueError, KeyError, FilterError):
             yield "", d, None

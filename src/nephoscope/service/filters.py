@@ -1,7 +1,8 @@
 """The filters use case: plan, apply, list and remove a VM's host-side filters; expire them after scans.
 
 Where a VM's traffic passes (tap device, address, network namespace) comes from the operator's options or,
-for a lab guest on tap networking, from its run state. See docs/filters.md.
+for a lab guest on tap networking, from its run state, or from a libvirt domain's XML; whether the tap is
+routed or a bridge port is asked of the kernel. See docs/filters.md.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from nephoscope.core.errors import NephoscopeError
 from nephoscope.core.records import Observation
 from nephoscope.response import engine
 from nephoscope.response.engine import FilterChange, FilterPlan
-from nephoscope.response.nft import FilterError, VmNet
+from nephoscope.response.nft import FilterError, VmNet, find_bridge
 from nephoscope.response.policy import Mitigation, load_policy
 from nephoscope.service.report import kb_owner
 from nephoscope.store.sqlite import Store
@@ -37,11 +38,23 @@ def taps_from_domain_xml(xml: str) -> list[tuple[str, str]]:
             if (t := iface.find("target")) is not None and t.get("dev")]
 
 
-def _libvirt_tap(vm: str) -> str | None:
-    """Return the routed tap of libvirt domain `vm` (an `ethernet` interface), or None when there is no domain.
+TAP_INTERFACES = ("ethernet", "bridge", "network")  # libvirt interface types backed by a host tap device
 
-    A tap that is a bridge port (`bridge`, `network` interfaces) is refused: bridged frames do not pass the
-    inet `forward` hook the filters use (docs/filters.md)."""
+
+def pick_tap(vm: str, taps: list[tuple[str, str]]) -> str | None:
+    """Return the tap to filter among a domain's (device, interface type): its first tap-backed NIC.
+
+    `ethernet` (a routed tap), `bridge` and `network` (a tap on a bridge such as virbr0/br0) are taps;
+    `direct` (macvtap), `vhostuser` and the like have no tap whose traffic the host's nft hooks see."""
+    usable = [dev for dev, kind in taps if kind in TAP_INTERFACES]
+    if not usable and taps:
+        raise FilterError(f"{vm}'s NIC {taps[0][0]} is a libvirt {taps[0][1]!r} interface, not a tap device "
+                          "(routed or on a bridge): nephoscope's nft filters cannot see its traffic; give --tap")
+    return usable[0] if usable else None
+
+
+def _libvirt_tap(vm: str) -> str | None:
+    """Return the tap of libvirt domain `vm` (`pick_tap`), or None when there is no such domain."""
     try:
         from nephoscope.hypervisor import libvirt
 
@@ -49,11 +62,7 @@ def _libvirt_tap(vm: str) -> str | None:
         taps = taps_from_domain_xml(dom.XMLDesc(0)) if dom is not None else []
     except Exception:  # libvirt missing or unreachable: the operator gives --tap
         return None
-    routed = [dev for dev, kind in taps if kind == "ethernet"]
-    if not routed and taps:
-        raise FilterError(f"{vm}'s NIC {taps[0][0]} is a {taps[0][1]} port: bridged traffic does not pass the "
-                          "forward hook nephoscope's nft filters use; give a routed tap with --tap")
-    return routed[0] if routed else None
+    return pick_tap(vm, taps)
 
 
 def vm_net(vm: str, tap: str | None = None, guest_ip: str | None = None, netns: str | None = None) -> VmNet:
@@ -70,19 +79,24 @@ def vm_net(vm: str, tap: str | None = None, guest_ip: str | None = None, netns: 
     if not tap:
         raise FilterError(f"where does {vm}'s traffic pass? give --tap (and --guest-ip, --netns); lab guests on "
                           "user networking have no tap device to filter")
-    return VmNet(tap, guest_ip or "", netns or "")
+    checked = VmNet(tap, guest_ip or "", netns or "")  # the names are valid before `ip` sees them
+    bridge = find_bridge(checked.tap, checked.netns)
+    return VmNet(checked.tap, checked.guest_ip, checked.netns, bridge or "")
 
 
-def plan_vm(vm: str, policy_paths: list[Path] | None = None, store: Store | None = None) -> FilterPlan:
-    """Return what `filters apply` would put in force for `vm`, from its latest stored scan."""
-    return engine.plan_latest(store or Store(), vm, policy(policy_paths), kb_owner())
+def plan_vm(vm: str, policy_paths: list[Path] | None = None, store: Store | None = None,
+            net: VmNet | None = None) -> FilterPlan:
+    """Return what `filters apply` would put in force for `vm`, from its latest stored scan (on `net` if known)."""
+    return engine.plan_latest(store or Store(), vm, policy(policy_paths), kb_owner(), net)
 
 
 def apply_vm(vm: str, net: VmNet, *, only: list[str] | None = None, policy_paths: list[Path] | None = None,
              store: Store | None = None) -> list[FilterChange]:
-    """Put `vm`'s planned filters in force (atomically, idempotently); return the changes, audited."""
+    """Put `vm`'s planned filters in force (atomically, idempotently); return the changes, audited.
+
+    The plan is checked against `net`: a kind that cannot be expressed there is not applied (`plan` says why)."""
     store = store or Store()
-    return notify(engine.apply(store, vm, net, plan_vm(vm, policy_paths, store), only=only or ()), store)
+    return notify(engine.apply(store, vm, net, plan_vm(vm, policy_paths, store, net), only=only or ()), store)
 
 
 def remove_vm(vm: str, mitigations: list[str] | None = None, reason: str = "removed by the operator",
