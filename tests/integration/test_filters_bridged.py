@@ -55,13 +55,7 @@ def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[netns
 
 
 def _ruleset(net: netns.NetLab) -> list[dict[str, Any]]:
-    out = []
-    for item in nft.list_json(net.host_ns)["nftables"]:
-        if "metainfo" not in item:
-            for body in item.values():
-                body.pop("handle", None)
-            out.append(item)
-    return out
+    return nft.comparable_ruleset(net.host_ns)
 
 
 def _plan(*mitigations: Mitigation, net: VmNet | None = None) -> FilterPlan:

@@ -82,13 +82,7 @@ def bridged_guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ru
 
 
 def _ruleset(net: netns.NetLab) -> list[dict[str, Any]]:
-    out = []
-    for item in nft.list_json(net.host_ns)["nftables"]:
-        if "metainfo" not in item:
-            for body in item.values():
-                body.pop("handle", None)
-            out.append(item)
-    return out
+    return nft.comparable_ruleset(net.host_ns)
 
 
 def test_rapid_reset_filter_through_the_bridge_on_a_real_nginx(bridged_guest) -> None:

@@ -60,13 +60,7 @@ def h2_guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[runner.
 
 
 def _ruleset(net: netns.NetLab) -> list[dict[str, Any]]:
-    out = []
-    for item in nft.list_json(net.host_ns)["nftables"]:
-        if "metainfo" not in item:
-            for body in item.values():
-                body.pop("handle", None)
-            out.append(item)
-    return out
+    return nft.comparable_ruleset(net.host_ns)
 
 
 def _status(net: netns.NetLab, what: str, port: int) -> int:

@@ -11,6 +11,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,16 +38,8 @@ def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[netns
     store.close()
 
 
-def _ruleset(net: netns.NetLab) -> list[dict]:
-    """Return the host namespace's ruleset as nft JSON, without handles (which change on every load)."""
-    out = []
-    for item in nft.list_json(net.host_ns)["nftables"]:
-        if "metainfo" in item:
-            continue
-        for body in item.values():
-            body.pop("handle", None)
-        out.append(item)
-    return out
+def _ruleset(net: netns.NetLab) -> list[dict[str, Any]]:
+    return nft.comparable_ruleset(net.host_ns)
 
 
 def _haproxy_alive(pid: int) -> bool:

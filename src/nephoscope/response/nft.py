@@ -399,6 +399,19 @@ def list_json(netns: str = "") -> dict[str, Any]:
     return dict(json.loads(run_nft(netns, "-j", "list", "ruleset") or '{"nftables": []}'))
 
 
+def comparable_ruleset(netns: str = "") -> list[dict[str, Any]]:
+    """Return the whole ruleset of `netns` without metainfo and handles: equal before and after a change
+    that was undone (handles are renumbered by every load)."""
+    out = []
+    for item in list_json(netns).get("nftables", []):
+        if isinstance(item, dict) and "metainfo" not in item:
+            for body in item.values():
+                if isinstance(body, dict):
+                    body.pop("handle", None)
+            out.append(item)
+    return out
+
+
 def live_tables(netns: str = "") -> set[str]:
     """Return the names of nephoscope's tables present in `netns` (inet or bridge family)."""
     out = set()
