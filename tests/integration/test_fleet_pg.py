@@ -15,13 +15,14 @@ from sqlalchemy import inspect, text
 from nephoscope.core.errors import NephoscopeError
 from nephoscope.fleet.db import FleetStore, Principal, migrate, open_engine
 from nephoscope.fleet.localrun import ServerProcess
-from nephoscope.fleet.sensor import Client, Sensor, parse_policy, vm_lock
+from nephoscope.fleet.sensor import Client, Sensor, local_response, parse_policy, vm_lock
 from nephoscope.hypervisor.discover import Discovery, HostVm
 from nephoscope.hypervisor.target import VmTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from fleet_docs import stored_document
+from fleet_docs import TAP, response_store, stored_document
 
+HEAD = "0002"  # the newest migration
 POLICY = """
 include = ["vm-*"]
 [[rule]]
@@ -78,10 +79,11 @@ def test_migrations_create_the_schema_on_postgresql(server: ServerProcess, fleet
     engine = open_engine(fleet_pg.url)
     try:
         tables = set(inspect(engine).get_table_names())
-        assert {"tenants", "hosts", "vms", "tokens", "scans", "findings", "alembic_version"} <= tables
+        assert {"tenants", "hosts", "vms", "tokens", "scans", "findings", "alembic_version", "vm_filters",
+                "vm_filter_audit", "vm_notices"} <= tables
         migrate(engine)  # a second upgrade is a no-op
         with engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == HEAD
             kinds = {r[0]: r[1] for r in conn.execute(text(
                 "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'scans'"))}
         assert kinds["document"] == "jsonb"
@@ -112,6 +114,37 @@ def test_sensor_buffers_while_the_server_is_away_and_catches_up(server: ServerPr
     assert set(vms) == {"vm-a", "vm-b"}
     latest = _get(server, f"/api/v1/vms/{vms['vm-a']['id']}")["latest"]["document"]["scan"]
     assert latest["processes"] == stored_document()["scan"]["processes"]
+
+
+def test_sensor_reports_filters_and_notices(server: ServerProcess, fleet_pg: Any, tmp_path: Path) -> None:
+    """A sweep pushes the scanned VM's filters and notices from the host store; away, it retries next sweep."""
+    token = _post(server, "/api/v1/tokens", {"scope": "sensor", "host": "hv-f"})["token"]
+    host_store = tmp_path / "host.sqlite"
+    response_store(host_store, "vm-f")
+    sensor = Sensor(Client(server.url, token, timeout=5), parse_policy(POLICY), tmp_path / "s", host="hv-f",
+                    discover=lambda: _vms("vm-f"), scanner=lambda vm, _m: StoredResult(vm.name),
+                    response=lambda vm: local_response(vm, host_store))
+    server.stop()
+    away = sensor.sweep()
+    assert away.responses == 0 and sensor.state["response_due"] == ["vm-f"]
+    server.start()
+    back = sensor.sweep()
+    assert back.pushed == 2 and back.responses == 1 and sensor.state["response_due"] == []
+    vm_id = _get(server, "/api/v1/vms")[0]["id"]
+    got = _get(server, f"/api/v1/vms/{vm_id}/notices")
+    assert got["recorded"] and [f["net"]["tap"] for f in got["filters"]] == [TAP]
+    assert [a["action"] for a in got["audit"]] == ["applied"]
+    assert sorted(n["status"] for n in got["notices"]) == ["failed", "sent"]
+    sensor.sweep()  # the same state again: nothing doubles
+    again = _get(server, f"/api/v1/vms/{vm_id}/notices")
+    assert (len(again["filters"]), len(again["audit"]), len(again["notices"])) == (1, 1, 2)
+    engine = open_engine(fleet_pg.url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM vm_notices")).scalar() == 2
+            assert conn.execute(text("SELECT jsonb_typeof(data) FROM vm_filters")).scalar() == "object"
+    finally:
+        engine.dispose()
 
 
 def test_a_retried_push_is_stored_once(server: ServerProcess, fleet_pg: Any, tmp_path: Path) -> None:

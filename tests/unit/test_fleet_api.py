@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from fleet_docs import push, stored_document
+from fleet_docs import RULE_MARK, TAP, push, response_store, stored_document
 
 from nephoscope.fleet.db import FleetStore, migrate, open_engine, risk_of, sqlite_url
+from nephoscope.fleet.sensor import local_response
 from nephoscope.fleet.server import create_app
 
 
@@ -174,3 +175,60 @@ def test_nul_in_guest_strings_is_stored_as_replacement(fleet: Fleet) -> None:
 def test_ids_beyond_the_column_are_refused(fleet: Fleet) -> None:
     for path in ("/api/v1/vms/9999999999999999999999", "/api/v1/scans/2147483648", "/api/v1/vms/0/findings"):
         assert fleet.call("get", path, fleet.operator).status_code == 422, path
+
+
+def _response(tmp: Path, vm: str) -> dict[str, Any]:
+    response_store(tmp / "host.sqlite", vm)
+    return {"host": "hv-a", "vm": vm, **local_response(vm, tmp / "host.sqlite")}
+
+
+def test_filters_and_notices_are_recorded_per_vm(fleet: Fleet, tmp_path: Path) -> None:
+    vm = fleet.vms["acme"]
+    before = fleet.call("get", f"/api/v1/vms/{vm}/notices", fleet.operator).json()
+    assert before == {"recorded": False, "reported_at": None, "view": "operator", "filters": [], "audit": [],
+                      "notices": []}
+    body = _response(tmp_path, "acme-vm")
+    got = fleet.call("post", "/api/v1/response", fleet.sensor_a, json=body)
+    assert got.status_code == 200, got.text
+    assert got.json() == {"vm_id": vm, "filters": 1, "audit": 1, "notices": 2}
+    full = fleet.call("get", f"/api/v1/vms/{vm}/notices", fleet.operator).json()
+    assert full["recorded"] is True
+    assert full["filters"] == body["filters"] and full["audit"] == body["audit"]  # the operator reads all of it
+    assert full["filters"][0]["net"]["tap"] == TAP and RULE_MARK in full["filters"][0]["rules"][0]
+    assert [n["status"] for n in full["notices"]] == ["failed", "sent"]
+    assert "relay.sock" in full["notices"][0]["last_error"]
+
+
+def test_a_tenant_reads_what_its_filters_do_not_the_hosts_rules(fleet: Fleet, tmp_path: Path) -> None:
+    vm = fleet.vms["acme"]
+    body = _response(tmp_path, "acme-vm")
+    assert fleet.call("post", "/api/v1/response", fleet.sensor_a, json=body).status_code == 200
+    seen = fleet.call("get", f"/api/v1/vms/{vm}/notices", fleet.tokens["acme"]).json()
+    (f,) = seen["filters"]
+    assert (f["cve"], f["applied_at"], f["ports"]) == ("CVE-2023-44487", 1_700_000_100.0, [443])
+    assert f["does"] and f["does_not_stop"]
+    (a,) = seen["audit"]
+    assert (a["action"], a["cve"], a["at"]) == ("applied", "CVE-2023-44487", 1_700_000_100.0)
+    assert [(n["event"], n["status"]) for n in seen["notices"]] == [("problems", "failed"), ("filter-applied", "sent")]
+    text = str(seen)
+    for hidden in (TAP, RULE_MARK, "10.0.7.2", "'root'", "relay.sock", "hooks.acme.example", "fp1", "nphtap"):
+        assert hidden not in text, hidden
+    assert fleet.call("get", f"/api/v1/vms/{vm}/notices", fleet.tokens["globex"]).status_code == 404
+
+
+def test_response_pushes_are_scoped_and_idempotent(fleet: Fleet, tmp_path: Path) -> None:
+    body = _response(tmp_path, "acme-vm")
+    for token in (fleet.operator, fleet.tokens["acme"]):
+        assert fleet.call("post", "/api/v1/response", token, json=body).status_code == 403
+    assert fleet.call("post", "/api/v1/response", fleet.sensor_b, json=body).status_code == 403  # not its host
+    for _ in range(2):
+        assert fleet.call("post", "/api/v1/response", fleet.sensor_a, json=body).status_code == 200
+    vm = fleet.vms["acme"]
+    once = fleet.call("get", f"/api/v1/vms/{vm}/notices", fleet.operator).json()
+    assert (len(once["filters"]), len(once["audit"]), len(once["notices"])) == (1, 1, 2)
+    body["filters"], body["notices"][0]["status"] = [], "sent"  # the filter was removed; the retry got through
+    assert fleet.call("post", "/api/v1/response", fleet.sensor_a, json=body).status_code == 200
+    now = fleet.call("get", f"/api/v1/vms/{vm}/notices", fleet.operator).json()
+    assert now["filters"] == [] and [n["status"] for n in now["notices"]] == ["sent", "sent"]
+    body["audit"][0]["id"] = "not-an-id"
+    assert fleet.call("post", "/api/v1/response", fleet.sensor_a, json=body).status_code == 422

@@ -21,8 +21,19 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from nephoscope.core.errors import NephoscopeError
-from nephoscope.fleet.models import SCOPES, FindingRow, Host, Scan, Tenant, Token, Vm
-from nephoscope.service.report import CODE_KINDS
+from nephoscope.fleet.models import (
+    SCOPES,
+    FilterAuditRow,
+    FilterRow,
+    FindingRow,
+    Host,
+    NoticeRow,
+    Scan,
+    Tenant,
+    Token,
+    Vm,
+)
+from nephoscope.service.report import CODE_KINDS, scrub
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 RISKS = ("running_vulnerable", "malicious_unknown", "unverifiable")
@@ -191,6 +202,76 @@ class FleetStore:
                 vm.risk = risk_of(doc)
             return row.id, True, vm.high_risk
 
+    def ingest_response(self, host_id: int, push: dict[str, Any]) -> int:
+        """Store a VM's filters in force (replacing the last snapshot), filter audit rows and notices; return its id.
+
+        Idempotent: audit rows and notices are keyed by their id in the host's log (a notice's later delivery
+        status replaces the earlier one), the filters are the host's whole current set for the VM."""
+        push = without_nul(push)
+        filters = [dict(f) for f in push.get("filters", [])]
+        audit = [dict(a) for a in push.get("audit", [])]
+        notices = [dict(n) for n in push.get("notices", [])]
+        for _attempt in range(3):
+            try:
+                return self._ingest_response_once(host_id, str(push["vm"]), filters, audit, notices)
+            except IntegrityError:  # a concurrent push created the same VM or row first: the retry finds it
+                continue
+        return self._ingest_response_once(host_id, str(push["vm"]), filters, audit, notices)
+
+    def _ingest_response_once(self, host_id: int, name: str, filters: list[dict[str, Any]],
+                              audit: list[dict[str, Any]], notices: list[dict[str, Any]]) -> int:
+        with self.session() as s:
+            vm = s.scalar(select(Vm).where(Vm.host_id == host_id, Vm.name == name))
+            if vm is None:
+                vm = Vm(host_id=host_id, name=name, high_risk=False, risk={})
+                s.add(vm)
+                s.flush()
+            for old in s.scalars(select(FilterRow).where(FilterRow.vm_id == vm.id)):
+                s.delete(old)
+            for f in filters:
+                s.add(FilterRow(vm_id=vm.id, mitigation=str(f.get("mitigation", "")), cve=str(f.get("cve", "")),
+                                applied_at=float(f.get("applied_at") or 0.0), data=f))
+            known = {r.source_id: r for r in s.scalars(select(FilterAuditRow).where(FilterAuditRow.vm_id == vm.id))}
+            for a in audit:
+                source_id = _source_id(a)
+                if source_id not in known:
+                    s.add(FilterAuditRow(vm_id=vm.id, source_id=source_id, at=float(a.get("at") or 0.0),
+                                         action=str(a.get("action", "")), cve=str(a.get("cve", "")), data=a))
+            sent = {r.source_id: r for r in s.scalars(select(NoticeRow).where(NoticeRow.vm_id == vm.id))}
+            for n in notices:
+                source_id = _source_id(n)
+                row = sent.get(source_id)
+                if row is None:
+                    row = NoticeRow(vm_id=vm.id, source_id=source_id)
+                    s.add(row)
+                    sent[source_id] = row
+                row.created, row.status, row.data = float(n.get("created") or 0.0), str(n.get("status", "")), n
+            vm.response_at = time.time()
+            return vm.id
+
+    def vm_response(self, who: Principal, vm_id: int, limit: int = 200) -> dict[str, Any] | None:
+        """Return a visible VM's filters in force, filter changes and notices (None when not visible).
+
+        A tenant sees what concerns it (the CVE, what a filter does and does not stop, when it was applied
+        or removed, whether a notice was delivered), never the host's rule text, tap device, addresses of
+        the host side, operator names or delivery errors."""
+        tenant = who.scope == "tenant"
+        with self.session() as s:
+            row = s.execute(self._visible(who).where(Vm.id == vm_id)).first()
+            if row is None:
+                return None
+            vm = row[0]
+            filters = s.scalars(select(FilterRow).where(FilterRow.vm_id == vm_id).order_by(FilterRow.applied_at))
+            audit = s.scalars(select(FilterAuditRow).where(FilterAuditRow.vm_id == vm_id)
+                              .order_by(FilterAuditRow.at.desc(), FilterAuditRow.id.desc()).limit(limit))
+            notices = s.scalars(select(NoticeRow).where(NoticeRow.vm_id == vm_id)
+                                .order_by(NoticeRow.created.desc(), NoticeRow.id.desc()).limit(limit))
+            return {"recorded": vm.response_at is not None, "reported_at": vm.response_at,
+                    "view": "tenant" if tenant else "operator",
+                    "filters": [_tenant_record(r.data, TENANT_FILTER_KEYS) if tenant else r.data for r in filters],
+                    "audit": [_tenant_record(r.data, TENANT_AUDIT_KEYS) if tenant else r.data for r in audit],
+                    "notices": [_tenant_record(r.data, TENANT_NOTICE_KEYS) if tenant else r.data for r in notices]}
+
     @staticmethod
     def _finished(s: Session, scan_id: int) -> float:
         return float(s.scalar(select(Scan.finished).where(Scan.id == scan_id)) or 0.0)
@@ -318,6 +399,25 @@ def without_nul(value: Any) -> Any:
     if isinstance(value, list):
         return [without_nul(v) for v in value]
     return value
+
+
+def _source_id(record: dict[str, Any]) -> int:
+    value = record.get("id")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
+        raise FleetError(f"a filter audit row or notice needs its host-side integer id, not {value!r}")
+    return value
+
+
+# what a tenant reads of its VMs' filters, filter changes and notices (whitelists: anything else is the host's)
+TENANT_FILTER_KEYS = ("mitigation", "cve", "package", "version", "fixed", "kind", "ports", "reason", "applied_at",
+                      "does", "does_not_stop")
+TENANT_AUDIT_KEYS = ("at", "action", "mitigation", "cve", "package", "version", "reason")
+TENANT_NOTICE_KEYS = ("event", "channel", "created", "status", "attempts", "sent")
+
+
+def _tenant_record(record: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """Return the whitelisted fields of a host record, host-produced strings scrubbed of host internals."""
+    return {k: scrub(record[k]) if isinstance(record[k], str) else record[k] for k in keys if k in record}
 
 
 def token_digest(secret: str) -> str:

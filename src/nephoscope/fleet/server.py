@@ -38,6 +38,23 @@ class ScanPush(BaseModel):
     document: dict[str, Any]
 
 
+MAX_RECORDS = 2000
+Record = dict[str, Any]
+
+
+class ResponsePush(BaseModel):
+    """A VM's response state a sensor pushes: its filters in force, its filter audit rows and its notices.
+
+    Records are as the host's `filters list`, `filters audit` and `notices list` give them (JSON); pushing
+    the same state again changes nothing (audit rows and notices are keyed by their host-side id)."""
+
+    host: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
+    vm: str = Field(min_length=1, max_length=300, pattern=NO_NUL)
+    filters: list[Record] = Field(default_factory=list, max_length=MAX_RECORDS)
+    audit: list[Record] = Field(default_factory=list, max_length=MAX_RECORDS)
+    notices: list[Record] = Field(default_factory=list, max_length=MAX_RECORDS)
+
+
 class PushResult(BaseModel):
     """The stored scan's id, whether this push created it (False: a retry), and the VM's high-risk flag."""
 
@@ -121,6 +138,17 @@ def create_app(store: FleetStore, kb_path: Path | None = None) -> FastAPI:
             response.status_code = 200
         return PushResult(scan_id=scan_id, created=created, high_risk=high_risk)
 
+    @app.post(f"{API}/response", status_code=200)
+    def push_response(push: ResponsePush, who: Sensor) -> dict[str, int]:
+        """Store a VM's filters in force, filter changes and notices as its host has them (idempotent)."""
+        if who.host_id is None or store.host_name(who.host_id) != push.host:
+            raise HTTPException(403, "a sensor token pushes only for its own host")
+        try:
+            vm_id = store.ingest_response(who.host_id, push.model_dump())
+        except (FleetError, ValueError, TypeError, AttributeError) as exc:
+            raise HTTPException(422, f"the response records do not fit: {exc}") from exc
+        return {"vm_id": vm_id, "filters": len(push.filters), "audit": len(push.audit), "notices": len(push.notices)}
+
     @app.get(f"{API}/overview")
     def overview(who: Reader) -> dict[str, Any]:
         """Return VM counts by risk per host and per tenant (a tenant sees only its own VMs)."""
@@ -151,9 +179,11 @@ def create_app(store: FleetStore, kb_path: Path | None = None) -> FastAPI:
 
     @app.get(f"{API}/vms/{{vm_id}}/notices")
     def vm_notices(vm_id: VmId, who: Reader) -> dict[str, Any]:
-        """Return the notices sent to a VM's owner and the filters applied (none are recorded by this server)."""
-        found(store.get_vm(who, vm_id), "VM")
-        return {"notices": [], "filters": [], "recorded": False}
+        """Return a VM's filters in force, filter changes (newest first) and notices with their delivery status.
+
+        `recorded` is False until the VM's sensor has reported them once. A tenant reads the CVE, what a
+        filter does and does not stop and when it changed, never the host's rules, tap device or operators."""
+        return found(store.vm_response(who, vm_id), "VM")  # type: ignore[no-any-return]
 
     @app.get(f"{API}/scans/{{scan_id}}")
     def get_scan(scan_id: ScanId, who: Reader) -> dict[str, Any]:
