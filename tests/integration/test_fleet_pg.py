@@ -15,7 +15,7 @@ from sqlalchemy import inspect, text
 from nephoscope.core.errors import NephoscopeError
 from nephoscope.fleet.db import FleetStore, Principal, migrate, open_engine
 from nephoscope.fleet.localrun import ServerProcess
-from nephoscope.fleet.sensor import Client, Sensor, local_response, parse_policy, vm_lock
+from nephoscope.fleet.sensor import Client, Sensor, fetch_knowledge, local_response, parse_policy, vm_lock
 from nephoscope.hypervisor.discover import Discovery, HostVm
 from nephoscope.hypervisor.target import VmTarget
 
@@ -283,6 +283,47 @@ def test_central_kb_lookup_and_snapshot(tmp_path: Path) -> None:
         assert cached.read_bytes() == kb_path.read_bytes()
         assert client.fetch_kb(cached) is False  # unchanged: 304, not downloaded again
     finally:
+        server.stop()
+
+
+def test_sensor_takes_kb_and_vulnerability_db_from_the_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sensor --kb-from-server`: both DBs downloaded once (then 304), re-fetched when changed, used by default."""
+    from nephoscope.knowledge import binaries, vulns
+    from nephoscope.knowledge.binaries import CodePageDB
+    from nephoscope.knowledge.vulns import VulnDB, VulnRecord
+
+    for env in ("NEPHOSCOPE_KB", "NEPHOSCOPE_VULNS"):
+        monkeypatch.setenv(env, str(tmp_path / "unused.sqlite"))  # restored after the test
+    kb_path, vulns_path = tmp_path / "central-kb.sqlite", tmp_path / "central-vulns.sqlite"
+    CodePageDB.open(kb_path).close()
+    central = VulnDB.open(vulns_path)
+    central.replace("debian-tracker", [VulnRecord("openssl", "CVE-2024-5535", "3.0.17-1~deb12u2", urgency="low")],
+                    {"libssl3": "openssl"})
+    server = ServerProcess(f"sqlite:///{tmp_path / 'fleet.sqlite'}", tmp_path / "server", kb=kb_path,
+                           vulns=vulns_path)
+    server.start()
+    state = tmp_path / "sensor"
+    state.mkdir()
+    try:
+        token = _post(server, "/api/v1/tokens", {"scope": "sensor", "host": "hv-k"})["token"]
+        client = Client(server.url, token)
+        assert fetch_knowledge(client, state) == {"kb": True, "vulns": True}
+        assert binaries.default_path() == state / "kb.sqlite" and vulns.default_path() == state / "vulns.sqlite"
+        local = VulnDB.open()  # what the report opens: now the server's copy
+        assert [(r.source, r.cve) for r in local.records()] == [("openssl", "CVE-2024-5535")]
+        assert local.binaries() == {"libssl3": "openssl"}
+        local.close()
+        assert fetch_knowledge(client, state) == {"kb": False, "vulns": False}  # 304 both
+        central.replace("debian-tracker", [VulnRecord("nginx", "CVE-2023-44487", "1.22.1-9+deb12u1")])
+        assert fetch_knowledge(client, state) == {"kb": False, "vulns": True}
+        local = VulnDB.open()
+        assert {r.cve for r in local.records()} == {"CVE-2024-5535", "CVE-2023-44487"}
+        local.close()
+        server.stop()
+        assert fetch_knowledge(client, state) == {"kb": False, "vulns": False}  # away: the cached copies serve
+        assert vulns.default_path() == state / "vulns.sqlite"
+    finally:
+        central.close()
         server.stop()
 
 

@@ -232,3 +232,31 @@ def test_response_pushes_are_scoped_and_idempotent(fleet: Fleet, tmp_path: Path)
     assert now["filters"] == [] and [n["status"] for n in now["notices"]] == ["sent", "sent"]
     body["audit"][0]["id"] = "not-an-id"
     assert fleet.call("post", "/api/v1/response", fleet.sensor_a, json=body).status_code == 422
+
+
+def test_vulnerability_db_is_served_to_sensors_with_an_etag(tmp_path: Path) -> None:
+    from nephoscope.knowledge.vulns import VulnDB, VulnRecord
+
+    fleet = Fleet(tmp_path)
+    path = tmp_path / "vulns.sqlite"
+    try:
+        assert fleet.call("get", "/api/v1/kb/vulns", fleet.sensor_a).status_code == 404  # none given
+        fleet.client.close()
+        fleet.client = TestClient(create_app(fleet.store, vulns_path=path))  # the same store, given a vulns DB
+        db = VulnDB.open(path)
+        db.replace("osv", [VulnRecord("openssl", "CVE-2024-5535", "3.0.17-1~deb12u2")])
+        assert fleet.call("get", "/api/v1/kb/vulns", fleet.tokens["acme"]).status_code == 403
+        first = fleet.call("get", "/api/v1/kb/vulns", fleet.sensor_a)
+        assert first.status_code == 200 and first.content.startswith(b"SQLite format 3\x00")
+        etag = first.headers["etag"]
+        again = fleet.client.get("/api/v1/kb/vulns", headers={"Authorization": f"Bearer {fleet.operator}",
+                                                               "If-None-Match": etag})
+        assert again.status_code == 304
+        db.replace("osv", [VulnRecord("nginx", "CVE-2023-44487", None)])
+        changed = fleet.client.get("/api/v1/kb/vulns", headers={"Authorization": f"Bearer {fleet.sensor_a}",
+                                                                 "If-None-Match": etag})
+        assert changed.status_code == 200 and changed.headers["etag"] != etag
+        db.close()
+    finally:
+        fleet.client.close()
+        fleet.store.engine.dispose()

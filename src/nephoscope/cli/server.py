@@ -15,6 +15,8 @@ def server(db: str = typer.Option("", "--db", help="Database URL (postgresql://.
            token_file: Path = typer.Option(Path("operator.token"), "--token-file",
                                            help="Where the first operator token goes (mode 600) when none exists"),
            kb: str = typer.Option("", "--kb", help="Code-page DB served to sensors (default: the local KB)"),
+           vulns: str = typer.Option("", "--vulns", help="Vulnerability DB served to sensors "
+                                     "(default: the local one, NEPHOSCOPE_VULNS or the cache's vulns.sqlite)"),
            migrate_only: bool = typer.Option(False, "--migrate-only", help="Apply migrations and exit")) -> None:
     """Run the fleet server: migrate the DB, create an operator token if none, serve API and dashboard."""
     import uvicorn
@@ -39,6 +41,7 @@ def server(db: str = typer.Option("", "--db", help="Database URL (postgresql://.
     if migrate_only:
         return
     from nephoscope.fleet.server import create_app
+    from nephoscope.knowledge import vulns as vulndb
 
-    app = create_app(store, Path(kb) if kb else default_path())
+    app = create_app(store, Path(kb) if kb else default_path(), Path(vulns) if vulns else vulndb.default_path())
     uvicorn.run(app, host=listen, port=port, log_level="warning")

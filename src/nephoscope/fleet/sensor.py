@@ -181,11 +181,18 @@ class Client:
 
     def fetch_kb(self, dest: Path) -> bool:
         """Download the central code-page DB to `dest` unless the cached copy is current; return if it changed."""
+        return self._fetch("/api/v1/kb/snapshot", dest, "code-page KB")
+
+    def fetch_vulns(self, dest: Path) -> bool:
+        """Download the central vulnerability DB to `dest` unless the cached copy is current; return if it changed."""
+        return self._fetch("/api/v1/kb/vulns", dest, "vulnerability DB")
+
+    def _fetch(self, path: str, dest: Path, what: str) -> bool:
         etag_file = dest.with_suffix(dest.suffix + ".etag")
         headers = {"Authorization": f"Bearer {self.token}"}
         if dest.exists() and etag_file.exists():
             headers["If-None-Match"] = etag_file.read_text().strip()
-        req = urllib.request.Request(f"{self.server}/api/v1/kb/snapshot", headers=headers)
+        req = urllib.request.Request(f"{self.server}{path}", headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=max(self.timeout, 300)) as resp:
                 tmp = dest.with_suffix(".part")
@@ -198,7 +205,27 @@ class Client:
         except urllib.error.HTTPError as exc:
             if exc.code == 304:
                 return False
-            raise SensorError(f"the server did not give its KB ({exc.code})") from exc
+            raise SensorError(f"the server did not give its {what} ({exc.code})") from exc
+
+
+def fetch_knowledge(client: Client, state_dir: Path) -> dict[str, bool]:
+    """Bring the server's code-page KB and vulnerability DB into `state_dir` and make this process use them.
+
+    Each is downloaded only when its ETag changed; the methods and the report then open them by their
+    default paths (NEPHOSCOPE_KB, NEPHOSCOPE_VULNS). Returns which of them were downloaded anew. When the
+    server is away, a copy cached by an earlier run is used; with none, SensorError."""
+    changed = {}
+    for key, env, fetch in (("kb", "NEPHOSCOPE_KB", client.fetch_kb), ("vulns", "NEPHOSCOPE_VULNS",
+                                                                       client.fetch_vulns)):
+        dest = state_dir / f"{key}.sqlite"
+        try:
+            changed[key] = fetch(dest)
+        except OSError as exc:
+            if not dest.exists():
+                raise SensorError(f"cannot fetch the server's {key} and none is cached in {state_dir}: {exc}") from exc
+            changed[key] = False
+        os.environ[env] = str(dest)
+    return changed
 
 
 # ------------------------------------------------------------------------------------ the sweep

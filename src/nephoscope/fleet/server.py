@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from nephoscope.fleet.db import RISKS, FleetError, FleetStore, Principal
+from nephoscope.fleet.snapshots import SnapshotCache, SnapshotError
 
 STATIC = Path(__file__).with_name("static")
 API = "/api/v1"
@@ -91,10 +92,12 @@ class LookupIn(BaseModel):
     digests: list[Annotated[str, Field(pattern="^[0-9a-f]{64}$")]] = Field(max_length=MAX_DIGESTS)
 
 
-def create_app(store: FleetStore, kb_path: Path | None = None) -> FastAPI:
-    """Return the API and dashboard over `store`; `kb_path` is the code-page DB served to sensors."""
+def create_app(store: FleetStore, kb_path: Path | None = None, vulns_path: Path | None = None) -> FastAPI:
+    """Return the API and dashboard over `store`; `kb_path` and `vulns_path` are the code-page and
+    vulnerability DBs served to sensors."""
     app = FastAPI(title="nephoscope fleet", version="1", description=__doc__)
     app.state.store = store
+    vulns = SnapshotCache(vulns_path) if vulns_path is not None else None
 
     def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
         scheme, _, secret = (authorization or "").partition(" ")
@@ -229,6 +232,19 @@ def create_app(store: FleetStore, kb_path: Path | None = None) -> FastAPI:
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers={"ETag": etag})
         return FileResponse(path, media_type="application/vnd.sqlite3", headers={"ETag": etag})
+
+    @app.get(f"{API}/kb/vulns", response_class=FileResponse, responses={304: {"description": "not modified"}})
+    def vulns_snapshot(request: Request, _who: KbReader) -> Response:
+        """Download the central vulnerability DB (SQLite, a consistent copy); If-None-Match with the ETag skips it."""
+        try:
+            snap = vulns.find() if vulns is not None else None
+        except SnapshotError as exc:
+            raise HTTPException(503, str(exc)) from exc
+        if snap is None:
+            raise HTTPException(404, "this server has no vulnerability DB")
+        if request.headers.get("if-none-match") == snap.etag:
+            return Response(status_code=304, headers={"ETag": snap.etag})
+        return FileResponse(snap.path, media_type="application/vnd.sqlite3", headers={"ETag": snap.etag})
 
     @app.post(f"{API}/kb/lookup")
     def kb_lookup(query: LookupIn, _who: KbReader) -> dict[str, list[dict[str, Any]]]:
