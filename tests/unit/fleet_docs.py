@@ -68,3 +68,24 @@ def response_store(path: Path, vm: str) -> None:
     log.attempt(bad, "connection refused by /run/nephoscope/relay.sock")
     log.give_up(bad)
     store.close()
+
+
+HOST_HANDLES = ("/run/nephoscope/guests/acme-vm/ram", "/run/nephoscope/guests/acme-vm/qmp.sock",
+                "/dev/shm/nephoscope-acme-vm", "cr3:0x46e4000")
+
+
+def host_leaking_document() -> dict[str, Any]:
+    """Return the stored document with host-side handles in finding titles, evidence and unverifiable reasons."""
+    doc = copy.deepcopy(stored_document())
+    scan = doc["scan"]
+    scan["unverifiable"].append({"method": "inspect", "what": "memory",
+                                 "reason": f"cannot map {HOST_HANDLES[0]}: Permission denied"})
+    scan["unverifiable"].append({"method": "trap", "what": "gdbstub",
+                                 "reason": f"QMP at {HOST_HANDLES[1]} refused the connection"})
+    scan["findings"][0]["title"] += f" (read from {HOST_HANDLES[2]})"
+    scan["findings"][0]["evidence"][0]["reason"] = f"pages read through {HOST_HANDLES[2]} at {HOST_HANDLES[3]}"
+    doc["report"]["unverified"].append({"what": "memory", "method": "inspect",
+                                        "reason": f"cannot map {HOST_HANDLES[0]}: Permission denied"})
+    doc["report"]["code"][0]["title"] += f" ({HOST_HANDLES[1]})"
+    doc["report_error"] = f"no KB at {HOST_HANDLES[0]}"
+    return doc

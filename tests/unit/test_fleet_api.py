@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from fleet_docs import RULE_MARK, TAP, push, response_store, stored_document
+from fleet_docs import HOST_HANDLES, RULE_MARK, TAP, host_leaking_document, push, response_store, stored_document
 
 from nephoscope.fleet.db import FleetStore, migrate, open_engine, risk_of, sqlite_url
 from nephoscope.fleet.sensor import local_response
@@ -260,3 +260,25 @@ def test_vulnerability_db_is_served_to_sensors_with_an_etag(tmp_path: Path) -> N
     finally:
         fleet.client.close()
         fleet.store.engine.dispose()
+
+
+def test_tenants_read_no_host_handles_operators_read_everything(fleet: Fleet) -> None:
+    doc = host_leaking_document()
+    got = fleet.call("post", "/api/v1/scans", fleet.sensor_a, json=push("hv-a", "acme-vm", doc, at=1_800_000_000.0))
+    assert got.status_code == 201
+    vm, scan = fleet.vms["acme"], got.json()["scan_id"]
+    reads = {f"/api/v1/vms/{vm}": HOST_HANDLES, f"/api/v1/scans/{scan}": HOST_HANDLES,
+             f"/api/v1/vms/{vm}/findings": HOST_HANDLES[2:]}  # findings carry no unverifiable reasons
+    for path, named in reads.items():
+        seen = fleet.call("get", path, fleet.tokens["acme"]).text
+        for handle in (*HOST_HANDLES, "/run/nephoscope", "/dev/shm", "qmp.sock"):
+            assert handle not in seen, (path, handle)
+        assert "<host>" in seen, path
+        full = fleet.call("get", path, fleet.operator).text
+        assert all(h in full for h in named), path  # the operator's view is complete
+    latest = fleet.call("get", f"/api/v1/vms/{vm}", fleet.tokens["acme"]).json()["latest"]["document"]
+    assert latest["scan"]["processes"] == doc["scan"]["processes"]  # guest data as the guest has it
+    reasons = [u["reason"] for u in latest["scan"]["unverifiable"]]
+    assert "cannot map <host> Permission denied" in reasons and "QMP at <host> refused the connection" in reasons
+    assert latest["report_error"] == "no KB at <host>"
+    assert fleet.call("get", f"/api/v1/vms/{vm}", fleet.operator).json()["latest"]["document"] == doc

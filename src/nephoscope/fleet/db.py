@@ -336,8 +336,10 @@ class FleetStore:
                 return None
             rows = s.scalars(select(FindingRow).where(FindingRow.vm_id == vm_id)
                              .order_by(FindingRow.time.desc(), FindingRow.id).limit(limit))
+            tenant = who.scope == "tenant"  # a tenant's copy of host-produced text is scrubbed of host internals
             return [{"scan_id": r.scan_id, "time": r.time, "kind": r.kind, "severity": r.severity,
-                     "title": r.title, "evidence": r.evidence} for r in rows]
+                     "title": scrub(r.title) if tenant else r.title,
+                     "evidence": scrubbed(r.evidence) if tenant else r.evidence} for r in rows]
 
     def overview(self, who: Principal) -> dict[str, Any]:
         """Return VM counts by risk, per host and per tenant, over the VMs `who` may see."""
@@ -454,10 +456,43 @@ def _scan_dict(row: Scan, with_document: bool = False, tenant: bool = False) -> 
                            "started": row.started, "finished": row.finished, "received": row.received,
                            "status": row.status, "methods": row.methods, "summary": row.summary}
     if with_document:
-        doc = dict(row.document)
-        if tenant:
-            doc = {k: v for k, v in doc.items() if k not in TENANT_HIDDEN}
-            if isinstance(doc.get("scan"), dict):
-                doc["scan"] = {k: v for k, v in doc["scan"].items() if k not in TENANT_HIDDEN}
-        out["document"] = doc
+        out["document"] = tenant_document(row.document) if tenant else dict(row.document)
     return out
+
+
+def scrubbed(value: Any) -> Any:
+    """Return a JSON value with every string passed through `service.report.scrub` (keys kept)."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrubbed(v) for v in value]
+    return value
+
+
+SCAN_MESSAGES = ("findings", "unverifiable", "error", "errors")  # host-produced text in `scan --json`'s document
+
+
+def tenant_document(document: dict[str, Any]) -> dict[str, Any]:
+    """Return what a tenant reads of a stored scan document: no raw observations or host timings, and the
+    host-produced messages (finding titles and evidence, unverifiable items, errors) scrubbed of host
+    internals (RAM files, QMP sockets, /run/nephoscope paths, page-table roots). Guest data (processes,
+    binaries) stays as the guest has it; the operator's view is the document as pushed."""
+    doc = {k: v for k, v in document.items() if k not in TENANT_HIDDEN}
+    if isinstance(doc.get("scan"), dict):
+        doc["scan"] = {k: scrubbed(v) if k in SCAN_MESSAGES else v for k, v in doc["scan"].items()
+                       if k not in TENANT_HIDDEN}
+    report = doc.get("report")
+    if isinstance(report, dict):  # built by service.report (already scrubbed there); again, for older sensors
+        report = dict(report)
+        for key in ("code", "behaviour"):
+            if isinstance(report.get(key), list):
+                report[key] = [{**item, "title": scrubbed(item.get("title", ""))} if isinstance(item, dict) else item
+                               for item in report[key]]
+        if "unverified" in report:
+            report["unverified"] = scrubbed(report["unverified"])
+        doc["report"] = report
+    if "report_error" in doc:
+        doc["report_error"] = scrubbed(doc["report_error"])
+    return doc
