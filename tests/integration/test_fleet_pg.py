@@ -22,7 +22,7 @@ from nephoscope.hypervisor.target import VmTarget
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from fleet_docs import TAP, response_store, stored_document
 
-HEAD = "0002"  # the newest migration
+HEAD = "0003"  # the newest migration
 POLICY = """
 include = ["vm-*"]
 [[rule]]
@@ -87,6 +87,10 @@ def test_migrations_create_the_schema_on_postgresql(server: ServerProcess, fleet
             kinds = {r[0]: r[1] for r in conn.execute(text(
                 "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'scans'"))}
         assert kinds["document"] == "jsonb"
+        with engine.connect() as conn:
+            token_columns = {r[0]: r[1] for r in conn.execute(text(
+                "SELECT column_name, is_nullable FROM information_schema.columns WHERE table_name = 'tokens'"))}
+        assert token_columns["expires"] == "YES"  # tokens issued before the migration never expire
     finally:
         engine.dispose()
 
@@ -145,6 +149,29 @@ def test_sensor_reports_filters_and_notices(server: ServerProcess, fleet_pg: Any
             assert conn.execute(text("SELECT jsonb_typeof(data) FROM vm_filters")).scalar() == "object"
     finally:
         engine.dispose()
+
+
+def test_an_expired_sensor_token_keeps_the_scans_buffered(server: ServerProcess, fleet_pg: Any,
+                                                           tmp_path: Path) -> None:
+    """A 401 is the token's fault, not the scan's: the outbox keeps the scan until a valid token pushes it."""
+    import time
+
+    store = FleetStore(open_engine(fleet_pg.url))
+    try:
+        host = store.add_host("hv-e")
+        expired = store.issue_token("sensor", host_id=host, expires=time.time() - 1)
+        live = store.issue_token("sensor", host_id=host, expires=time.time() + 3600)
+    finally:
+        store.engine.dispose()
+    sensor = Sensor(Client(server.url, expired), parse_policy(POLICY), tmp_path / "s", host="hv-e",
+                    discover=lambda: _vms("vm-e"), scanner=lambda vm, _m: StoredResult(vm.name), response=None)
+    refused = sensor.sweep()
+    assert refused.pushed == 0 and refused.buffered == 1 and "401" in (refused.push_error or "")
+    assert not list((tmp_path / "s" / "outbox").glob("*.refused"))
+    sensor.client = Client(server.url, live)
+    done = sensor.flush()
+    assert done.pushed == 1 and done.buffered == 0
+    assert [v["name"] for v in _get(server, "/api/v1/vms")] == ["vm-e"]
 
 
 def test_a_retried_push_is_stored_once(server: ServerProcess, fleet_pg: Any, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from fleet_docs import HOST_HANDLES, RULE_MARK, TAP, host_leaking_document, push, response_store, stored_document
 
-from nephoscope.fleet.db import FleetStore, migrate, open_engine, risk_of, sqlite_url
+from nephoscope.fleet.db import FleetError, FleetStore, migrate, open_engine, parse_duration, risk_of, sqlite_url
 from nephoscope.fleet.sensor import local_response
 from nephoscope.fleet.server import create_app
 
@@ -282,3 +282,81 @@ def test_tenants_read_no_host_handles_operators_read_everything(fleet: Fleet) ->
     assert "cannot map <host> Permission denied" in reasons and "QMP at <host> refused the connection" in reasons
     assert latest["report_error"] == "no KB at <host>"
     assert fleet.call("get", f"/api/v1/vms/{vm}", fleet.operator).json()["latest"]["document"] == doc
+
+
+def test_expired_tokens_are_refused(fleet: Fleet) -> None:
+    import time
+
+    tid = fleet.tenants["acme"]
+    gone = fleet.store.issue_token("tenant", tenant_id=tid, expires=time.time() - 1)
+    live = fleet.store.issue_token("tenant", tenant_id=tid, expires=time.time() + 3600)
+    old_op = fleet.store.issue_token("operator", expires=time.time() - 1)
+    host = fleet.store.add_host("hv-a")
+    old_sensor = fleet.store.issue_token("sensor", host_id=host, expires=time.time() - 1)
+    for path in _paths(fleet, "acme"):
+        assert fleet.call("get", path, gone).status_code == 401, path
+        assert fleet.call("get", path, old_op).status_code == 401, path
+        assert fleet.call("get", path, live).status_code == 200, path
+    assert fleet.call("post", "/api/v1/scans", old_sensor, json=push("hv-a", "acme-vm")).status_code == 401
+    assert fleet.store.find_principal(gone) is None and fleet.store.find_principal(live) is not None
+
+
+def test_tokens_issued_with_an_expiry(fleet: Fleet) -> None:
+    import time
+
+    before = time.time()
+    got = fleet.call("post", "/api/v1/tokens", fleet.operator,
+                     json={"scope": "tenant", "tenant_id": fleet.tenants["acme"], "expires_in_s": 3600})
+    assert got.status_code == 201
+    assert before + 3600 <= got.json()["expires"] <= time.time() + 3600
+    assert fleet.call("get", "/api/v1/vms", got.json()["token"]).status_code == 200
+    never = fleet.call("post", "/api/v1/tokens", fleet.operator, json={"scope": "operator"}).json()
+    assert never["expires"] is None
+    for bad in (0, -5, 10**12):
+        assert fleet.call("post", "/api/v1/tokens", fleet.operator,
+                          json={"scope": "operator", "expires_in_s": bad}).status_code == 422, bad
+
+
+def test_durations() -> None:
+    assert [parse_duration(t) for t in ("3600", "90s", "30m", "12h", "30d", "2w", "1.5h")] == [
+        3600, 90, 1800, 43200, 2592000, 1209600, 5400]
+    for bad in ("", "0", "0s", "-1h", "10y", "h", "1 d 2"):
+        with pytest.raises(FleetError):
+            parse_duration(bad)
+
+
+def test_server_cli_issues_expiring_tokens(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from nephoscope.fleet.models import Token
+
+    url = sqlite_url(tmp_path / "cli.sqlite")
+    argv = [sys.executable, "-m", "nephoscope.cli.main", "server", "--db", url, "--token-file",
+            str(tmp_path / "op.token")]
+    before = time.time()
+    done = subprocess.run([*argv, "--new-token", "tenant", "--tenant", "acme", "--expires", "12h"],
+                          capture_output=True, text=True, timeout=120)
+    after = time.time()
+    assert done.returncode == 0, done.stderr
+    secret = done.stdout.strip().splitlines()[-1]
+    store = FleetStore(open_engine(url))
+    try:
+        who = store.find_principal(secret)
+        assert who is not None and who.scope == "tenant" and who.tenant_id == store.add_tenant("acme")
+        with store.session() as s:
+            row = s.get(Token, who.token_id)
+            assert row is not None and row.expires is not None
+            assert before + 43200 <= row.expires <= after + 43200
+        plain = subprocess.run([*argv, "--new-token", "sensor", "--host", "hv-9"], capture_output=True, text=True,
+                               timeout=120)
+        assert plain.returncode == 0, plain.stderr
+        sensor = store.find_principal(plain.stdout.strip().splitlines()[-1])
+        assert sensor is not None and sensor.scope == "sensor" and store.host_name(sensor.host_id or 0) == "hv-9"
+        for bad in (["--new-token", "tenant", "--tenant", "acme", "--expires", "0"], ["--new-token", "tenant"],
+                    ["--new-token", "root"]):
+            refused = subprocess.run([*argv, *bad], capture_output=True, text=True, timeout=120)
+            assert refused.returncode != 0 and refused.stdout.strip() == "", bad
+    finally:
+        store.engine.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -42,6 +43,9 @@ def sensor(server: str = typer.Option("", "--server", help="Fleet server URL (ht
     apply_budget(rules)
     agent = Sensor(client, rules, state_dir, host=host or None)
     while True:
+        if client is not None:  # a renewed token (the last one expired) is taken without a restart
+            with contextlib.suppress(OSError):
+                client.token = token_file.read_text().strip() or client.token
         report = agent.sweep()
         typer.echo(json.dumps(report.to_dict()))
         if once:

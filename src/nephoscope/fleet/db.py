@@ -8,6 +8,7 @@ data (the dashboard renders them as text).
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -126,8 +127,10 @@ class FleetStore:
             return self._host(s, name).id
 
     def issue_token(self, scope: str, *, tenant_id: int | None = None, host_id: int | None = None,
-                    label: str = "") -> str:
-        """Create a token of `scope` and return its secret (only its SHA-256 is stored)."""
+                    label: str = "", expires: float | None = None) -> str:
+        """Create a token of `scope` and return its secret (only its SHA-256 is stored).
+
+        `expires`: the Unix time from which the token is refused (401); None: it never expires."""
         if scope not in SCOPES:
             raise FleetError(f"unknown scope {scope!r}; one of {', '.join(SCOPES)}")
         if scope == "tenant" and tenant_id is None:
@@ -137,7 +140,8 @@ class FleetStore:
         secret = "nph_" + secrets.token_urlsafe(32)
         with self.session() as s:
             s.add(Token(digest=token_digest(secret), scope=scope, tenant_id=tenant_id if scope == "tenant" else None,
-                        host_id=host_id if scope == "sensor" else None, label=label, created=time.time()))
+                        host_id=host_id if scope == "sensor" else None, label=label, created=time.time(),
+                        expires=expires))
         return secret
 
     def has_operator(self) -> bool:
@@ -146,12 +150,14 @@ class FleetStore:
             return s.scalar(select(func.count()).select_from(Token).where(Token.scope == "operator")) > 0
 
     def find_principal(self, secret: str) -> Principal | None:
-        """Return who a token secret speaks for, or None when it is unknown."""
+        """Return who a token secret speaks for, or None when it is unknown or expired."""
         if "\x00" in secret:
             return None
         with self.session() as s:
             t = s.scalar(select(Token).where(Token.digest == token_digest(secret)))
-            return None if t is None else Principal(t.scope, t.tenant_id, t.host_id, t.id)
+            if t is None or (t.expires is not None and time.time() >= t.expires):
+                return None
+            return Principal(t.scope, t.tenant_id, t.host_id, t.id)
 
     # ---------------------------------------------------------------- ingest
 
@@ -401,6 +407,18 @@ def without_nul(value: Any) -> Any:
     if isinstance(value, list):
         return [without_nul(v) for v in value]
     return value
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Return the seconds of a duration such as `3600`, `90s`, `30m`, `12h`, `30d` or `2w` (positive)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text or "")
+    seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"] if m else 0.0
+    if not m or seconds <= 0:
+        raise FleetError(f"{text!r} is not a duration: give a positive number with s, m, h, d or w (e.g. 30d)")
+    return seconds
 
 
 def _source_id(record: dict[str, Any]) -> int:

@@ -62,6 +62,7 @@ class Token(Base):
     host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id"), nullable=True)
     label: Mapped[str] = mapped_column(String(200), default="")
     created: Mapped[float] = mapped_column(Float)
+    expires: Mapped[float | None] = mapped_column(Float, nullable=True)  # Unix time; None: never
 
 
 class Scan(Base):

@@ -177,6 +177,9 @@ class Client:
             detail = exc.read()[:500].decode(errors="replace")
             if exc.code >= 500 or exc.code == 429:
                 raise OSError(f"server error {exc.code}: {detail}") from exc
+            if exc.code == 401:  # the token, not the scan: keep the outbox until a valid token is given
+                raise OSError("the server refused this sensor's token (401: unknown or expired); the scans stay "
+                              "in the outbox until the token file holds a valid one") from exc
             raise SensorError(f"the server refused the scan ({exc.code}): {detail}") from exc
 
     def fetch_kb(self, dest: Path) -> bool:

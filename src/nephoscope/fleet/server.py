@@ -7,6 +7,7 @@ The OpenAPI spec is at /openapi.json. The dashboard (/) is plain HTML+JS that ta
 
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,6 +41,7 @@ class ScanPush(BaseModel):
 
 
 MAX_RECORDS = 2000
+MAX_TOKEN_LIFE_S = 10 * 366 * 86400
 Record = dict[str, Any]
 
 
@@ -77,6 +79,8 @@ class TokenIn(BaseModel):
     tenant_id: int | None = Field(default=None, ge=1, le=MAX_ID)
     host: str | None = Field(default=None, min_length=1, max_length=200, pattern=NO_NUL)
     label: str = Field(default="", max_length=200, pattern=NO_NUL)
+    expires_in_s: float | None = Field(default=None, gt=0, le=MAX_TOKEN_LIFE_S,
+                                       description="seconds until the token is refused (401); none: never")
 
 
 class VmPatch(BaseModel):
@@ -103,7 +107,8 @@ def create_app(store: FleetStore, kb_path: Path | None = None, vulns_path: Path 
         scheme, _, secret = (authorization or "").partition(" ")
         who = store.find_principal(secret.strip()) if scheme.lower() == "bearer" and secret.strip() else None
         if who is None:
-            raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(401, "a valid, unexpired bearer token is required",
+                                headers={"WWW-Authenticate": "Bearer"})
         return who
 
     def scoped(*scopes: str) -> Any:
@@ -207,14 +212,15 @@ def create_app(store: FleetStore, kb_path: Path | None = None, vulns_path: Path 
         return {"id": store.add_tenant(tenant.name)}
 
     @app.post(f"{API}/tokens", status_code=201)
-    def add_token(token: TokenIn, _who: Operator) -> dict[str, str]:
-        """Issue a token (operator only); the secret is shown once, only its hash is kept."""
+    def add_token(token: TokenIn, _who: Operator) -> dict[str, Any]:
+        """Issue a token (operator only), expiring after `expires_in_s` if given; the secret is shown once."""
         host_id = store.add_host(token.host) if token.scope == "sensor" and token.host else None
         if token.scope == "tenant" and (token.tenant_id is None or not store.tenant_exists(token.tenant_id)):
             raise HTTPException(404, "no such tenant")
         try:
+            expires = time.time() + token.expires_in_s if token.expires_in_s is not None else None
             return {"token": store.issue_token(token.scope, tenant_id=token.tenant_id, host_id=host_id,
-                                               label=token.label)}
+                                               label=token.label, expires=expires), "expires": expires}
         except FleetError as exc:
             raise HTTPException(422, str(exc)) from exc
 
