@@ -235,14 +235,16 @@ class FleetStore:
             for old in s.scalars(select(FilterRow).where(FilterRow.vm_id == vm.id)):
                 s.delete(old)
             for f in filters:
-                s.add(FilterRow(vm_id=vm.id, mitigation=str(f.get("mitigation", "")), cve=str(f.get("cve", "")),
+                s.add(FilterRow(vm_id=vm.id, mitigation=str(f.get("mitigation", ""))[:200],
+                                cve=str(f.get("cve", ""))[:100],
                                 applied_at=float(f.get("applied_at") or 0.0), data=f))
             known = {r.source_id: r for r in s.scalars(select(FilterAuditRow).where(FilterAuditRow.vm_id == vm.id))}
             for a in audit:
                 source_id = _source_id(a)
                 if source_id not in known:
                     s.add(FilterAuditRow(vm_id=vm.id, source_id=source_id, at=float(a.get("at") or 0.0),
-                                         action=str(a.get("action", "")), cve=str(a.get("cve", "")), data=a))
+                                         action=str(a.get("action", ""))[:32], cve=str(a.get("cve", ""))[:100],
+                                         data=a))
             sent = {r.source_id: r for r in s.scalars(select(NoticeRow).where(NoticeRow.vm_id == vm.id))}
             for n in notices:
                 source_id = _source_id(n)
@@ -251,7 +253,7 @@ class FleetStore:
                     row = NoticeRow(vm_id=vm.id, source_id=source_id)
                     s.add(row)
                     sent[source_id] = row
-                row.created, row.status, row.data = float(n.get("created") or 0.0), str(n.get("status", "")), n
+                row.created, row.status, row.data = float(n.get("created") or 0.0), str(n.get("status", ""))[:32], n
             vm.response_at = time.time()
             return vm.id
 

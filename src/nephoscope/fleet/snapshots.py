@@ -36,7 +36,7 @@ class SnapshotCache:
 
     def __init__(self, source: Path, directory: Path | None = None) -> None:
         self.source = source
-        self.dir = directory or Path(tempfile.mkdtemp(prefix="nephoscope-snap-"))
+        self.dir = directory  # default: a temporary directory made at the first snapshot
         self._lock = threading.Lock()
         self._signature: tuple[int, int] | None = None
         self._current: Snapshot | None = None
@@ -55,6 +55,8 @@ class SnapshotCache:
             return self._current
 
     def _take(self) -> Snapshot:
+        if self.dir is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="nephoscope-snap-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=self.dir, suffix=".sqlite")
         os.close(fd)
