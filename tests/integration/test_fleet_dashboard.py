@@ -20,7 +20,17 @@ import pytest
 from nephoscope.fleet.localrun import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from fleet_docs import HOSTILE_COMM, RULE_MARK, TAP, hostile_document, push, response_store, stored_document
+from fleet_docs import (
+    HOST_HANDLES,
+    HOSTILE_COMM,
+    RULE_MARK,
+    TAP,
+    host_leaking_document,
+    hostile_document,
+    push,
+    response_store,
+    stored_document,
+)
 
 from nephoscope.fleet.sensor import local_response
 
@@ -56,6 +66,9 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         for name, doc in (("web-1", vulnerable), ("hostile-vm", hostile_document()), ("db-1", stored_document())):
             scan = _call(server, "POST", "/api/v1/scans", sensor, push("hv-east", name, doc))
             ids[name] = _call(server, "GET", f"/api/v1/scans/{scan['scan_id']}", op)["vm_id"]
+        leaking = host_leaking_document()  # web-1's latest scan names host handles in titles and reasons
+        leaking["report"]["vulnerable"] = [VULN]
+        _call(server, "POST", "/api/v1/scans", sensor, push("hv-east", "web-1", leaking, at=1_700_000_100.0))
         _call(server, "PATCH", f"/api/v1/vms/{ids['web-1']}", op, {"tenant_id": acme})
         response_store(work / "host.sqlite", "app-1")  # a VM with a filter in force and two notices, no scan yet
         pushed = _call(server, "POST", "/api/v1/response", sensor,
@@ -182,6 +195,21 @@ def test_vm_page_shows_filters_and_notices(browser: Any, seeded: dict[str, Any])
     for hidden in (TAP, RULE_MARK, "root", "relay.sock", "sec@acme.example"):
         assert hidden not in page.inner_text("main"), hidden
     _shot(page, seeded["shots"] / "vm-app-1-tenant.png")
+    assert not dialogs and not more
+    page.close()
+
+
+def test_tenant_pages_carry_no_host_handles(browser: Any, seeded: dict[str, Any]) -> None:
+    vm = f"#/vm/{seeded['ids']['web-1']}"
+    page, dialogs = _open(browser, seeded, seeded["tenant"], vm)
+    text = page.inner_text("main")
+    assert "Could not be verified" in text and "<host>" in page.inner_text("[data-section='Could not be verified']")
+    for handle in (*HOST_HANDLES, "/run/nephoscope", "/dev/shm", "qmp.sock"):
+        assert handle not in text, handle
+    _shot(page, seeded["shots"] / "vm-web-1-tenant.png")
+    page.close()
+    page, more = _open(browser, seeded, seeded["operator"], vm)
+    assert HOST_HANDLES[0] in page.inner_text("[data-section='Could not be verified']")  # the operator's is complete
     assert not dialogs and not more
     page.close()
 
