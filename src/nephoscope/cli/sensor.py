@@ -25,7 +25,15 @@ def sensor(server: str = typer.Option("", "--server", help="Fleet server URL (ht
            print_policy: bool = typer.Option(False, "--print-policy", help="Print the default policy and exit")
            ) -> None:
     """Sweep this host's VMs by policy, push each scan (idempotent), buffer while the server is away."""
-    from nephoscope.fleet.sensor import DEFAULT_POLICY, Client, Sensor, apply_budget, fetch_knowledge, load_policy
+    from nephoscope.fleet.sensor import (
+        DEFAULT_POLICY,
+        Client,
+        Sensor,
+        SensorError,
+        apply_budget,
+        fetch_knowledge,
+        load_policy,
+    )
 
     if print_policy:
         typer.echo(DEFAULT_POLICY, nl=False)
@@ -51,3 +59,6 @@ def sensor(server: str = typer.Option("", "--server", help="Fleet server URL (ht
         if once:
             return
         time.sleep(rules.interval_s)
+        if client is not None and kb_from_server:  # a newer vulnerability DB (ETag: usually a 304); the KB
+            with contextlib.suppress(SensorError, OSError):  # (WAL, open across a sweep) is taken at start only
+                client.fetch_vulns(state_dir / "vulns.sqlite")
