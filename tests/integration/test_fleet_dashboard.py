@@ -20,7 +20,19 @@ import pytest
 from nephoscope.fleet.localrun import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from fleet_docs import HOSTILE_COMM, hostile_document, push, stored_document
+from fleet_docs import (
+    HOST_HANDLES,
+    HOSTILE_COMM,
+    RULE_MARK,
+    TAP,
+    host_leaking_document,
+    hostile_document,
+    push,
+    response_store,
+    stored_document,
+)
+
+from nephoscope.fleet.sensor import local_response
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (scripts/setup.sh)")
@@ -54,7 +66,15 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         for name, doc in (("web-1", vulnerable), ("hostile-vm", hostile_document()), ("db-1", stored_document())):
             scan = _call(server, "POST", "/api/v1/scans", sensor, push("hv-east", name, doc))
             ids[name] = _call(server, "GET", f"/api/v1/scans/{scan['scan_id']}", op)["vm_id"]
+        leaking = host_leaking_document()  # web-1's latest scan names host handles in titles and reasons
+        leaking["report"]["vulnerable"] = [VULN]
+        _call(server, "POST", "/api/v1/scans", sensor, push("hv-east", "web-1", leaking, at=1_700_000_100.0))
         _call(server, "PATCH", f"/api/v1/vms/{ids['web-1']}", op, {"tenant_id": acme})
+        response_store(work / "host.sqlite", "app-1")  # a VM with a filter in force and two notices, no scan yet
+        pushed = _call(server, "POST", "/api/v1/response", sensor,
+                       {"host": "hv-east", "vm": "app-1", **local_response("app-1", work / "host.sqlite")})
+        ids["app-1"] = pushed["vm_id"]
+        _call(server, "PATCH", f"/api/v1/vms/{ids['app-1']}", op, {"tenant_id": acme})
         yield {"server": server, "operator": op, "tenant": tenant, "ids": ids, "shots": work / "shots"}
     finally:
         server.stop()
@@ -152,6 +172,45 @@ def test_tenant_sees_only_its_vm(browser: Any, seeded: dict[str, Any]) -> None:
     page.wait_for_selector("main .error")
     assert "404" in page.inner_text("main .error")
     assert not dialogs
+    page.close()
+
+
+def test_vm_page_shows_filters_and_notices(browser: Any, seeded: dict[str, Any]) -> None:
+    page, dialogs = _open(browser, seeded, seeded["operator"], f"#/vm/{seeded['ids']['app-1']}")
+    filters, notices = page.inner_text("[data-section=Filters]"), page.inner_text("[data-section=Notices]")
+    for expected in ("CVE-2023-44487", "cve-2023-44487-h2-rst", "nginx 1.22.1-9", "port(s) 443",
+                     "2023-11-14 22:15:00Z", "limits new TCP connections", "a slow attack under the limit",
+                     TAP, RULE_MARK, "Filter changes", "applied", "root"):
+        assert expected in filters, expected
+    for expected in ("filter-applied", "email", "sent", "problems", "failed", "relay.sock"):
+        assert expected in notices, expected
+    assert "none recorded" not in filters + notices
+    _shot(page, seeded["shots"] / "vm-app-1-operator.png")
+    page.close()
+    page, more = _open(browser, seeded, seeded["tenant"], f"#/vm/{seeded['ids']['app-1']}")
+    filters, notices = page.inner_text("[data-section=Filters]"), page.inner_text("[data-section=Notices]")
+    for expected in ("CVE-2023-44487", "limits new TCP connections", "a slow attack under the limit",
+                     "2023-11-14 22:15:00Z", "applied", "filter-applied", "sent", "failed"):
+        assert expected in filters + notices, expected
+    for hidden in (TAP, RULE_MARK, "root", "relay.sock", "sec@acme.example"):
+        assert hidden not in page.inner_text("main"), hidden
+    _shot(page, seeded["shots"] / "vm-app-1-tenant.png")
+    assert not dialogs and not more
+    page.close()
+
+
+def test_tenant_pages_carry_no_host_handles(browser: Any, seeded: dict[str, Any]) -> None:
+    vm = f"#/vm/{seeded['ids']['web-1']}"
+    page, dialogs = _open(browser, seeded, seeded["tenant"], vm)
+    text = page.inner_text("main")
+    assert "Could not be verified" in text and "<host>" in page.inner_text("[data-section='Could not be verified']")
+    for handle in (*HOST_HANDLES, "/run/nephoscope", "/dev/shm", "qmp.sock"):
+        assert handle not in text, handle
+    _shot(page, seeded["shots"] / "vm-web-1-tenant.png")
+    page.close()
+    page, more = _open(browser, seeded, seeded["operator"], vm)
+    assert HOST_HANDLES[0] in page.inner_text("[data-section='Could not be verified']")  # the operator's is complete
+    assert not dialogs and not more
     page.close()
 
 

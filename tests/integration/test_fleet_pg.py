@@ -15,13 +15,14 @@ from sqlalchemy import inspect, text
 from nephoscope.core.errors import NephoscopeError
 from nephoscope.fleet.db import FleetStore, Principal, migrate, open_engine
 from nephoscope.fleet.localrun import ServerProcess
-from nephoscope.fleet.sensor import Client, Sensor, parse_policy, vm_lock
+from nephoscope.fleet.sensor import Client, Sensor, fetch_knowledge, local_response, parse_policy, vm_lock
 from nephoscope.hypervisor.discover import Discovery, HostVm
 from nephoscope.hypervisor.target import VmTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from fleet_docs import stored_document
+from fleet_docs import TAP, response_store, stored_document
 
+HEAD = "0003"  # the newest migration
 POLICY = """
 include = ["vm-*"]
 [[rule]]
@@ -78,13 +79,18 @@ def test_migrations_create_the_schema_on_postgresql(server: ServerProcess, fleet
     engine = open_engine(fleet_pg.url)
     try:
         tables = set(inspect(engine).get_table_names())
-        assert {"tenants", "hosts", "vms", "tokens", "scans", "findings", "alembic_version"} <= tables
+        assert {"tenants", "hosts", "vms", "tokens", "scans", "findings", "alembic_version", "vm_filters",
+                "vm_filter_audit", "vm_notices"} <= tables
         migrate(engine)  # a second upgrade is a no-op
         with engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == HEAD
             kinds = {r[0]: r[1] for r in conn.execute(text(
                 "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'scans'"))}
         assert kinds["document"] == "jsonb"
+        with engine.connect() as conn:
+            token_columns = {r[0]: r[1] for r in conn.execute(text(
+                "SELECT column_name, is_nullable FROM information_schema.columns WHERE table_name = 'tokens'"))}
+        assert token_columns["expires"] == "YES"  # tokens issued before the migration never expire
     finally:
         engine.dispose()
 
@@ -112,6 +118,60 @@ def test_sensor_buffers_while_the_server_is_away_and_catches_up(server: ServerPr
     assert set(vms) == {"vm-a", "vm-b"}
     latest = _get(server, f"/api/v1/vms/{vms['vm-a']['id']}")["latest"]["document"]["scan"]
     assert latest["processes"] == stored_document()["scan"]["processes"]
+
+
+def test_sensor_reports_filters_and_notices(server: ServerProcess, fleet_pg: Any, tmp_path: Path) -> None:
+    """A sweep pushes the scanned VM's filters and notices from the host store; away, it retries next sweep."""
+    token = _post(server, "/api/v1/tokens", {"scope": "sensor", "host": "hv-f"})["token"]
+    host_store = tmp_path / "host.sqlite"
+    response_store(host_store, "vm-f")
+    sensor = Sensor(Client(server.url, token, timeout=5), parse_policy(POLICY), tmp_path / "s", host="hv-f",
+                    discover=lambda: _vms("vm-f"), scanner=lambda vm, _m: StoredResult(vm.name),
+                    response=lambda vm: local_response(vm, host_store))
+    server.stop()
+    away = sensor.sweep()
+    assert away.responses == 0 and sensor.state["response_due"] == ["vm-f"]
+    server.start()
+    back = sensor.sweep()
+    assert back.pushed == 2 and back.responses == 1 and sensor.state["response_due"] == []
+    vm_id = _get(server, "/api/v1/vms")[0]["id"]
+    got = _get(server, f"/api/v1/vms/{vm_id}/notices")
+    assert got["recorded"] and [f["net"]["tap"] for f in got["filters"]] == [TAP]
+    assert [a["action"] for a in got["audit"]] == ["applied"]
+    assert sorted(n["status"] for n in got["notices"]) == ["failed", "sent"]
+    sensor.sweep()  # the same state again: nothing doubles
+    again = _get(server, f"/api/v1/vms/{vm_id}/notices")
+    assert (len(again["filters"]), len(again["audit"]), len(again["notices"])) == (1, 1, 2)
+    engine = open_engine(fleet_pg.url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM vm_notices")).scalar() == 2
+            assert conn.execute(text("SELECT jsonb_typeof(data) FROM vm_filters")).scalar() == "object"
+    finally:
+        engine.dispose()
+
+
+def test_an_expired_sensor_token_keeps_the_scans_buffered(server: ServerProcess, fleet_pg: Any,
+                                                           tmp_path: Path) -> None:
+    """A 401 is the token's fault, not the scan's: the outbox keeps the scan until a valid token pushes it."""
+    import time
+
+    store = FleetStore(open_engine(fleet_pg.url))
+    try:
+        host = store.add_host("hv-e")
+        expired = store.issue_token("sensor", host_id=host, expires=time.time() - 1)
+        live = store.issue_token("sensor", host_id=host, expires=time.time() + 3600)
+    finally:
+        store.engine.dispose()
+    sensor = Sensor(Client(server.url, expired), parse_policy(POLICY), tmp_path / "s", host="hv-e",
+                    discover=lambda: _vms("vm-e"), scanner=lambda vm, _m: StoredResult(vm.name), response=None)
+    refused = sensor.sweep()
+    assert refused.pushed == 0 and refused.buffered == 1 and "401" in (refused.push_error or "")
+    assert not list((tmp_path / "s" / "outbox").glob("*.refused"))
+    sensor.client = Client(server.url, live)
+    done = sensor.flush()
+    assert done.pushed == 1 and done.buffered == 0
+    assert [v["name"] for v in _get(server, "/api/v1/vms")] == ["vm-e"]
 
 
 def test_a_retried_push_is_stored_once(server: ServerProcess, fleet_pg: Any, tmp_path: Path) -> None:
@@ -250,6 +310,47 @@ def test_central_kb_lookup_and_snapshot(tmp_path: Path) -> None:
         assert cached.read_bytes() == kb_path.read_bytes()
         assert client.fetch_kb(cached) is False  # unchanged: 304, not downloaded again
     finally:
+        server.stop()
+
+
+def test_sensor_takes_kb_and_vulnerability_db_from_the_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sensor --kb-from-server`: both DBs downloaded once (then 304), re-fetched when changed, used by default."""
+    from nephoscope.knowledge import binaries, vulns
+    from nephoscope.knowledge.binaries import CodePageDB
+    from nephoscope.knowledge.vulns import VulnDB, VulnRecord
+
+    for env in ("NEPHOSCOPE_KB", "NEPHOSCOPE_VULNS"):
+        monkeypatch.setenv(env, str(tmp_path / "unused.sqlite"))  # restored after the test
+    kb_path, vulns_path = tmp_path / "central-kb.sqlite", tmp_path / "central-vulns.sqlite"
+    CodePageDB.open(kb_path).close()
+    central = VulnDB.open(vulns_path)
+    central.replace("debian-tracker", [VulnRecord("openssl", "CVE-2024-5535", "3.0.17-1~deb12u2", urgency="low")],
+                    {"libssl3": "openssl"})
+    server = ServerProcess(f"sqlite:///{tmp_path / 'fleet.sqlite'}", tmp_path / "server", kb=kb_path,
+                           vulns=vulns_path)
+    server.start()
+    state = tmp_path / "sensor"
+    state.mkdir()
+    try:
+        token = _post(server, "/api/v1/tokens", {"scope": "sensor", "host": "hv-k"})["token"]
+        client = Client(server.url, token)
+        assert fetch_knowledge(client, state) == {"kb": True, "vulns": True}
+        assert binaries.default_path() == state / "kb.sqlite" and vulns.default_path() == state / "vulns.sqlite"
+        local = VulnDB.open()  # what the report opens: now the server's copy
+        assert [(r.source, r.cve) for r in local.records()] == [("openssl", "CVE-2024-5535")]
+        assert local.binaries() == {"libssl3": "openssl"}
+        local.close()
+        assert fetch_knowledge(client, state) == {"kb": False, "vulns": False}  # 304 both
+        central.replace("debian-tracker", [VulnRecord("nginx", "CVE-2023-44487", "1.22.1-9+deb12u1")])
+        assert fetch_knowledge(client, state) == {"kb": False, "vulns": True}
+        local = VulnDB.open()
+        assert {r.cve for r in local.records()} == {"CVE-2024-5535", "CVE-2023-44487"}
+        local.close()
+        server.stop()
+        assert fetch_knowledge(client, state) == {"kb": False, "vulns": False}  # away: the cached copies serve
+        assert vulns.default_path() == state / "vulns.sqlite"
+    finally:
+        central.close()
         server.stop()
 
 

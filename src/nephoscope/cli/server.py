@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from nephoscope.fleet.db import FleetStore
 
 
 def server(db: str = typer.Option("", "--db", help="Database URL (postgresql://... or sqlite:///FILE); "
@@ -15,7 +19,17 @@ def server(db: str = typer.Option("", "--db", help="Database URL (postgresql://.
            token_file: Path = typer.Option(Path("operator.token"), "--token-file",
                                            help="Where the first operator token goes (mode 600) when none exists"),
            kb: str = typer.Option("", "--kb", help="Code-page DB served to sensors (default: the local KB)"),
-           migrate_only: bool = typer.Option(False, "--migrate-only", help="Apply migrations and exit")) -> None:
+           vulns: str = typer.Option("", "--vulns", help="Vulnerability DB served to sensors "
+                                     "(default: the local one, NEPHOSCOPE_VULNS or the cache's vulns.sqlite)"),
+           migrate_only: bool = typer.Option(False, "--migrate-only", help="Apply migrations and exit"),
+           new_token: str = typer.Option("", "--new-token", help="Issue a token of this scope (operator, tenant, "
+                                         "sensor), print its secret and exit"),
+           tenant: str = typer.Option("", "--tenant", help="With --new-token tenant: the tenant's name "
+                                      "(created if new)"),
+           host: str = typer.Option("", "--host", help="With --new-token sensor: the host it pushes for"),
+           label: str = typer.Option("", "--label", help="With --new-token: a label kept with the token"),
+           expires: str = typer.Option("", "--expires", help="With --new-token: refuse the token after this long "
+                                       "(e.g. 3600, 90m, 12h, 30d, 2w); default: never")) -> None:
     """Run the fleet server: migrate the DB, create an operator token if none, serve API and dashboard."""
     import uvicorn
 
@@ -36,9 +50,32 @@ def server(db: str = typer.Option("", "--db", help="Database URL (postgresql://.
         with os.fdopen(fd, "w") as f:
             f.write(secret + "\n")
         typer.echo(f"operator token written to {token_file}", err=True)
+    if new_token:
+        typer.echo(_issue(store, new_token, tenant, host, label, expires))
+        return
     if migrate_only:
         return
     from nephoscope.fleet.server import create_app
+    from nephoscope.knowledge import vulns as vulndb
 
-    app = create_app(store, Path(kb) if kb else default_path())
+    app = create_app(store, Path(kb) if kb else default_path(), Path(vulns) if vulns else vulndb.default_path())
     uvicorn.run(app, host=listen, port=port, log_level="warning")
+
+
+def _issue(store: FleetStore, scope: str, tenant: str, host: str, label: str, expires: str) -> str:
+    """Issue one token on `store` from the CLI options and return its secret."""
+    import time
+
+    from nephoscope.fleet.db import FleetError, parse_duration
+
+    try:
+        until = time.time() + parse_duration(expires) if expires else None
+        if scope == "tenant" and not tenant:
+            raise FleetError("a tenant token needs --tenant NAME")
+        if scope == "sensor" and not host:
+            raise FleetError("a sensor token needs --host NAME")
+        return store.issue_token(scope, tenant_id=store.add_tenant(tenant) if scope == "tenant" else None,
+                                 host_id=store.add_host(host) if scope == "sensor" else None, label=label,
+                                 expires=until)
+    except FleetError as exc:
+        raise typer.BadParameter(str(exc)) from exc

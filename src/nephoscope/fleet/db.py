@@ -8,6 +8,7 @@ data (the dashboard renders them as text).
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -21,8 +22,19 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from nephoscope.core.errors import NephoscopeError
-from nephoscope.fleet.models import SCOPES, FindingRow, Host, Scan, Tenant, Token, Vm
-from nephoscope.service.report import CODE_KINDS
+from nephoscope.fleet.models import (
+    SCOPES,
+    FilterAuditRow,
+    FilterRow,
+    FindingRow,
+    Host,
+    NoticeRow,
+    Scan,
+    Tenant,
+    Token,
+    Vm,
+)
+from nephoscope.service.report import CODE_KINDS, scrub
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 RISKS = ("running_vulnerable", "malicious_unknown", "unverifiable")
@@ -115,8 +127,10 @@ class FleetStore:
             return self._host(s, name).id
 
     def issue_token(self, scope: str, *, tenant_id: int | None = None, host_id: int | None = None,
-                    label: str = "") -> str:
-        """Create a token of `scope` and return its secret (only its SHA-256 is stored)."""
+                    label: str = "", expires: float | None = None) -> str:
+        """Create a token of `scope` and return its secret (only its SHA-256 is stored).
+
+        `expires`: the Unix time from which the token is refused (401); None: it never expires."""
         if scope not in SCOPES:
             raise FleetError(f"unknown scope {scope!r}; one of {', '.join(SCOPES)}")
         if scope == "tenant" and tenant_id is None:
@@ -126,7 +140,8 @@ class FleetStore:
         secret = "nph_" + secrets.token_urlsafe(32)
         with self.session() as s:
             s.add(Token(digest=token_digest(secret), scope=scope, tenant_id=tenant_id if scope == "tenant" else None,
-                        host_id=host_id if scope == "sensor" else None, label=label, created=time.time()))
+                        host_id=host_id if scope == "sensor" else None, label=label, created=time.time(),
+                        expires=expires))
         return secret
 
     def has_operator(self) -> bool:
@@ -135,12 +150,14 @@ class FleetStore:
             return s.scalar(select(func.count()).select_from(Token).where(Token.scope == "operator")) > 0
 
     def find_principal(self, secret: str) -> Principal | None:
-        """Return who a token secret speaks for, or None when it is unknown."""
+        """Return who a token secret speaks for, or None when it is unknown or expired."""
         if "\x00" in secret:
             return None
         with self.session() as s:
             t = s.scalar(select(Token).where(Token.digest == token_digest(secret)))
-            return None if t is None else Principal(t.scope, t.tenant_id, t.host_id, t.id)
+            if t is None or (t.expires is not None and time.time() >= t.expires):
+                return None
+            return Principal(t.scope, t.tenant_id, t.host_id, t.id)
 
     # ---------------------------------------------------------------- ingest
 
@@ -190,6 +207,78 @@ class FleetStore:
                 vm.latest_scan_id = row.id
                 vm.risk = risk_of(doc)
             return row.id, True, vm.high_risk
+
+    def ingest_response(self, host_id: int, push: dict[str, Any]) -> int:
+        """Store a VM's filters in force (replacing the last snapshot), filter audit rows and notices; return its id.
+
+        Idempotent: audit rows and notices are keyed by their id in the host's log (a notice's later delivery
+        status replaces the earlier one), the filters are the host's whole current set for the VM."""
+        push = without_nul(push)
+        filters = [dict(f) for f in push.get("filters", [])]
+        audit = [dict(a) for a in push.get("audit", [])]
+        notices = [dict(n) for n in push.get("notices", [])]
+        for _attempt in range(3):
+            try:
+                return self._ingest_response_once(host_id, str(push["vm"]), filters, audit, notices)
+            except IntegrityError:  # a concurrent push created the same VM or row first: the retry finds it
+                continue
+        return self._ingest_response_once(host_id, str(push["vm"]), filters, audit, notices)
+
+    def _ingest_response_once(self, host_id: int, name: str, filters: list[dict[str, Any]],
+                              audit: list[dict[str, Any]], notices: list[dict[str, Any]]) -> int:
+        with self.session() as s:
+            vm = s.scalar(select(Vm).where(Vm.host_id == host_id, Vm.name == name))
+            if vm is None:
+                vm = Vm(host_id=host_id, name=name, high_risk=False, risk={})
+                s.add(vm)
+                s.flush()
+            for old in s.scalars(select(FilterRow).where(FilterRow.vm_id == vm.id)):
+                s.delete(old)
+            for f in filters:
+                s.add(FilterRow(vm_id=vm.id, mitigation=str(f.get("mitigation", ""))[:200],
+                                cve=str(f.get("cve", ""))[:100],
+                                applied_at=float(f.get("applied_at") or 0.0), data=f))
+            known = {r.source_id: r for r in s.scalars(select(FilterAuditRow).where(FilterAuditRow.vm_id == vm.id))}
+            for a in audit:
+                source_id = _source_id(a)
+                if source_id not in known:
+                    s.add(FilterAuditRow(vm_id=vm.id, source_id=source_id, at=float(a.get("at") or 0.0),
+                                         action=str(a.get("action", ""))[:32], cve=str(a.get("cve", ""))[:100],
+                                         data=a))
+            sent = {r.source_id: r for r in s.scalars(select(NoticeRow).where(NoticeRow.vm_id == vm.id))}
+            for n in notices:
+                source_id = _source_id(n)
+                row = sent.get(source_id)
+                if row is None:
+                    row = NoticeRow(vm_id=vm.id, source_id=source_id)
+                    s.add(row)
+                    sent[source_id] = row
+                row.created, row.status, row.data = float(n.get("created") or 0.0), str(n.get("status", ""))[:32], n
+            vm.response_at = time.time()
+            return vm.id
+
+    def vm_response(self, who: Principal, vm_id: int, limit: int = 200) -> dict[str, Any] | None:
+        """Return a visible VM's filters in force, filter changes and notices (None when not visible).
+
+        A tenant sees what concerns it (the CVE, what a filter does and does not stop, when it was applied
+        or removed, whether a notice was delivered), never the host's rule text, tap device, addresses of
+        the host side, operator names or delivery errors."""
+        tenant = who.scope == "tenant"
+        with self.session() as s:
+            row = s.execute(self._visible(who).where(Vm.id == vm_id)).first()
+            if row is None:
+                return None
+            vm = row[0]
+            filters = s.scalars(select(FilterRow).where(FilterRow.vm_id == vm_id).order_by(FilterRow.applied_at))
+            audit = s.scalars(select(FilterAuditRow).where(FilterAuditRow.vm_id == vm_id)
+                              .order_by(FilterAuditRow.at.desc(), FilterAuditRow.id.desc()).limit(limit))
+            notices = s.scalars(select(NoticeRow).where(NoticeRow.vm_id == vm_id)
+                                .order_by(NoticeRow.created.desc(), NoticeRow.id.desc()).limit(limit))
+            return {"recorded": vm.response_at is not None, "reported_at": vm.response_at,
+                    "view": "tenant" if tenant else "operator",
+                    "filters": [_tenant_record(r.data, TENANT_FILTER_KEYS) if tenant else r.data for r in filters],
+                    "audit": [_tenant_record(r.data, TENANT_AUDIT_KEYS) if tenant else r.data for r in audit],
+                    "notices": [_tenant_record(r.data, TENANT_NOTICE_KEYS) if tenant else r.data for r in notices]}
 
     @staticmethod
     def _finished(s: Session, scan_id: int) -> float:
@@ -255,8 +344,10 @@ class FleetStore:
                 return None
             rows = s.scalars(select(FindingRow).where(FindingRow.vm_id == vm_id)
                              .order_by(FindingRow.time.desc(), FindingRow.id).limit(limit))
+            tenant = who.scope == "tenant"  # a tenant's copy of host-produced text is scrubbed of host internals
             return [{"scan_id": r.scan_id, "time": r.time, "kind": r.kind, "severity": r.severity,
-                     "title": r.title, "evidence": r.evidence} for r in rows]
+                     "title": scrub(r.title) if tenant else r.title,
+                     "evidence": scrubbed(r.evidence) if tenant else r.evidence} for r in rows]
 
     def overview(self, who: Principal) -> dict[str, Any]:
         """Return VM counts by risk, per host and per tenant, over the VMs `who` may see."""
@@ -320,6 +411,37 @@ def without_nul(value: Any) -> Any:
     return value
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Return the seconds of a duration such as `3600`, `90s`, `30m`, `12h`, `30d` or `2w` (positive)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text or "")
+    seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"] if m else 0.0
+    if not m or seconds <= 0:
+        raise FleetError(f"{text!r} is not a duration: give a positive number with s, m, h, d or w (e.g. 30d)")
+    return seconds
+
+
+def _source_id(record: dict[str, Any]) -> int:
+    value = record.get("id")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
+        raise FleetError(f"a filter audit row or notice needs its host-side integer id, not {value!r}")
+    return value
+
+
+# what a tenant reads of its VMs' filters, filter changes and notices (whitelists: anything else is the host's)
+TENANT_FILTER_KEYS = ("mitigation", "cve", "package", "version", "fixed", "kind", "ports", "reason", "applied_at",
+                      "does", "does_not_stop")
+TENANT_AUDIT_KEYS = ("at", "action", "mitigation", "cve", "package", "version", "reason")
+TENANT_NOTICE_KEYS = ("event", "channel", "created", "status", "attempts", "sent")
+
+
+def _tenant_record(record: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """Return the whitelisted fields of a host record, host-produced strings scrubbed of host internals."""
+    return {k: scrub(record[k]) if isinstance(record[k], str) else record[k] for k in keys if k in record}
+
+
 def token_digest(secret: str) -> str:
     """Return the stored form of a token secret (hex SHA-256)."""
     return hashlib.sha256(secret.encode()).hexdigest()
@@ -354,10 +476,43 @@ def _scan_dict(row: Scan, with_document: bool = False, tenant: bool = False) -> 
                            "started": row.started, "finished": row.finished, "received": row.received,
                            "status": row.status, "methods": row.methods, "summary": row.summary}
     if with_document:
-        doc = dict(row.document)
-        if tenant:
-            doc = {k: v for k, v in doc.items() if k not in TENANT_HIDDEN}
-            if isinstance(doc.get("scan"), dict):
-                doc["scan"] = {k: v for k, v in doc["scan"].items() if k not in TENANT_HIDDEN}
-        out["document"] = doc
+        out["document"] = tenant_document(row.document) if tenant else dict(row.document)
     return out
+
+
+def scrubbed(value: Any) -> Any:
+    """Return a JSON value with every string passed through `service.report.scrub` (keys kept)."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrubbed(v) for v in value]
+    return value
+
+
+SCAN_MESSAGES = ("findings", "unverifiable", "error", "errors")  # host-produced text in `scan --json`'s document
+
+
+def tenant_document(document: dict[str, Any]) -> dict[str, Any]:
+    """Return what a tenant reads of a stored scan document: no raw observations or host timings, and the
+    host-produced messages (finding titles and evidence, unverifiable items, errors) scrubbed of host
+    internals (RAM files, QMP sockets, /run/nephoscope paths, page-table roots). Guest data (processes,
+    binaries) stays as the guest has it; the operator's view is the document as pushed."""
+    doc = {k: v for k, v in document.items() if k not in TENANT_HIDDEN}
+    if isinstance(doc.get("scan"), dict):
+        doc["scan"] = {k: scrubbed(v) if k in SCAN_MESSAGES else v for k, v in doc["scan"].items()
+                       if k not in TENANT_HIDDEN}
+    report = doc.get("report")
+    if isinstance(report, dict):  # built by service.report (already scrubbed there); again, for older sensors
+        report = dict(report)
+        for key in ("code", "behaviour"):
+            if isinstance(report.get(key), list):
+                report[key] = [{**item, "title": scrubbed(item.get("title", ""))} if isinstance(item, dict) else item
+                               for item in report[key]]
+        if "unverified" in report:
+            report["unverified"] = scrubbed(report["unverified"])
+        doc["report"] = report
+    if "report_error" in doc:
+        doc["report_error"] = scrubbed(doc["report_error"])
+    return doc

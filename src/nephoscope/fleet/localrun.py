@@ -22,6 +22,7 @@ class ServerProcess:
     workdir: Path
     port: int = field(default_factory=free_port)
     kb: Path | None = None
+    vulns: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -41,6 +42,8 @@ class ServerProcess:
                 "--token-file", str(self.workdir / "operator.token")]
         if self.kb is not None:
             argv += ["--kb", str(self.kb)]
+        if self.vulns is not None:
+            argv += ["--vulns", str(self.vulns)]
         log = (self.workdir / "server.log").open("ab")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env={**os.environ}, start_new_session=True)
         deadline = time.monotonic() + timeout

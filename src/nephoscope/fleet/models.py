@@ -48,6 +48,7 @@ class Vm(Base):
     high_risk: Mapped[bool] = mapped_column(Boolean, default=False)
     latest_scan_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     risk: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    response_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # last filters/notices push
 
 
 class Token(Base):
@@ -61,6 +62,7 @@ class Token(Base):
     host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id"), nullable=True)
     label: Mapped[str] = mapped_column(String(200), default="")
     created: Mapped[float] = mapped_column(Float)
+    expires: Mapped[float | None] = mapped_column(Float, nullable=True)  # Unix time; None: never
 
 
 class Scan(Base):
@@ -93,3 +95,43 @@ class FindingRow(Base):
     severity: Mapped[str] = mapped_column(String(32))
     title: Mapped[str] = mapped_column(Text)
     evidence: Mapped[list[dict[str, Any]]] = mapped_column(JsonType)
+
+
+class FilterRow(Base):
+    """A filter in force for a VM as its host's sensor last reported it (a snapshot, replaced on each push)."""
+
+    __tablename__ = "vm_filters"
+    __table_args__ = (Index("vm_filters_vm", "vm_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id"))
+    mitigation: Mapped[str] = mapped_column(String(200))
+    cve: Mapped[str] = mapped_column(String(100))
+    applied_at: Mapped[float] = mapped_column(Float)
+    data: Mapped[dict[str, Any]] = mapped_column(JsonType)  # the host's record as `filters list --json` gives it
+
+
+class FilterAuditRow(Base):
+    """One filter change of a VM (applied, removed, expired, collected) from its host's audit log."""
+
+    __tablename__ = "vm_filter_audit"
+    __table_args__ = (UniqueConstraint("vm_id", "source_id"), Index("vm_filter_audit_vm_at", "vm_id", "at"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id"))
+    source_id: Mapped[int] = mapped_column(Integer)  # the row's id in the host's audit log
+    at: Mapped[float] = mapped_column(Float)
+    action: Mapped[str] = mapped_column(String(32))
+    cve: Mapped[str] = mapped_column(String(100))
+    data: Mapped[dict[str, Any]] = mapped_column(JsonType)
+
+
+class NoticeRow(Base):
+    """One notice sent (or being sent) to a VM's tenant on one channel, with its delivery status, from its host."""
+
+    __tablename__ = "vm_notices"
+    __table_args__ = (UniqueConstraint("vm_id", "source_id"), Index("vm_notices_vm_created", "vm_id", "created"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id"))
+    source_id: Mapped[int] = mapped_column(Integer)  # the notice's id in the host's notice log
+    created: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(32))
+    data: Mapped[dict[str, Any]] = mapped_column(JsonType)

@@ -20,6 +20,7 @@ import os
 import re
 import resource
 import socket
+import sqlite3
 import time
 import tomllib
 import urllib.error
@@ -163,10 +164,10 @@ class Client:
         self.token = token
         self.timeout = timeout
 
-    def push(self, push: dict[str, Any]) -> dict[str, Any]:
-        """POST one scan; return the server's answer; raise OSError when the server is away or fails (5xx)."""
+    def push(self, push: dict[str, Any], path: str = "/api/v1/scans") -> dict[str, Any]:
+        """POST one scan (or, with `path`, another push); return the answer; raise OSError when the server is away."""
         body = json.dumps(push, default=str).encode()
-        req = urllib.request.Request(f"{self.server}/api/v1/scans", data=body, method="POST",
+        req = urllib.request.Request(f"{self.server}{path}", data=body, method="POST",
                                      headers={"Authorization": f"Bearer {self.token}",
                                               "Content-Type": "application/json"})
         try:
@@ -176,15 +177,25 @@ class Client:
             detail = exc.read()[:500].decode(errors="replace")
             if exc.code >= 500 or exc.code == 429:
                 raise OSError(f"server error {exc.code}: {detail}") from exc
+            if exc.code == 401:  # the token, not the scan: keep the outbox until a valid token is given
+                raise OSError("the server refused this sensor's token (401: unknown or expired); the scans stay "
+                              "in the outbox until the token file holds a valid one") from exc
             raise SensorError(f"the server refused the scan ({exc.code}): {detail}") from exc
 
     def fetch_kb(self, dest: Path) -> bool:
         """Download the central code-page DB to `dest` unless the cached copy is current; return if it changed."""
+        return self._fetch("/api/v1/kb/snapshot", dest, "code-page KB")
+
+    def fetch_vulns(self, dest: Path) -> bool:
+        """Download the central vulnerability DB to `dest` unless the cached copy is current; return if it changed."""
+        return self._fetch("/api/v1/kb/vulns", dest, "vulnerability DB")
+
+    def _fetch(self, path: str, dest: Path, what: str) -> bool:
         etag_file = dest.with_suffix(dest.suffix + ".etag")
         headers = {"Authorization": f"Bearer {self.token}"}
         if dest.exists() and etag_file.exists():
             headers["If-None-Match"] = etag_file.read_text().strip()
-        req = urllib.request.Request(f"{self.server}/api/v1/kb/snapshot", headers=headers)
+        req = urllib.request.Request(f"{self.server}{path}", headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=max(self.timeout, 300)) as resp:
                 tmp = dest.with_suffix(".part")
@@ -197,7 +208,27 @@ class Client:
         except urllib.error.HTTPError as exc:
             if exc.code == 304:
                 return False
-            raise SensorError(f"the server did not give its KB ({exc.code})") from exc
+            raise SensorError(f"the server did not give its {what} ({exc.code})") from exc
+
+
+def fetch_knowledge(client: Client, state_dir: Path) -> dict[str, bool]:
+    """Bring the server's code-page KB and vulnerability DB into `state_dir` and make this process use them.
+
+    Each is downloaded only when its ETag changed; the methods and the report then open them by their
+    default paths (NEPHOSCOPE_KB, NEPHOSCOPE_VULNS). Returns which of them were downloaded anew. When the
+    server is away, a copy cached by an earlier run is used; with none, SensorError."""
+    changed = {}
+    for key, env, fetch in (("kb", "NEPHOSCOPE_KB", client.fetch_kb), ("vulns", "NEPHOSCOPE_VULNS",
+                                                                       client.fetch_vulns)):
+        dest = state_dir / f"{key}.sqlite"
+        try:
+            changed[key] = fetch(dest)
+        except OSError as exc:
+            if not dest.exists():
+                raise SensorError(f"cannot fetch the server's {key} and none is cached in {state_dir}: {exc}") from exc
+            changed[key] = False
+        os.environ[env] = str(dest)
+    return changed
 
 
 # ------------------------------------------------------------------------------------ the sweep
@@ -217,6 +248,7 @@ class SweepReport:
     max_rss_mib: float = 0.0
     scan_ids: dict[str, int] = field(default_factory=dict)  # idempotency key -> server scan id
     kb_sharing: dict[str, int] = field(default_factory=dict)  # the sweep's shared KB: asked vs looked up
+    responses: int = 0  # VMs whose filters and notices were pushed
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -249,6 +281,22 @@ def vm_lock(directory: Path, vm: str) -> Iterator[bool]:
 
 
 Scanner = Callable[[HostVm, list[str]], dict[str, Any]]  # returns the scan document to push
+ResponseSource = Callable[[str], dict[str, list[dict[str, Any]]]]  # VM name -> its filters, audit, notices
+
+
+def local_response(vm: str, store_path: Path | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Return `vm`'s filters in force, filter audit rows and notices from this host's store (default: its own)."""
+    from nephoscope.service.filters import audit, list_filters
+    from nephoscope.service.notices import list_notices
+    from nephoscope.store.sqlite import Store
+
+    store = Store(store_path)
+    try:
+        return {"filters": list_filters(vm, store), "audit": audit(vm, store),
+                "notices": [n.to_dict() for n in list_notices(vm, store=store)]}
+    finally:
+        with contextlib.suppress(Exception):
+            store.close()
 
 
 def local_scan(vm: HostVm, methods: list[str], kb: Any = None) -> dict[str, Any]:
@@ -279,7 +327,8 @@ class Sensor:
 
     def __init__(self, client: Client | None, policy: Policy, state_dir: Path, *, host: str | None = None,
                  discover: Callable[[], Discovery] | None = None, scanner: Scanner | None = None,
-                 clock: Callable[[], float] = time.time, share_kb: bool = True) -> None:
+                 clock: Callable[[], float] = time.time, share_kb: bool = True,
+                 response: ResponseSource | None = local_response) -> None:
         self.client = client
         self.policy = policy
         self.state_dir = state_dir
@@ -289,6 +338,7 @@ class Sensor:
         self.discover = discover or _discover
         self.scanner = scanner or self._scan_local
         self.share_kb = share_kb
+        self.response = response  # None: filters and notices are not reported
         self.sweep_kb: Any = None  # the sweep's shared KB while a sweep runs (fleet.sweepkb)
         self.clock = clock
         self.state_file = state_dir / "state.json"
@@ -303,6 +353,7 @@ class Sensor:
             state = {}
         state.setdefault("last", {})
         state.setdefault("high_risk", {})
+        state.setdefault("response_due", [])  # VMs whose filters and notices are to be pushed
         return state
 
     def _save_state(self) -> None:
@@ -392,6 +443,8 @@ class Sensor:
         for m in methods:
             last[m] = started
         report.scanned[vm.name] = methods
+        if vm.name not in self.state["response_due"]:
+            self.state["response_due"].append(vm.name)
 
     def flush(self, report: SweepReport | None = None) -> SweepReport:
         """Push every buffered document, oldest first; stop at the first failure (the server is away)."""
@@ -419,9 +472,32 @@ class Sensor:
             self.state["high_risk"][push["vm"]] = bool(answer.get("high_risk"))
             path.unlink()
             report.pushed += 1
+        if report.push_error is None:
+            self._push_responses(report)
         self._save_state()
         report.buffered = len(self.outbox)
         return report
+
+    def _push_responses(self, report: SweepReport) -> None:
+        """Push the filters and notices of each VM scanned since the last successful push (a snapshot: a
+        failed push is simply taken again next sweep, with the state of then)."""
+        if self.client is None or self.response is None:
+            return
+        for vm in list(self.state["response_due"]):
+            try:
+                records = self.response(vm)
+            except (NephoscopeError, sqlite3.Error, OSError) as exc:
+                report.errors[f"{vm} (filters and notices)"] = f"{type(exc).__name__}: {exc}"
+                continue
+            try:
+                self.client.push({"host": self.host, "vm": vm, **records}, path="/api/v1/response")
+            except OSError as exc:
+                report.push_error = str(exc)
+                return
+            except SensorError as exc:
+                report.errors[f"{vm} (filters and notices)"] = str(exc)
+            self.state["response_due"].remove(vm)
+            report.responses += 1
 
 
 def _discover() -> Discovery:

@@ -7,6 +7,7 @@ The OpenAPI spec is at /openapi.json. The dashboard (/) is plain HTML+JS that ta
 
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from nephoscope.fleet.db import RISKS, FleetError, FleetStore, Principal
+from nephoscope.fleet.snapshots import SnapshotCache, SnapshotError
 
 STATIC = Path(__file__).with_name("static")
 API = "/api/v1"
@@ -36,6 +38,24 @@ class ScanPush(BaseModel):
     started: float
     finished: float
     document: dict[str, Any]
+
+
+MAX_RECORDS = 2000
+MAX_TOKEN_LIFE_S = 10 * 366 * 86400
+Record = dict[str, Any]
+
+
+class ResponsePush(BaseModel):
+    """A VM's response state a sensor pushes: its filters in force, its filter audit rows and its notices.
+
+    Records are as the host's `filters list`, `filters audit` and `notices list` give them (JSON); pushing
+    the same state again changes nothing (audit rows and notices are keyed by their host-side id)."""
+
+    host: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
+    vm: str = Field(min_length=1, max_length=300, pattern=NO_NUL)
+    filters: list[Record] = Field(default_factory=list, max_length=MAX_RECORDS)
+    audit: list[Record] = Field(default_factory=list, max_length=MAX_RECORDS)
+    notices: list[Record] = Field(default_factory=list, max_length=MAX_RECORDS)
 
 
 class PushResult(BaseModel):
@@ -59,6 +79,8 @@ class TokenIn(BaseModel):
     tenant_id: int | None = Field(default=None, ge=1, le=MAX_ID)
     host: str | None = Field(default=None, min_length=1, max_length=200, pattern=NO_NUL)
     label: str = Field(default="", max_length=200, pattern=NO_NUL)
+    expires_in_s: float | None = Field(default=None, gt=0, le=MAX_TOKEN_LIFE_S,
+                                       description="seconds until the token is refused (401); none: never")
 
 
 class VmPatch(BaseModel):
@@ -74,16 +96,19 @@ class LookupIn(BaseModel):
     digests: list[Annotated[str, Field(pattern="^[0-9a-f]{64}$")]] = Field(max_length=MAX_DIGESTS)
 
 
-def create_app(store: FleetStore, kb_path: Path | None = None) -> FastAPI:
-    """Return the API and dashboard over `store`; `kb_path` is the code-page DB served to sensors."""
+def create_app(store: FleetStore, kb_path: Path | None = None, vulns_path: Path | None = None) -> FastAPI:
+    """Return the API and dashboard over `store`; `kb_path` and `vulns_path` are the code-page and
+    vulnerability DBs served to sensors."""
     app = FastAPI(title="nephoscope fleet", version="1", description=__doc__)
     app.state.store = store
+    vulns = SnapshotCache(vulns_path) if vulns_path is not None else None
 
     def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
         scheme, _, secret = (authorization or "").partition(" ")
         who = store.find_principal(secret.strip()) if scheme.lower() == "bearer" and secret.strip() else None
         if who is None:
-            raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(401, "a valid, unexpired bearer token is required",
+                                headers={"WWW-Authenticate": "Bearer"})
         return who
 
     def scoped(*scopes: str) -> Any:
@@ -121,6 +146,17 @@ def create_app(store: FleetStore, kb_path: Path | None = None) -> FastAPI:
             response.status_code = 200
         return PushResult(scan_id=scan_id, created=created, high_risk=high_risk)
 
+    @app.post(f"{API}/response", status_code=200)
+    def push_response(push: ResponsePush, who: Sensor) -> dict[str, int]:
+        """Store a VM's filters in force, filter changes and notices as its host has them (idempotent)."""
+        if who.host_id is None or store.host_name(who.host_id) != push.host:
+            raise HTTPException(403, "a sensor token pushes only for its own host")
+        try:
+            vm_id = store.ingest_response(who.host_id, push.model_dump())
+        except (FleetError, ValueError, TypeError, AttributeError) as exc:
+            raise HTTPException(422, f"the response records do not fit: {exc}") from exc
+        return {"vm_id": vm_id, "filters": len(push.filters), "audit": len(push.audit), "notices": len(push.notices)}
+
     @app.get(f"{API}/overview")
     def overview(who: Reader) -> dict[str, Any]:
         """Return VM counts by risk per host and per tenant (a tenant sees only its own VMs)."""
@@ -151,9 +187,11 @@ def create_app(store: FleetStore, kb_path: Path | None = None) -> FastAPI:
 
     @app.get(f"{API}/vms/{{vm_id}}/notices")
     def vm_notices(vm_id: VmId, who: Reader) -> dict[str, Any]:
-        """Return the notices sent to a VM's owner and the filters applied (none are recorded by this server)."""
-        found(store.get_vm(who, vm_id), "VM")
-        return {"notices": [], "filters": [], "recorded": False}
+        """Return a VM's filters in force, filter changes (newest first) and notices with their delivery status.
+
+        `recorded` is False until the VM's sensor has reported them once. A tenant reads the CVE, what a
+        filter does and does not stop and when it changed, never the host's rules, tap device or operators."""
+        return found(store.vm_response(who, vm_id), "VM")  # type: ignore[no-any-return]
 
     @app.get(f"{API}/scans/{{scan_id}}")
     def get_scan(scan_id: ScanId, who: Reader) -> dict[str, Any]:
@@ -174,14 +212,15 @@ def create_app(store: FleetStore, kb_path: Path | None = None) -> FastAPI:
         return {"id": store.add_tenant(tenant.name)}
 
     @app.post(f"{API}/tokens", status_code=201)
-    def add_token(token: TokenIn, _who: Operator) -> dict[str, str]:
-        """Issue a token (operator only); the secret is shown once, only its hash is kept."""
+    def add_token(token: TokenIn, _who: Operator) -> dict[str, Any]:
+        """Issue a token (operator only), expiring after `expires_in_s` if given; the secret is shown once."""
         host_id = store.add_host(token.host) if token.scope == "sensor" and token.host else None
         if token.scope == "tenant" and (token.tenant_id is None or not store.tenant_exists(token.tenant_id)):
             raise HTTPException(404, "no such tenant")
         try:
+            expires = time.time() + token.expires_in_s if token.expires_in_s is not None else None
             return {"token": store.issue_token(token.scope, tenant_id=token.tenant_id, host_id=host_id,
-                                               label=token.label)}
+                                               label=token.label, expires=expires), "expires": expires}
         except FleetError as exc:
             raise HTTPException(422, str(exc)) from exc
 
@@ -199,6 +238,19 @@ def create_app(store: FleetStore, kb_path: Path | None = None) -> FastAPI:
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers={"ETag": etag})
         return FileResponse(path, media_type="application/vnd.sqlite3", headers={"ETag": etag})
+
+    @app.get(f"{API}/kb/vulns", response_class=FileResponse, responses={304: {"description": "not modified"}})
+    def vulns_snapshot(request: Request, _who: KbReader) -> Response:
+        """Download the central vulnerability DB (SQLite, a consistent copy); If-None-Match with the ETag skips it."""
+        try:
+            snap = vulns.find() if vulns is not None else None
+        except SnapshotError as exc:
+            raise HTTPException(503, str(exc)) from exc
+        if snap is None:
+            raise HTTPException(404, "this server has no vulnerability DB")
+        if request.headers.get("if-none-match") == snap.etag:
+            return Response(status_code=304, headers={"ETag": snap.etag})
+        return FileResponse(snap.path, media_type="application/vnd.sqlite3", headers={"ETag": snap.etag})
 
     @app.post(f"{API}/kb/lookup")
     def kb_lookup(query: LookupIn, _who: KbReader) -> dict[str, list[dict[str, Any]]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import os
 import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable
@@ -158,8 +159,8 @@ class VulnIndex:
 
 
 def default_path() -> Path:
-    """Return the vulnerability DB path: `cache_root()/vulns.sqlite`."""
-    return cache_root() / "vulns.sqlite"
+    """Return the vulnerability DB path: NEPHOSCOPE_VULNS, else `cache_root()/vulns.sqlite`."""
+    return Path(os.environ.get("NEPHOSCOPE_VULNS") or cache_root() / "vulns.sqlite")
 
 
 class VulnDB:

@@ -120,8 +120,34 @@ async function vmPage(app, id) {
     section("Malicious or unknown code", table(["severity", "kind", "what", "methods"], code)),
     section("Findings over time", table(["time", "severity", "kind", "title"], over)),
     section("Could not be verified", table(["what", "method", "reason"], unver)),
-    section("Filters", notices.filters.length ? table(["filter"], notices.filters.map(f => [JSON.stringify(f)])) : none()),
-    section("Notices", notices.notices.length ? table(["notice"], notices.notices.map(n => [JSON.stringify(n)])) : none()));
+    ...responseSections(notices));
+}
+
+// Filters in force, filter changes and notices as the VM's sensor reported them. A tenant's token gets a
+// whitelisted view (no rules, tap or operator); the operator's also carries those, shown in extra columns.
+function responseSections(r) {
+  if (!r.recorded) return [section("Filters", none("this VM's sensor has not reported them")),
+                           section("Notices", none("this VM's sensor has not reported them"))];
+  const ops = r.view === "operator";
+  const list = xs => (xs || []).join("\n");
+  const filters = r.filters.map(f => [f.cve || "", f.mitigation || "", `${f.package || ""} ${f.version || ""}`.trim(),
+    `${f.kind || ""} · port(s) ${(f.ports || []).join(", ")}`, when(f.applied_at), f.does || "", f.does_not_stop || "",
+    ...(ops ? [(f.net && f.net.tap) || "", el("pre", {}, list(f.rules))] : [])]);
+  const audit = r.audit.map(a => [when(a.at), a.action || "", a.cve || "", a.mitigation || "", a.reason || "",
+                                  ...(ops ? [a.who || ""] : [])]);
+  const notices = r.notices.map(n => [when(n.created), n.event || "", n.channel || "",
+    el("span", {class: n.status === "sent" ? "ok" : n.status === "failed" ? "bad" : "warn"}, n.status || ""),
+    String(n.attempts ?? ""), when(n.sent), ...(ops ? [n.target || "", n.last_error || ""] : [])]);
+  return [
+    section("Filters",
+      filters.length ? table(["CVE", "filter", "package", "what", "applied", "what it does", "what it does not stop",
+                              ...(ops ? ["tap", "rules"] : [])], filters) : el("p", {class: "none"}, "none in force"),
+      el("h3", {}, "Filter changes"),
+      audit.length ? table(["time", "action", "CVE", "filter", "why", ...(ops ? ["by"] : [])], audit)
+                   : el("p", {class: "none"}, "no change recorded")),
+    section("Notices", notices.length ? table(["created", "event", "channel", "status", "attempts", "delivered",
+                                               ...(ops ? ["to", "last error"] : [])], notices)
+                                      : el("p", {class: "none"}, "none sent"))];
 }
 
 async function route() {
