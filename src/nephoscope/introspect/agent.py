@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from debian import deb822
@@ -114,6 +114,23 @@ def installed_packages(status_text: str) -> dict[str, dict[str, str]]:
     return out
 
 
+def through_agent(method: str, vm: VmTarget, timeout: float,
+                  body: Callable[[GuestAgent, VmTarget], Iterator[Observation]],
+                  why: str = "") -> Iterator[Observation]:
+    """Yield what `body` yields over one guest agent session of `vm`, or `method`'s `unverifiable` processes
+    when the VM has no agent channel or its agent does not answer (`why` is added to the first reason)."""
+    if not has_agent(vm):
+        yield unverifiable(method, vm, "processes", f"no guest agent channel for this VM{why}")
+        return
+    try:
+        agent = open_agent(vm, timeout=timeout)
+    except ConnectorError as exc:
+        yield unverifiable(method, vm, "processes", f"guest agent unreachable: {exc}")
+        return
+    with agent:
+        yield from body(agent, vm)
+
+
 class AgentMethod:
     """The in-guest agent method (qemu-guest-agent over its virtio-serial socket or libvirt's agent channel)."""
 
@@ -124,16 +141,7 @@ class AgentMethod:
 
     def collect(self, vm: VmTarget) -> Iterator[Observation]:
         """Yield processes, executable mappings, modules and installed packages as the guest reports them."""
-        if not has_agent(vm):
-            yield unverifiable(NAME, vm, "processes", "no guest agent channel for this VM")
-            return
-        try:
-            agent = open_agent(vm, timeout=self.timeout)
-        except ConnectorError as exc:
-            yield unverifiable(NAME, vm, "processes", f"guest agent unreachable: {exc}")
-            return
-        with agent:
-            yield from self._collect(agent, vm)
+        yield from through_agent(NAME, vm, self.timeout, self._collect)
 
     def _collect(self, agent: GuestAgent, vm: VmTarget) -> Iterator[Observation]:
         try:

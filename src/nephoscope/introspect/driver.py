@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from nephoscope.core import payloads
 from nephoscope.core.errors import ConnectorError
 from nephoscope.core.records import Observation, Verdict
-from nephoscope.hypervisor.qga import GuestAgent, has_agent, open_agent
+from nephoscope.hypervisor.qga import GuestAgent
 from nephoscope.hypervisor.target import VmTarget
+from nephoscope.introspect.agent import through_agent
 from nephoscope.introspect.base import observe, unverifiable
 
 NAME = "driver"
@@ -235,17 +236,7 @@ class DriverMethod:
 
     def collect(self, vm: VmTarget) -> Iterator[Observation]:
         """Yield the driver's processes, events and counters (all `reported`), or `unverifiable` with why."""
-        if not has_agent(vm):
-            yield unverifiable(NAME, vm, "processes", "no guest agent channel for this VM (the driver is read "
-                                                      "through it)")
-            return
-        try:
-            agent = open_agent(vm, timeout=self.timeout)
-        except ConnectorError as exc:
-            yield unverifiable(NAME, vm, "processes", f"guest agent unreachable: {exc}")
-            return
-        with agent:
-            yield from self.collect_from(agent, vm)
+        yield from through_agent(NAME, vm, self.timeout, self.collect_from, why=" (the driver is read through it)")
 
     def collect_from(self, agent: GuestAgent, vm: VmTarget) -> Iterator[Observation]:
         """Yield what the driver reports through an open agent session (reads /proc/nephoscope, runs the canary)."""
