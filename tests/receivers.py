@@ -14,6 +14,22 @@ from email.message import EmailMessage
 from typing import Any
 
 
+def tenants_toml(box: Mailbox, hook: Hook, vm: str, secret: str) -> str:
+    """Return a tenants file: the SMTP relay `box` and tenant `acme` owning `vm`, mailed and webhooked."""
+    return f"""
+[smtp]
+host = "127.0.0.1"
+port = {box.port}
+sender = "nephoscope@provider.example"
+
+[tenants.acme]
+vms = ["{vm}"]
+emails = ["secops@acme.example"]
+webhook = "{hook.url}"
+secret = "{secret}"
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

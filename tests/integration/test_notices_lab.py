@@ -23,7 +23,7 @@ from nephoscope.service.sbom import export, purl
 from nephoscope.service.scan import run_scan
 from nephoscope.service.targets import resolve_target
 from nephoscope.store.sqlite import Store
-from receivers import smtp_server, webhook_receiver
+from receivers import smtp_server, tenants_toml, webhook_receiver
 from schemas import validate_cyclonedx, validate_openvex
 
 pytestmark = pytest.mark.guest
@@ -41,17 +41,7 @@ def test_scan_then_notice_and_exports(tampered_guest: Guest, default_kb: None, t
     result = run_scan(resolve_target(tampered_guest.name), ["arch", "inspect", "agent"], store=store)
     assert result.status == "ok"
     with smtp_server() as box, webhook_receiver() as hook:
-        tenants = parse_tenants(f"""
-[smtp]
-host = "127.0.0.1"
-port = {box.port}
-sender = "nephoscope@provider.example"
-[tenants.acme]
-vms = ["{tampered_guest.name}"]
-emails = ["secops@acme.example"]
-webhook = "{hook.url}"
-secret = "{SECRET}"
-""")
+        tenants = parse_tenants(tenants_toml(box, hook, tampered_guest.name, SECRET))
         out = notify_result(result, store=store, tenants=tenants, delivery=FAST, vulns=vulns)
         assert out is not None and [(d.channel, d.status) for d in out.deliveries] == [("email", "sent"),
                                                                                        ("webhook", "sent")]

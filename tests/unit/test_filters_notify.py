@@ -15,7 +15,7 @@ from nephoscope.response.engine import FilterChange
 from nephoscope.service.filters import notify
 from nephoscope.store.notices import NoticeLog
 from nephoscope.store.sqlite import Store
-from receivers import smtp_server, webhook_receiver
+from receivers import smtp_server, tenants_toml, webhook_receiver
 
 SECRET = "tenant-acme-secret-0123456789"
 
@@ -31,18 +31,7 @@ def test_filter_changes_notify_the_owning_tenant_once(tmp_path: Path, monkeypatc
     store = Store(tmp_path / "s.sqlite")
     with smtp_server() as box, webhook_receiver() as hook:
         tenants = tmp_path / "tenants.toml"
-        tenants.write_text(f"""
-[smtp]
-host = "127.0.0.1"
-port = {box.port}
-sender = "nephoscope@provider.example"
-
-[tenants.acme]
-vms = ["vm-a"]
-emails = ["secops@acme.example"]
-webhook = "{hook.url}"
-secret = "{SECRET}"
-""")
+        tenants.write_text(tenants_toml(box, hook, "vm-a", SECRET))
         monkeypatch.setenv("NEPHOSCOPE_TENANTS", str(tenants))
         applied = [_change("vm-a", "applied"), _change("vm-nobody", "applied")]
         assert notify(applied, store) == applied  # the changes are returned unchanged

@@ -28,7 +28,7 @@ from nephoscope.response.tenants import TenantError, parse_tenants
 from nephoscope.service.notices import notify_vm
 from nephoscope.store.notices import NoticeLog
 from nephoscope.store.sqlite import Store
-from receivers import Hook, Mailbox, smtp_server, webhook_receiver
+from receivers import Hook, Mailbox, smtp_server, tenants_toml, webhook_receiver
 
 HOSTILE = "<script>alert(1)</script>|**x**](http://evil)\x1b[31m"
 SECRET_A, SECRET_B = "a" * 8 + "-tenant-a-secret", "b" * 8 + "-tenant-b-secret"
@@ -38,18 +38,7 @@ TAMPERED_DUMP = Path(os.environ.get("NEPHOSCOPE_DUMPS", "/work/dumps")) / "tampe
 
 
 def _tenants(box: Mailbox, hook: Hook, vm: str = "vm-a") -> str:
-    return f"""
-[smtp]
-host = "127.0.0.1"
-port = {box.port}
-sender = "nephoscope@provider.example"
-
-[tenants.acme]
-vms = ["{vm}"]
-emails = ["secops@acme.example"]
-webhook = "{hook.url}"
-secret = "{SECRET_A}"
-
+    return tenants_toml(box, hook, vm, SECRET_A) + f"""
 [tenants.other]
 vms = ["vm-b*"]
 emails = ["soc@other.example"]
