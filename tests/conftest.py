@@ -19,6 +19,27 @@ KERNEL_612 = "6.12"
 SHARED_DUMPS = Path(os.environ.get("NEPHOSCOPE_DUMPS", "/work/dumps"))
 
 
+BIG_FILE = 64 << 20
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Delete a test's big files (guest dump copies, 512 MiB each) even when it failed: disk is finite.
+
+    pytest keeps a failed test's tmp_path for debugging; the dumps in it are copies of session dumps that
+    the failure message already describes, and a few dozen of them filled CI's disk once.
+    """
+    path = getattr(item, "funcargs", {}).get("tmp_path")
+    if not isinstance(path, Path) or not path.is_dir():
+        return
+    for f in path.rglob("*"):
+        try:
+            if f.is_file() and not f.is_symlink() and f.stat().st_size > BIG_FILE:
+                f.unlink()
+        except OSError:
+            continue
+
+
 def _boot(profile: str, kernel: str | None = None, tag: str = "", **kwargs: object) -> Iterator[runner.Guest]:
     image = build_image(load_profile(profile), kernel)
     name = f"pt-{tag or profile}-{_SUFFIX}"
