@@ -302,8 +302,35 @@ def ensure_kernel_code(manifest: dict[str, Any], progress: Progress = lambda _m:
         db.close()
 
 
+_CLAIMS: dict[str, int] = {}  # guest name -> the lock file descriptor this process holds on it
+
+
+def claim_name(base: str) -> str:
+    """Return `base`, or `base-PID` when another evaluation holds `base`: concurrent runs never share a guest.
+
+    A kept guest (`--keep`) is reused by the next evaluation that claims its name; an evaluation running in
+    another process (a test, a second operator) gets a guest of its own rather than stopping the other's.
+    The claim is an flock on a file in the run directory, released when this process exits."""
+    import fcntl
+
+    lock_dir = runner.run_root() / "eval-locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    for name in (base, f"{base}-{os.getpid()}"):
+        if name in _CLAIMS:
+            return name
+        fd = os.open(lock_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        _CLAIMS[name] = fd
+        return name
+    raise ConnectorError(f"cannot claim an evaluation guest name for {base} in {lock_dir}")
+
+
 def _guest(profile: str, keep: bool, progress: Progress) -> tuple[runner.Guest, bool]:
-    name = f"eval-{profile}"
+    name = claim_name(f"eval-{profile}")
     guest = runner.load_guest(name)
     if guest is not None and guest.alive():
         return guest, False

@@ -30,6 +30,7 @@ from nephoscope.service.evaluate import (
     DETECTED,
     MISSED,
     MethodScore,
+    claim_name,
     guest_cpu_loop,
     truth_processes,
 )
@@ -105,7 +106,7 @@ def score_stream(events: list[PageEvent], manifest: dict[str, Any], pids: dict[i
 def score_arch_events(profile: str, baseline: runner.Guest | None, *, slowdown: bool = True, keep: bool = False,
                       progress: Progress = lambda _m: None) -> MethodScore:
     """Boot `profile` with the plugin, score its stream; slowdown = its CPU loop against `baseline`'s (no plugin)."""
-    name = f"eval-{profile}-ae"
+    name = claim_name(f"eval-{profile}-ae")
     guest = runner.load_guest(name)
     owned = guest is None or not guest.alive()
     if owned:
