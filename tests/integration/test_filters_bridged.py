@@ -14,7 +14,6 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from killed_apply import killed_apply
 
 from nephoscope.lab import netns
 from nephoscope.response import engine, haproxy, nft
@@ -223,54 +223,17 @@ def test_gc_takes_a_gone_bridged_vm_s_table(lab) -> None:
     assert engine.active(store) == [] and _ruleset(net) == before
 
 
-CHILD = r"""
-import sys, time
-from pathlib import Path
-from nephoscope.response import engine, nft
-from nephoscope.response.engine import FilterPlan, PlannedFilter
-from nephoscope.response.nft import VmNet
-from nephoscope.response.policy import Mitigation
-from nephoscope.store.sqlite import Store
-
-where, db, tap, ns, bridge, vm, kind = sys.argv[1:8]
-
-def hang(*args, **kwargs):
-    print("ready", flush=True)
-    time.sleep(600)
-
-if where == "before-nft":
-    nft.apply_table = hang
-else:  # after the nft transaction, before the store commit
-    engine._record = hang
-m = Mitigation("t-close", "CVE-2000-0001", "nginx", "2", "nft-close", (80,), {}, "closes port 80", "others", "t")
-if kind == "haproxy-h2":
-    from nephoscope.response.policy import load_policy
-    m = load_policy()["nginx-h2-rapid-reset"]
-plan = FilterPlan(vm, 1, [PlannedFilter(m, "1", m.ports, {"scan_id": 1})])
-engine.apply(Store(Path(db)), vm, VmNet(tap, "10.77.0.2", ns, bridge), plan, who="child")
-"""
-
-
 @pytest.mark.parametrize(("where", "sig", "kind"), [
     ("before-nft", "KILL", "nft-close"), ("after-nft", "KILL", "nft-close"), ("after-nft", "TERM", "nft-close"),
     ("after-nft", "KILL", "haproxy-h2")])
 def test_killed_bridged_apply_leaves_nothing_behind(lab, where: str, sig: str, kind: str) -> None:
     net, vmnet, store = lab
     before = _ruleset(net)
-    child = subprocess.Popen([sys.executable, "-c", CHILD, where, str(store.path), vmnet.tap, vmnet.netns,
-                              vmnet.bridge, VM, kind], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "ready", child.stderr
+    with killed_apply(str(store.path), VM, vmnet, where, sig, kind if kind == "nft-close" else "nginx-h2-rapid-reset"):
         assert (nft.table_name(VM) in nft.live_tables(net.host_ns)) == (where == "after-nft")
         if kind == "haproxy-h2":  # both tables of the VM went in, in the one transaction
             assert {i["table"]["family"] for i in nft.list_json(net.host_ns)["nftables"] if "table" in i
                     and i["table"]["name"] == nft.table_name(VM)} == {"bridge", "inet"}
-        child.send_signal(getattr(signal, f"SIG{sig}"))
-        child.wait(30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(30)
     if sig == "TERM":  # SIGTERM unwinds: the child put the previous (empty) table back itself
         assert _ruleset(net) == before
     assert engine.active(store) == [] and engine.audit_log(store) == []

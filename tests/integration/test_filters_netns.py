@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from killed_apply import killed_apply
 
 from nephoscope.lab import netns
 from nephoscope.response import engine, haproxy, nft
@@ -132,54 +133,15 @@ def test_gc_reaps_what_a_killed_apply_left_and_a_gone_vm(lab, tmp_path: Path) ->
     assert nft.live_tables(net.host_ns) == set()
 
 
-CHILD = r"""
-import sys, time
-from pathlib import Path
-from nephoscope.response import engine, nft
-from nephoscope.response.engine import FilterPlan, PlannedFilter
-from nephoscope.response.nft import VmNet
-from nephoscope.response.policy import load_policy
-from nephoscope.store.sqlite import Store
-
-where, db, tap, ns, vm = sys.argv[1:6]
-real_apply = nft.apply_table
-
-def hang(*args, **kwargs):
-    print("ready", flush=True)
-    time.sleep(600)
-
-if where == "before-nft":
-    nft.apply_table = hang
-else:  # after the nft transaction, before the store commit
-    engine._record = hang
-m = load_policy()["nginx-h2-rapid-reset"]
-plan = FilterPlan(vm, 1, [PlannedFilter(m, "1.22.1-9+deb12u9", m.ports, {"scan_id": 1})])
-engine.apply(Store(Path(db)), vm, VmNet(tap, "10.77.0.2", ns), plan, who="child")
-"""
-
-
 @pytest.mark.parametrize(("where", "sig"), [("before-nft", "KILL"), ("after-nft", "KILL"), ("after-nft", "TERM")])
 def test_killed_apply_leaves_nothing_behind(lab, tmp_path: Path, where: str, sig: str) -> None:
-    import signal
-    import subprocess
-    import sys
-
     net, vmnet, store = lab
     before = _ruleset(net)
-    child = subprocess.Popen([sys.executable, "-c", CHILD, where, str(store.path), vmnet.tap, vmnet.netns, VM],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "ready", child.stderr
+    with killed_apply(str(store.path), VM, vmnet, where, sig, "nginx-h2-rapid-reset", "1.22.1-9+deb12u9"):
         tracked = [d for _vm, d, _n in haproxy.iter_tracked()]
         pid = haproxy.find_pid(tracked[0]) if tracked else None
         assert pid is not None  # haproxy started first
         assert (nft.table_name(VM) in nft.live_tables(net.host_ns)) == (where == "after-nft")
-        child.send_signal(getattr(signal, f"SIG{sig}"))
-        child.wait(30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(30)
     if sig == "TERM":  # SIGTERM unwinds: the child put the previous (empty) state back itself
         assert _ruleset(net) == before and not _haproxy_alive(pid)
     assert engine.active(store) == [] and engine.audit_log(store) == []
