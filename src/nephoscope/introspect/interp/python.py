@@ -31,6 +31,7 @@ from nephoscope.core.records import Verdict
 from nephoscope.introspect.interp import GUEST_ERRORS, Frame, InterpResult, InterpThread, ProcessContext
 from nephoscope.introspect.interp.pyoffsets import SYMBOLS_311, find_offsets
 
+SUPPORTED_MINORS = ("3.11",)
 PYTHON_RE = re.compile(r"/(?:lib)?python(3\.\d+)[a-z]*(?:\.so[.\d]*)?$")
 MAX_INTERPRETERS = 64
 MAX_THREADS = 4096
@@ -146,6 +147,11 @@ def find_build(ctx: ProcessContext) -> tuple[Build, int, str] | str | None:
         return None
     why = []
     for path, vma in images.items():
+        match = PYTHON_RE.search(path)
+        if match and match.group(1) not in SUPPORTED_MINORS:
+            why.append(f"{path}: CPython {match.group(1)} is not read yet (nephoscope walks "
+                       f"{', '.join(SUPPORTED_MINORS)}; its frame layout differs)")
+            continue
         try:
             build_id, first_vaddr = _elf_identity(ctx, vma)
         except GUEST_ERRORS as exc:
