@@ -201,7 +201,7 @@ def _notify(report: Any, tenants: _Tenants) -> dict[str, Any]:
         return {"vm": report.vm, "tenant": None, "deliveries": [], "reason": "", "error": tenants.error}
     if tenants.tenants is None:
         return {"vm": report.vm, "tenant": None, "deliveries": [], "error": None,
-                "reason": "no tenants file; nothing sent (docs/notices.md)"}
+                "reason": "no tenants file: notices are not configured (docs/notices.md)"}
     from nephoscope.service.notices import notify_report
     from nephoscope.store.sqlite import Store
 
