@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-from receivers import Hook, Mailbox, smtp_server, webhook_receiver
 from typer.testing import CliRunner
 
 from nephoscope.analysis.merge import merge
@@ -22,6 +21,7 @@ from nephoscope.knowledge.vulns import VulnDB, VulnRecord
 from nephoscope.response.notices import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 from nephoscope.service import notices as notices_service
 from nephoscope.service import scan as scan_service
+from receivers import Hook, Mailbox, smtp_server, webhook_receiver
 
 SECRET = "acme-tenant-secret-0123"
 
