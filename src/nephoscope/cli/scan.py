@@ -105,13 +105,6 @@ def scan(
         raise SystemExit(code)
 
 
-def _exit_of(result: ScanResult, fail_on: str | None) -> int:
-    """Return the exit status of a scan from its own view only (no knowledge checks): 3, 1 or 0."""
-    if result.status == UNVERIFIABLE:
-        return EXIT_UNVERIFIABLE
-    return EXIT_FINDINGS if fail_on and result.findings_at_or_above(fail_on) else EXIT_OK
-
-
 WORST = (EXIT_OK, EXIT_FINDINGS, EXIT_UNVERIFIABLE, EXIT_ERROR)  # later is worse (docs/methods.md, Exit codes)
 SHOWN = 20  # findings listed per VM in the --fail-on message; the rest are counted (`nephoscope report VM`)
 
