@@ -85,10 +85,12 @@ class Report:
     unverified: list[dict[str, str]] = field(default_factory=list)
     summary: dict[str, int] = field(default_factory=dict)
     status: str = "ok"  # "unverifiable" when no method obtained anything: nothing here is an all-clear
+    # every finding behind the items above (one per fact, raw evidence): for `scan --fail-on`, never for the owner
+    findings: list[Finding] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-ready dict."""
-        return asdict(self)
+        """Return a JSON-ready dict (without the raw `findings`)."""
+        return asdict(self, dict_factory=lambda kv: {k: v for k, v in kv if k != "findings"})
 
 
 def scrub(text: str, extra: tuple[str, ...] = ()) -> str:
@@ -245,6 +247,7 @@ def build_report(vm: str, view: ScanView, observations: list[Observation], *, sc
     pids_of_root = pids_by_root(observations)
     findings = [f for f in findings if f.kind not in CODE_KINDS] + dedupe(
         [f for f in findings if f.kind in CODE_KINDS], pids_of_root)  # one finding per fact, all methods
+    report.findings = findings
     for f in sorted(findings, key=lambda f: SEVERITY_ORDER.get(f.severity, 9)):
         if f.kind in (RUNNING, "installed-vulnerable", VULNERABLE_SCRIPT):
             report.vulnerable.append(_vuln_item(f))

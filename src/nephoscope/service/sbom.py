@@ -202,17 +202,29 @@ def window_from_store(vm: str, store: Any, db: VulnDB, owner: Owner | None, limi
     return out
 
 
-def export(vm: str, fmt: str, *, store: Any = None, vulns: VulnDB | None = None, owner: Owner | None = None,
-           limit: int = 50) -> dict[str, Any]:
-    """Return `vm`'s SBOM ("cyclonedx", latest scan) or VEX ("openvex", window of stored scans)."""
+FORMATS = ("cyclonedx", "openvex")
+
+
+def exports(vm: str, fmts: tuple[str, ...] | list[str], *, store: Any = None, vulns: VulnDB | None = None,
+            owner: Owner | None = None, limit: int = 50) -> dict[str, dict[str, Any]]:
+    """Return format -> document for each of `fmts` ("cyclonedx": latest scan, "openvex": window of stored scans).
+
+    The stored scans are read once for every format asked for; raises before returning anything when one
+    of the documents cannot be built (no scan that obtained something, no known CVE for the VEX)."""
     from nephoscope.store.sqlite import Store
 
+    unknown = [f for f in fmts if f not in FORMATS]
+    if unknown:
+        raise NephoscopeError(f"unknown export format {unknown[0]!r}; use cyclonedx or openvex")
     store = store or Store()
     db = vulns or VulnDB.open()
     owner = owner or kb_owner()
-    window = window_from_store(vm, store, db, owner, limit=5 if fmt == "cyclonedx" else limit)
-    if fmt == "cyclonedx":
-        return build_cyclonedx(vm, window[-1])
-    if fmt == "openvex":
-        return build_openvex(vm, window, db)
-    raise NephoscopeError(f"unknown export format {fmt!r}; use cyclonedx or openvex")
+    window = window_from_store(vm, store, db, owner, limit=limit if "openvex" in fmts else 5)
+    builders = {"cyclonedx": lambda: build_cyclonedx(vm, window[-1]), "openvex": lambda: build_openvex(vm, window, db)}
+    return {f: builders[f]() for f in dict.fromkeys(fmts)}
+
+
+def export(vm: str, fmt: str, *, store: Any = None, vulns: VulnDB | None = None, owner: Owner | None = None,
+           limit: int = 50) -> dict[str, Any]:
+    """Return `vm`'s SBOM ("cyclonedx", latest scan) or VEX ("openvex", window of stored scans)."""
+    return exports(vm, (fmt,), store=store, vulns=vulns, owner=owner, limit=limit)[fmt]

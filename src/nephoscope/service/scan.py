@@ -152,12 +152,13 @@ class HostScan:
         return {**self.result.to_dict(), "kind": self.kind}
 
 
-def scan_all(methods: list[str] | None = None, *, save: bool = True, progress: Progress = lambda _m: None
-             ) -> tuple[list[HostScan], dict[str, str]]:
+def scan_all(methods: list[str] | None = None, *, save: bool = True, progress: Progress = lambda _m: None,
+             after: Callable[[HostScan], None] = lambda _s: None) -> tuple[list[HostScan], dict[str, str]]:
     """Scan every running VM on this host, one after another; return per VM its scan and the skipped sources.
 
     A VM that cannot be scanned gets an error entry and the sweep goes on; shut-off libvirt domains are
-    listed with their state as the error."""
+    listed with their state as the error. `after` is called with each entry as soon as it is made (a
+    VM's follow-up, e.g. its notice, before the next VM is scanned); what it raises stops the sweep."""
     from nephoscope.hypervisor.discover import discover
 
     found = discover()
@@ -166,6 +167,7 @@ def scan_all(methods: list[str] | None = None, *, save: bool = True, progress: P
     for vm in found.vms:
         if not vm.running:
             out.append(HostScan(vm.name, vm.kind, error=f"not running ({vm.state})"))
+            after(out[-1])
             continue
         progress(f"{vm.name} ({vm.kind})")
         try:
@@ -173,6 +175,7 @@ def scan_all(methods: list[str] | None = None, *, save: bool = True, progress: P
                                                            progress=lambda m, n=vm.name: progress(f"{n}: {m}"))))
         except NephoscopeError as exc:
             out.append(HostScan(vm.name, vm.kind, error=str(exc)))
+        after(out[-1])
     return out, found.skipped
 
 
