@@ -552,12 +552,9 @@ def _tenant_record(record: dict[str, Any], keys: tuple[str, ...], host: str) -> 
     return {k: scrubbed(record[k], host) for k in keys if k in record}
 
 
-_NAME_CHARS = "A-Za-z0-9_-"
-
-
 def _host_name_pattern(host: str) -> re.Pattern[str]:
     """Return the pattern of `host` as a whole name in a text (not inside a longer name: `hv-1` not in `hv-12`)."""
-    return re.compile(f"(?<![{_NAME_CHARS}.]){re.escape(host)}(?![{_NAME_CHARS}])")
+    return re.compile(rf"(?<![\w.-]){re.escape(host)}(?![\w-])")
 
 
 def tenant_text(text: str, host: str = "") -> str:
