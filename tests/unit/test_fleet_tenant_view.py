@@ -38,7 +38,8 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         "scope": "tenant", "tenant_id": f.tenants["acme"], "label": LABELS[2]}).json()["token"]
     doc = host_leaking_document()  # host paths in messages; and now the host's name too
     scan = doc["scan"]
-    scan["unverifiable"].append({"method": "trap", "what": "gdbstub", "reason": "the sensor on hv-a has no gdbstub port"})
+    scan["unverifiable"].append({"method": "trap", "what": "gdbstub",
+                                 "reason": "the sensor on hv-a has no gdbstub port"})
     scan["findings"][0]["title"] += " (reported by hv-a.dc1.provider.example)"
     scan["findings"][0]["evidence"][0]["seen_on"] = "hv-a"
     doc["report"]["code"][0]["title"] += " on hv-a"
