@@ -193,14 +193,8 @@ class FleetStore:
     def list_tokens(self) -> list[dict[str, Any]]:
         """Return every token (never its secret or digest): scope, binding, label, times, state, who issued
         and who revoked it; oldest first."""
-        with self.session() as s:
-            return [self._token_dict(s, t) for t in s.scalars(select(Token).order_by(Token.id))]
-
-    def find_token(self, token_id: int) -> dict[str, Any] | None:
-        """Return one token as `list_tokens` gives it, or None when there is no such token."""
-        with self.session() as s:
-            t = s.get(Token, token_id)
-            return self._token_dict(s, t) if t is not None else None
+        with self.session() as s:  # four queries whatever the number of tokens (a fleet has a sensor per host)
+            return self._token_dicts(s, list(s.scalars(select(Token).order_by(Token.id))), all_rows=True)
 
     def revoke_token(self, token_id: int, *, by: Principal | None = None, force: bool = False
                      ) -> dict[str, Any] | None:
@@ -227,7 +221,7 @@ class FleetStore:
                 t.revoked_at = now
                 s.add(TokenAuditRow(token_id=t.id, at=now, action="revoked", forced=force, **_actor(s, by)))
                 s.flush()
-            return self._token_dict(s, t)
+            return self._token_dicts(s, [t])[0]
 
     def token_audit(self, limit: int = 500) -> list[dict[str, Any]]:
         """Return the newest token changes (issued, revoked), newest first."""
@@ -237,19 +231,29 @@ class FleetStore:
                      "actor_token_id": r.actor_token_id, "actor": r.actor, "forced": r.forced} for r in rows]
 
     @staticmethod
-    def _token_dict(s: Session, t: Token) -> dict[str, Any]:
-        events = {r.action: r for r in s.scalars(select(TokenAuditRow).where(TokenAuditRow.token_id == t.id)
-                                                 .order_by(TokenAuditRow.id.desc()))}  # the first of each kind
-        tenant = s.get(Tenant, t.tenant_id) if t.tenant_id is not None else None
-        host = s.get(Host, t.host_id) if t.host_id is not None else None
-        state = ("revoked" if t.revoked_at is not None
-                 else "expired" if t.expires is not None and time.time() >= t.expires else "active")
-        issued, revoked = events.get("issued"), events.get("revoked")
-        return {"id": t.id, "scope": t.scope, "tenant_id": t.tenant_id, "tenant": tenant.name if tenant else None,
-                "host_id": t.host_id, "host": host.name if host else None, "label": t.label, "created": t.created,
-                "expires": t.expires, "state": state, "revoked_at": t.revoked_at,
-                "revoked_by": revoked.actor if revoked else None, "forced": bool(revoked and revoked.forced),
-                "issued_by": issued.actor if issued else None, "last_used": t.last_used}
+    def _token_dicts(s: Session, tokens: list[Token], all_rows: bool = False) -> list[dict[str, Any]]:
+        """Return tokens as the API lists them; `all_rows`: `tokens` is every token (read the audit whole)."""
+        ids = [t.id for t in tokens]
+        audit = select(TokenAuditRow).order_by(TokenAuditRow.id.desc())
+        events: dict[tuple[int, str], TokenAuditRow] = {  # the first of each kind per token (oldest wins)
+            (r.token_id, r.action): r for r in s.scalars(audit if all_rows else audit.where(
+                TokenAuditRow.token_id.in_(ids)))}
+        tenants = {i: n for i, n in s.execute(select(Tenant.id, Tenant.name).where(
+            Tenant.id.in_({t.tenant_id for t in tokens if t.tenant_id is not None})))}
+        hosts = {i: n for i, n in s.execute(select(Host.id, Host.name).where(
+            Host.id.in_({t.host_id for t in tokens if t.host_id is not None})))}
+        now = time.time()
+        out = []
+        for t in tokens:
+            state = ("revoked" if t.revoked_at is not None
+                     else "expired" if t.expires is not None and now >= t.expires else "active")
+            issued, revoked = events.get((t.id, "issued")), events.get((t.id, "revoked"))
+            out.append({"id": t.id, "scope": t.scope, "tenant_id": t.tenant_id, "tenant": tenants.get(t.tenant_id),
+                        "host_id": t.host_id, "host": hosts.get(t.host_id), "label": t.label, "created": t.created,
+                        "expires": t.expires, "state": state, "revoked_at": t.revoked_at,
+                        "revoked_by": revoked.actor if revoked else None, "forced": bool(revoked and revoked.forced),
+                        "issued_by": issued.actor if issued else None, "last_used": t.last_used})
+        return out
 
     # ---------------------------------------------------------------- ingest
 
