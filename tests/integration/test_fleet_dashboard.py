@@ -68,6 +68,8 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             ids[name] = _call(server, "GET", f"/api/v1/scans/{scan['scan_id']}", op)["vm_id"]
         leaking = host_leaking_document()  # web-1's latest scan names host handles in titles and reasons
         leaking["report"]["vulnerable"] = [VULN]
+        leaking["report"]["unverified"].append({"what": "gdbstub", "method": "trap",
+                                                "reason": "the sensor on hv-east has no gdbstub port"})
         _call(server, "POST", "/api/v1/scans", sensor, push("hv-east", "web-1", leaking, at=1_700_000_100.0))
         _call(server, "PATCH", f"/api/v1/vms/{ids['web-1']}", op, {"tenant_id": acme})
         response_store(work / "host.sqlite", "app-1")  # a VM with a filter in force and two notices, no scan yet
@@ -167,6 +169,9 @@ def test_tenant_sees_only_its_vm(browser: Any, seeded: dict[str, Any]) -> None:
     page, dialogs = _open(browser, seeded, seeded["tenant"], "")
     table = page.inner_text("[data-section=VMs]")
     assert "web-1" in table and "hostile-vm" not in table and "db-1" not in table
+    assert "hv-east" not in page.inner_text("main") and "hv-east" not in page.content()  # a tenant reads no host
+    assert page.locator("[data-section='VMs by risk per host']").count() == 0
+    assert page.locator("select[name=host]").count() == 0 and "host" not in page.inner_text("[data-section=VMs] thead")
     _shot(page, seeded["shots"] / "tenant-overview.png")
     page.goto(f"{seeded['server'].url}/#/vm/{seeded['ids']['hostile-vm']}")
     page.wait_for_selector("main .error")
@@ -204,12 +209,14 @@ def test_tenant_pages_carry_no_host_handles(browser: Any, seeded: dict[str, Any]
     page, dialogs = _open(browser, seeded, seeded["tenant"], vm)
     text = page.inner_text("main")
     assert "Could not be verified" in text and "<host>" in page.inner_text("[data-section='Could not be verified']")
-    for handle in (*HOST_HANDLES, "/run/nephoscope", "/dev/shm", "qmp.sock"):
-        assert handle not in text, handle
+    assert "the sensor on <host> has no gdbstub port" in text
+    for handle in (*HOST_HANDLES, "/run/nephoscope", "/dev/shm", "qmp.sock", "hv-east"):
+        assert handle not in text and handle not in page.content(), handle
     _shot(page, seeded["shots"] / "vm-web-1-tenant.png")
     page.close()
     page, more = _open(browser, seeded, seeded["operator"], vm)
     assert HOST_HANDLES[0] in page.inner_text("[data-section='Could not be verified']")  # the operator's is complete
+    assert "host hv-east" in page.inner_text("main")
     assert not dialogs and not more
     page.close()
 

@@ -40,7 +40,7 @@ TAP = "nphtap-secret7"
 RULE_MARK = "tcp dport"
 
 
-def response_store(path: Path, vm: str) -> None:
+def response_store(path: Path, vm: str, operator: str = "root") -> None:
     """Write one VM's filter in force, its audit rows and two notices (one sent, one failed) into a host store.
 
     The records are the ones `nephoscope filters apply` and `notices send` write (response.engine's record
@@ -56,10 +56,11 @@ def response_store(path: Path, vm: str) -> None:
     net = VmNet(TAP, "10.0.7.2", "")
     f = ActiveFilter(vm, "cve-2023-44487-h2-rst", "CVE-2023-44487", "nginx", "1.22.1-9", "1.22.1-9+deb12u1", "",
                      "nft-rate", (443,), {"new_per_second": 20, "burst": 40}, (), net,
-                     "nginx 1.22.1-9 runs (arch, verified) and listens on 443", None, 1_700_000_100.0, "root",
+                     "nginx 1.22.1-9 runs (arch, verified) and listens on 443", None, 1_700_000_100.0, operator,
                      "limits new TCP connections to port 443", "a slow attack under the limit; other ports")
     change = FilterChange(vm, "applied", f.mitigation, f.cve, f.package, f.version, f.kind, f.ports,
-                          engine.rules_summary(f.nft(), net), f.reason, "root", f.applied_at, f.does, f.does_not_stop)
+                          engine.rules_summary(f.nft(), net), f.reason, operator, f.applied_at, f.does,
+                          f.does_not_stop)
     engine._record(store, [change], [f], [])
     log = NoticeLog(store)
     ok = log.add("acme", vm, "filter-applied", "fp1", None, "email", "sec@acme.example")

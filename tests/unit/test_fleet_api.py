@@ -43,6 +43,15 @@ class Fleet:
             assert self.call("patch", f"/api/v1/vms/{vm_id}", self.operator, json={"tenant_id": tid}
                              ).status_code == 204
 
+    def unrevoke(self) -> None:
+        """Make every revoked token valid again (the fuzzer may revoke the tokens it fuzzes with)."""
+        from sqlalchemy import update
+
+        from nephoscope.fleet.models import Token
+
+        with self.store.session() as s:
+            s.execute(update(Token).where(Token.revoked_at.is_not(None)).values(revoked_at=None))
+
     def call(self, method: str, path: str, token: str | None, **kw: Any) -> Any:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return self.client.request(method, path, headers=headers, **kw)
@@ -71,7 +80,7 @@ def test_every_endpoint_wants_a_token(fleet: Fleet) -> None:
     for path, ops in spec["paths"].items():
         if path == "/healthz":
             continue
-        concrete = path.replace("{vm_id}", "1").replace("{scan_id}", "1")
+        concrete = path.replace("{vm_id}", "1").replace("{scan_id}", "1").replace("{token_id}", "1")
         for method in ops:
             assert fleet.call(method, concrete, None, json={}).status_code == 401, (method, path)
             assert fleet.call(method, concrete, "nph_wrong", json={}).status_code == 401, (method, path)

@@ -47,4 +47,7 @@ def _tenant_isolated(ctx: Any, response: Any, case: Any) -> bool | None:
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_fuzz(case: Any, scope: str) -> None:
     case.headers = {**(case.headers or {}), "Authorization": f"Bearer {TOKENS[scope]}"}
-    case.call_and_validate(checks=[not_a_server_error], additional_checks=[_tenant_isolated])
+    try:
+        case.call_and_validate(checks=[not_a_server_error], additional_checks=[_tenant_isolated])
+    finally:
+        FLEET.unrevoke()  # an operator case may revoke a token the next cases fuzz with

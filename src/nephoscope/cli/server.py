@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -29,7 +31,14 @@ def server(db: str = typer.Option("", "--db", help="Database URL (postgresql://.
            host: str = typer.Option("", "--host", help="With --new-token sensor: the host it pushes for"),
            label: str = typer.Option("", "--label", help="With --new-token: a label kept with the token"),
            expires: str = typer.Option("", "--expires", help="With --new-token: refuse the token after this long "
-                                       "(e.g. 3600, 90m, 12h, 30d, 2w); default: never")) -> None:
+                                       "(e.g. 3600, 90m, 12h, 30d, 2w); default: never"),
+           list_tokens: bool = typer.Option(False, "--list-tokens", help="List every token (id, scope, binding, "
+                                            "label, times, state; never a secret) and exit"),
+           revoke_token: int = typer.Option(0, "--revoke-token", metavar="ID", help="Revoke the token with this id "
+                                            "(401 from now on; audited) and exit"),
+           force: bool = typer.Option(False, "--force", help="With --revoke-token: revoke even the last active "
+                                      "operator token"),
+           as_json: bool = typer.Option(False, "--json", help="With --list-tokens or --revoke-token: JSON")) -> None:
     """Run the fleet server: migrate the DB, create an operator token if none, serve API and dashboard."""
     import uvicorn
 
@@ -52,6 +61,13 @@ def server(db: str = typer.Option("", "--db", help="Database URL (postgresql://.
         typer.echo(f"operator token written to {token_file}", err=True)
     if new_token:
         typer.echo(_issue(store, new_token, tenant, host, label, expires))
+        return
+    if list_tokens:
+        rows = store.list_tokens()
+        typer.echo(json.dumps(rows, indent=2) if as_json else _token_table(rows))
+        return
+    if revoke_token:
+        typer.echo(_revoke(store, revoke_token, force, as_json))
         return
     if migrate_only:
         return
@@ -79,3 +95,34 @@ def _issue(store: FleetStore, scope: str, tenant: str, host: str, label: str, ex
                                  expires=until)
     except FleetError as exc:
         raise typer.BadParameter(str(exc)) from exc
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) + "Z" if t is not None else "-"
+
+
+def _token_table(rows: list[dict[str, Any]]) -> str:
+    """Return the tokens as an aligned table (times in UTC)."""
+    head = ("ID", "SCOPE", "BOUND TO", "LABEL", "STATE", "CREATED", "EXPIRES", "LAST USED", "REVOKED BY")
+    body = [(str(r["id"]), r["scope"], f"tenant {r['tenant']}" if r["tenant"] else f"host {r['host']}" if r["host"]
+             else "-", r["label"] or "-", r["state"], _when(r["created"]), _when(r["expires"]), _when(r["last_used"]),
+             f"{r['revoked_by']} at {_when(r['revoked_at'])}" + (" (forced)" if r["forced"] else "")
+             if r["revoked_at"] is not None else "-") for r in rows]
+    widths = [max(len(row[i]) for row in (head, *body)) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in (head, *body))
+
+
+def _revoke(store: FleetStore, token_id: int, force: bool, as_json: bool) -> str:
+    """Revoke one token on `store` from the CLI (audited as `cli USER@HOST`) and return what to print."""
+    from nephoscope.fleet.db import LastOperatorError
+
+    try:
+        row = store.revoke_token(token_id, force=force)
+    except LastOperatorError as exc:
+        raise typer.BadParameter(f"{exc} (--force)", param_hint="--revoke-token") from exc
+    if row is None:
+        raise typer.BadParameter(f"there is no token {token_id} (--list-tokens lists them)",
+                                 param_hint="--revoke-token")
+    if as_json:
+        return json.dumps(row, indent=2)
+    return f"token {row['id']} ({row['scope']}) revoked at {_when(row['revoked_at'])} by {row['revoked_by']}"

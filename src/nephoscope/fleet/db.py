@@ -8,6 +8,7 @@ data (the dashboard renders them as text).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import secrets
 import time
@@ -17,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, create_engine, event, func, or_, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from nephoscope.core.errors import NephoscopeError
@@ -32,6 +33,7 @@ from nephoscope.fleet.models import (
     Scan,
     Tenant,
     Token,
+    TokenAuditRow,
     Vm,
 )
 from nephoscope.service.report import CODE_KINDS, scrub
@@ -42,6 +44,13 @@ RISKS = ("running_vulnerable", "malicious_unknown", "unverifiable")
 
 class FleetError(NephoscopeError):
     """The fleet store refused a request (unknown token, wrong scope, bad document)."""
+
+
+class LastOperatorError(FleetError):
+    """Revoking this token would leave no active operator token (pass force to do it anyway)."""
+
+
+LAST_USED_EVERY_S = 60.0  # `tokens.last_used` is written at most this often per token (not a write per request)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +136,17 @@ class FleetStore:
             return self._host(s, name).id
 
     def issue_token(self, scope: str, *, tenant_id: int | None = None, host_id: int | None = None,
-                    label: str = "", expires: float | None = None) -> str:
+                    label: str = "", expires: float | None = None, by: Principal | None = None) -> str:
         """Create a token of `scope` and return its secret (only its SHA-256 is stored).
 
         `expires`: the Unix time from which the token is refused (401); None: it never expires."""
+        return self.issue(scope, tenant_id=tenant_id, host_id=host_id, label=label, expires=expires, by=by)[1]
+
+    def issue(self, scope: str, *, tenant_id: int | None = None, host_id: int | None = None, label: str = "",
+              expires: float | None = None, by: Principal | None = None) -> tuple[int, str]:
+        """Create a token of `scope`; return its id and its secret (only the secret's SHA-256 is stored).
+
+        The issue is audited with who asked: `by` (an operator's token) or, when None, the CLI's user."""
         if scope not in SCOPES:
             raise FleetError(f"unknown scope {scope!r}; one of {', '.join(SCOPES)}")
         if scope == "tenant" and tenant_id is None:
@@ -138,11 +154,14 @@ class FleetStore:
         if scope == "sensor" and host_id is None:
             raise FleetError("a sensor token needs a host")
         secret = "nph_" + secrets.token_urlsafe(32)
+        now = time.time()
         with self.session() as s:
-            s.add(Token(digest=token_digest(secret), scope=scope, tenant_id=tenant_id if scope == "tenant" else None,
-                        host_id=host_id if scope == "sensor" else None, label=label, created=time.time(),
-                        expires=expires))
-        return secret
+            row = Token(digest=token_digest(secret), scope=scope, tenant_id=tenant_id if scope == "tenant" else None,
+                        host_id=host_id if scope == "sensor" else None, label=label, created=now, expires=expires)
+            s.add(row)
+            s.flush()
+            s.add(TokenAuditRow(token_id=row.id, at=now, action="issued", forced=False, **_actor(s, by)))
+            return row.id, secret
 
     def has_operator(self) -> bool:
         """Return whether any operator token exists (the server creates the first one)."""
@@ -150,14 +169,91 @@ class FleetStore:
             return s.scalar(select(func.count()).select_from(Token).where(Token.scope == "operator")) > 0
 
     def find_principal(self, secret: str) -> Principal | None:
-        """Return who a token secret speaks for, or None when it is unknown or expired."""
+        """Return who a token secret speaks for, or None when it is unknown, expired or revoked.
+
+        Nothing is cached: a token revoked a moment ago is refused by the next request, on every replica."""
         if "\x00" in secret:
             return None
+        now = time.time()
         with self.session() as s:
             t = s.scalar(select(Token).where(Token.digest == token_digest(secret)))
-            if t is None or (t.expires is not None and time.time() >= t.expires):
+            if t is None or t.revoked_at is not None or (t.expires is not None and now >= t.expires):
                 return None
-            return Principal(t.scope, t.tenant_id, t.host_id, t.id)
+            who = Principal(t.scope, t.tenant_id, t.host_id, t.id)
+            stale = t.last_used is None or now - t.last_used >= LAST_USED_EVERY_S
+        if stale:
+            try:  # best effort: a busy SQLite file or a lock wait must not fail the request
+                with self.session() as s:
+                    s.execute(update(Token).where(Token.id == who.token_id, or_(
+                        Token.last_used.is_(None), Token.last_used < now - LAST_USED_EVERY_S)).values(last_used=now))
+            except OperationalError:
+                pass
+        return who
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        """Return every token (never its secret or digest): scope, binding, label, times, state, who issued
+        and who revoked it; oldest first."""
+        with self.session() as s:  # four queries whatever the number of tokens (a fleet has a sensor per host)
+            return self._token_dicts(s, list(s.scalars(select(Token).order_by(Token.id))), all_rows=True)
+
+    def revoke_token(self, token_id: int, *, by: Principal | None = None, force: bool = False
+                     ) -> dict[str, Any] | None:
+        """Revoke a token from now on (401 on every endpoint); return it as `list_tokens` does, None if unknown.
+
+        Audited with who revoked it: `by` (an operator's token) or, when None, the CLI's user. Idempotent:
+        revoking a revoked token changes nothing (its first revocation stays the audited one).
+        The last active operator token (not revoked, not expired) is refused with LastOperatorError unless
+        `force`: without one, only `nephoscope server --new-token operator` on the database gets back in."""
+        now = time.time()
+        with self.session() as s:
+            t = s.get(Token, token_id)
+            if t is None:
+                return None
+            if t.revoked_at is None:
+                if t.scope == "operator" and not force:
+                    active = s.scalars(select(Token.id).where(
+                        Token.scope == "operator", Token.revoked_at.is_(None),
+                        or_(Token.expires.is_(None), Token.expires > now)).with_for_update()).all()
+                    if not set(active) - {t.id}:
+                        raise LastOperatorError(
+                            f"token {t.id} is the last active operator token: revoking it locks every operator "
+                            "out; issue another operator token first, or force it")
+                t.revoked_at = now
+                s.add(TokenAuditRow(token_id=t.id, at=now, action="revoked", forced=force, **_actor(s, by)))
+                s.flush()
+            return self._token_dicts(s, [t])[0]
+
+    def token_audit(self, limit: int = 500) -> list[dict[str, Any]]:
+        """Return the newest token changes (issued, revoked), newest first."""
+        with self.session() as s:
+            rows = s.scalars(select(TokenAuditRow).order_by(TokenAuditRow.id.desc()).limit(limit))
+            return [{"id": r.id, "token_id": r.token_id, "at": r.at, "action": r.action,
+                     "actor_token_id": r.actor_token_id, "actor": r.actor, "forced": r.forced} for r in rows]
+
+    @staticmethod
+    def _token_dicts(s: Session, tokens: list[Token], all_rows: bool = False) -> list[dict[str, Any]]:
+        """Return tokens as the API lists them; `all_rows`: `tokens` is every token (read the audit whole)."""
+        ids = [t.id for t in tokens]
+        audit = select(TokenAuditRow).order_by(TokenAuditRow.id.desc())
+        events: dict[tuple[int, str], TokenAuditRow] = {  # the first of each kind per token (oldest wins)
+            (r.token_id, r.action): r for r in s.scalars(audit if all_rows else audit.where(
+                TokenAuditRow.token_id.in_(ids)))}
+        tenants = {i: n for i, n in s.execute(select(Tenant.id, Tenant.name).where(
+            Tenant.id.in_({t.tenant_id for t in tokens if t.tenant_id is not None})))}
+        hosts = {i: n for i, n in s.execute(select(Host.id, Host.name).where(
+            Host.id.in_({t.host_id for t in tokens if t.host_id is not None})))}
+        now = time.time()
+        out = []
+        for t in tokens:
+            state = ("revoked" if t.revoked_at is not None
+                     else "expired" if t.expires is not None and now >= t.expires else "active")
+            issued, revoked = events.get((t.id, "issued")), events.get((t.id, "revoked"))
+            out.append({"id": t.id, "scope": t.scope, "tenant_id": t.tenant_id, "tenant": tenants.get(t.tenant_id),
+                        "host_id": t.host_id, "host": hosts.get(t.host_id), "label": t.label, "created": t.created,
+                        "expires": t.expires, "state": state, "revoked_at": t.revoked_at,
+                        "revoked_by": revoked.actor if revoked else None, "forced": bool(revoked and revoked.forced),
+                        "issued_by": issued.actor if issued else None, "last_used": t.last_used})
+        return out
 
     # ---------------------------------------------------------------- ingest
 
@@ -268,7 +364,7 @@ class FleetStore:
             row = s.execute(self._visible(who).where(Vm.id == vm_id)).first()
             if row is None:
                 return None
-            vm = row[0]
+            vm, host = row[0], row[1]
             filters = s.scalars(select(FilterRow).where(FilterRow.vm_id == vm_id).order_by(FilterRow.applied_at))
             audit = s.scalars(select(FilterAuditRow).where(FilterAuditRow.vm_id == vm_id)
                               .order_by(FilterAuditRow.at.desc(), FilterAuditRow.id.desc()).limit(limit))
@@ -276,9 +372,11 @@ class FleetStore:
                                 .order_by(NoticeRow.created.desc(), NoticeRow.id.desc()).limit(limit))
             return {"recorded": vm.response_at is not None, "reported_at": vm.response_at,
                     "view": "tenant" if tenant else "operator",
-                    "filters": [_tenant_record(r.data, TENANT_FILTER_KEYS) if tenant else r.data for r in filters],
-                    "audit": [_tenant_record(r.data, TENANT_AUDIT_KEYS) if tenant else r.data for r in audit],
-                    "notices": [_tenant_record(r.data, TENANT_NOTICE_KEYS) if tenant else r.data for r in notices]}
+                    "filters": [_tenant_record(r.data, TENANT_FILTER_KEYS, host) if tenant else r.data
+                                for r in filters],
+                    "audit": [_tenant_record(r.data, TENANT_AUDIT_KEYS, host) if tenant else r.data for r in audit],
+                    "notices": [_tenant_record(r.data, TENANT_NOTICE_KEYS, host) if tenant else r.data
+                                for r in notices]}
 
     @staticmethod
     def _finished(s: Session, scan_id: int) -> float:
@@ -297,14 +395,20 @@ class FleetStore:
 
     def list_vms(self, who: Principal, host: str | None = None, tenant: str | None = None,
                  risk: str | None = None) -> list[dict[str, Any]]:
-        """Return the VMs `who` may see (filtered by host, tenant name, or a risk with a non-zero count)."""
+        """Return the VMs `who` may see (filtered by host, tenant name, or a risk with a non-zero count).
+
+        A tenant reads no host: its VMs' `host` is None and filtering by host is refused (FleetError), so
+        the answer cannot confirm which host runs a VM."""
         q = self._visible(who)
+        if host and who.scope == "tenant":
+            raise FleetError("a tenant token cannot filter by host: tenants do not see the provider's hosts")
         if host:
             q = q.where(Host.name == host)
         if tenant:
             q = q.where(Tenant.name == tenant)
+        tenant_view = who.scope == "tenant"
         with self.session() as s:
-            rows = [_vm_dict(vm, h, t) for vm, h, t in s.execute(q.order_by(Vm.id))]
+            rows = [_vm_dict(vm, h, t, tenant_view) for vm, h, t in s.execute(q.order_by(Vm.id))]
         if risk:
             rows = [r for r in rows if r["risk"].get(risk)]
         return rows
@@ -316,9 +420,11 @@ class FleetStore:
             if row is None:
                 return None
             vm, h, t = row
-            out = _vm_dict(vm, h, t)
+            tenant_view = who.scope == "tenant"
+            out = _vm_dict(vm, h, t, tenant_view)
             latest = s.get(Scan, vm.latest_scan_id) if vm.latest_scan_id else None
-            out["latest"] = _scan_dict(latest, with_document=True, tenant=who.scope == "tenant") if latest else None
+            out["latest"] = _scan_dict(latest, with_document=True, tenant_host=h if tenant_view else None
+                                       ) if latest else None
             return out
 
     def vm_scans(self, who: Principal, vm_id: int, limit: int = 50) -> list[dict[str, Any]] | None:
@@ -327,31 +433,38 @@ class FleetStore:
             if s.execute(self._visible(who).where(Vm.id == vm_id)).first() is None:
                 return None
             rows = s.scalars(select(Scan).where(Scan.vm_id == vm_id).order_by(Scan.id.desc()).limit(limit))
-            return [_scan_dict(r) for r in rows]
+            return [_scan_dict(r, tenant_host="" if who.scope == "tenant" else None) for r in rows]
 
     def get_scan(self, who: Principal, scan_id: int) -> dict[str, Any] | None:
         """Return one scan with its document when `who` may see its VM, else None."""
         with self.session() as s:
             row = s.get(Scan, scan_id)
-            if row is None or s.execute(self._visible(who).where(Vm.id == row.vm_id)).first() is None:
+            vm = s.execute(self._visible(who).where(Vm.id == row.vm_id)).first() if row is not None else None
+            if row is None or vm is None:
                 return None
-            return _scan_dict(row, with_document=True, tenant=who.scope == "tenant")
+            return _scan_dict(row, with_document=True, tenant_host=vm[1] if who.scope == "tenant" else None)
 
     def vm_findings(self, who: Principal, vm_id: int, limit: int = 500) -> list[dict[str, Any]] | None:
         """Return a visible VM's findings over time, newest first (None when not visible)."""
         with self.session() as s:
-            if s.execute(self._visible(who).where(Vm.id == vm_id)).first() is None:
+            vm = s.execute(self._visible(who).where(Vm.id == vm_id)).first()
+            if vm is None:
                 return None
             rows = s.scalars(select(FindingRow).where(FindingRow.vm_id == vm_id)
                              .order_by(FindingRow.time.desc(), FindingRow.id).limit(limit))
             tenant = who.scope == "tenant"  # a tenant's copy of host-produced text is scrubbed of host internals
+            host = vm[1]
             return [{"scan_id": r.scan_id, "time": r.time, "kind": r.kind, "severity": r.severity,
-                     "title": scrub(r.title) if tenant else r.title,
-                     "evidence": scrubbed(r.evidence) if tenant else r.evidence} for r in rows]
+                     "title": tenant_text(r.title, host) if tenant else r.title,
+                     "evidence": scrubbed(r.evidence, host) if tenant else r.evidence} for r in rows]
 
     def overview(self, who: Principal) -> dict[str, Any]:
-        """Return VM counts by risk, per host and per tenant, over the VMs `who` may see."""
+        """Return VM counts by risk, per host and per tenant, over the VMs `who` may see.
+
+        A tenant gets no per-host breakdown (`by_host` is None): how its VMs spread over the provider's
+        hosts is the provider's."""
         vms = self.list_vms(who)
+        tenant_view = who.scope == "tenant"
         def group(key: str) -> dict[str, dict[str, int]]:
             out: dict[str, dict[str, int]] = {}
             for vm in vms:
@@ -360,7 +473,8 @@ class FleetStore:
                 for r in RISKS:
                     g[r] += 1 if vm["risk"].get(r) else 0
             return out
-        return {"vms": len(vms), "by_host": group("host"), "by_tenant": group("tenant"),
+        return {"view": "tenant" if tenant_view else "operator", "vms": len(vms),
+                "by_host": None if tenant_view else group("host"), "by_tenant": group("tenant"),
                 "totals": {r: sum(1 for v in vms if v["risk"].get(r)) for r in RISKS}}
 
     def set_vm(self, vm_id: int, *, tenant_id: int | None = None, high_risk: bool | None = None) -> bool:
@@ -437,9 +551,42 @@ TENANT_AUDIT_KEYS = ("at", "action", "mitigation", "cve", "package", "version", 
 TENANT_NOTICE_KEYS = ("event", "channel", "created", "status", "attempts", "sent")
 
 
-def _tenant_record(record: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+def _tenant_record(record: dict[str, Any], keys: tuple[str, ...], host: str) -> dict[str, Any]:
     """Return the whitelisted fields of a host record, host-produced strings scrubbed of host internals."""
-    return {k: scrub(record[k]) if isinstance(record[k], str) else record[k] for k in keys if k in record}
+    return {k: scrubbed(record[k], host) for k in keys if k in record}
+
+
+def _host_name_pattern(host: str) -> re.Pattern[str]:
+    """Return the pattern of `host` as a whole name in a text (not inside a longer name: `hv-1` not in `hv-12`)."""
+    return re.compile(rf"(?<![\w.-]){re.escape(host)}(?![\w-])")
+
+
+def tenant_text(text: str, host: str = "") -> str:
+    """Return a host-produced message as a tenant reads it: host paths, sockets and page-table roots
+    scrubbed (`service.report.scrub`) and the name of the VM's host replaced by `<host>`."""
+    text = scrub(text)
+    return _host_name_pattern(host).sub("<host>", text) if host and host in text else text
+
+
+def cli_actor() -> str:
+    """Return who acts from the command line, for the token audit: `cli USER@HOST`."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for this uid (containers)
+        user = str(os.getuid())
+    return f"cli {user}@{socket.gethostname()}"
+
+
+def _actor(s: Session, by: Principal | None) -> dict[str, Any]:
+    """Return the audit columns naming who acts: an API caller as `token ID (label)`, else the CLI's user."""
+    if by is None or by.token_id is None:
+        return {"actor_token_id": None, "actor": cli_actor()[:300]}
+    row = s.get(Token, by.token_id)
+    label = row.label if row is not None else ""
+    return {"actor_token_id": by.token_id, "actor": (f"token {by.token_id}" + (f" ({label})" if label else ""))[:300]}
 
 
 def token_digest(secret: str) -> str:
@@ -463,56 +610,61 @@ def risk_of(document: dict[str, Any]) -> dict[str, Any]:
             "unverified_items": len(scan.get("unverifiable", []) or []), "findings": len(findings)}
 
 
-def _vm_dict(vm: Vm, host: str, tenant: str | None) -> dict[str, Any]:
-    return {"id": vm.id, "name": vm.name, "host": host, "tenant": tenant, "high_risk": vm.high_risk,
-            "latest_scan_id": vm.latest_scan_id, "risk": vm.risk or {}}
+def _vm_dict(vm: Vm, host: str, tenant: str | None, tenant_view: bool = False) -> dict[str, Any]:
+    """Return a VM as the API gives it; a tenant's copy names no host (`host` None)."""
+    return {"id": vm.id, "name": vm.name, "host": None if tenant_view else host, "tenant": tenant,
+            "high_risk": vm.high_risk, "latest_scan_id": vm.latest_scan_id, "risk": vm.risk or {}}
 
 
 TENANT_HIDDEN = ("observations", "timings")  # raw records and host timings: the operator's, not the tenant's
 
 
-def _scan_dict(row: Scan, with_document: bool = False, tenant: bool = False) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": row.id, "vm_id": row.vm_id, "idempotency_key": row.idempotency_key,
+def _scan_dict(row: Scan, with_document: bool = False, tenant_host: str | None = None) -> dict[str, Any]:
+    """Return a scan as the API gives it; `tenant_host` (the VM's host name) not None: a tenant's copy,
+    without the idempotency key (the sensor makes it from its host name) and with a tenant's document."""
+    tenant = tenant_host is not None
+    out: dict[str, Any] = {"id": row.id, "vm_id": row.vm_id, "idempotency_key": None if tenant else row.idempotency_key,
                            "started": row.started, "finished": row.finished, "received": row.received,
                            "status": row.status, "methods": row.methods, "summary": row.summary}
     if with_document:
-        out["document"] = tenant_document(row.document) if tenant else dict(row.document)
+        out["document"] = tenant_document(row.document, tenant_host or "") if tenant else dict(row.document)
     return out
 
 
-def scrubbed(value: Any) -> Any:
-    """Return a JSON value with every string passed through `service.report.scrub` (keys kept)."""
+def scrubbed(value: Any, host: str = "") -> Any:
+    """Return a JSON value with every string passed through `tenant_text` (keys kept)."""
     if isinstance(value, str):
-        return scrub(value)
+        return tenant_text(value, host)
     if isinstance(value, dict):
-        return {k: scrubbed(v) for k, v in value.items()}
+        return {k: scrubbed(v, host) for k, v in value.items()}
     if isinstance(value, list):
-        return [scrubbed(v) for v in value]
+        return [scrubbed(v, host) for v in value]
     return value
 
 
 SCAN_MESSAGES = ("findings", "unverifiable", "error", "errors")  # host-produced text in `scan --json`'s document
 
 
-def tenant_document(document: dict[str, Any]) -> dict[str, Any]:
+def tenant_document(document: dict[str, Any], host: str = "") -> dict[str, Any]:
     """Return what a tenant reads of a stored scan document: no raw observations or host timings, and the
     host-produced messages (finding titles and evidence, unverifiable items, errors) scrubbed of host
-    internals (RAM files, QMP sockets, /run/nephoscope paths, page-table roots). Guest data (processes,
-    binaries) stays as the guest has it; the operator's view is the document as pushed."""
+    internals (RAM files, QMP sockets, /run/nephoscope paths, page-table roots, the name `host` of the
+    VM's host). Guest data (processes, binaries) stays as the guest has it; the operator's view is the
+    document as pushed."""
     doc = {k: v for k, v in document.items() if k not in TENANT_HIDDEN}
     if isinstance(doc.get("scan"), dict):
-        doc["scan"] = {k: scrubbed(v) if k in SCAN_MESSAGES else v for k, v in doc["scan"].items()
+        doc["scan"] = {k: scrubbed(v, host) if k in SCAN_MESSAGES else v for k, v in doc["scan"].items()
                        if k not in TENANT_HIDDEN}
     report = doc.get("report")
     if isinstance(report, dict):  # built by service.report (already scrubbed there); again, for older sensors
         report = dict(report)
         for key in ("code", "behaviour"):
             if isinstance(report.get(key), list):
-                report[key] = [{**item, "title": scrubbed(item.get("title", ""))} if isinstance(item, dict) else item
-                               for item in report[key]]
+                report[key] = [{**item, "title": scrubbed(item.get("title", ""), host)} if isinstance(item, dict)
+                               else item for item in report[key]]
         if "unverified" in report:
-            report["unverified"] = scrubbed(report["unverified"])
+            report["unverified"] = scrubbed(report["unverified"], host)
         doc["report"] = report
     if "report_error" in doc:
-        doc["report_error"] = scrubbed(doc["report_error"])
+        doc["report_error"] = scrubbed(doc["report_error"], host)
     return doc

@@ -63,6 +63,22 @@ class Token(Base):
     label: Mapped[str] = mapped_column(String(200), default="")
     created: Mapped[float] = mapped_column(Float)
     expires: Mapped[float | None] = mapped_column(Float, nullable=True)  # Unix time; None: never
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # Unix time; None: not revoked
+    last_used: Mapped[float | None] = mapped_column(Float, nullable=True)  # Unix time, to the minute (throttled)
+
+
+class TokenAuditRow(Base):
+    """One change to a token (issued, revoked): when, by whom (an operator token or the CLI), whether forced."""
+
+    __tablename__ = "token_audit"
+    __table_args__ = (Index("token_audit_token", "token_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("tokens.id"))
+    at: Mapped[float] = mapped_column(Float)
+    action: Mapped[str] = mapped_column(String(32))
+    actor_token_id: Mapped[int | None] = mapped_column(ForeignKey("tokens.id"), nullable=True)  # None: the CLI
+    actor: Mapped[str] = mapped_column(String(300))  # "token 3 (label)" or "cli USER@HOST"
+    forced: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Scan(Base):

@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from nephoscope.fleet.db import RISKS, FleetError, FleetStore, Principal
+from nephoscope.fleet.db import RISKS, FleetError, FleetStore, LastOperatorError, Principal
 from nephoscope.fleet.snapshots import SnapshotCache, SnapshotError
 
 STATIC = Path(__file__).with_name("static")
@@ -27,6 +27,7 @@ MAX_ID = 2**31 - 1  # ids are PostgreSQL `integer`: a larger one names nothing (
 NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: refused here rather than failing in the driver
 VmId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 ScanId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
+TokenId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 
 
 class ScanPush(BaseModel):
@@ -83,11 +84,88 @@ class TokenIn(BaseModel):
                                        description="seconds until the token is refused (401); none: never")
 
 
+class TokenIssued(BaseModel):
+    """An issued token: its id (to list or revoke it), its secret (shown this once) and its expiry or null."""
+
+    id: int
+    token: str
+    expires: float | None
+
+
+class TokenOut(BaseModel):
+    """A token as operators list it: never its secret. Times are Unix times; `last_used` is to the minute."""
+
+    id: int
+    scope: str
+    tenant_id: int | None
+    tenant: str | None
+    host_id: int | None
+    host: str | None
+    label: str
+    created: float
+    expires: float | None
+    state: str = Field(pattern="^(active|expired|revoked)$")
+    revoked_at: float | None
+    revoked_by: str | None = Field(description="who revoked it: `token ID (label)` or `cli USER@HOST`")
+    forced: bool = Field(description="revoked with force (it was the last active operator token)")
+    issued_by: str | None
+    last_used: float | None
+
+
+class TokenEvent(BaseModel):
+    """One audited token change: issued or revoked, when, by whom (`actor_token_id` null: the CLI)."""
+
+    id: int
+    token_id: int
+    at: float
+    action: str
+    actor_token_id: int | None
+    actor: str
+    forced: bool
+
+
 class VmPatch(BaseModel):
     """What an operator may change on a VM: its tenant and its high-risk flag (sensors trap those)."""
 
     tenant_id: int | None = Field(default=None, ge=1, le=MAX_ID)
     high_risk: bool | None = None
+
+
+class VmOut(BaseModel):
+    """A VM with its latest risk counts. A tenant's copy names no host: `host` is null."""
+
+    id: int
+    name: str
+    host: str | None = Field(description="the host running the VM; null when a tenant token reads")
+    tenant: str | None
+    high_risk: bool
+    latest_scan_id: int | None
+    risk: dict[str, Any]
+
+
+class VmDetail(VmOut):
+    """A VM with its latest scan (with its document, a tenant's copy for a tenant token), or null."""
+
+    latest: dict[str, Any] | None
+
+
+class GroupCounts(BaseModel):
+    """How many VMs a group has, and how many of them have each risk."""
+
+    vms: int
+    running_vulnerable: int
+    malicious_unknown: int
+    unverifiable: int
+
+
+class Overview(BaseModel):
+    """VM counts by risk per host and per tenant; a tenant gets no per-host breakdown (`by_host` null)."""
+
+    view: str = Field(pattern="^(operator|tenant)$")
+    vms: int
+    by_host: dict[str, GroupCounts] | None
+    by_tenant: dict[str, GroupCounts]
+    totals: dict[str, int]
 
 
 class LookupIn(BaseModel):
@@ -157,27 +235,31 @@ def create_app(store: FleetStore, kb_path: Path | None = None, vulns_path: Path 
             raise HTTPException(422, f"the response records do not fit: {exc}") from exc
         return {"vm_id": vm_id, "filters": len(push.filters), "audit": len(push.audit), "notices": len(push.notices)}
 
-    @app.get(f"{API}/overview")
+    @app.get(f"{API}/overview", response_model=Overview)
     def overview(who: Reader) -> dict[str, Any]:
-        """Return VM counts by risk per host and per tenant (a tenant sees only its own VMs)."""
+        """Return VM counts by risk per host and per tenant (a tenant: only its own VMs, and no per-host counts)."""
         return store.overview(who)
 
-    @app.get(f"{API}/vms")
+    @app.get(f"{API}/vms", response_model=list[VmOut], responses={403: {"description": "a tenant filtering by host"}})
     def list_vms(who: Reader, host: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
                  tenant: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
                  risk: Annotated[str | None, Query(pattern="^(" + "|".join(RISKS) + ")$")] = None
                  ) -> list[dict[str, Any]]:
-        """Return the VMs the token may see, with their latest risk counts."""
-        return store.list_vms(who, host, tenant, risk)
+        """Return the VMs the token may see, with their latest risk counts (a tenant's name no host and
+        may not filter by host: 403)."""
+        try:
+            return store.list_vms(who, host, tenant, risk)
+        except FleetError as exc:
+            raise HTTPException(403, str(exc)) from exc
 
-    @app.get(f"{API}/vms/{{vm_id}}")
+    @app.get(f"{API}/vms/{{vm_id}}", response_model=VmDetail)
     def get_vm(vm_id: VmId, who: Reader) -> dict[str, Any]:
         """Return one VM with its latest scan document (404 when unknown or another tenant's)."""
         return found(store.get_vm(who, vm_id), "VM")  # type: ignore[no-any-return]
 
     @app.get(f"{API}/vms/{{vm_id}}/scans")
     def vm_scans(vm_id: VmId, who: Reader, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[dict[str, Any]]:
-        """Return a VM's scans, newest first (without their documents)."""
+        """Return a VM's scans, newest first (without their documents; a tenant's without idempotency keys)."""
         return found(store.vm_scans(who, vm_id, limit), "VM")  # type: ignore[no-any-return]
 
     @app.get(f"{API}/vms/{{vm_id}}/findings")
@@ -211,18 +293,41 @@ def create_app(store: FleetStore, kb_path: Path | None = None, vulns_path: Path 
         """Create a tenant (operator only); an existing name returns its id."""
         return {"id": store.add_tenant(tenant.name)}
 
-    @app.post(f"{API}/tokens", status_code=201)
-    def add_token(token: TokenIn, _who: Operator) -> dict[str, Any]:
+    @app.post(f"{API}/tokens", status_code=201, response_model=TokenIssued)
+    def add_token(token: TokenIn, who: Operator) -> TokenIssued:
         """Issue a token (operator only), expiring after `expires_in_s` if given; the secret is shown once."""
         host_id = store.add_host(token.host) if token.scope == "sensor" and token.host else None
         if token.scope == "tenant" and (token.tenant_id is None or not store.tenant_exists(token.tenant_id)):
             raise HTTPException(404, "no such tenant")
         try:
             expires = time.time() + token.expires_in_s if token.expires_in_s is not None else None
-            return {"token": store.issue_token(token.scope, tenant_id=token.tenant_id, host_id=host_id,
-                                               label=token.label, expires=expires), "expires": expires}
+            token_id, secret = store.issue(token.scope, tenant_id=token.tenant_id, host_id=host_id,
+                                           label=token.label, expires=expires, by=who)
+            return TokenIssued(id=token_id, token=secret, expires=expires)
         except FleetError as exc:
             raise HTTPException(422, str(exc)) from exc
+
+    @app.get(f"{API}/tokens", response_model=list[TokenOut])
+    def list_tokens(_who: Operator) -> list[dict[str, Any]]:
+        """List every token (operator only): scope, binding, label, times, state, who issued and revoked it; never
+        a secret."""
+        return store.list_tokens()
+
+    @app.get(f"{API}/tokens/audit", response_model=list[TokenEvent])
+    def token_audit(_who: Operator, limit: Annotated[int, Query(ge=1, le=10000)] = 500) -> list[dict[str, Any]]:
+        """Return the audit of token changes (issued, revoked: when, by whom), newest first (operator only)."""
+        return store.token_audit(limit)
+
+    @app.post(f"{API}/tokens/{{token_id}}/revoke", response_model=TokenOut,
+              responses={404: {"description": "no such token"},
+                         409: {"description": "the last active operator token (pass force=true)"}})
+    def revoke_token(token_id: TokenId, who: Operator, force: bool = False) -> dict[str, Any]:
+        """Revoke a token (operator only): from now on it gets 401 everywhere. Revoking again changes nothing;
+        the last active operator token is refused (409) unless `force=true`."""
+        try:
+            return found(store.revoke_token(token_id, by=who, force=force), "token")  # type: ignore[no-any-return]
+        except LastOperatorError as exc:
+            raise HTTPException(409, f"{exc} (force=true)") from exc
 
     def kb_file() -> Path:
         if kb_path is None or not kb_path.is_file():

@@ -72,8 +72,10 @@ async function overview(app, params) {
                                                 label)));
   const pick = (name, options) => el("select", {name}, el("option", {value: ""}, "any"),
     options.map(o => { const opt = el("option", {value: o[0]}, o[1]); if (params.get(name) === o[0]) opt.selected = true; return opt; }));
+  // A tenant's token reads no host (by_host and each VM's host are null): no host filter, column or section.
+  const hosts = ov.by_host !== null && ov.by_host !== undefined;
   const filters = el("form", {class: "filters", id: "filters"},
-    el("label", {}, "host ", pick("host", Object.keys(ov.by_host).map(h => [h, h]))),
+    hosts ? el("label", {}, "host ", pick("host", Object.keys(ov.by_host).map(h => [h, h]))) : "",
     el("label", {}, "tenant ", pick("tenant", Object.keys(ov.by_tenant).filter(t => t !== "(no tenant)").map(t => [t, t]))),
     el("label", {}, "risk ", pick("risk", RISKS)), el("button", {type: "submit"}, "Filter"));
   filters.addEventListener("submit", ev => {
@@ -82,12 +84,13 @@ async function overview(app, params) {
     for (const s of filters.querySelectorAll("select")) if (s.value) p.set(s.name, s.value);
     location.hash = "#/?" + p;
   });
-  const rows = vms.map(v => [el("a", {href: `#/vm/${v.id}`}, v.name), v.host, v.tenant || "—",
+  const rows = vms.map(v => [el("a", {href: `#/vm/${v.id}`}, v.name), ...(hosts ? [v.host || ""] : []), v.tenant || "—",
                              ...RISKS.map(r => riskCell(v.risk[r[0]])), v.high_risk ? "yes" : ""]);
   app.replaceChildren(el("h1", {}, "Fleet overview"), cards,
-    section("VMs by risk per host", groupTable(ov.by_host, "host")),
+    hosts ? section("VMs by risk per host", groupTable(ov.by_host, "host")) : "",
     section("VMs by risk per tenant", groupTable(ov.by_tenant, "tenant")),
-    section("VMs", filters, table(["VM", "host", "tenant", ...RISKS.map(r => r[1]), "high-risk"], rows)),
+    section("VMs", filters, table(["VM", ...(hosts ? ["host"] : []), "tenant", ...RISKS.map(r => r[1]), "high-risk"],
+                                  rows)),
     section("Evaluation charts", none("run `nephoscope evaluate` locally; charts are not served yet")));
 }
 
@@ -110,7 +113,7 @@ async function vmPage(app, id) {
   const unver = (report.unverified || scan.unverifiable || []).map(u => [u.what || "", u.method || "", u.reason || ""]);
   app.replaceChildren(
     el("h1", {}, "VM ", el("span", {id: "vm-name"}, vm.name)),
-    el("p", {}, `host ${vm.host} · tenant ${vm.tenant || "—"} · `,
+    el("p", {}, vm.host ? `host ${vm.host} · ` : "", `tenant ${vm.tenant || "—"} · `,
        vm.latest ? `latest scan ${when(vm.latest.finished)} by ${(vm.latest.methods || []).join(", ")} (${vm.latest.status})`
                  : "never scanned"),
     el("div", {class: "cards"}, RISKS.map(([k, label]) => el("div", {class: "card"}, el("b", {class: vm.risk[k] ? "bad" : "ok"},
