@@ -85,21 +85,3 @@ def tenants(tenants_file: Path = TENANTS_OPTION, vm: str = typer.Option(None, "-
     if vm:
         err_console.print(f"{vm}: " + (f"tenant {owner.name}" if owner else "no tenant"), markup=False,
                           highlight=False)
-
-
-def after_scan(result: object) -> None:
-    """Notify the scanned VM's tenant (`scan --notify`); say why not, never fail the scan for it."""
-    from nephoscope.service.notices import notify_result
-
-    try:
-        outcome = notify_result(result)
-    except NephoscopeError as exc:
-        err_console.print(f"notices: {exc}", markup=False, highlight=False)
-        return
-    if outcome is None:
-        err_console.print("notices: no tenants file; nothing sent (docs/notices.md)", markup=False, highlight=False)
-        return
-    sent = ", ".join(f"{d.channel} {d.status}" for d in outcome.deliveries)
-    err_console.print(f"notices: {outcome.vm}: " + (f"{outcome.deliveries[0].event} notice: {sent}" if sent
-                                                      else f"nothing sent ({outcome.reason})"),
-                      markup=False, highlight=False)
