@@ -240,7 +240,14 @@ def test_response_pushes_are_scoped_and_idempotent(fleet: Fleet, tmp_path: Path)
     now = fleet.call("get", f"/api/v1/vms/{vm}/notices", fleet.operator).json()
     assert now["filters"] == [] and [n["status"] for n in now["notices"]] == ["sent", "sent"]
     body["audit"][0]["id"] = "not-an-id"
-    assert fleet.call("post", "/api/v1/response", fleet.sensor_a, json=body).status_code == 422
+    refused = fleet.call("post", "/api/v1/response", fleet.sensor_a, json=body)
+    assert refused.status_code == 422
+    # the body has the shape the spec declares for 422 (HTTPValidationError), and says what did not fit
+    spec = fleet.call("get", "/openapi.json", fleet.operator).json()
+    declared = spec["paths"]["/api/v1/response"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
+    assert declared["$ref"].endswith("/HTTPValidationError")
+    (item,) = refused.json()["detail"]
+    assert set(item) >= {"loc", "msg", "type"} and "do not fit" in item["msg"]
 
 
 def test_vulnerability_db_is_served_to_sensors_with_an_etag(tmp_path: Path) -> None:

@@ -174,6 +174,11 @@ class LookupIn(BaseModel):
     digests: list[Annotated[str, Field(pattern="^[0-9a-f]{64}$")]] = Field(max_length=MAX_DIGESTS)
 
 
+def unprocessable(msg: str) -> HTTPException:
+    """Return a 422 whose body has the shape the OpenAPI spec declares for 422 (FastAPI's HTTPValidationError)."""
+    return HTTPException(422, [{"loc": ["body"], "msg": msg, "type": "value_error"}])
+
+
 def create_app(store: FleetStore, kb_path: Path | None = None, vulns_path: Path | None = None) -> FastAPI:
     """Return the API and dashboard over `store`; `kb_path` and `vulns_path` are the code-page and
     vulnerability DBs served to sensors."""
@@ -219,7 +224,7 @@ def create_app(store: FleetStore, kb_path: Path | None = None, vulns_path: Path 
         try:
             scan_id, created, high_risk = store.ingest(who.host_id, dict(push))  # fields as they are: no deep copy
         except (FleetError, ValueError, TypeError, AttributeError) as exc:
-            raise HTTPException(422, f"the scan document does not fit: {exc}") from exc
+            raise unprocessable(f"the scan document does not fit: {exc}") from exc
         if not created:
             response.status_code = 200
         return PushResult(scan_id=scan_id, created=created, high_risk=high_risk)
@@ -232,7 +237,7 @@ def create_app(store: FleetStore, kb_path: Path | None = None, vulns_path: Path 
         try:
             vm_id = store.ingest_response(who.host_id, push.model_dump())
         except (FleetError, ValueError, TypeError, AttributeError) as exc:
-            raise HTTPException(422, f"the response records do not fit: {exc}") from exc
+            raise unprocessable(f"the response records do not fit: {exc}") from exc
         return {"vm_id": vm_id, "filters": len(push.filters), "audit": len(push.audit), "notices": len(push.notices)}
 
     @app.get(f"{API}/overview", response_model=Overview)
@@ -305,7 +310,7 @@ def create_app(store: FleetStore, kb_path: Path | None = None, vulns_path: Path 
                                            label=token.label, expires=expires, by=who)
             return TokenIssued(id=token_id, token=secret, expires=expires)
         except FleetError as exc:
-            raise HTTPException(422, str(exc)) from exc
+            raise unprocessable(str(exc)) from exc
 
     @app.get(f"{API}/tokens", response_model=list[TokenOut])
     def list_tokens(_who: Operator) -> list[dict[str, Any]]:
