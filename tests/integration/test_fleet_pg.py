@@ -280,6 +280,7 @@ def test_api_fuzz_on_postgresql(fleet_pg: Any, tmp_path: Path) -> None:
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import response_schema_conformance
     from test_fleet_api import Fleet
 
     engine = open_engine(fleet_pg.url)
@@ -299,7 +300,7 @@ def test_api_fuzz_on_postgresql(fleet_pg: Any, tmp_path: Path) -> None:
                 for token in tokens:
                     case.headers = {**(case.headers or {}), "Authorization": f"Bearer {token}"}
                     try:
-                        case.call_and_validate(checks=[not_a_server_error])
+                        case.call_and_validate(checks=[not_a_server_error, response_schema_conformance])
                     finally:
                         fleet.unrevoke()  # an operator case may revoke a token the next ones fuzz with
 

@@ -1,4 +1,5 @@
-"""The fleet API fuzzed with schemathesis from its own OpenAPI spec: no input makes it fail (5xx), for any token.
+"""The fleet API fuzzed with schemathesis from its own OpenAPI spec: no input makes it fail (5xx), for any token,
+and every answer has the shape the spec declares for its status.
 
 Each scope's token is used in turn; a tenant token must never read another tenant's VM or scan, whatever
 ids and parameters the fuzzer picks.
@@ -14,6 +15,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import response_schema_conformance
 from test_fleet_api import Fleet
 
 FLEET = Fleet(Path(tempfile.mkdtemp(prefix="nephoscope-fuzz-")))
@@ -48,6 +50,7 @@ def _tenant_isolated(ctx: Any, response: Any, case: Any) -> bool | None:
 def test_api_fuzz(case: Any, scope: str) -> None:
     case.headers = {**(case.headers or {}), "Authorization": f"Bearer {TOKENS[scope]}"}
     try:
-        case.call_and_validate(checks=[not_a_server_error], additional_checks=[_tenant_isolated])
+        case.call_and_validate(checks=[not_a_server_error, response_schema_conformance],
+                               additional_checks=[_tenant_isolated])
     finally:
         FLEET.unrevoke()  # an operator case may revoke a token the next cases fuzz with
