@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nephoscope.core.errors import GuestDataError, KnowledgeError, MemoryAccessError, NephoscopeError
+from nephoscope.introspect.interp import php_opcache
 from nephoscope.introspect.interp.php_layout import LAYOUTS
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ class PhpState:
     request_method: str = ""
     script: str = ""  # SG(request_info).path_translated
     activated: bool = True  # False: no request is active (EG(active) clear, or EG still zero: never started)
+    opcache: php_opcache.OpcacheState | None = None  # the pool's shared script cache (None: not read)
     complete: bool = True
     problem: str = ""
 
@@ -105,6 +107,8 @@ class PhpState:
         return {"build": asdict(self.build) if self.build else None, "frames": [asdict(f) for f in self.frames],
                 "included_files": list(self.included_files), "request_uri": self.request_uri,
                 "request_method": self.request_method, "script": self.script, "activated": self.activated,
+                "opcache": ({**self.opcache.to_json(), "scripts": list(self.opcache.scripts)}
+                            if self.opcache is not None and self.opcache.mapped else None),
                 "complete": self.complete, "problem": self.problem}
 
 
@@ -243,7 +247,7 @@ def find_build(build_id: str, package: str, binary: str, versions: Sequence[str]
 # --- the engine state --------------------------------------------------------------------------------
 
 
-class _Engine:
+class Engine:
     """Bounded typed reads of one PHP process's memory with the build's layout."""
 
     def __init__(self, read: Read, layout: dict[str, int]) -> None:
@@ -359,7 +363,7 @@ def read_state(read: Read, build: PhpBuild, bias: int) -> PhpState:
         layout = _layout_for(build)
     except KnowledgeError as exc:
         return state.fail(str(exc))
-    eng, o = _Engine(read, layout), layout
+    eng, o = Engine(read, layout), layout
     eg = bias + build.executor_globals
     try:
         head = [eng.u64(eg + o[f"zend_executor_globals.{n}"])
@@ -440,13 +444,14 @@ def _cstr(read: Read, gva: int, limit: int = MAX_STRING) -> str:
 
 def inspect_process(read: Read, exe: str, vmas: Sequence[object],
                     lookup: Callable[[str, str, str], PhpBuild | None] = find_build,
-                    headers: Iterable[tuple[Read, int]] = ()) -> PhpState | None:
+                    headers: Iterable[tuple[Read, int]] = (), opcache_read: Read | None = None) -> PhpState | None:
     """Return the PHP state of a process running Debian's PHP binary `exe`, or None when it is not PHP.
 
     `read` reads the process's user memory, `vmas` are its mappings (walkers.Vma), `lookup(build_id,
     package, binary)` finds the build. `headers`: other (read, base) views of the same binary file, tried
     when this process's page tables do not map its ELF header page (fork does not copy the PTEs of
-    untouched file pages, so php-fpm workers often lack it). Nothing here pauses the VM.
+    untouched file pages, so php-fpm workers often lack it). `opcache_read` reads opcache's shared segment
+    (default `read`; see php_opcache.segment_reader). Nothing here pauses the VM.
     """
     known = php_binary(exe)
     if known is None:
@@ -471,7 +476,13 @@ def inspect_process(read: Read, exe: str, vmas: Sequence[object],
         return PhpState().fail(f"{binary} build {build_id}: the build lookup failed ({exc})")
     if build is None:
         return PhpState().fail(f"{binary} build {build_id} is no Debian {package} build nephoscope can fetch")
-    return read_state(read, build, bias)
+    state = read_state(read, build, bias)
+    layout = LAYOUTS.get((build.api, build.thread_safety))
+    if layout is not None and "zend_accel_shared_globals.hits" in layout:
+        state.opcache = php_opcache.read_cache(opcache_read or read, layout, vmas)
+        if not state.opcache.complete:
+            state.fail(f"opcache: {state.opcache.problem}")
+    return state
 
 
 def read_process(k: LinuxKernel, task: Task, peers: Iterable[Task] | None = None,
@@ -519,7 +530,7 @@ def read_process(k: LinuxKernel, task: Task, peers: Iterable[Task] | None = None
         read = reader(task)
     except _BAD as exc:
         return PhpState().fail(f"the address space of pid {task.pid} is unreadable ({exc})")
-    state = inspect_process(read, exe, vmas, headers=views())
+    state = inspect_process(read, exe, vmas, headers=views(), opcache_read=php_opcache.segment_reader(k, read, vmas))
     if state is not None and incomplete:
         state.fail(f"the mapping walk stopped early: {incomplete}")
     return state
@@ -543,12 +554,18 @@ def read_php(ctx: ProcessContext) -> InterpResult | None:
                                   "busy": state.busy}
     if b:
         details.update(build_id=b.build_id, api=b.api, thread_safety=b.thread_safety)
+    cached: list[str] = []
+    if state.opcache is not None and state.opcache.mapped:
+        details["opcache"] = state.opcache.to_json()
+        cached = state.opcache.scripts
     if state.complete:
         verdict, reason = Verdict.VERIFIED, ("executor_globals validated against the build; "
                                              + ("serving a request" if state.busy else "idle (no request running)"))
+        if state.opcache is not None and state.opcache.started:
+            reason += f"; opcache's shared hash validated: {len(cached)} cached scripts"
     else:
         verdict, reason = Verdict.UNVERIFIABLE, state.problem
     return InterpResult(task.pid, task.comm, "php", runtime, verdict, reason,
                         entry=state.script or (state.frames[-1].file if state.frames else ""),
                         threads=[InterpThread(0, task.pid, frames)] if state.activated else [],
-                        scripts=list(state.included_files), details=details)
+                        scripts=list(dict.fromkeys([*state.included_files, *cached])), details=details)

@@ -28,6 +28,28 @@ _PROGRAM = r"""
 #include "zend_globals.h"
 #include "SAPI.h"
 #include "zend_extensions.h"
+#include "Optimizer/zend_optimizer.h"
+/* php8.2-dev does not ship ext/opcache's headers: these are transcribed from php-src PHP-8.2
+   ext/opcache/zend_accelerator_hash.h (the whole entry and hash) and ZendAccelerator.h (the first members
+   of zend_accel_shared_globals, unchanged 8.1-8.4); php_opcache.py validates them on guest memory. */
+typedef struct _zend_accel_hash_entry zend_accel_hash_entry;
+struct _zend_accel_hash_entry {
+  zend_ulong hash_value; zend_string *key; zend_accel_hash_entry *next; void *data; bool indirect;
+};
+typedef struct _zend_accel_hash {
+  zend_accel_hash_entry **hash_table; zend_accel_hash_entry *hash_entries;
+  uint32_t num_entries; uint32_t max_num_entries; uint32_t num_direct_entries;
+} zend_accel_hash;
+typedef enum _zend_accel_restart_reason {
+  ACCEL_RESTART_OOM, ACCEL_RESTART_HASH, ACCEL_RESTART_USER
+} zend_accel_restart_reason;
+typedef struct _zend_accel_shared_globals {  /* the members up to restart_in_progress */
+  zend_ulong hits; zend_ulong misses; zend_ulong blacklist_misses; zend_ulong oom_restarts;
+  zend_ulong hash_restarts; zend_ulong manual_restarts; zend_accel_hash hash; size_t map_ptr_last;
+  time_t start_time; time_t last_restart_time; time_t force_restart_time; bool accelerator_enabled;
+  bool restart_pending; zend_accel_restart_reason restart_reason; bool cache_status_before_restart;
+  bool restart_in_progress;
+} zend_accel_shared_globals;
 #define O(t, m) printf("\"%s.%s\": %zu,\n", #t, #m, offsetof(t, m))
 #define S(t) printf("\"sizeof.%s\": %zu,\n", #t, sizeof(t))
 #define C(n) printf("\"const.%s\": %ld,\n", #n, (long)(n))
@@ -49,6 +71,16 @@ int main(void) {
   O(Bucket, val); O(Bucket, key); O(zval, u1.type_info);
   O(sapi_globals_struct, request_info.request_method); O(sapi_globals_struct, request_info.query_string);
   O(sapi_globals_struct, request_info.request_uri); O(sapi_globals_struct, request_info.path_translated);
+  S(zend_accel_hash_entry);
+  O(zend_accel_hash_entry, hash_value); O(zend_accel_hash_entry, key); O(zend_accel_hash_entry, next);
+  O(zend_accel_hash_entry, data); O(zend_accel_hash_entry, indirect);
+  O(zend_accel_shared_globals, hits); O(zend_accel_shared_globals, misses);
+  O(zend_accel_shared_globals, hash.hash_table); O(zend_accel_shared_globals, hash.hash_entries);
+  O(zend_accel_shared_globals, hash.num_entries); O(zend_accel_shared_globals, hash.max_num_entries);
+  O(zend_accel_shared_globals, hash.num_direct_entries); O(zend_accel_shared_globals, start_time);
+  O(zend_accel_shared_globals, accelerator_enabled); O(zend_accel_shared_globals, restart_pending);
+  O(zend_accel_shared_globals, restart_in_progress);
+  O(zend_script, filename); O(zend_script, main_op_array);
   C(ZEND_INTERNAL_FUNCTION); C(ZEND_USER_FUNCTION); C(ZEND_EVAL_CODE);
   C(HASH_FLAG_PACKED); C(HASH_FLAG_UNINITIALIZED); C(IS_UNDEF);
   C(ZEND_MODULE_API_NO);
@@ -76,6 +108,16 @@ PHP82_NTS: dict[str, int] = {
     "Bucket.val": 0, "Bucket.key": 24, "zval.u1.type_info": 8,
     "sapi_globals_struct.request_info.request_method": 8, "sapi_globals_struct.request_info.query_string": 16,
     "sapi_globals_struct.request_info.request_uri": 48, "sapi_globals_struct.request_info.path_translated": 40,
+    # opcache (structs transcribed into the program from php-src PHP-8.2 ext/opcache, see _PROGRAM)
+    "sizeof.zend_accel_hash_entry": 40, "zend_accel_hash_entry.hash_value": 0, "zend_accel_hash_entry.key": 8,
+    "zend_accel_hash_entry.next": 16, "zend_accel_hash_entry.data": 24, "zend_accel_hash_entry.indirect": 32,
+    "zend_accel_shared_globals.hits": 0, "zend_accel_shared_globals.misses": 8,
+    "zend_accel_shared_globals.hash.hash_table": 48, "zend_accel_shared_globals.hash.hash_entries": 56,
+    "zend_accel_shared_globals.hash.num_entries": 64, "zend_accel_shared_globals.hash.max_num_entries": 68,
+    "zend_accel_shared_globals.hash.num_direct_entries": 72, "zend_accel_shared_globals.start_time": 88,
+    "zend_accel_shared_globals.accelerator_enabled": 112, "zend_accel_shared_globals.restart_pending": 113,
+    "zend_accel_shared_globals.restart_in_progress": 121,
+    "zend_script.filename": 0, "zend_script.main_op_array": 8,
     "const.ZEND_INTERNAL_FUNCTION": 1, "const.ZEND_USER_FUNCTION": 2, "const.ZEND_EVAL_CODE": 4,
     "const.HASH_FLAG_PACKED": 4, "const.HASH_FLAG_UNINITIALIZED": 8, "const.IS_UNDEF": 0,
     "const.ZEND_MODULE_API_NO": 20220829, "const.ZEND_EXTENSION_API_NO": 420220829,

@@ -167,6 +167,32 @@ def read_cached_file(k: LinuxKernel, gva: int, kind: str = "file", *, max_bytes:
     return CachedFile(mapping, inode, size, bytes(buf), absent, size > max_bytes, problem)
 
 
+def cached_page_index(k: LinuxKernel, gva: int, kind: str = "file", *, max_pages: int,
+                      max_nodes: int = DEFAULT_MAX_NODES) -> tuple[int, dict[int, int]]:
+    """Return (address_space gva, {page index: struct page gva}) of the cached pages below `max_pages`.
+
+    For reading a few pages of a large file (a shmem segment) by index with `read_cached_page`; `gva` is a
+    kernel gva of a struct file/inode/address_space. Raise GuestDataError (or MemoryAccessError) when the
+    structures or the page tree do not validate. Does not pause.
+    """
+    lay = layout(k)
+    mapping, _inode = mapping_of(k, gva, kind)
+    index: dict[int, int] = {}
+    for i, page_gva in _iter_pages(k, lay, mapping, max_pages, max_nodes):
+        if i in index:
+            raise GuestDataError(f"page index {i} stored twice in the mapping's xarray")
+        index[i] = page_gva
+    return mapping, index
+
+
+def read_cached_page(k: LinuxKernel, mapping: int, page_gva: int, index: int) -> bytes | None:
+    """Return the 4 KiB of page `index` (struct page at kernel gva `page_gva`) of `mapping`, None if not up to date.
+
+    The page is checked like every page of `read_cached_file` (mapping, index). Does not pause.
+    """
+    return _page_bytes(k, layout(k), mapping, page_gva, index)
+
+
 def _iter_pages(k: LinuxKernel, lay: _Layout, mapping: int, npages: int, max_nodes: int):  # type: ignore[no-untyped-def]
     """Yield (page index, struct page gva of that index) for cached pages below `npages`."""
     off = lay.off
