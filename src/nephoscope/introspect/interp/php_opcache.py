@@ -49,7 +49,7 @@ PAGE = 4096
 PRIMES = frozenset((5, 11, 19, 53, 107, 223, 463, 983, 1979, 3907, 7963, 16229, 32531, 65407, 130987, 262237,
                     524521, 1048793))
 MAX_SCAN = 1 << 20  # bytes of opcache.so data/.bss scanned for the pointer (Debian's: 0x1b1b8)
-MAX_CANDIDATES = 64
+MAX_CANDIDATES = 4096  # distinct pointers into shared memory tried (each costs one header read)
 MAX_ENTRIES = 1 << 17  # entries read (max_accelerated_files caps at 1000000; the lab uses 16229)
 MAX_STRING = 4096
 
