@@ -59,7 +59,7 @@ def test_every_fpm_process_lists_the_pools_cache(interp_guest, pool_truth) -> No
     assert lab <= pool_truth and STATUS in pool_truth, pool_truth  # the pool compiled what was requested
     _k, states = _states(resolve_target(interp_guest.name))
     assert len(states) >= 2  # the master and at least one worker
-    for pid, (task, state) in states.items():
+    for pid, (_task, state) in states.items():
         assert state is not None and state.complete, (pid, state and state.problem)
         cache = state.opcache
         assert cache is not None and cache.mapped and cache.started and cache.complete, (pid, cache)
