@@ -14,9 +14,9 @@ the structure it points at proves itself:
 - walking every bucket chain like `opcache_get_status()` does: every entry lies inside the used part of
   `hash_entries` on an entry boundary, is reached once (a loop or a cross-link fails), sits in the bucket
   its `hash_value` names (`hash_value % max_num_entries`), has a bool `indirect`; a direct entry's key is
-  a zend_string holding an absolute path, its `data` a `zend_persistent_script` in the segment whose
-  `script.filename` and `script.main_op_array.filename` equal the key and whose main op array is a user
-  function; an indirect entry points at another entry; the direct entries reached equal
+  a zend_string holding an absolute path (or a phar:// URL), its `data` a `zend_persistent_script` in the
+  segment whose `script.filename` and `script.main_op_array.filename` equal the key and whose main op
+  array is a user function; an indirect entry points at a direct entry; the direct entries reached equal
   `num_direct_entries`.
 
 Exactly one distinct pointer may validate (several words holding the same value are fine). Struct offsets
@@ -99,10 +99,10 @@ def shared_mappings(vmas: Sequence[object]) -> list[object]:
     """Return the process's writable shared mappings that are not regular files (opcache's segment is one).
 
     A MAP_SHARED|MAP_ANONYMOUS mapping is a shmem file named "dev/zero" ("/dev/zero (deleted)" in maps);
-    System V segments are "SYSV<key>".
+    System V segments are "SYSV<key>", a MAP_HUGETLB one (opcache tries huge pages first) "/anon_hugepage".
     """
     def anonymous(path: str) -> bool:
-        return not path or path.lstrip("/").startswith(("dev/zero", "SYSV"))
+        return not path or path.lstrip("/").startswith(("dev/zero", "SYSV", "anon_hugepage"))
 
     return [v for v in vmas if getattr(v, "flags", 0) & VM_SHARED and "w" in getattr(v, "perms", "")
             and anonymous(getattr(v, "path", "") or "")]
@@ -223,8 +223,10 @@ class _Cache:
                     raise GuestDataError(f"entry 0x{entry:x}: indirect is {indirect}, not a bool")
                 name = self.zstr(key, f"entry 0x{entry:x} key")
                 if indirect:
-                    if not entries <= data < end or (data - entries) % step:
-                        raise GuestDataError(f"indirect entry {name!r} points at 0x{data:x}, not at an entry")
+                    # zend_accel_hash_update() follows indirect chains: an indirect entry names a direct one
+                    if not entries <= data < end or (data - entries) % step or \
+                            self.read(data + o[e + "indirect"], 1)[0] != 0:
+                        raise GuestDataError(f"indirect entry {name!r} points at 0x{data:x}, not at a direct entry")
                 else:
                     scripts.append(self.script(name, data))
                 entry = nxt
@@ -235,7 +237,7 @@ class _Cache:
     def script(self, key: str, data: int) -> str:
         """Return the key of the direct entry whose zend_persistent_script is at `data`, after its checks."""
         o = self.o
-        if not key.startswith("/"):
+        if not key.startswith(("/", "phar:///")):
             raise GuestDataError(f"cached script key {key!r} is not an absolute path")
         if not self.inside(data, 256) or data % 8:
             raise GuestDataError(f"{key}: persistent script 0x{data:x} is not in the shared segment")
