@@ -225,3 +225,40 @@ def test_a_garbage_bss_gives_a_bounded_refusal() -> None:
     state = read(mem)
     assert not state.complete and "no word" in state.problem
     assert mem.reads < 20_000
+
+
+def test_an_indirect_entry_naming_an_indirect_one_is_unverifiable() -> None:
+    mem = Memory()
+    at = build(mem)
+    state = _patch(mem, at["./slow.php"] + L[E + "data"], struct.pack("<Q", at["./slow.php"]))
+    assert "not at a direct entry" in state.problem
+
+
+def test_unmapped_segment_pages_come_from_the_shmem_page_cache(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A worker lacks the PTEs of segment pages it never touched: those pages are read from the page cache."""
+    from nephoscope.os.linux import pagecache
+
+    mem = Memory()
+    build(mem)
+    shm_pages = {p: bytes(b) for p, b in mem.pages.items() if SHM >> 12 <= p < (SHM + SHM_SIZE) >> 12}
+    worker = Memory()
+    worker.pages = {p: b for p, b in mem.pages.items() if p not in shm_pages or p == ZCSG >> 12}
+    assert not read_worker(worker).complete  # without the page cache: the hash table is not mapped here
+    calls: list[int] = []
+    monkeypatch.setattr(pagecache, "cached_page_index", lambda k, gva, max_pages: (
+        0xFFFF_8880_1234_0000, {p - (SHM >> 12): 0xFFFF_EA00_0000_0000 + 64 * p for p in shm_pages}))
+
+    def page(k, mapping, page_gva, index):  # type: ignore[no-untyped-def]
+        calls.append(index)
+        assert mapping == 0xFFFF_8880_1234_0000 and page_gva == 0xFFFF_EA00_0000_0000 + 64 * (index + (SHM >> 12))
+        return shm_pages[index + (SHM >> 12)]
+
+    monkeypatch.setattr(pagecache, "read_cached_page", page)
+    combined = php_opcache.segment_reader(None, worker.read, vmas())  # type: ignore[arg-type]
+    state = php_opcache.read_cache(combined, L, vmas())
+    assert state.complete, state.problem
+    assert sorted(state.scripts) == sorted(SCRIPTS) and calls
+
+
+def read_worker(mem: Memory) -> php_opcache.OpcacheState:
+    return php_opcache.read_cache(mem.read, L, vmas())
