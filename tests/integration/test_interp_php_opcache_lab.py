@@ -56,7 +56,9 @@ def _states(vm):  # type: ignore[no-untyped-def]
 
 def test_every_fpm_process_lists_the_pools_cache(interp_guest, pool_truth) -> None:  # type: ignore[no-untyped-def]
     lab = {p for p in load_profile("interp").files if p.endswith(".php")}
-    assert lab <= pool_truth and STATUS in pool_truth, pool_truth  # the pool compiled what was requested
+    # the pool compiled what was requested; the status script itself was written a moment before it ran, and
+    # opcache.file_update_protection (2 s) keeps so fresh a file out of the cache
+    assert lab <= pool_truth and STATUS not in pool_truth, pool_truth
     _k, states = _states(resolve_target(interp_guest.name))
     assert len(states) >= 2  # the master and at least one worker
     for pid, (_task, state) in states.items():
@@ -87,7 +89,6 @@ def test_the_registry_and_scripts_show_cached_files_for_idle_workers(interp_gues
         # the lab's scripts are of no package under /var/www: unknown, hashed from the page cache
         assert files["/var/www/php/info.php"].status == "unknown", files["/var/www/php/info.php"]
         assert files["/var/www/php/info.php"].head[0].startswith("<?php echo")
-        assert files[STATUS].status == "unverifiable"  # removed: its dentry is gone, its cache entry stays
 
 
 def test_a_corrupted_copy_of_the_segment_is_unverifiable(interp_guest, pool_truth) -> None:  # type: ignore[no-untyped-def]
