@@ -5,7 +5,7 @@ whose NIC is `<interface type='ethernet'>` on a tap this module creates (`manage
 leaves it in place when the domain goes, as with a provider's pre-made taps). libvirt's QEMU runs in the host's
 own namespace, so the tap and a bridge are there; a client namespace has a veth on the same bridge:
 
-    client ns 10.79.0.3 ──veth── [bridge vfbrN, host namespace] ──tap vftapN── domain 10.79.0.2
+    client ns 10.79.0.3 ──veth── [bridge vfbrN, 10.79.0.1, host namespace] ──tap vftapN── domain 10.79.0.2
 
 Ground truth: the domain's own nginx answering (or not) real TCP clients, libvirt's live XML and UUID, the
 host namespace's `nft -j list ruleset` before and after, and the tap still there after the domain is gone.
@@ -40,7 +40,8 @@ pytestmark = [pytest.mark.guest,
 SRC = Path(__file__).resolve().parents[2] / "src"
 SCRIPT = Path(sys.executable).with_name("nephoscope")
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "nephoscope.cli.main"]
-GUEST_IP, CLIENT_IP = "10.79.0.2", "10.79.0.3"  # not the namespace labs' 10.77/10.78: these are in the host's
+# not the namespace labs' 10.77/10.78: these addresses are in the host's own namespace (the bridge's for haproxy)
+GUEST_IP, CLIENT_IP, BRIDGE_IP = "10.79.0.2", "10.79.0.3", "10.79.0.1"
 POLICY = """schema = 1
 [[mitigation]]
 id = "t-nginx-close"
@@ -127,6 +128,7 @@ def domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Domain]:
         _sh("ip", "netns", "add", client_ns)
         _sh("ip", "link", "add", f"vfcl{suffix}", "type", "veth", "peer", "name", "cli0", "netns", client_ns)
         _sh("ip", "link", "set", f"vfcl{suffix}", "master", bridge)
+        _sh("ip", "addr", "add", f"{BRIDGE_IP}/24", "dev", bridge)
         for dev in (tap, bridge, f"vfcl{suffix}"):
             _sh("ip", "link", "set", dev, "up")
         _sh("ip", "-n", client_ns, "addr", "add", f"{CLIENT_IP}/24", "dev", "cli0")
@@ -209,6 +211,26 @@ def test_filters_find_the_domain_s_tap_in_its_xml_and_filter_it(domain: Domain, 
     assert _cli(d, "filters", "gc", "--json") == []  # the domain runs with its tap: nothing to collect
 
 
+@pytest.mark.skipif(not shutil.which("haproxy"), reason="needs haproxy (scripts/setup.sh)")
+def test_rapid_reset_filter_on_the_domain_given_its_address(domain: Domain, scanned: dict[str, Any]) -> None:
+    d = domain
+    rapid = "nginx-h2-rapid-reset"
+    assert netns.run_in(d.client_ns, "rapid_reset", GUEST_IP, 8080, 500)["cut_off"] is False  # the old nginx
+    before = nft.comparable_ruleset()
+    plan = _cli(d, "filters", "plan", d.name, "--guest-ip", GUEST_IP, "--json")
+    assert plan["net"]["tap"] == d.tap and plan["net"]["domain"] == d.uuid  # the tap still from the XML
+    assert rapid in [f["mitigation"]["id"] for f in plan["filters"]], plan["skipped"]
+    applied = _cli(d, "filters", "apply", d.name, "--only", rapid, "--guest-ip", GUEST_IP, "--json")
+    assert [(c["action"], c["mitigation"]) for c in applied] == [("applied", rapid)]
+    cut = netns.run_in(d.client_ns, "rapid_reset", GUEST_IP, 8080, 500)
+    assert cut["cut_off"] is True and cut["streams_sent"] < 500
+    assert _status(d, "h2_get", 8080) == 200 and _status(d, "http1_get", 8080) == 200  # through haproxy
+    assert _status(d, "http1_get", 80) == 200  # another port: switched to the domain as before
+    assert [c["action"] for c in _cli(d, "filters", "remove", d.name, "--json")] == ["removed"]
+    assert nft.comparable_ruleset() == before
+    assert netns.run_in(d.client_ns, "rapid_reset", GUEST_IP, 8080, 500)["cut_off"] is False
+
+
 def test_the_domain_takes_its_filters_with_it(domain: Domain, scanned: dict[str, Any]) -> None:
     d = domain
     before = nft.comparable_ruleset()
@@ -221,5 +243,6 @@ def test_the_domain_takes_its_filters_with_it(domain: Domain, scanned: dict[str,
     assert [(c["action"], c["mitigation"]) for c in collected] == [("collected", "t-nginx-close")]
     assert "gone" in collected[0]["reason"]
     assert nft.comparable_ruleset() == before and _cli(d, "filters", "list", "--json") == []
-    trail = [r["action"] for r in reversed(_cli(d, "filters", "list", d.name, "--audit", "--json"))]
-    assert trail == ["applied", "applied", "removed", "removed", "applied", "collected"]
+    trail = list(reversed(_cli(d, "filters", "list", d.name, "--audit", "--json")))
+    assert [(r["action"], r["who"]) for r in trail][-1] == ("collected", "nephoscope gc")
+    assert trail[-2]["action"] == "applied" and all(r["reason"] and r["rules"] for r in trail)
