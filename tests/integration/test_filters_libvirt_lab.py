@@ -32,7 +32,7 @@ from nephoscope.hypervisor.qga import open_agent
 from nephoscope.lab import libvirt_runner, netns
 from nephoscope.lab.build import build_image
 from nephoscope.lab.profile import load_profile
-from nephoscope.response import nft
+from nephoscope.response import haproxy, nft
 from nephoscope.service.targets import resolve_target
 
 pytestmark = [pytest.mark.guest,
@@ -139,6 +139,8 @@ def domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Domain]:
         yield Domain(name, guest.uuid, tap, bridge, client_ns, policy, env)
     finally:
         libvirt_runner.stop(name, quiet=True)
+        for _vm, directory, _net in haproxy.iter_tracked():  # a failed test's haproxy (this module's run dir)
+            haproxy.stop_dir(directory)
         with contextlib.suppress(Exception):  # a failed test's table: never left in the host's ruleset
             nft.delete_table_named("", nft.table_name(name))
         _cleanup_net(tap, bridge, client_ns)
