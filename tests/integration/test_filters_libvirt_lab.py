@@ -50,6 +50,7 @@ package = "nginx"
 fixed = "99"
 kind = "nft-close"
 ports = [8080]
+params = {}
 does = "closes the guest's port 8080"
 does_not_stop = "anything on other ports"
 source = "nephoscope test"
@@ -168,7 +169,7 @@ def scanned(domain: Domain) -> dict[str, Any]:
 
 
 def _connects(d: Domain, port: int, count: int, timeout: float) -> int:
-    return int(netns.run_in(d.client_ns, "connects", GUEST_IP, port, count, timeout))
+    return int(netns.run_in(d.client_ns, "connects", GUEST_IP, port, count, timeout)["connected"])
 
 
 def _status(d: Domain, what: str, port: int) -> int:
