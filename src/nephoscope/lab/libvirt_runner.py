@@ -140,9 +140,20 @@ class LibvirtGuest(runner.GuestFiles):
         return b"qemu-system" in cmdline and f"guest={self.name},".encode() in cmdline
 
 
+def interface_xml(tap: str = "", bridge: str = "") -> str:
+    """Return the domain's NIC: user networking, an existing tap (`ethernet`, managed='no'), or a port of `bridge`."""
+    if tap:  # libvirt opens the tap and leaves it in place when the domain goes (as OpenStack's pre-made taps)
+        return f"<interface type='ethernet'><target dev='{escape(tap)}' managed='no'/><model type='e1000'/></interface>"
+    if bridge:  # libvirt creates the tap (vnetN), makes it a port of the bridge and deletes it with the domain
+        return f"<interface type='bridge'><source bridge='{escape(bridge)}'/><model type='e1000'/></interface>"
+    return "<interface type='user'><model type='e1000'/></interface>"
+
+
 def domain_xml(name: str, image: Image, directory: Path, *, mem_mib: int, smp: int, kaslr: bool,
-               cpu: str = "qemu64") -> str:
-    """Return the transient TCG domain XML booting `image` (plain RAM, agent channel, serial to a file)."""
+               cpu: str = "qemu64", nic: str = "") -> str:
+    """Return the transient TCG domain XML booting `image` (plain RAM, agent channel, serial to a file).
+
+    `nic` is the `<interface>` element (`interface_xml`; default: user networking)."""
     append = "console=ttyS0,115200 panic=-1 loglevel=4 " + ("kaslr" if kaslr else "nokaslr")
     qemu = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
     e = escape
@@ -171,7 +182,7 @@ def domain_xml(name: str, image: Image, directory: Path, *, mem_mib: int, smp: i
     <emulator>{e(qemu)}</emulator>
     {disk}    <serial type='file'><source path='{e(str(directory / "serial.log"))}'/><target port='0'/></serial>
     <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
-    <interface type='user'><model type='e1000'/></interface>
+    {nic or interface_xml()}
     <controller type='usb' model='none'/>
     <video><model type='none'/></video>
     <memballoon model='none'/>
@@ -200,10 +211,12 @@ def list_guests() -> list[LibvirtGuest]:
 
 def start(name: str, image: Image, *, mem: str | None = None, smp: int = 1, kaslr: bool = True,
           cpu: str = "qemu64", uri: str | None = None, timeout: float | None = None,
-          progress: runner.Progress = lambda _m: None) -> LibvirtGuest:
+          progress: runner.Progress = lambda _m: None, tap: str = "", bridge: str = "") -> LibvirtGuest:
     """Boot `image` as transient libvirt domain `name`, wait until it is ready, write its manifest.
 
-    `mem` None takes the profile's default; a disk image is ready when its agent answers and systemd is up."""
+    `mem` None takes the profile's default; a disk image is ready when its agent answers and systemd is up.
+    `tap` (an existing tap in the host's namespace) or `bridge` replace user networking (`interface_xml`):
+    the guest gets no DHCP there, so the caller sets its address through the agent."""
     from nephoscope.hypervisor import libvirt as lv
 
     runner.check_name(name)
@@ -225,7 +238,8 @@ def start(name: str, image: Image, *, mem: str | None = None, smp: int = 1, kasl
             from nephoscope.lab.server import make_overlay
 
             make_overlay(image, directory)
-        xml = domain_xml(name, image, directory, mem_mib=mem_mib, smp=smp, kaslr=kaslr, cpu=cpu)
+        xml = domain_xml(name, image, directory, mem_mib=mem_mib, smp=smp, kaslr=kaslr, cpu=cpu,
+                         nic=interface_xml(tap, bridge))
         (directory / "domain.xml").write_text(xml)
         try:
             dom = conn.createXML(xml, 0)

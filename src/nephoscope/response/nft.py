@@ -32,6 +32,7 @@ BRIDGE_FAMILY = "bridge"  # a bridged tap's table
 FAMILIES = (FAMILY, BRIDGE_FAMILY)
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 NETNS_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 class FilterError(NephoscopeError):
@@ -46,8 +47,11 @@ class VmNet:
     guest_ip: str = ""  # the VM's IPv4 address on the tap (needed by the haproxy kind's redirect)
     netns: str = ""     # the network namespace holding the tap ("" = the host's own)
     bridge: str = ""    # the bridge the tap is a port of ("" = a routed tap); see `find_bridge`
+    domain: str = ""    # UUID of the libvirt domain whose NIC the tap is ("" = not a libvirt domain's, or unknown)
 
     def __post_init__(self) -> None:
+        if self.domain and not UUID_RE.match(self.domain):
+            raise FilterError(f"libvirt domain UUID {self.domain!r} is not a UUID")
         if not IFNAME_RE.match(self.tap):
             raise FilterError(f"tap device name {self.tap!r} is not a valid interface name")
         if self.bridge and not IFNAME_RE.match(self.bridge):
@@ -66,14 +70,15 @@ class VmNet:
         return BRIDGE_FAMILY if self.bridge else FAMILY
 
     def to_dict(self) -> dict[str, str]:
-        """Return a JSON-ready dict (the `bridge` key only for a bridged tap, as stored before it existed)."""
+        """Return a JSON-ready dict (`bridge` and `domain` keys only when set, as stored before they existed)."""
         d = {"tap": self.tap, "guest_ip": self.guest_ip, "netns": self.netns}
-        return {**d, "bridge": self.bridge} if self.bridge else d
+        return {**d, **{k: v for k, v in (("bridge", self.bridge), ("domain", self.domain)) if v}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VmNet:
         """Return the VmNet `to_dict` gave (raise FilterError on a bad name)."""
-        return cls(str(d["tap"]), str(d.get("guest_ip", "")), str(d.get("netns", "")), str(d.get("bridge", "")))
+        return cls(str(d["tap"]), str(d.get("guest_ip", "")), str(d.get("netns", "")), str(d.get("bridge", "")),
+                   str(d.get("domain", "")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +238,9 @@ def _l7_refusal(net: VmNet, port: PortFacts) -> str | None:
 def refusal(kind: str, net: VmNet, caps: BridgeCaps | None = None, port: PortFacts | None = None) -> str | None:
     """Return why filter `kind` cannot be put in force on `net` here, or None when it can (probes a bridge)."""
     if not net.bridge:
-        return None
+        # a libvirt domain's tap comes without the VM's address: the redirect could not be written
+        return (f"steering a port of {net.tap} to haproxy needs the VM's address (--guest-ip)"
+                if kind == "haproxy-h2" and not net.guest_ip else None)
     if kind == "haproxy-h2":
         return _l7_refusal(net, port or port_facts(net))
     if kind == "nft-connlimit" and not (caps or bridge_caps(net.netns)).conntrack:
