@@ -147,3 +147,33 @@ def test_killed_apply_leaves_nothing_behind(lab, tmp_path: Path, where: str, sig
     assert engine.active(store) == [] and engine.audit_log(store) == []
     assert engine.gc(store) == []
     assert _ruleset(net) == before and list(haproxy.iter_tracked()) == [] and not _haproxy_alive(pid)
+
+
+def test_two_stores_on_one_host_never_collect_each_others_filters(lab, tmp_path: Path) -> None:
+    """Each table carries its store's owner tag (read back from nft's own listing); gc takes only its own or
+    untagged leftovers, never another store's table or haproxy."""
+    net, vmnet, store = lab
+    other = Store(tmp_path / "other.sqlite")
+    try:
+        before = _ruleset(net)
+        close = Mitigation("t-close", "CVE-2000-0001", "nginx", "2", "nft-close", (80,), {}, "closes 80", "others", "t")
+        engine.apply(store, VM, vmnet, _plan(close), who="test")
+        theirs = FilterPlan("other-vm", 1, [PlannedFilter(close, "1", (81,), {"scan_id": 1})])
+        engine.apply(other, "other-vm", VmNet(net.tap, netns.GUEST_IP, net.host_ns), theirs, who="other")
+        mine_id, their_id = engine.store_owner(store), engine.store_owner(other)
+        assert mine_id != their_id
+        assert nft.table_owner(net.host_ns, nft.table_name(VM)) == mine_id
+        assert nft.table_owner(net.host_ns, nft.table_name("other-vm")) == their_id
+        assert nft.table_owner(net.host_ns, nft.table_name("never-applied")) is None
+        # a leftover from before owner tags (or of a killed apply of no store): anybody's to collect
+        nft.apply_table("legacy-vm", vmnet, [nft.NftFilter("x", "CVE-2000-1", "nft-close", (82,))])
+        assert nft.table_owner(net.host_ns, nft.table_name("legacy-vm")) == ""
+        assert engine.gc(store) == []
+        assert nft.live_tables(net.host_ns) == {nft.table_name(VM), nft.table_name("other-vm")}
+        assert engine.gc(other) == []  # the other store keeps its own and leaves ours
+        assert nft.live_tables(net.host_ns) == {nft.table_name(VM), nft.table_name("other-vm")}
+        engine.remove(other, "other-vm", reason="test", who="other")
+        engine.remove(store, VM, reason="test", who="test")
+        assert _ruleset(net) == before
+    finally:
+        other.close()

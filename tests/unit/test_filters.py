@@ -155,24 +155,28 @@ class Host:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         self.tables: dict[str, str] = {}
+        self.owners: dict[str, str] = {}  # table -> the owner tag it was put with
         self.haproxy: dict[str, list[NftFilter]] = {}
         self.fail_nft = False
         monkeypatch.setenv("NEPHOSCOPE_RUN", str(tmp_path / "run"))
         monkeypatch.setattr(nft, "apply_table", self.apply_table)
         monkeypatch.setattr(nft, "live_tables", lambda netns="": set(self.tables))
-        monkeypatch.setattr(haproxy, "start", lambda vm, net, fs: self.haproxy.__setitem__(vm, fs) or 1)
+        monkeypatch.setattr(nft, "table_owner", lambda netns, name: self.owners.get(name))
+        monkeypatch.setattr(haproxy, "start", lambda vm, net, fs, owner="": self.haproxy.__setitem__(vm, fs) or 1)
         monkeypatch.setattr(haproxy, "stop", lambda vm, keep_track=False: self.haproxy.pop(vm, None) is not None)
         monkeypatch.setattr(engine, "net_present", lambda net: True)
 
-    def apply_table(self, vm: str, net: VmNet, filters: list[NftFilter]) -> str:
+    def apply_table(self, vm: str, net: VmNet, filters: list[NftFilter], owner: str = "") -> str:
         if self.fail_nft:
             self.fail_nft = False
             raise FilterError("nft: simulated failure")
-        text = nft.ruleset(vm, net, filters) if filters else ""
+        text = nft.ruleset(vm, net, filters, owner=owner) if filters else ""
         if text:
             self.tables[nft.table_name(vm)] = text
+            self.owners[nft.table_name(vm)] = owner
         else:
             self.tables.pop(nft.table_name(vm), None)
+            self.owners.pop(nft.table_name(vm), None)
         return text
 
 

@@ -118,8 +118,8 @@ def test_gc_collects_the_filters_of_a_gone_domain_whose_tap_stays(conn: Conn, mo
                                                                    tmp_path: Path) -> None:
     tables: dict[str, str] = {}
 
-    def apply_table(vm: str, net: VmNet, fs: list[NftFilter]) -> str:
-        text = nft.ruleset(vm, net, fs) if fs else ""
+    def apply_table(vm: str, net: VmNet, fs: list[NftFilter], owner: str = "") -> str:
+        text = nft.ruleset(vm, net, fs, owner=owner) if fs else ""
         tables.update({nft.table_name(vm): text} if text else {})
         if not text:
             tables.pop(nft.table_name(vm), None)
@@ -128,6 +128,7 @@ def test_gc_collects_the_filters_of_a_gone_domain_whose_tap_stays(conn: Conn, mo
     monkeypatch.setenv("NEPHOSCOPE_RUN", str(tmp_path / "run"))
     monkeypatch.setattr(nft, "apply_table", apply_table)
     monkeypatch.setattr(nft, "live_tables", lambda netns="": set(tables))
+    monkeypatch.setattr(nft, "table_owner", lambda netns, name: "" if name in tables else None)
     monkeypatch.setattr(haproxy, "stop", lambda vm, keep_track=False: False)
     monkeypatch.setattr(engine, "net_present", lambda net: True)  # a tap libvirt did not create outlives the domain
     monkeypatch.setattr(filters, "notify", lambda changes, store: changes)
@@ -137,7 +138,7 @@ def test_gc_collects_the_filters_of_a_gone_domain_whose_tap_stays(conn: Conn, mo
     policy = {k: v for k, v in load_policy().items() if k == "nginx-h2-rapid-reset"}
     net = VmNet("vftap1", "10.79.0.2", domain=UUID)
     plan = engine.plan(VM, scan, ["agent"], policy, owner={"/usr/sbin/nginx": "nginx"}.get)
-    monkeypatch.setattr(haproxy, "start", lambda vm, n, fs: 1)
+    monkeypatch.setattr(haproxy, "start", lambda vm, n, fs, owner="": 1)
     assert [c.action for c in engine.apply(store, VM, net, plan, who="t")] == ["applied"]
     assert filters.gc(store) == [] and tables  # the domain runs with its tap
     conn.dom = None                            # destroyed / undefined

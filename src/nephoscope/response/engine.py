@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import hashlib
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from nephoscope.analysis.merge import merge
@@ -303,13 +305,22 @@ def rules_summary(f: NftFilter, net: VmNet) -> tuple[str, ...]:
 
 # --- changing what is in force ---------------------------------------------------------------------
 
-def _put_in_force(vm: str, net: VmNet, filters: list[NftFilter]) -> None:
+def store_owner(store: Any) -> str:
+    """Return the short id tagging what `store` puts on the host (tables, haproxy state): its resolved path's hash.
+
+    Two stores on one host (two `NEPHOSCOPE_DB`s, a test run beside the operator's) get different ids, and
+    `gc` collects only what carries its own id or none (tables from before the tag)."""
+    path = getattr(store, "path", None)
+    return hashlib.sha256(str(Path(path).resolve() if path else "").encode()).hexdigest()[:12]
+
+
+def _put_in_force(vm: str, net: VmNet, filters: list[NftFilter], owner: str = "") -> None:
     """Start/stop the VM's haproxy and replace its nft table so exactly `filters` are in force."""
     l7 = [f for f in filters if f.kind == "haproxy-h2"]
-    haproxy.track(vm, net)
+    haproxy.track(vm, net, owner)
     if l7:
-        haproxy.start(vm, net, l7)
-    nft.apply_table(vm, net, filters)
+        haproxy.start(vm, net, l7, owner)
+    nft.apply_table(vm, net, filters, owner)
     if not l7:  # keep net.json until the store has the rows: a table in another netns stays findable by gc
         haproxy.stop(vm, keep_track=True)
 
@@ -359,14 +370,14 @@ def _transition(store: Any, vm: str, net: VmNet, before: list[ActiveFilter], aft
 def _change(store: Any, vm: str, net: VmNet, before: list[ActiveFilter], after: list[ActiveFilter],
             changes: list[FilterChange]) -> None:
     try:
-        _put_in_force(vm, net, [a.nft() for a in after])
+        _put_in_force(vm, net, [a.nft() for a in after], store_owner(store))
         keep = {a.mitigation for a in after}
         _record(store, changes, after, [(vm, b.mitigation) for b in before if b.mitigation not in keep])
         if not any(a.kind == "haproxy-h2" for a in after):
             haproxy.untrack(vm)  # the store rows now say where the table is
     except BaseException as exc:
         with contextlib.suppress(NephoscopeError):  # if even that fails, gc compares the store with what is live
-            _put_in_force(vm, before[0].net if before else net, [b.nft() for b in before])
+            _put_in_force(vm, before[0].net if before else net, [b.nft() for b in before], store_owner(store))
             if not any(b.kind == "haproxy-h2" for b in before):
                 haproxy.untrack(vm)
         if isinstance(exc, NephoscopeError | KeyboardInterrupt | SystemExit):
@@ -481,7 +492,10 @@ def gc(store: Any, alive: Callable[[str], bool] | None = None) -> list[FilterCha
     rows = active(store)
     with_l7 = {a.vm for a in rows if a.kind == "haproxy-h2"}
     spaces = {a.net.netns for a in rows} | {""}
+    mine = store_owner(store)
     for vm, directory, net in haproxy.iter_tracked():
+        if haproxy.tracked_owner(directory) not in ("", mine):
+            continue  # another store's filter state (a second NEPHOSCOPE_DB on this host): not ours to reap
         if net is not None:
             spaces.add(net.netns)
         if vm not in with_l7:
@@ -490,7 +504,8 @@ def gc(store: Any, alive: Callable[[str], bool] | None = None) -> list[FilterCha
     for netns in sorted(spaces):
         try:
             for name in nft.live_tables(netns) - owned:
-                nft.delete_table_named(netns, name)
+                if nft.table_owner(netns, name) in ("", mine):  # None: gone meanwhile; another id: another store's
+                    nft.delete_table_named(netns, name)
         except FilterError:
             continue
     return changes

@@ -76,20 +76,22 @@ def find_pid(directory: Path) -> int | None:
     return pid if b"haproxy" in cmdline and str(directory / "haproxy.cfg").encode() in cmdline else None
 
 
-def track(vm: str, net: VmNet) -> Path:
-    """Record where `vm`'s filters are about to go (before any change), so gc finds them after a kill."""
+def track(vm: str, net: VmNet, owner: str = "") -> Path:
+    """Record where `vm`'s filters are about to go (before any change), so gc finds them after a kill.
+
+    `owner`: the store doing it (`engine.store_owner`); another store's gc leaves the state alone."""
     d = vm_dir(vm)
     d.mkdir(parents=True, exist_ok=True)
     meta = d / "net.json"
     tmp = d / "net.json.tmp"
-    tmp.write_text(json.dumps({"vm": vm, **net.to_dict(), "started": time.time()}))
+    tmp.write_text(json.dumps({"vm": vm, **net.to_dict(), "started": time.time(), "owner": owner}))
     tmp.replace(meta)
     return d
 
 
-def start(vm: str, net: VmNet, filters: list[NftFilter]) -> int:
+def start(vm: str, net: VmNet, filters: list[NftFilter], owner: str = "") -> int:
     """Start (or keep, when its config is unchanged) `vm`'s haproxy; return its pid."""
-    d = track(vm, net)
+    d = track(vm, net, owner)
     text = config(vm, net, filters)
     cfg = d / "haproxy.cfg"
     pid = find_pid(d)
@@ -160,3 +162,11 @@ def iter_tracked() -> Iterator[tuple[str, Path, VmNet | None]]:
             yield str(meta["vm"]), d, VmNet.from_dict(meta)
         except (OSError, ValueError, KeyError, FilterError):
             yield "", d, None
+
+
+def tracked_owner(directory: Path) -> str:
+    """Return the owner tag `track` recorded in `directory` ("" when none or unreadable)."""
+    try:
+        return str(json.loads((directory / "net.json").read_text()).get("owner", "") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""

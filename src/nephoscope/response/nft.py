@@ -275,21 +275,21 @@ def bridge_caps(netns: str = "") -> BridgeCaps:
 
 
 def ruleset(vm: str, net: VmNet, filters: list[NftFilter], caps: BridgeCaps | None = None,
-            port: PortFacts | None = None) -> str:
+            port: PortFacts | None = None, owner: str = "") -> str:
     """Return the table(s) holding every filter of `vm` (nft syntax), deterministic for the same input.
 
     A routed tap gets an `inet` table; a bridged one a `bridge` table written for `caps` (probed when not
     given), plus, for the L7 kind, an `inet` table with the redirect (both in the same transaction); a kind
     `refusal` names raises FilterError."""
     if net.bridge:
-        return _bridge_ruleset(vm, net, filters, caps or bridge_caps(net.netns), port)
+        return _bridge_ruleset(vm, net, filters, caps or bridge_caps(net.netns), port, owner)
     sets: list[str] = []
     forward: list[str] = []
     for f in sorted(filters, key=lambda f: f.mitigation):
         s, r = _filter_lines(f, net.tap)
         sets += s
         forward += r
-    lines = [f"table {FAMILY} {table_name(vm)} {{", f'  comment "nephoscope filters of VM {_quote(vm)}"']
+    lines = [f"table {FAMILY} {table_name(vm)} {{", f'  comment "nephoscope filters of VM {_quote(vm)}{_tag(owner)}"']
     lines += [f"  {s}" for s in sets]
     lines += ["  chain forward {", "    type filter hook forward priority filter - 10; policy accept;"]
     lines += [f"    {r}" for r in forward] + ["  }"]
@@ -318,7 +318,7 @@ def _redirect_chain(net: VmNet, filters: list[NftFilter]) -> list[str]:
 
 
 def _bridge_ruleset(vm: str, net: VmNet, filters: list[NftFilter], caps: BridgeCaps,
-                    port: PortFacts | None) -> str:
+                    port: PortFacts | None, owner: str = "") -> str:
     sets: list[str] = []
     forward: list[str] = []
     output: list[str] = []
@@ -343,7 +343,7 @@ def _bridge_ruleset(vm: str, net: VmNet, filters: list[NftFilter], caps: BridgeC
                         for p in sorted(f.ports)]
     name = table_name(vm)
     lines = [f"table {BRIDGE_FAMILY} {name} {{",
-             f'  comment "nephoscope filters of VM {_quote(vm)} on bridge {net.bridge}"']
+             f'  comment "nephoscope filters of VM {_quote(vm)} on bridge {net.bridge}{_tag(owner)}"']
     lines += [f"  {s}" for s in sets]
     lines += ["  chain forward {", "    type filter hook forward priority filter - 10; policy accept;"]
     lines += [f"    {r}" for r in forward] + ["  }"]
@@ -356,13 +356,43 @@ def _bridge_ruleset(vm: str, net: VmNet, filters: list[NftFilter], caps: BridgeC
         lines += [f"    {r}" for r in deliver] + ["  }"]
     lines.append("}")
     if l7:
-        lines += [f"table {FAMILY} {name} {{", f'  comment "nephoscope filters of VM {_quote(vm)}: redirects"',
+        lines += [f"table {FAMILY} {name} {{",
+                  f'  comment "nephoscope filters of VM {_quote(vm)}: redirects{_tag(owner)}"',
                   *_redirect_chain(net, l7), "}"]
     return "\n".join(lines) + "\n"
 
 
+OWNER_RE = re.compile(r'comment "[^"]*\[owner ([0-9a-f]{1,32})\]"')
+
+
+def _tag(owner: str) -> str:
+    """Return the table comment's owner tag: which store put the table there (`table_owner` reads it back)."""
+    if owner and not re.fullmatch(r"[0-9a-f]{1,32}", owner):
+        raise FilterError(f"owner tag {owner!r} is not a short hex id")
+    return f" [owner {owner}]" if owner else ""
+
+
+def table_owner(netns: str, name: str) -> str | None:
+    """Return the owner tag of nephoscope table `name` in `netns` ("" when it has none), None when it is absent.
+
+    nft 1.0.6 leaves table comments out of its JSON, so this reads the text listing of each family."""
+    if not name.startswith(TABLE_PREFIX) or not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise FilterError(f"{name!r} is not one of nephoscope's tables")
+    seen = False
+    for family in FAMILIES:
+        try:
+            text = run_nft(netns, "list", "table", family, name)
+        except FilterError:
+            continue  # not in this family
+        seen = True
+        match = OWNER_RE.search(text)
+        if match:
+            return match.group(1)
+    return "" if seen else None
+
+
 def _quote(text: str) -> str:
-    return re.sub(r'[^A-Za-z0-9_.:@ -]', "_", text)[:64]
+    return re.sub(r'[^A-Za-z0-9_.:@ -]', "_", text)[:48]  # nft keeps 128 bytes of comment: room for the rest
 
 
 def replace_transaction(vm: str, table: str | None) -> str:
@@ -394,9 +424,11 @@ def run_nft(netns: str, *args: str, script: str | None = None, timeout: float = 
     return proc.stdout
 
 
-def apply_table(vm: str, net: VmNet, filters: list[NftFilter]) -> str:
-    """Replace `vm`'s table with its filters in one nft transaction (no filters: remove it); return the table."""
-    table = ruleset(vm, net, filters) if filters else None
+def apply_table(vm: str, net: VmNet, filters: list[NftFilter], owner: str = "") -> str:
+    """Replace `vm`'s table with its filters in one nft transaction (no filters: remove it); return the table.
+
+    `owner` tags the table with the store that put it there, so another store's `gc` leaves it alone."""
+    table = ruleset(vm, net, filters, owner=owner) if filters else None
     run_nft(net.netns, "-f", "-", script=replace_transaction(vm, table))
     return table or ""
 
