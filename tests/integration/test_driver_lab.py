@@ -147,10 +147,10 @@ def test_a_driver_whose_hooks_were_removed_is_unverifiable(driver_guest: runner.
     assert [o for o in obs if o.kind == "process"]
 
 
-@pytest.fixture(scope="module")
-def rootkit_driver_guest() -> Iterator[runner.Guest]:
-    """The rootkit guest (nphrk loaded at boot) with nphdrv loaded afterwards; stopped afterwards."""
-    yield from _guest_with_driver("rootkit")
+@pytest.fixture(scope="module", params=[None, "6.12"], ids=["6.1", "6.12"])
+def rootkit_driver_guest(request: pytest.FixtureRequest) -> Iterator[runner.Guest]:
+    """The rootkit guest (nphrk loaded at boot) with nphdrv loaded afterwards, on 6.1 and 6.12; stopped afterwards."""
+    yield from _guest_with_driver("rootkit", request.param)
 
 
 def test_a_dkom_hidden_task_is_a_driver_view_mismatch(rootkit_driver_guest: runner.Guest) -> None:
