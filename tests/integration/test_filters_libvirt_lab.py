@@ -206,6 +206,8 @@ def test_filters_find_the_domain_s_tap_in_its_xml_and_filter_it(domain: Domain, 
     listed = _cli(d, "filters", "list", d.name, "--json")
     assert sorted(r["mitigation"] for r in listed) == MINE
     assert all(r["net"]["tap"] == d.tap and r["net"]["domain"] == d.uuid and r["rules"] for r in listed)
+    shown = _cli(d, "filters", "list", d.name).stdout  # the table form names the domain the filters follow
+    assert d.uuid in shown and d.tap in shown
 
     removed = _cli(d, "filters", "remove", d.name, "--json")
     assert sorted((c["action"], c["mitigation"]) for c in removed) == [("removed", m) for m in MINE]

@@ -121,7 +121,8 @@ def list_(vm: str = typer.Argument(None, help="VM name (default: every VM)"),
         table("filters in force", ["vm", "mitigation", "cve", "since", "by", "tap", "rules"],
               [[r["vm"], r["mitigation"], r["cve"], _when(r["applied_at"]), r["applied_by"],
                 f"{r['net']['tap']}" + (f" on bridge {r['net']['bridge']}" if r["net"].get("bridge") else "")
-                + (f" (netns {r['net']['netns']})" if r["net"]["netns"] else ""),
+                + (f" (netns {r['net']['netns']})" if r["net"]["netns"] else "")
+                + (f"\nlibvirt domain {r['net']['domain']}" if r["net"].get("domain") else ""),
                 "\n".join(r["rules"])] for r in rows])
 
 
