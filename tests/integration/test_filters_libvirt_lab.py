@@ -206,7 +206,9 @@ def test_filters_find_the_domain_s_tap_in_its_xml_and_filter_it(domain: Domain, 
     listed = _cli(d, "filters", "list", d.name, "--json")
     assert sorted(r["mitigation"] for r in listed) == MINE
     assert all(r["net"]["tap"] == d.tap and r["net"]["domain"] == d.uuid and r["rules"] for r in listed)
-    shown = _cli(d, "filters", "list", d.name).stdout  # the table form names the domain the filters follow
+    # the table form names the domain the filters follow (wide enough that no cell is folded)
+    shown = subprocess.run([*COMMAND, "filters", "list", d.name], env={**d.env, "COLUMNS": "400"},
+                           capture_output=True, text=True, timeout=120, check=True).stdout
     assert d.uuid in shown and d.tap in shown
 
     removed = _cli(d, "filters", "remove", d.name, "--json")
