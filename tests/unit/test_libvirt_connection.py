@@ -41,3 +41,26 @@ def test_a_forked_child_opens_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_an_unknown_domain_is_still_an_error_naming_the_domains() -> None:
     with pytest.raises(ConnectorError, match=r"no libvirt domain 'nope'.*test"):
         lv.LibvirtMonitor("nope", URI)
+
+
+def test_a_connection_to_a_restarted_daemon_is_reopened() -> None:
+    """After a libvirtd restart the old connection still says isAlive() until an RPC fails: the probe notices."""
+    import libvirt
+
+    class Stale:
+        closed = False
+
+        def isAlive(self) -> int:
+            return 1
+
+        def getLibVersion(self) -> int:
+            raise libvirt.libvirtError("Cannot write data: Broken pipe")
+
+        def close(self) -> None:
+            self.closed = True
+
+    stale = Stale()
+    lv._SHARED[URI] = (lv.os.getpid(), stale)
+    fresh = lv.shared_connection(URI)
+    assert fresh is not stale and stale.closed and fresh.isAlive()
+    assert lv.LibvirtMonitor("test", URI).dom.name() == "test"

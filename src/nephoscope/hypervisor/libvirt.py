@@ -61,7 +61,8 @@ _SHARED_LOCK = threading.Lock()
 
 
 def shared_connection(uri: str | None = None) -> Any:
-    """Return this process's one open connection to `uri` (opened on first use, reopened once it died).
+    """Return this process's one open connection to `uri` (opened on first use, reopened once it died or
+    the daemon behind it restarted).
 
     Monitors and agent channels share it: opening a libvirt connection costs more than a monitor command.
     Callers must not close it. A forked child opens its own (never reuses the parent's socket)."""
@@ -71,10 +72,12 @@ def shared_connection(uri: str | None = None) -> Any:
         held = _SHARED.get(uri)
         if held is not None and held[0] == os.getpid():
             try:
-                if held[1].isAlive():
+                # isAlive() is the client's own view: after a libvirtd restart it stays true until an RPC
+                # fails, so one cheap round trip proves the daemon at the other end still answers
+                if held[1].isAlive() and held[1].getLibVersion():
                     return held[1]
             except (libvirt.libvirtError, AttributeError, TypeError):
-                pass  # closed behind our back or dead: open a new one
+                pass  # closed behind our back, or the daemon restarted: open a new one
             with contextlib.suppress(libvirt.libvirtError, AttributeError, TypeError):
                 held[1].close()
         conn = connect(uri)
