@@ -32,9 +32,25 @@ from nephoscope.service.targets import resolve_target
 pytestmark = pytest.mark.guest
 
 
-def _kb_for(manifest: dict[str, Any], path: Path) -> Path:
-    """Ingest exactly the packages (and versions) the manifest names for the files the guest maps."""
+def _mapped_now(guest: Any, installed: dict[str, str]) -> set[tuple[str, str]]:
+    """Return (package, installed version) of every file some process of the guest maps right now (its dpkg).
+
+    Processes born after the manifest (a cron job's child loading PAM modules on demand) map packages the
+    manifest never saw; the arch test's KB must hold what runs when it scans, no more."""
+    script = ("cat /proc/[0-9]*/maps 2>/dev/null | awk '$6 ~ /^\\// {print $6}' | sort -u | "
+              "xargs -r dpkg-query -S 2>/dev/null; true")
+    with open_agent(resolve_target(guest.name), timeout=120) as agent:
+        code, out, _err = agent.exec(["/bin/sh", "-c", script], timeout=120)
+    assert code == 0
+    owners = {name.split(":")[0].strip() for line in out.decode().splitlines() if ": " in line
+              for name in line.split(": ", 1)[0].split(",")}
+    return {(p, installed[p]) for p in owners if p in installed}
+
+
+def _kb_for(manifest: dict[str, Any], path: Path, extra: set[tuple[str, str]] | None = None) -> Path:
+    """Ingest exactly the packages (and versions) the manifest names for the files the guest maps (+ `extra`)."""
     wanted = {(m["package"], m["version"]) for p in manifest["processes"] for m in p["maps"] if m["package"]}
+    wanted |= extra or set()
     kernel = manifest["kernel"]
     wanted.add((kernel["package"], kernel["version"]))
     db = CodePageDB.open(path)
@@ -128,8 +144,8 @@ def test_ps_equals_the_agents_process_list(server_guest: Any) -> None:
 def test_arch_identifies_every_running_binary_with_its_version(server_guest: Any,
                                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
     manifest = server_guest.manifest()
-    kb = _kb_for(manifest, tmp_path_factory.mktemp("server-kb") / "kb.sqlite")
     installed = manifest["packages"]
+    kb = _kb_for(manifest, tmp_path_factory.mktemp("server-kb") / "kb.sqlite", _mapped_now(server_guest, installed))
     started = time.monotonic()
     report = scan_target(resolve_target(server_guest.name), kb, pause=True)
     print(f"arch scan of {server_guest.name}: {time.monotonic() - started:.1f}s, {len(report.spaces)} spaces")
